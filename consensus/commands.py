@@ -1,0 +1,124 @@
+"""Replicated commands and their wire form.
+
+A command is a plain dict so it round-trips through msgpack unchanged; this
+module owns its shape. Every command carries ``cid`` (a proposer-made id, so a
+retry after an ambiguous Raft outcome is applied once) and ``at_ms`` (the
+proposer's clock: the state machine never reads one).
+
+Many commands travel in one Raft log entry (group commit): an entry is a
+msgpack-encoded list of commands with a format version in front.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+ENTRY_VERSION = 1
+
+SUBMIT = "submit"
+ASSIGN = "assign"
+FINISH = "finish"
+RELEASE = "release"
+PEER_UP = "peer_up"
+PEER_DOWN = "peer_down"
+CONFIGURE = "configure"
+
+OPS = frozenset({SUBMIT, ASSIGN, FINISH, RELEASE, PEER_UP, PEER_DOWN, CONFIGURE})
+
+Command = dict[str, Any]
+
+
+class CommandDecodeError(ValueError):
+    """A log entry that is not a version-1 list of commands."""
+
+
+def encode_entry(commands: list[Command]) -> bytes:
+    return msgpack.packb([ENTRY_VERSION, commands], use_bin_type=True)
+
+
+def decode_entry(payload: bytes) -> list[Command]:
+    try:
+        version, commands = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise CommandDecodeError(f"undecodable log entry: {exc}") from exc
+    if version != ENTRY_VERSION or not isinstance(commands, list):
+        raise CommandDecodeError(f"unsupported log entry version {version!r}")
+    return commands
+
+
+def submit(cid: str, at_ms: int, runs: list[dict[str, Any]]) -> Command:
+    """``runs``: each with id, agent, input, tenant, priority, labels, timeout_s,
+    max_attempts, idempotency_key, parent_id."""
+    return {"op": SUBMIT, "cid": cid, "at_ms": at_ms, "runs": runs}
+
+
+def assign(cid: str, at_ms: int, term: int, batch: list[tuple[str, str, int]]) -> Command:
+    """``batch``: (run id, peer id, epoch) triples chosen by the leader of ``term``."""
+    return {
+        "op": ASSIGN,
+        "cid": cid,
+        "at_ms": at_ms,
+        "term": term,
+        "batch": [list(item) for item in batch],
+    }
+
+
+def finish(cid: str, at_ms: int, run_id: str, epoch: int, status: str, error: str | None) -> Command:
+    return {
+        "op": FINISH,
+        "cid": cid,
+        "at_ms": at_ms,
+        "run": run_id,
+        "epoch": epoch,
+        "status": status,
+        "error": error,
+    }
+
+
+def release(cid: str, at_ms: int, run_id: str, epoch: int) -> Command:
+    return {"op": RELEASE, "cid": cid, "at_ms": at_ms, "run": run_id, "epoch": epoch}
+
+
+def peer_up(
+    cid: str,
+    at_ms: int,
+    peer_id: str,
+    incarnation: str,
+    raft: str,
+    http: str,
+    slots: int,
+    labels: dict[str, str],
+) -> Command:
+    """``incarnation`` changes on every process start, so the state machine can
+    tell a restarted peer (whose in-memory runs are gone) from a live one."""
+    return {
+        "op": PEER_UP,
+        "cid": cid,
+        "at_ms": at_ms,
+        "peer": peer_id,
+        "incarnation": incarnation,
+        "raft": raft,
+        "http": http,
+        "slots": slots,
+        "labels": labels,
+    }
+
+
+def peer_down(cid: str, at_ms: int, peer_id: str, incarnation: str) -> Command:
+    """Names the incarnation judged dead, so a late verdict cannot take down the
+    same peer's next incarnation."""
+    return {"op": PEER_DOWN, "cid": cid, "at_ms": at_ms, "peer": peer_id, "incarnation": incarnation}
+
+
+def configure(
+    cid: str, at_ms: int, tenant_caps: dict[str, int], default_tenant_cap: int | None
+) -> Command:
+    return {
+        "op": CONFIGURE,
+        "cid": cid,
+        "at_ms": at_ms,
+        "tenant_caps": tenant_caps,
+        "default_tenant_cap": default_tenant_cap,
+    }

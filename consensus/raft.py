@@ -1,0 +1,358 @@
+"""The pysyncobj binding: the only module that imports pysyncobj.
+
+It owns three concerns pysyncobj leaves to its user (see
+shared/notes/pysyncobj.md):
+
+* Durability. pysyncobj writes its journal through mmap and never syncs it.
+  ``_DurableJournal`` syncs it before this node sends any Raft message and at
+  the end of every tick, so an entry a follower acknowledges, or a leader counts
+  towards a commit, is on disk: a power loss of every peer loses nothing
+  acknowledged. Syncs are batched: one per message, not one per entry.
+* Latency. Batching of append-entries is off (entries go out as soon as they
+  are queued) and a group-commit batcher on the asyncio side packs every
+  command that arrives while earlier entries are in flight into one entry.
+* The thread seam. Applies and callbacks run on pysyncobj's tick thread; they
+  reach the event loop only through ``loop.call_soon_threadsafe``. Readers on
+  the loop take ``RaftNode.lock`` to see a consistent state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
+from consensus.commands import Command, CommandDecodeError, decode_entry, encode_entry
+from consensus.errors import NoQuorum, ProposalFailed
+from consensus.state import MeshState
+
+log = logging.getLogger("raftmesh.raft")
+
+AMBIGUOUS = frozenset({FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME})
+_FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
+
+MAX_IN_FLIGHT = 4
+MAX_COMMANDS_PER_ENTRY = 2000
+MAX_ENTRY_BYTES = 8 * 1024 * 1024
+# pysyncobj splits an entry larger than its batch size into a "transmission"
+# that it reassembles wrongly; entries are kept below this bound instead.
+APPEND_BATCH_BYTES = 4 * MAX_ENTRY_BYTES
+
+
+@dataclass(frozen=True)
+class RaftTimers:
+    """Tuned for a LAN: commits in milliseconds, a dead leader replaced in
+    about a second, a cut-off leader stepping down within a few seconds."""
+
+    min_election_timeout_s: float = 0.5
+    max_election_timeout_s: float = 1.2
+    heartbeat_s: float = 0.05
+    leader_fallback_s: float = 2.5
+    connection_timeout_s: float = 2.0
+    reconnect_s: float = 0.3
+    compaction_min_entries: int = 5000
+    compaction_min_time_s: float = 300.0
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _DurableJournal:
+    """Wraps pysyncobj's FileJournal so nothing it reports is only in page cache."""
+
+    def __init__(self, inner: Any, journal_path: str, dump_path: str) -> None:
+        self._inner = inner
+        self._journal_path = journal_path
+        self._dump_path = dump_path
+        self._dir = os.path.dirname(journal_path)
+        self._dirty = False
+        self.syncs = 0
+
+    def sync(self) -> None:
+        if not self._dirty:
+            return
+        self._inner.flush()
+        self._dirty = False
+        self.syncs += 1
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        self._inner.add(command, idx, term)
+        self._dirty = True
+
+    def clear(self) -> None:
+        self._inner.clear()
+        self._dirty = True
+
+    def deleteEntriesFrom(self, entry_from: int) -> None:  # noqa: N802 - pysyncobj's name
+        self._inner.deleteEntriesFrom(entry_from)
+        self._dirty = True
+
+    def deleteEntriesTo(self, entry_to: int) -> None:  # noqa: N802
+        # The snapshot must be durable before the entries it replaces go.
+        if os.path.exists(self._dump_path):
+            _fsync_path(self._dump_path)
+            _fsync_path(self._dir)
+        self._inner.deleteEntriesTo(entry_to)
+        self._dirty = True
+        self.sync()
+
+    def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802
+        # Term and vote must survive power loss before any vote is sent.
+        self._inner.setCurrentTerm(term, voted_for)
+        _fsync_path(self._journal_path + ".meta")
+        _fsync_path(self._dir)
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._inner[item]
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _Replica(SyncObjConsumer):
+    """Applies log entries to the MeshState on the tick thread."""
+
+    def __init__(self, node: RaftNode) -> None:
+        super().__init__()
+        self._node = node
+
+    @replicated
+    def apply_entry(self, payload: bytes) -> list[dict[str, Any]]:
+        node = self._node
+        try:
+            cmds = decode_entry(payload)
+        except CommandDecodeError as exc:
+            log.error("skipping log entry: %s", exc)
+            return []
+        with node.lock:
+            results = [node.state.apply(cmd) for cmd in cmds]
+        node._notify(cmds, results)
+        return results
+
+    def _serialize(self) -> dict[str, bytes]:
+        with self._node.lock:
+            return {"state": msgpack.packb(self._node.state.to_dict(), use_bin_type=True)}
+
+    def _deserialize(self, data: dict[str, bytes]) -> None:
+        restored = MeshState.from_dict(
+            msgpack.unpackb(data["state"], raw=False, strict_map_key=False)
+        )
+        with self._node.lock:
+            self._node.state.__dict__.update(restored.__dict__)
+        self._node._notify([], [])
+
+
+class _Entry:
+    """One log entry in flight and the futures waiting on its commands."""
+
+    def __init__(self, futures: list[asyncio.Future[dict[str, Any]]]) -> None:
+        self.futures = futures
+        self.settled = False
+
+
+class RaftNode:
+    """A Raft member holding the replicated MeshState."""
+
+    def __init__(
+        self,
+        self_addr: str,
+        partners: list[str],
+        data_dir: str,
+        secret: str,
+        loop: asyncio.AbstractEventLoop,
+        on_change: Callable[[list[Command], list[dict[str, Any]]], None],
+        timers: RaftTimers | None = None,
+        commit_timeout_s: float = 5.0,
+    ) -> None:
+        self.state = MeshState()
+        self.lock = threading.Lock()
+        self.self_addr = self_addr
+        self._loop = loop
+        self._on_change = on_change
+        self._commit_timeout_s = commit_timeout_s
+        self._pending: list[tuple[Command, asyncio.Future[dict[str, Any]]]] = []
+        self._in_flight = 0
+        self._flush_scheduled = False
+        timers = timers or RaftTimers()
+        os.makedirs(data_dir, exist_ok=True)
+        journal_path = os.path.join(data_dir, "raft.journal")
+        dump_path = os.path.join(data_dir, "raft.dump")
+        conf = SyncObjConf(
+            password=secret,
+            bindAddress=self_addr,
+            journalFile=journal_path,
+            fullDumpFile=dump_path,
+            appendEntriesUseBatch=False,
+            appendEntriesBatchSizeBytes=APPEND_BATCH_BYTES,
+            appendEntriesPeriod=timers.heartbeat_s,
+            raftMinTimeout=timers.min_election_timeout_s,
+            raftMaxTimeout=timers.max_election_timeout_s,
+            leaderFallbackTimeout=timers.leader_fallback_s,
+            connectionTimeout=timers.connection_timeout_s,
+            connectionRetryTime=timers.reconnect_s,
+            logCompactionMinEntries=timers.compaction_min_entries,
+            logCompactionMinTime=timers.compaction_min_time_s,
+            commandsWaitLeader=True,
+            onStateChanged=self._on_raft_state,
+        )
+        self._replica = _Replica(self)
+        self._syncobj = SyncObj(
+            self_addr, [p for p in partners if p != self_addr], conf=conf, consumers=[self._replica]
+        )
+        self.journal = _DurableJournal(self._syncobj._SyncObj__raftLog, journal_path, dump_path)
+        self._syncobj._SyncObj__raftLog = self.journal
+        transport = self._syncobj._SyncObj__transport
+        raw_send = transport.send
+
+        def send_after_sync(node: Any, message: Any) -> Any:
+            self.journal.sync()
+            return raw_send(node, message)
+
+        transport.send = send_after_sync
+        self._syncobj.addOnTickCallback(self.journal.sync)
+
+    # -- thread seam ------------------------------------------------------
+
+    def _notify(self, cmds: list[Command], results: list[dict[str, Any]]) -> None:
+        """Tick thread → loop. Must not raise: pysyncobj would re-apply."""
+        try:
+            self._loop.call_soon_threadsafe(self._on_change, cmds, results)
+        except RuntimeError:
+            pass  # the loop is closed: the peer is shutting down
+
+    def _on_raft_state(self, old: int, new: int) -> None:
+        self._notify([], [])
+
+    # -- proposing (loop side) --------------------------------------------
+
+    async def propose(self, command: Command) -> dict[str, Any]:
+        """Commit one command (grouped with others) and return its result.
+
+        Raises NoQuorum when nothing committed within the timeout; the outcome
+        is then unknown, and retrying with the same ``cid`` is safe.
+        """
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._pending.append((command, fut))
+        self._schedule_flush()
+        return await fut
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._in_flight < MAX_IN_FLIGHT and self._pending:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._pending and self._in_flight < MAX_IN_FLIGHT:
+            take = min(len(self._pending), MAX_COMMANDS_PER_ENTRY)
+            payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
+            while len(payload) > MAX_ENTRY_BYTES and take > 1:
+                take //= 2
+                payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
+            batch = self._pending[:take]
+            del self._pending[:take]
+            entry = _Entry([fut for _, fut in batch])
+            self._in_flight += 1
+
+            def done(result: Any, err: int, entry: _Entry = entry) -> None:
+                try:
+                    self._loop.call_soon_threadsafe(self._settle, entry, result, err)
+                except RuntimeError:
+                    pass
+
+            self._replica.apply_entry(payload, callback=done)
+            self._loop.call_later(self._commit_timeout_s, self._settle, entry, None, -1)
+
+    def _settle(self, entry: _Entry, result: Any, err: int) -> None:
+        if entry.settled:
+            return
+        entry.settled = True
+        self._in_flight -= 1
+        if err == FAIL_REASON.SUCCESS and isinstance(result, list) and len(result) == len(
+            entry.futures
+        ):
+            for fut, res in zip(entry.futures, result, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
+        else:
+            reason = "timeout" if err == -1 else _FAIL_NAMES.get(err, str(err))
+            exc: Exception
+            if err == -1 or err in AMBIGUOUS or err == FAIL_REASON.MISSING_LEADER:
+                exc = NoQuorum(f"no commit: {reason}")
+            else:
+                exc = ProposalFailed(f"proposal failed: {reason}")
+            for fut in entry.futures:
+                if not fut.done():
+                    fut.set_exception(exc)
+        self._schedule_flush()
+
+    # -- status -----------------------------------------------------------
+
+    @property
+    def term(self) -> int:
+        return int(self._syncobj.raftCurrentTerm)
+
+    @property
+    def is_leader(self) -> bool:
+        return bool(self._syncobj._isLeader())
+
+    @property
+    def leader_addr(self) -> str | None:
+        leader = self._syncobj._getLeader()
+        return None if leader is None else str(leader.id if hasattr(leader, "id") else leader)
+
+    @property
+    def has_quorum(self) -> bool:
+        return bool(self._syncobj.hasQuorum)
+
+    def match_index(self) -> dict[str, int]:
+        """Per-follower replication progress, as the leader sees it."""
+        status = self._retry(self._syncobj.getStatus)
+        prefix = "match_idx_server_"
+        return {k[len(prefix) :]: v for k, v in status.items() if k.startswith(prefix)}
+
+    def status(self) -> dict[str, Any]:
+        status = self._retry(self._syncobj.getStatus)
+        return {
+            "term": status["raft_term"],
+            "leader": self.leader_addr,
+            "is_leader": self.is_leader,
+            "has_quorum": status["has_quorum"],
+            "commit_idx": status["commit_idx"],
+            "last_applied": status["last_applied"],
+            "log_len": status["log_len"],
+            "journal_syncs": self.journal.syncs,
+        }
+
+    @staticmethod
+    def _retry(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """getStatus iterates the tick thread's dicts; a concurrent change makes
+        it raise RuntimeError, which a second try almost always avoids."""
+        for _ in range(5):
+            try:
+                return fn()
+            except RuntimeError:
+                continue
+        return fn()
+
+    def close(self) -> None:
+        self._syncobj.destroy_synchronous()
+        self.journal.sync()
+
+
+__all__ = ["RaftNode", "RaftTimers"]

@@ -1,0 +1,159 @@
+"""The storage contract every backend honours.
+
+Storage is where runs outlive Raft: Raft state holds only active runs, storage
+keeps history, checkpoints, events and results. Every write that belongs to an
+attempt carries the attempt's epoch and is fenced in the same transaction, so a
+paused or partitioned former owner can change nothing once a newer epoch has
+claimed the run (DESIGN.md, Fencing).
+
+Payloads (input, step values, event data, results) are opaque bytes here; the
+runner encodes them with msgpack before they arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+
+
+class StorageError(Exception):
+    """Root of every storage error."""
+
+
+class StaleEpoch(StorageError):
+    """A write or claim carried an epoch older than the one that owns the run."""
+
+    def __init__(self, run_id: str, epoch: int, current: int) -> None:
+        super().__init__(f"run {run_id}: epoch {epoch} is stale, epoch {current} owns it")
+        self.run_id = run_id
+        self.epoch = epoch
+        self.current = current
+
+
+class StorageUnavailable(StorageError):
+    """The database could not be reached; the caller may retry later."""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A run as storage remembers it, also long after it left Raft state."""
+
+    id: str
+    agent: str
+    input: bytes
+    tenant: str = "default"
+    priority: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    timeout_s: float | None = None
+    max_attempts: int = 1
+    idempotency_key: str | None = None
+    parent_id: str | None = None
+    submitted_at_ms: int = 0
+    status: str = "queued"
+    owner: str | None = None
+    epoch: int = 0
+    attempts: int = 0
+    result: bytes | None = None
+    error: str | None = None
+    started_at_ms: int | None = None
+    finished_at_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a new owner learns when it claims a run.
+
+    ``finished`` is set when a result was already written by an earlier epoch:
+    the new owner must then report that outcome instead of running the agent
+    again (exactly-once completion).
+    """
+
+    run: RunRow
+    finished: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    seq: int
+    name: str
+    value: bytes
+    epoch: int
+    peer: str
+
+
+@dataclass(frozen=True)
+class Event:
+    run_id: str
+    seq: int
+    kind: str
+    data: bytes
+    epoch: int
+    at_ms: int
+
+
+@runtime_checkable
+class Store(Protocol):
+    """One interface, two backends (PostgreSQL for many hosts, SQLite for one)."""
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations (safe to race with other peers)."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless a trivial query succeeds."""
+
+    async def record_runs(self, runs: list[RunRow]) -> None:
+        """Insert runs as queued; rows that already exist are left untouched."""
+
+    async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
+        """Make ``epoch`` the run's owner epoch if it is newer than the stored one.
+
+        Inserts the row from ``run`` when absent. Sets owner, status=running
+        (unless a result is stored), attempts += 1, started_at. Raises
+        StaleEpoch if the stored epoch is >= ``epoch``.
+        """
+
+    async def put_step(
+        self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
+    ) -> None:
+        """Checkpoint one step result; fenced (StaleEpoch unless epoch is the run's epoch)."""
+
+    async def load_steps(self, run_id: str) -> list[Step]:
+        """Every checkpointed step of the run, by seq."""
+
+    async def append_event(
+        self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int
+    ) -> int:
+        """Append a durable event; fenced; returns its per-run sequence number (1, 2, ...)."""
+
+    async def read_events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]: ...
+
+    async def put_result(
+        self,
+        run_id: str,
+        epoch: int,
+        status: str,
+        result: bytes | None,
+        error: str | None,
+        now_ms: int,
+    ) -> None:
+        """Write the run's terminal outcome once; fenced.
+
+        Raises StaleEpoch if the epoch is not the run's, and also if a result
+        is already stored (a result is written once).
+        """
+
+    async def set_terminal(
+        self, run_id: str, status: str, error: str | None, now_ms: int
+    ) -> None:
+        """Record a terminal status decided by the mesh rather than by an owner
+        (cancelled, failed after the last attempt was lost). Unfenced, but never
+        overwrites a stored result."""
+
+    async def get_run(self, run_id: str) -> RunRow | None: ...
+
+    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
+        """Newest first."""
