@@ -1,0 +1,159 @@
+"""Async client of the HTTP contract v1, shared by the CLI, the demo and tests.
+
+Every peer serves the same API, so a client is bound to one peer's base URL
+and callers pick which peer to talk to. Error bodies are turned into one
+exception type carrying the server's code, so callers branch on codes rather
+than on message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+
+
+class MeshHTTPError(Exception):
+    """A peer answered with a non-2xx status."""
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+
+class MeshClient:
+    """One peer's API. Use as ``async with MeshClient(url) as client: ...``."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 10) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # Created on first use: an aiohttp session binds to the running loop.
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def submit(
+        self,
+        agent: str,
+        input: Any,
+        *,
+        idempotency_key: str | None = None,
+        tenant: str | None = None,
+        priority: int | None = None,
+        labels: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+    ) -> dict[str, Any]:
+        """Submit a run; returns {"id", "status"} once a majority committed it."""
+        body: dict[str, Any] = {"agent": agent, "input": input}
+        optional = {
+            "idempotency_key": idempotency_key,
+            "tenant": tenant,
+            "priority": priority,
+            "labels": labels,
+            "timeout_s": timeout_s,
+            "max_attempts": max_attempts,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return await self._request("POST", "/v1/runs", json=body)
+
+    async def get_run(self, id: str) -> dict[str, Any]:
+        return await self._request("GET", f"/v1/runs/{id}")
+
+    async def list_runs(
+        self, status: str | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        params = {k: str(v) for k, v in (("status", status), ("limit", limit)) if v is not None}
+        return await self._request("GET", "/v1/runs", params=params)
+
+    async def cluster(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/cluster")
+
+    async def wait(self, id: str, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any]:
+        """Poll until the run is terminal; raises TimeoutError after ``timeout_s``.
+
+        A 503 (no quorum, e.g. during a leader election) is waited out rather
+        than raised: the run is still progressing and the caller asked to wait.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                run = await self.get_run(id)
+            except MeshHTTPError as exc:
+                if exc.status != 503:
+                    raise
+            else:
+                if run.get("status") in TERMINAL_STATUSES:
+                    return run
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"run {id} did not finish within {timeout_s:g} s")
+            await asyncio.sleep(poll_s)
+
+    async def healthz(self) -> bool:
+        return await self._probe("/healthz")
+
+    async def readyz(self) -> bool:
+        return await self._probe("/readyz")
+
+    async def _probe(self, path: str) -> bool:
+        """Probes answer a yes/no question, so an unreachable peer is a no."""
+        try:
+            async with self._http().get(self.base_url + path) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        async with self._http().request(method, self.base_url + path, **kwargs) as resp:
+            if resp.status >= 300:
+                raise await _error_from(resp)
+            data: dict[str, Any] = await resp.json()
+            return data
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        return self._session
+
+
+async def _error_from(resp: aiohttp.ClientResponse) -> MeshHTTPError:
+    """Parse {"error": {"code", "message"}}; a proxy or a crash may send anything else."""
+    text = await resp.text()
+    code, message = f"http_{resp.status}", text.strip() or (resp.reason or "")
+    try:
+        error = (await resp.json(content_type=None))["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    retry_after: float | None
+    try:
+        retry_after = float(resp.headers["Retry-After"])
+    except (KeyError, ValueError):
+        retry_after = None
+    return MeshHTTPError(resp.status, code, message, retry_after)

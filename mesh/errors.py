@@ -1,0 +1,64 @@
+"""Errors the API can answer with, and their one mapping to HTTP."""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class BadRequest(MeshError):
+    status = 400
+    code = "bad_request"
+
+
+class MalformedJSON(BadRequest):
+    code = "malformed_json"
+
+
+class UnknownAgentError(BadRequest):
+    code = "unknown_agent"
+
+
+class Unauthorized(MeshError):
+    status = 401
+    code = "unauthorized"
+
+
+class RunNotFound(MeshError):
+    status = 404
+    code = "run_not_found"
+
+
+class PayloadTooLarge(MeshError):
+    status = 413
+    code = "payload_too_large"
+
+
+class NotLeader(MeshError):
+    """An internal call reached a peer that does not lead; the caller re-resolves."""
+
+    status = 421
+    code = "not_leader"
+
+
+class Unavailable(MeshError):
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = 1) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class NoQuorumError(Unavailable):
+    code = "no_quorum"
+
+
+class StorageDown(Unavailable):
+    code = "storage_unavailable"

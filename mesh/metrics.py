@@ -1,0 +1,37 @@
+"""Prometheus metrics of one peer (its own registry, so tests can run many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.submissions = Counter(
+            "raftmesh_submissions_total", "Runs accepted by this peer", ["outcome"], registry=r
+        )
+        self.commit_seconds = Histogram(
+            "raftmesh_commit_seconds",
+            "Time for a submission to commit through Raft",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.attempts = Counter(
+            "raftmesh_attempts_total", "Attempts finished on this peer", ["outcome"], registry=r
+        )
+        self.running = Gauge("raftmesh_running_runs", "Runs executing on this peer", registry=r)
+        self.slots = Gauge("raftmesh_slots", "Slots this peer offers", registry=r)
+        self.queue_depth = Gauge("raftmesh_queue_depth", "Queued runs in the mesh", registry=r)
+        self.queue_oldest_age = Gauge(
+            "raftmesh_queue_oldest_age_seconds", "Age of the oldest queued run", registry=r
+        )
+        self.is_leader = Gauge("raftmesh_is_leader", "1 if this peer leads", registry=r)
+        self.term = Gauge("raftmesh_raft_term", "Current Raft term", registry=r)
+        self.peers_down = Counter(
+            "raftmesh_peers_marked_down_total", "peer_down proposals committed by this leader", registry=r
+        )
+        self.journal_syncs = Gauge(
+            "raftmesh_journal_syncs", "Raft journal fsyncs since start", registry=r
+        )

@@ -1,0 +1,592 @@
+"""The peer process: wires Raft, storage, the runner and the HTTP API.
+
+Every peer is identical. Each applies the replicated log and learns its own
+assignments by applying them (no hand-over RPC); the one that leads also runs
+the scheduler and the liveness checks. All of it is driven by one asyncio loop;
+the Raft tick thread reaches it only through RaftNode's notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import uvloop
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from consensus import commands
+from consensus.errors import NoQuorum, ProposalFailed
+from consensus.raft import RaftNode
+from consensus.state import PEER_UP, QUEUED, RUNNING, Run
+from mesh import logs
+from mesh.api import build_app
+from mesh.errors import (
+    BadRequest,
+    NoQuorumError,
+    NotLeader,
+    RunNotFound,
+    StorageDown,
+    Unavailable,
+    UnknownAgentError,
+)
+from mesh.liveness import Liveness
+from mesh.metrics import Metrics
+from mesh.scheduler import plan_assignments
+from mesh.settings import Settings
+from runner.attempt import FENCED, RETRY, Assignment, Outcome, run_attempt
+from runner.context import pack, unpack
+from runner.registry import default_registry
+from runner.slots import Slots
+from storage import open_store
+from storage.base import TERMINAL_STATUSES, RunRow, StorageUnavailable
+
+log = logging.getLogger("raftmesh.peer")
+
+ACTIVE_STATUSES = frozenset({QUEUED, RUNNING})
+ALL_STATUSES = ACTIVE_STATUSES | TERMINAL_STATUSES
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _iso_s(ms: int | None) -> float | None:
+    return None if ms is None else ms / 1000.0
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Peer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.id = settings.id
+        self.incarnation = _new_id()
+        secret, self.dev_secret = settings.effective_secret()
+        self._secret = secret
+        self.internal_token = hmac.new(
+            secret.encode(), b"raftmesh-internal-v1", hashlib.sha256
+        ).hexdigest()
+        self.api_token = settings.api_token
+        self.max_body_bytes = settings.max_body_bytes
+        self.metrics = Metrics()
+        self.metrics.slots.set(settings.slots)
+        self.registry = default_registry(settings.agent_modules)
+        self.store = open_store(settings.storage)
+        self.slots = Slots(settings.slots, self._execute, self._on_outcome)
+        self.liveness = Liveness(settings.peer_ttl_s)
+        self.raft: RaftNode | None = None
+        self._leader_wake = asyncio.Event()
+        self._reconcile_wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._was_leader = False
+        self._background: list[asyncio.Task[None]] = []
+        self._http: web.AppRunner | None = None
+        self._client: aiohttp.ClientSession | None = None
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.dev_secret:
+            log.warning("no --secret given: using the development secret (loopback only)")
+        await self._open_store()
+        self.raft = RaftNode(
+            self.settings.raft,
+            list(self.settings.peers),
+            self.settings.data_dir,
+            self._secret,
+            asyncio.get_running_loop(),
+            self._on_raft_change,
+            commit_timeout_s=self.settings.commit_timeout_s,
+        )
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
+        self._http = web.AppRunner(build_app(self), access_log=None)
+        await self._http.setup()
+        host, port = _host_port(self.settings.http)
+        await web.TCPSite(self._http, host, port, reuse_address=True).start()
+        for loop_fn in (self._heartbeat_loop, self._leader_loop, self._reconcile_loop):
+            self._background.append(asyncio.create_task(loop_fn(), name=loop_fn.__name__))
+        log.info(
+            "peer started: raft %s, http %s, %d slots, storage %s",
+            self.settings.raft,
+            self.settings.http,
+            self.settings.slots,
+            self.settings.storage.split("@")[-1],
+        )
+
+    async def _open_store(self) -> None:
+        delay = 0.2
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self.store.open()
+                return
+            except StorageUnavailable as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("storage not reachable yet (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 3.0)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.slots.stop_all()
+        if self._http is not None:
+            await self._http.cleanup()
+        if self._client is not None:
+            await self._client.close()
+        if self.raft is not None:
+            self.raft.close()
+        await self.store.close()
+        log.info("peer stopped")
+
+    def _on_raft_change(self, cmds: list[commands.Command], results: list[dict[str, Any]]) -> None:
+        self._leader_wake.set()
+        self._reconcile_wake.set()
+
+    def _raft(self) -> RaftNode:
+        assert self.raft is not None, "peer not started"
+        return self.raft
+
+    # -- proposing --------------------------------------------------------
+
+    async def _propose(self, cmd: commands.Command, budget_s: float | None = None) -> dict[str, Any]:
+        """Commit ``cmd``, retrying ambiguous outcomes with the same cid (the
+        state machine applies a cid once) until the budget runs out."""
+        budget = self.settings.commit_timeout_s if budget_s is None else budget_s
+        deadline = time.monotonic() + budget
+        while True:
+            try:
+                return await self._raft().propose(cmd)
+            except NoQuorum as exc:
+                if time.monotonic() >= deadline:
+                    raise NoQuorumError(
+                        f"the mesh could not commit in {budget:.0f}s ({exc}); "
+                        "a majority of peers must be up and connected — retry shortly"
+                    ) from exc
+                await asyncio.sleep(0.1)
+            except ProposalFailed as exc:
+                raise Unavailable(f"the mesh refused the request: {exc}") from exc
+
+    async def _propose_while(self, cmd: commands.Command, relevant: Callable[[], bool]) -> None:
+        """Keep proposing until committed or no longer relevant (or stopping)."""
+        while not self._stopping.is_set() and relevant():
+            try:
+                await self._propose(cmd)
+                return
+            except Unavailable as exc:
+                log.warning("retrying %s: %s", cmd["op"], exc.message)
+                await asyncio.sleep(0.2)
+
+    # -- API surface (mesh.api.PeerAPI) -------------------------------------
+
+    async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
+        if spec["agent"] not in self.registry:
+            raise UnknownAgentError(
+                f"unknown agent {spec['agent']!r}; this mesh runs: {', '.join(self.registry.names())}"
+            )
+        run = {
+            "id": _new_id(),
+            "agent": spec["agent"],
+            "input": spec["input"],
+            "tenant": spec.get("tenant") or "default",
+            "priority": spec.get("priority") or 0,
+            "labels": spec.get("labels") or {},
+            "timeout_s": spec.get("timeout_s"),
+            "max_attempts": spec.get("max_attempts") or 1,
+            "idempotency_key": spec.get("idempotency_key"),
+            "parent_id": None,
+        }
+        started = time.monotonic()
+        result = await self._propose(commands.submit(_new_id(), now_ms(), [run]))
+        self.metrics.commit_seconds.observe(time.monotonic() - started)
+        outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
+        if "error" in outcome:
+            self.metrics.submissions.labels("rejected").inc()
+            raise BadRequest(f"submission rejected: {outcome['error']}")
+        self.metrics.submissions.labels("created" if outcome["created"] else "existing").inc()
+        if outcome["created"]:
+            asyncio.create_task(self._record_submitted(run, now_ms()))
+        return outcome["id"], outcome["created"]
+
+    async def _record_submitted(self, run: dict[str, Any], at_ms: int) -> None:
+        """History for queued runs; best effort, since the owner's claim
+        inserts the row anyway."""
+        row = RunRow(
+            id=run["id"],
+            agent=run["agent"],
+            input=pack(run["input"]),
+            tenant=run["tenant"],
+            priority=run["priority"],
+            labels=run["labels"],
+            timeout_s=run["timeout_s"],
+            max_attempts=run["max_attempts"],
+            idempotency_key=run["idempotency_key"],
+            submitted_at_ms=at_ms,
+        )
+        try:
+            await self.store.record_runs([row])
+        except Exception as exc:  # history is advisory here; the claim writes it for real
+            log.warning("could not record run history: %s", exc, extra={"run_id": run["id"]})
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        with self._raft().lock:
+            active = self._raft().state.runs.get(run_id)
+            view = _view_from_state(active) if active is not None else None
+        if view is not None:
+            return view
+        row = await self._storage(self.store.get_run(run_id))
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
+        return _view_from_row(row)
+
+    async def list_runs(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+        if status is not None and status not in ALL_STATUSES:
+            raise BadRequest(
+                f"unknown status {status!r}; use one of {', '.join(sorted(ALL_STATUSES))}"
+            )
+        with self._raft().lock:
+            active = [
+                _view_from_state(r)
+                for r in self._raft().state.runs.values()
+                if status is None or r.status == status
+            ]
+        stored: list[dict[str, Any]] = []
+        if status is None or status in TERMINAL_STATUSES:
+            rows = await self._storage(self.store.list_runs(status, limit))
+            seen = {v["id"] for v in active}
+            stored = [_view_from_row(r) for r in rows if r.id not in seen]
+        views = active + stored
+        views.sort(key=lambda v: v["submitted_at"] or 0, reverse=True)
+        return views[:limit]
+
+    async def _storage(self, op: Any) -> Any:
+        try:
+            return await op
+        except StorageUnavailable as exc:
+            raise StorageDown(f"storage is unreachable: {exc}") from exc
+
+    def cluster(self) -> dict[str, Any]:
+        raft = self._raft()
+        leader_addr = raft.leader_addr
+        now = now_ms()
+        with raft.lock:
+            state = raft.state
+            leader = state.peer_by_raft(leader_addr) if leader_addr else None
+            peers = [
+                {
+                    "id": p.id,
+                    "raft": p.raft,
+                    "http": p.http,
+                    "status": p.status,
+                    "slots": p.slots,
+                    "running": state.running_on(p.id),
+                    "labels": p.labels,
+                }
+                for p in sorted(state.peers.values(), key=lambda p: p.id)
+            ]
+            queued = state.queued()
+            oldest = min((r.submitted_at_ms for r in queued), default=None)
+        return {
+            "leader": leader.id if leader else None,
+            "term": raft.term,
+            "peers": peers,
+            "queue": {
+                "depth": len(queued),
+                "oldest_age_s": 0.0 if oldest is None else max(0.0, (now - oldest) / 1000),
+            },
+        }
+
+    async def readiness(self) -> tuple[bool, str]:
+        raft = self._raft()
+        if raft.leader_addr is None:
+            return False, "no known Raft leader"
+        with raft.lock:
+            me = raft.state.peers.get(self.id)
+            registered = me is not None and me.incarnation == self.incarnation and me.status == PEER_UP
+        if not registered:
+            return False, "this peer has not joined the replicated membership yet"
+        try:
+            await self.store.ping()
+        except StorageUnavailable as exc:
+            return False, f"storage unreachable: {exc}"
+        return True, "ok"
+
+    def heartbeat(self, report: dict[str, Any]) -> None:
+        if not self._raft().is_leader:
+            raise NotLeader("this peer is not the leader")
+        try:
+            self.liveness.heard(str(report["id"]), str(report["incarnation"]), time.monotonic())
+        except KeyError as exc:
+            raise BadRequest(f"heartbeat lacks {exc}") from None
+
+    def metrics_text(self) -> bytes:
+        raft = self._raft()
+        self.metrics.is_leader.set(1 if raft.is_leader else 0)
+        self.metrics.term.set(raft.term)
+        self.metrics.running.set(self.slots.busy)
+        self.metrics.journal_syncs.set(raft.journal.syncs)
+        with raft.lock:
+            queued = raft.state.queued()
+        self.metrics.queue_depth.set(len(queued))
+        oldest = min((r.submitted_at_ms for r in queued), default=None)
+        self.metrics.queue_oldest_age.set(0 if oldest is None else max(0, now_ms() - oldest) / 1000)
+        return generate_latest(self.metrics.registry)
+
+    # -- background loops -------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        """Announce this incarnation and report to the leader."""
+        interval = self.settings.heartbeat_interval_s
+        while True:
+            try:
+                await self._announce_if_needed()
+                await self._report_to_leader()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat failed")
+            await asyncio.sleep(interval)
+
+    async def _announce_if_needed(self) -> None:
+        raft = self._raft()
+        s = self.settings
+        with raft.lock:
+            me = raft.state.peers.get(self.id)
+            current = (
+                me is not None
+                and me.incarnation == self.incarnation
+                and me.status == PEER_UP
+                and me.slots == s.slots
+                and me.labels == s.labels
+                and me.http == s.http
+                and me.raft == s.raft
+            )
+        if current or raft.leader_addr is None:
+            return
+        cmd = commands.peer_up(
+            _new_id(), now_ms(), self.id, self.incarnation, s.raft, s.http, s.slots, dict(s.labels)
+        )
+        try:
+            await self._propose(cmd)
+        except Unavailable as exc:
+            log.info("could not announce yet: %s", exc.message)
+
+    async def _report_to_leader(self) -> None:
+        raft = self._raft()
+        leader_addr = raft.leader_addr
+        if leader_addr is None:
+            return
+        if raft.is_leader:
+            self.liveness.heard(self.id, self.incarnation, time.monotonic())
+            return
+        with raft.lock:
+            leader = raft.state.peer_by_raft(leader_addr)
+        if leader is None or self._client is None:
+            return
+        report = {"id": self.id, "incarnation": self.incarnation, "running": self.slots.busy}
+        try:
+            async with self._client.post(
+                f"http://{leader.http}/internal/v1/heartbeat",
+                json=report,
+                headers={"Authorization": f"Bearer {self.internal_token}"},
+            ) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.debug("heartbeat to %s failed: %s", leader.id, exc)
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        event.clear()
+
+    async def _leader_loop(self) -> None:
+        """Scheduler and liveness, on every change and on a short tick."""
+        while True:
+            try:
+                await self._lead_once()
+            except asyncio.CancelledError:
+                raise
+            except Unavailable as exc:
+                log.info("leader duty deferred: %s", exc.message)
+            except Exception:
+                log.exception("leader duty failed")
+            await self._wait(self._leader_wake, self.settings.scheduler_tick_s)
+
+    async def _lead_once(self) -> None:
+        raft = self._raft()
+        leading = raft.is_leader
+        now = time.monotonic()
+        if leading and not self._was_leader:
+            self.liveness.reset(now)
+            log.info("became leader", extra={"term": raft.term})
+        self._was_leader = leading
+        if not leading:
+            return
+        self.liveness.heard(self.id, self.incarnation, now)
+        with raft.lock:
+            up = {p.id: p.incarnation for p in raft.state.peers.values() if p.status == PEER_UP}
+        for peer_id, incarnation in self.liveness.suspects(up, now):
+            log.warning("peer %s silent for %.1fs: marking it down", peer_id, self.liveness.ttl_s)
+            result = await self._propose(commands.peer_down(_new_id(), now_ms(), peer_id, incarnation))
+            if result.get("ok"):
+                self.metrics.peers_down.inc()
+        with raft.lock:
+            plan = plan_assignments(raft.state)
+        if plan:
+            result = await self._propose(commands.assign(_new_id(), now_ms(), raft.term, plan))
+            if result.get("rejected"):
+                log.debug("assignments rejected on apply: %s", result["rejected"])
+
+    async def _reconcile_loop(self) -> None:
+        """Start what the replicated state gives this peer; stop what it took away."""
+        while True:
+            try:
+                self._reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconcile failed")
+            await self._wait(self._reconcile_wake, 0.5)
+
+    def _reconcile(self) -> None:
+        raft = self._raft()
+        with raft.lock:
+            state = raft.state
+            me = state.peers.get(self.id)
+            mine = me is not None and me.incarnation == self.incarnation and me.status == PEER_UP
+            owned = [_assignment(r) for r in state.owned_by(self.id)] if mine else []
+        wanted = {job.run_id: job.epoch for job in owned}
+        for run_id, epoch in self.slots.running().items():
+            if wanted.get(run_id) != epoch:
+                log.info("run no longer ours: stopping it", extra={"run_id": run_id, "epoch": epoch})
+                self.slots.stop(run_id)
+        for job in owned:
+            if not self.slots.holds(job.run_id, job.epoch):
+                if self.slots.start(job):
+                    log.info("starting run", extra={"run_id": job.run_id, "epoch": job.epoch})
+
+    # -- running ----------------------------------------------------------
+
+    async def _execute(self, job: Assignment) -> Outcome:
+        return await run_attempt(
+            job, peer_id=self.id, store=self.store, registry=self.registry, clock_ms=now_ms
+        )
+
+    async def _on_outcome(self, job: Assignment, outcome: Outcome) -> None:
+        self.metrics.attempts.labels(outcome.status).inc()
+        extra = {"run_id": job.run_id, "epoch": job.epoch}
+        if outcome.status == FENCED:
+            log.info("attempt fenced; a newer epoch owns the run", extra=extra)
+            return
+        if outcome.status == RETRY:
+            log.info("attempt failed (%s); requeueing", outcome.error, extra=extra)
+            cmd = commands.release(_new_id(), now_ms(), job.run_id, job.epoch)
+        else:
+            log.info("run %s", outcome.status, extra=extra)
+            cmd = commands.finish(
+                _new_id(), now_ms(), job.run_id, job.epoch, outcome.status, outcome.error
+            )
+        await self._propose_while(cmd, lambda: self._still_owned(job))
+
+    def _still_owned(self, job: Assignment) -> bool:
+        raft = self._raft()
+        with raft.lock:
+            run = raft.state.runs.get(job.run_id)
+            return run is not None and run.owner == self.id and run.epoch == job.epoch
+
+
+def _assignment(run: Run) -> Assignment:
+    return Assignment(
+        run_id=run.id,
+        epoch=run.epoch,
+        attempt=run.attempts,
+        agent=run.agent,
+        input=run.input,
+        tenant=run.tenant,
+        priority=run.priority,
+        labels=dict(run.labels),
+        timeout_s=run.timeout_s,
+        max_attempts=run.max_attempts,
+        idempotency_key=run.idempotency_key,
+        parent_id=run.parent_id,
+        submitted_at_ms=run.submitted_at_ms,
+    )
+
+
+def _view_from_state(run: Run) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "agent": run.agent,
+        "status": run.status,
+        "owner": run.owner,
+        "epoch": run.epoch,
+        "attempts": run.attempts,
+        "result": None,
+        "error": None,
+        "tenant": run.tenant,
+        "priority": run.priority,
+        "labels": dict(run.labels),
+        "submitted_at": _iso_s(run.submitted_at_ms),
+        "started_at": _iso_s(run.assigned_at_ms),
+        "finished_at": None,
+    }
+
+
+def _view_from_row(row: RunRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "agent": row.agent,
+        "status": row.status,
+        "owner": row.owner,
+        "epoch": row.epoch,
+        "attempts": row.attempts,
+        "result": unpack(row.result) if row.result is not None else None,
+        "error": row.error,
+        "tenant": row.tenant,
+        "priority": row.priority,
+        "labels": dict(row.labels),
+        "submitted_at": _iso_s(row.submitted_at_ms),
+        "started_at": _iso_s(row.started_at_ms),
+        "finished_at": _iso_s(row.finished_at_ms),
+    }
+
+
+async def _serve(settings: Settings) -> int:
+    peer = Peer(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await peer.start()
+    await stop.wait()
+    log.info("signal received: stopping")
+    await peer.stop()
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """Run one peer in the foreground until SIGINT or SIGTERM."""
+    logs.configure(settings.id, settings.log_level)
+    return uvloop.run(_serve(settings))

@@ -1,0 +1,137 @@
+"""Peer configuration: one frozen dataclass, from flags, MESH_* env and TOML.
+
+Precedence: explicit flags, then environment, then the TOML file, then the
+defaults, which work for one peer on one machine. A misspelled key is an error,
+not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+DEV_SECRET = "raftmesh-insecure-development-secret"
+
+
+class SettingsError(ValueError):
+    """The configuration cannot describe a working peer."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    id: str = "peer-1"
+    raft: str = "127.0.0.1:7001"
+    http: str = "127.0.0.1:8001"
+    peers: tuple[str, ...] = ()
+    storage: str = "sqlite:///./raftmesh.db"
+    data_dir: str = "./raftmesh-data"
+    slots: int = 4
+    labels: dict[str, str] = field(default_factory=dict)
+    secret: str = ""
+    api_token: str = ""
+    max_body_bytes: int = 1024 * 1024
+    heartbeat_interval_s: float = 0.5
+    peer_ttl_s: float = 2.0
+    scheduler_tick_s: float = 0.2
+    commit_timeout_s: float = 5.0
+    agent_modules: tuple[str, ...] = ()
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("raft", "http"):
+            host, _, port = getattr(self, name).rpartition(":")
+            if not host or not port.isdigit():
+                raise SettingsError(f"--{name} must be HOST:PORT, got {getattr(self, name)!r}")
+        if self.slots < 0:
+            raise SettingsError("--slots must be >= 0")
+        if self.peer_ttl_s <= self.heartbeat_interval_s:
+            raise SettingsError("peer_ttl_s must exceed heartbeat_interval_s")
+
+    @property
+    def all_loopback(self) -> bool:
+        return all(_is_loopback(addr) for addr in (self.raft, self.http, *self.peers))
+
+    def effective_secret(self) -> tuple[str, bool]:
+        """The Raft cluster secret, and whether it is the insecure dev default.
+
+        Raft traffic is pickle: without a secret anyone reaching the port runs
+        code in the peer. The development default is allowed only when every
+        address is loopback.
+        """
+        if self.secret:
+            return self.secret, False
+        if self.all_loopback:
+            return DEV_SECRET, True
+        raise SettingsError(
+            "--secret (MESH_SECRET) is required when any address is not loopback: "
+            "Raft traffic must be encrypted with a cluster secret"
+        )
+
+    @classmethod
+    def load(cls, flags: dict[str, Any], config_file: str | None = None) -> Settings:
+        """Merge TOML, MESH_* environment and flags (None means "not given")."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        merged: dict[str, Any] = {}
+        if config_file:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+            unknown = set(data) - set(names)
+            if unknown:
+                raise SettingsError(f"unknown settings in {config_file}: {sorted(unknown)}")
+            merged.update(data)
+        for name in names:
+            env = os.environ.get(f"MESH_{name.upper()}")
+            if env is not None and env != "":
+                merged[name] = env
+        unknown = set(flags) - set(names)
+        if unknown:
+            raise SettingsError(f"unknown settings: {sorted(unknown)}")
+        merged.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**{k: _coerce(names[k], v) for k, v in merged.items()})
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
+    kind = str(f.type)
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(value)
+        if kind.startswith("dict"):
+            if isinstance(value, str):
+                return _parse_labels(value)
+            return {str(k): str(v) for k, v in dict(value).items()}
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"setting {f.name}: cannot use {value!r}: {exc}") from exc
+
+
+def _parse_labels(text: str) -> dict[str, str]:
+    """``gpu=a100,pool=cpu`` → {"gpu": "a100", "pool": "cpu"}."""
+    labels = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep, val = part.partition("=")
+        if not sep:
+            raise ValueError(f"label {part!r} is not key=value")
+        labels[key.strip()] = val.strip()
+    return labels
+
+
+def _is_loopback(addr: str) -> bool:
+    host = addr.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

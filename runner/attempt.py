@@ -1,0 +1,161 @@
+"""One attempt of one run on this peer, from claim to stored outcome.
+
+The order is what makes completion exactly-once: claim the run in storage under
+the new epoch (which fences every older owner), replay the journal, run the
+agent, write the result fenced, and only then let the mesh propose ``finish``.
+A new owner that finds a result already stored reports it without running the
+agent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from runner.context import Fenced, RunContext, pack
+from runner.registry import Registry, UnknownAgent
+from storage.base import RunRow, StaleEpoch, StorageUnavailable, Store
+
+log = logging.getLogger("raftmesh.runner")
+
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+TIMED_OUT = "timed_out"
+RETRY = "retry"
+FENCED = "fenced"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """``status`` is a terminal run status, RETRY (requeue for another
+    attempt; nothing stored) or FENCED (a newer epoch owns the run)."""
+
+    status: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the replicated state says this peer must run."""
+
+    run_id: str
+    epoch: int
+    attempt: int
+    agent: str
+    input: Any
+    tenant: str
+    priority: int
+    labels: dict[str, str]
+    timeout_s: float | None
+    max_attempts: int
+    idempotency_key: str | None
+    parent_id: str | None
+    submitted_at_ms: int
+
+    def row(self) -> RunRow:
+        return RunRow(
+            id=self.run_id,
+            agent=self.agent,
+            input=pack(self.input),
+            tenant=self.tenant,
+            priority=self.priority,
+            labels=self.labels,
+            timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+            idempotency_key=self.idempotency_key,
+            parent_id=self.parent_id,
+            submitted_at_ms=self.submitted_at_ms,
+        )
+
+
+async def retry_unavailable(
+    op: Callable[[], Awaitable[T]], what: str, max_delay_s: float = 2.0
+) -> T:
+    """Storage outages are waited out, not charged to the run as a failure."""
+    delay = 0.05
+    while True:
+        try:
+            return await op()
+        except StorageUnavailable as exc:
+            log.warning("storage unavailable during %s, retrying in %.2fs: %s", what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+
+
+async def run_attempt(
+    job: Assignment,
+    *,
+    peer_id: str,
+    store: Store,
+    registry: Registry,
+    clock_ms: Callable[[], int],
+) -> Outcome:
+    extra = {"run_id": job.run_id, "epoch": job.epoch}
+    try:
+        claim = await retry_unavailable(
+            lambda: store.claim(job.row(), job.epoch, peer_id, clock_ms()), "claim"
+        )
+    except StaleEpoch as exc:
+        log.info("not claiming: %s", exc, extra=extra)
+        return Outcome(FENCED, str(exc))
+    if claim.finished:
+        log.info("result already stored by an earlier epoch", extra=extra)
+        return Outcome(claim.run.status, claim.run.error)
+
+    try:
+        fn = registry.get(job.agent)
+    except UnknownAgent as exc:
+        return await _store_outcome(job, store, clock_ms, Outcome(FAILED, str(exc)), None)
+
+    journal = await retry_unavailable(lambda: store.load_steps(job.run_id), "load_steps")
+    ctx = RunContext(
+        run_id=job.run_id,
+        epoch=job.epoch,
+        attempt=job.attempt,
+        peer_id=peer_id,
+        store=store,
+        journal=journal,
+        clock_ms=clock_ms,
+    )
+    result: Any = None
+    try:
+        async with asyncio.timeout(job.timeout_s):
+            result = await fn(ctx, job.input)
+        await ctx.drain()
+        outcome = Outcome(SUCCEEDED)
+    except Fenced as exc:
+        log.info("fenced: %s", exc, extra=extra)
+        return Outcome(FENCED, str(exc))
+    except TimeoutError:
+        outcome = Outcome(TIMED_OUT, f"attempt exceeded its timeout of {job.timeout_s}s")
+    except Exception as exc:  # the agent's own failure, reported as the run's error
+        log.info("agent raised %s", exc, extra=extra)
+        outcome = Outcome(FAILED, f"{type(exc).__name__}: {exc}")
+    if outcome.status != SUCCEEDED and job.attempt < job.max_attempts:
+        return Outcome(RETRY, outcome.error)
+    return await _store_outcome(job, store, clock_ms, outcome, result)
+
+
+async def _store_outcome(
+    job: Assignment,
+    store: Store,
+    clock_ms: Callable[[], int],
+    outcome: Outcome,
+    result: Any,
+) -> Outcome:
+    payload = pack(result) if outcome.status == SUCCEEDED else None
+    try:
+        await retry_unavailable(
+            lambda: store.put_result(
+                job.run_id, job.epoch, outcome.status, payload, outcome.error, clock_ms()
+            ),
+            "put_result",
+        )
+    except StaleEpoch as exc:
+        return Outcome(FENCED, str(exc))
+    return outcome

@@ -1,0 +1,72 @@
+"""This peer's running attempts, bounded by its slots.
+
+The replicated state already never gives a peer more runs than it has slots;
+this keeps the local side honest (one task per run and epoch) and lets the peer
+stop attempts the state no longer gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from runner.attempt import Assignment, Outcome
+
+log = logging.getLogger("raftmesh.runner")
+
+
+class Slots:
+    def __init__(
+        self,
+        capacity: int,
+        execute: Callable[[Assignment], Awaitable[Outcome]],
+        on_outcome: Callable[[Assignment, Outcome], Awaitable[None]],
+    ) -> None:
+        self.capacity = capacity
+        self._execute = execute
+        self._on_outcome = on_outcome
+        self._tasks: dict[str, tuple[int, asyncio.Task[None]]] = {}
+
+    @property
+    def busy(self) -> int:
+        return len(self._tasks)
+
+    def holds(self, run_id: str, epoch: int) -> bool:
+        held = self._tasks.get(run_id)
+        return held is not None and held[0] == epoch
+
+    def running(self) -> dict[str, int]:
+        return {run_id: epoch for run_id, (epoch, _) in self._tasks.items()}
+
+    def start(self, job: Assignment) -> bool:
+        if job.run_id in self._tasks or len(self._tasks) >= self.capacity:
+            return False
+        task = asyncio.create_task(self._run(job), name=f"run:{job.run_id}:{job.epoch}")
+        self._tasks[job.run_id] = (job.epoch, task)
+        return True
+
+    async def _run(self, job: Assignment) -> None:
+        try:
+            outcome = await self._execute(job)
+            await self._on_outcome(job, outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("attempt crashed", extra={"run_id": job.run_id, "epoch": job.epoch})
+        finally:
+            held = self._tasks.get(job.run_id)
+            if held is not None and held[0] == job.epoch:
+                del self._tasks[job.run_id]
+
+    def stop(self, run_id: str) -> None:
+        held = self._tasks.pop(run_id, None)
+        if held is not None:
+            held[1].cancel()
+
+    async def stop_all(self) -> None:
+        tasks = [task for _, task in self._tasks.values()]
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
