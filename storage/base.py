@@ -32,6 +32,23 @@ class StaleEpoch(StorageError):
         self.current = current
 
 
+class AlreadyFinished(StaleEpoch):
+    """put_result found a terminal outcome already stored.
+
+    A StaleEpoch, so a writer that stops on StaleEpoch stops here too, but
+    with a message that names the real reason: a result is written once.
+    """
+
+    def __init__(self, run_id: str, epoch: int, status: str) -> None:
+        StorageError.__init__(
+            self, f"run {run_id}: already {status}, epoch {epoch} cannot write another outcome"
+        )
+        self.run_id = run_id
+        self.epoch = epoch
+        self.current = epoch
+        self.status = status
+
+
 class StorageUnavailable(StorageError):
     """The database could not be reached; the caller may retry later."""
 
@@ -81,6 +98,7 @@ class Step:
     value: bytes
     epoch: int
     peer: str
+    at_ms: int
 
 
 @dataclass(frozen=True)
@@ -111,15 +129,23 @@ class Store(Protocol):
     async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
         """Make ``epoch`` the run's owner epoch if it is newer than the stored one.
 
-        Inserts the row from ``run`` when absent. Sets owner, status=running
-        (unless a result is stored), attempts += 1, started_at. Raises
-        StaleEpoch if the stored epoch is >= ``epoch``.
+        Inserts the row from ``run`` when absent. Sets owner, status=running,
+        attempts += 1, started_at. Raises StaleEpoch if the stored epoch is >=
+        ``epoch``.
+
+        When a terminal status is already stored the epoch and owner still
+        advance (so the older epoch is fenced) but status, result, attempts and
+        started_at are kept, and the claim comes back with ``finished=True``.
         """
 
     async def put_step(
         self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
     ) -> None:
-        """Checkpoint one step result; fenced (StaleEpoch unless epoch is the run's epoch)."""
+        """Checkpoint one step result; fenced (StaleEpoch unless epoch is the run's epoch).
+
+        The first value stored for a seq wins: a retried write is harmless and a
+        checkpoint that a resumed run may already have replayed never changes.
+        """
 
     async def load_steps(self, run_id: str) -> list[Step]:
         """Every checkpointed step of the run, by seq."""
@@ -142,8 +168,9 @@ class Store(Protocol):
     ) -> None:
         """Write the run's terminal outcome once; fenced.
 
-        Raises StaleEpoch if the epoch is not the run's, and also if a result
-        is already stored (a result is written once).
+        Raises StaleEpoch if the epoch is not the run's, and AlreadyFinished
+        (a StaleEpoch) if a terminal outcome is already stored: a result is
+        written once. ValueError if ``status`` is not terminal.
         """
 
     async def set_terminal(
@@ -151,7 +178,8 @@ class Store(Protocol):
     ) -> None:
         """Record a terminal status decided by the mesh rather than by an owner
         (cancelled, failed after the last attempt was lost). Unfenced, but never
-        overwrites a stored result."""
+        overwrites a stored result or an earlier terminal status; a run storage
+        has never seen is left alone. ValueError if ``status`` is not terminal."""
 
     async def get_run(self, run_id: str) -> RunRow | None: ...
 

@@ -1,0 +1,423 @@
+"""PostgreSQL backend: the store peers on many hosts share.
+
+Fenced writes lock the run row (SELECT ... FOR UPDATE) and check the epoch in
+the same transaction as the write, so a claim by a newer epoch either waits
+for an in-flight write to commit or makes it fail; there is no window in
+which a deposed owner's write lands after the claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from storage._common import (
+    RUN_COLUMNS,
+    encode_labels,
+    fence,
+    fence_result,
+    require_terminal,
+    run_from_row,
+)
+from storage.base import (
+    TERMINAL_STATUSES,
+    Claim,
+    Event,
+    RunRow,
+    StaleEpoch,
+    Step,
+    StorageUnavailable,
+)
+from storage.migrate import migrate_postgres, quote_ident
+
+log = logging.getLogger(__name__)
+
+_POOL_MIN_SIZE = 1
+_POOL_MAX_SIZE = 8
+_CONNECT_TIMEOUT_S = 10.0
+# Bounds how long a partitioned database can hold a caller; every statement
+# here touches one run and finishes in milliseconds when the server is healthy.
+_COMMAND_TIMEOUT_S = 30.0
+_CLOSE_TIMEOUT_S = 5.0
+_RELISTEN_MAX_DELAY_S = 2.0
+_CHANNEL_PREFIX = "raftmesh_events_"
+_MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer channel names are refused.
+_TERMINAL = sorted(TERMINAL_STATUSES)
+
+# Errors that say "the server is not reachable right now", as opposed to a
+# bug in a statement: callers may retry these later.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes TimeoutError from connect and command timeouts
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+_INSERT_QUEUED = """
+INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
+                  idempotency_key, parent_id, submitted_at_ms, status, epoch, attempts)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, 'queued', 0, 0)
+ON CONFLICT (id) DO NOTHING
+"""
+
+# A terminal row keeps status, result, attempts and started_at but still takes
+# the new epoch and owner, so the epoch that wrote the result is fenced too.
+_CLAIM = f"""
+INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
+                  idempotency_key, parent_id, submitted_at_ms, status, owner, epoch,
+                  attempts, started_at_ms)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, 'running', $12, $13, 1, $14)
+ON CONFLICT (id) DO UPDATE SET
+    epoch = excluded.epoch,
+    owner = excluded.owner,
+    status = CASE WHEN runs.status = ANY($15::text[]) THEN runs.status ELSE 'running' END,
+    attempts = CASE WHEN runs.status = ANY($15::text[])
+                    THEN runs.attempts ELSE runs.attempts + 1 END,
+    started_at_ms = CASE WHEN runs.status = ANY($15::text[])
+                         THEN runs.started_at_ms ELSE excluded.started_at_ms END
+WHERE runs.epoch < excluded.epoch
+RETURNING {RUN_COLUMNS}
+"""
+
+# Separate from the FOR UPDATE statement on purpose: under READ COMMITTED each
+# statement takes a fresh snapshot, so MAX(seq) sees every event committed by
+# whoever held the row lock before us.
+_INSERT_EVENT = """
+INSERT INTO events (run_id, seq, kind, data, epoch, at_ms)
+SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5 FROM events WHERE run_id = $1
+RETURNING seq
+"""
+
+NotifyCallback = Callable[[str], object]
+
+
+class PostgresStore:
+    """Store on PostgreSQL through an asyncpg pool.
+
+    ``url`` is a libpq-style URL; an optional ``schema=NAME`` query parameter
+    puts every table in that schema (created when absent), which lets several
+    meshes or test runs share one database.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._dsn, self._schema = _split_schema(url)
+        self._server_settings = (
+            {"search_path": quote_ident(self._schema)} if self._schema is not None else {}
+        )
+        self._channel = events_channel_name(self._schema or "public")
+        self._pool: asyncpg.Pool | None = None
+        self._listeners: list[asyncpg.Connection] = []
+        self._relisten_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def events_channel(self) -> str:
+        """The NOTIFY channel append_event signals on; one per schema."""
+        return self._channel
+
+    async def open(self) -> None:
+        with _translate_errors():
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=_POOL_MIN_SIZE,
+                max_size=_POOL_MAX_SIZE,
+                timeout=_CONNECT_TIMEOUT_S,
+                command_timeout=_COMMAND_TIMEOUT_S,
+                server_settings=self._server_settings,
+            )
+            try:
+                async with pool.acquire() as conn:
+                    await migrate_postgres(conn, self._schema)
+            except BaseException:
+                pool.terminate()
+                raise
+        self._pool = pool
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._relisten_tasks:
+            task.cancel()
+        await asyncio.gather(*self._relisten_tasks, return_exceptions=True)
+        listeners, self._listeners = self._listeners, []
+        for conn in listeners:
+            try:
+                await conn.close(timeout=_CLOSE_TIMEOUT_S)
+            except _UNAVAILABLE_ERRORS:
+                log.debug("listener connection was already gone at close", exc_info=True)
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await pool.close()
+        except TimeoutError:
+            # A partitioned server never answers a graceful goodbye.
+            pool.terminate()
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def record_runs(self, runs: list[RunRow]) -> None:
+        if not runs:
+            return
+        async with self._connection() as conn:
+            await conn.executemany(
+                _INSERT_QUEUED,
+                [
+                    (
+                        run.id,
+                        run.agent,
+                        run.input,
+                        run.tenant,
+                        run.priority,
+                        encode_labels(run.labels),
+                        run.timeout_s,
+                        run.max_attempts,
+                        run.idempotency_key,
+                        run.parent_id,
+                        run.submitted_at_ms,
+                    )
+                    for run in runs
+                ],
+            )
+
+    async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                _CLAIM,
+                run.id,
+                run.agent,
+                run.input,
+                run.tenant,
+                run.priority,
+                encode_labels(run.labels),
+                run.timeout_s,
+                run.max_attempts,
+                run.idempotency_key,
+                run.parent_id,
+                run.submitted_at_ms,
+                peer,
+                epoch,
+                now_ms,
+                _TERMINAL,
+            )
+            if row is None:
+                current = await conn.fetchval("SELECT epoch FROM runs WHERE id = $1", run.id)
+                raise StaleEpoch(run.id, epoch, current)
+        stored = run_from_row(row)
+        return Claim(stored, finished=stored.status in TERMINAL_STATUSES)
+
+    async def put_step(
+        self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
+    ) -> None:
+        async with self._transaction() as conn:
+            fence(run_id, epoch, await _lock_run(conn, run_id))
+            await conn.execute(
+                "INSERT INTO steps (run_id, seq, name, value, epoch, peer, at_ms)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id, seq) DO NOTHING",
+                run_id,
+                seq,
+                name,
+                value,
+                epoch,
+                peer,
+                now_ms,
+            )
+
+    async def load_steps(self, run_id: str) -> list[Step]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT seq, name, value, epoch, peer, at_ms FROM steps WHERE run_id = $1 ORDER BY seq",
+                run_id,
+            )
+        return [Step(r["seq"], r["name"], bytes(r["value"]), r["epoch"], r["peer"], r["at_ms"]) for r in rows]
+
+    async def append_event(
+        self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int
+    ) -> int:
+        async with self._transaction() as conn:
+            fence(run_id, epoch, await _lock_run(conn, run_id))
+            seq: int = await conn.fetchval(_INSERT_EVENT, run_id, kind, data, epoch, now_ms)
+            # Delivered at commit, and only if the event commits.
+            await conn.execute("SELECT pg_notify($1, $2)", self._channel, run_id)
+        return seq
+
+    async def read_events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT run_id, seq, kind, data, epoch, at_ms FROM events"
+                " WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                run_id,
+                after_seq,
+                limit,
+            )
+        return [
+            Event(r["run_id"], r["seq"], r["kind"], bytes(r["data"]), r["epoch"], r["at_ms"])
+            for r in rows
+        ]
+
+    async def put_result(
+        self,
+        run_id: str,
+        epoch: int,
+        status: str,
+        result: bytes | None,
+        error: str | None,
+        now_ms: int,
+    ) -> None:
+        require_terminal(status)
+        async with self._transaction() as conn:
+            fence_result(run_id, epoch, await _lock_run(conn, run_id))
+            await conn.execute(
+                "UPDATE runs SET status = $2, result = $3, error = $4, finished_at_ms = $5"
+                " WHERE id = $1",
+                run_id,
+                status,
+                result,
+                error,
+                now_ms,
+            )
+
+    async def set_terminal(self, run_id: str, status: str, error: str | None, now_ms: int) -> None:
+        require_terminal(status)
+        async with self._connection() as conn:
+            # The row lock taken by UPDATE re-checks the WHERE against a
+            # concurrent put_result, so a just-written outcome is never replaced.
+            await conn.execute(
+                "UPDATE runs SET status = $2, error = $3, finished_at_ms = $4"
+                " WHERE id = $1 AND status <> ALL($5::text[])",
+                run_id,
+                status,
+                error,
+                now_ms,
+                _TERMINAL,
+            )
+
+    async def get_run(self, run_id: str) -> RunRow | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
+        return None if row is None else run_from_row(row)
+
+    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
+        order = "ORDER BY submitted_at_ms DESC, id DESC"
+        async with self._connection() as conn:
+            if status is None:
+                rows = await conn.fetch(f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT $1", limit)
+            else:
+                rows = await conn.fetch(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE status = $1 {order} LIMIT $2",
+                    status,
+                    limit,
+                )
+        return [run_from_row(row) for row in rows]
+
+    async def listen(self, callback: NotifyCallback) -> None:
+        """Call ``callback(run_id)`` whenever any peer appends an event to a run here.
+
+        The listener holds a dedicated connection (pool connections drop their
+        listeners when released) until close(). If that connection is lost it
+        is re-established in the background; notifications sent meanwhile are
+        lost, which is why watchers also re-read events periodically.
+        """
+        with _translate_errors():
+            await self._add_listener(callback)
+
+    async def _add_listener(self, callback: NotifyCallback) -> None:
+        conn = await asyncpg.connect(
+            self._dsn, timeout=_CONNECT_TIMEOUT_S, server_settings=self._server_settings
+        )
+        try:
+            await conn.add_listener(
+                self._channel, lambda _conn, _pid, _channel, run_id: callback(run_id)
+            )
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(lambda lost: self._on_listener_lost(lost, callback))
+        self._listeners.append(conn)
+
+    def _on_listener_lost(self, conn: asyncpg.Connection, callback: NotifyCallback) -> None:
+        if conn in self._listeners:
+            self._listeners.remove(conn)
+        if self._closed:
+            return
+        log.warning("lost the LISTEN connection for %s; reconnecting", self._channel)
+        task = asyncio.get_running_loop().create_task(self._relisten(callback))
+        self._relisten_tasks.add(task)
+        task.add_done_callback(self._relisten_tasks.discard)
+
+    async def _relisten(self, callback: NotifyCallback) -> None:
+        delay_s = 0.1
+        while True:
+            try:
+                await self._add_listener(callback)
+            except _UNAVAILABLE_ERRORS:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, _RELISTEN_MAX_DELAY_S)
+            else:
+                log.info("listening on %s again", self._channel)
+                return
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        pool = self._require_pool()
+        with _translate_errors():
+            async with pool.acquire() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            # Reported as unavailability so that work racing a shutdown backs off
+            # like it would for a lost database.
+            raise StorageUnavailable("PostgreSQL store is not open")
+        return self._pool
+
+
+def events_channel_name(schema: str) -> str:
+    """NOTIFY channel for a schema.
+
+    Sanitised to [a-z0-9_] so it is a plain identifier, and cut to 63 bytes
+    because LISTEN truncates and pg_notify refuses longer names. Two schemas
+    that sanitise alike share a channel; that only costs spurious wake-ups.
+    """
+    name = _CHANNEL_PREFIX + re.sub(r"[^a-z0-9_]", "_", schema.lower())
+    return name[:_MAX_IDENTIFIER_BYTES]
+
+
+async def _lock_run(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT epoch, status FROM runs WHERE id = $1 FOR UPDATE", run_id)
+
+
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """Take the ``schema`` query parameter out of the URL (asyncpg would send it
+    to the server as an unknown setting)."""
+    parts = urlsplit(url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for key, value in params if key == "schema"]
+    if len(schemas) > 1 or (schemas and not schemas[0]):
+        raise ValueError(f"expected at most one non-empty schema= parameter in {url!r}")
+    rest = urlencode([(key, value) for key, value in params if key != "schema"])
+    return urlunsplit(parts._replace(query=rest)), schemas[0] if schemas else None
+
+
+@contextmanager
+def _translate_errors() -> Iterator[None]:
+    try:
+        yield
+    except _UNAVAILABLE_ERRORS as exc:
+        raise StorageUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc

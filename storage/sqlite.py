@@ -1,0 +1,355 @@
+"""SQLite backend: the embedded default for a mesh whose peers share one host.
+
+Several peer processes may open the same file. WAL lets readers run beside
+the one writer; every write transaction starts with BEGIN IMMEDIATE, which
+takes the write lock up front and waits for it (busy_timeout) rather than
+failing with "database is locked" when a read transaction would have to be
+upgraded. Holding that lock is also what makes fencing atomic: the epoch
+check and the write happen while no other process can claim the run.
+
+sqlite3 blocks, so one connection lives on one dedicated worker thread and the
+event loop hands it work through run_in_executor; a single thread also keeps
+this process's statements in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from storage._common import (
+    RUN_COLUMNS,
+    encode_labels,
+    fence,
+    fence_result,
+    require_terminal,
+    run_from_row,
+)
+from storage.base import (
+    TERMINAL_STATUSES,
+    Claim,
+    Event,
+    RunRow,
+    StaleEpoch,
+    Step,
+    StorageUnavailable,
+)
+from storage.migrate import migrate_sqlite
+
+T = TypeVar("T")
+
+_BUSY_TIMEOUT_MS = 10_000
+_WAL_RETRY_S = 0.01
+_TERMINAL = sorted(TERMINAL_STATUSES)
+_TERMINAL_PLACEHOLDERS = ", ".join("?" * len(_TERMINAL))
+
+# Primary result codes that mean "not now" rather than "wrong statement":
+# BUSY/LOCKED outlasted busy_timeout, or the file cannot be opened or written.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+
+_INSERT_RUN = """
+INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
+                  idempotency_key, parent_id, submitted_at_ms, status, owner, epoch,
+                  attempts, started_at_ms)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO NOTHING
+"""
+
+
+class SqliteStore:
+    """Store in one SQLite file, shared safely by several processes on one host."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor: ThreadPoolExecutor | None = None
+        # Created, used and closed only on the executor's thread.
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raftmesh-sqlite")
+        try:
+            await self._call(self._open_sync)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    def _open_sync(self) -> None:
+        # isolation_level=None: the module never opens transactions behind our
+        # back, so BEGIN IMMEDIATE / COMMIT below are the only ones.
+        conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            _enable_wal(conn)
+            # FULL syncs the WAL on every commit: an acknowledged checkpoint or
+            # result survives power loss, not just a process crash.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate_sqlite(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
+        finally:
+            executor.shutdown(wait=False)
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def record_runs(self, runs: list[RunRow]) -> None:
+        if not runs:
+            return
+        rows = [
+            (
+                run.id,
+                run.agent,
+                run.input,
+                run.tenant,
+                run.priority,
+                encode_labels(run.labels),
+                run.timeout_s,
+                run.max_attempts,
+                run.idempotency_key,
+                run.parent_id,
+                run.submitted_at_ms,
+                "queued",
+                None,
+                0,
+                0,
+                None,
+            )
+            for run in runs
+        ]
+        await self._write(lambda conn: conn.executemany(_INSERT_RUN, rows))
+
+    async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
+        def work(conn: sqlite3.Connection) -> Claim:
+            stored = conn.execute("SELECT epoch, status FROM runs WHERE id = ?", (run.id,)).fetchone()
+            if stored is None:
+                conn.execute(
+                    _INSERT_RUN,
+                    (
+                        run.id,
+                        run.agent,
+                        run.input,
+                        run.tenant,
+                        run.priority,
+                        encode_labels(run.labels),
+                        run.timeout_s,
+                        run.max_attempts,
+                        run.idempotency_key,
+                        run.parent_id,
+                        run.submitted_at_ms,
+                        "running",
+                        peer,
+                        epoch,
+                        1,
+                        now_ms,
+                    ),
+                )
+            elif stored["epoch"] >= epoch:
+                raise StaleEpoch(run.id, epoch, stored["epoch"])
+            elif stored["status"] in TERMINAL_STATUSES:
+                # Keep the outcome; taking the epoch still fences its writer.
+                conn.execute(
+                    "UPDATE runs SET epoch = ?, owner = ? WHERE id = ?", (epoch, peer, run.id)
+                )
+            else:
+                conn.execute(
+                    "UPDATE runs SET epoch = ?, owner = ?, status = 'running',"
+                    " attempts = attempts + 1, started_at_ms = ? WHERE id = ?",
+                    (epoch, peer, now_ms, run.id),
+                )
+            row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run.id,)).fetchone()
+            claimed = run_from_row(row)
+            return Claim(claimed, finished=claimed.status in TERMINAL_STATUSES)
+
+        return await self._write(work)
+
+    async def put_step(
+        self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
+    ) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            fence(run_id, epoch, _stored_run(conn, run_id))
+            conn.execute(
+                "INSERT INTO steps (run_id, seq, name, value, epoch, peer, at_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, seq) DO NOTHING",
+                (run_id, seq, name, value, epoch, peer, now_ms),
+            )
+
+        await self._write(work)
+
+    async def load_steps(self, run_id: str) -> list[Step]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT seq, name, value, epoch, peer, at_ms FROM steps WHERE run_id = ? ORDER BY seq",
+                (run_id,),
+            ).fetchall()
+        )
+        return [Step(r["seq"], r["name"], bytes(r["value"]), r["epoch"], r["peer"], r["at_ms"]) for r in rows]
+
+    async def append_event(
+        self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int
+    ) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            fence(run_id, epoch, _stored_run(conn, run_id))
+            (seq,) = conn.execute(
+                "INSERT INTO events (run_id, seq, kind, data, epoch, at_ms)"
+                " SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ? FROM events WHERE run_id = ?"
+                " RETURNING seq",
+                (run_id, kind, data, epoch, now_ms, run_id),
+            ).fetchone()
+            return int(seq)
+
+        return await self._write(work)
+
+    async def read_events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT run_id, seq, kind, data, epoch, at_ms FROM events"
+                " WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, after_seq, limit),
+            ).fetchall()
+        )
+        return [
+            Event(r["run_id"], r["seq"], r["kind"], bytes(r["data"]), r["epoch"], r["at_ms"])
+            for r in rows
+        ]
+
+    async def put_result(
+        self,
+        run_id: str,
+        epoch: int,
+        status: str,
+        result: bytes | None,
+        error: str | None,
+        now_ms: int,
+    ) -> None:
+        require_terminal(status)
+
+        def work(conn: sqlite3.Connection) -> None:
+            fence_result(run_id, epoch, _stored_run(conn, run_id))
+            conn.execute(
+                "UPDATE runs SET status = ?, result = ?, error = ?, finished_at_ms = ? WHERE id = ?",
+                (status, result, error, now_ms, run_id),
+            )
+
+        await self._write(work)
+
+    async def set_terminal(self, run_id: str, status: str, error: str | None, now_ms: int) -> None:
+        require_terminal(status)
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE runs SET status = ?, error = ?, finished_at_ms = ?"
+                f" WHERE id = ? AND status NOT IN ({_TERMINAL_PLACEHOLDERS})",
+                (status, error, now_ms, run_id, *_TERMINAL),
+            )
+        )
+
+    async def get_run(self, run_id: str) -> RunRow | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        )
+        return None if row is None else run_from_row(row)
+
+    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
+        order = "ORDER BY submitted_at_ms DESC, id DESC"
+        if status is None:
+            sql, params = f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT ?", (limit,)
+        else:
+            sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE status = ? {order} LIMIT ?"
+            params = (status, limit)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return [run_from_row(row) for row in rows]
+
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in autocommit mode: each statement sees the latest commit."""
+        return await self._call(lambda: work(self._connection()))
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one BEGIN IMMEDIATE transaction; any exception rolls it back."""
+
+        def transaction() -> T:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                # Some errors (SQLITE_FULL, IOERR) have already rolled back.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._call(transaction)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            # Reported as unavailability so that work racing a shutdown backs off
+            # like it would for a lost database.
+            raise StorageUnavailable(f"SQLite store {self._path} is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in _UNAVAILABLE_CODES:
+                raise StorageUnavailable(f"SQLite {self._path} unavailable: {exc}") from exc
+            raise
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageUnavailable(f"SQLite store {self._path} is not open")
+        return self._conn
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, retrying while another process holds it.
+
+    Changing the journal mode needs an exclusive lock and SQLite reports BUSY
+    at once instead of calling the busy handler, so peers that create the file
+    at the same moment would otherwise fail to start. WAL is persistent: only
+    the first open of a new file has anything to switch.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(_WAL_RETRY_S)
+
+
+def _stored_run(conn: sqlite3.Connection, run_id: str) -> sqlite3.Row | None:
+    # Inside BEGIN IMMEDIATE this read is as good as a row lock: no other
+    # connection can write until we commit.
+    return conn.execute("SELECT epoch, status FROM runs WHERE id = ?", (run_id,)).fetchone()
