@@ -25,6 +25,8 @@ _SUBMIT_FIELDS = {
     "max_attempts": int,
 }
 
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+
 
 class PeerAPI(Protocol):
     """What the HTTP layer needs from a peer; it never touches Raft itself."""
@@ -56,10 +58,10 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return await handler(request)
     except MeshError as exc:
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         return error_response(
             PayloadTooLarge(
-                f"request body exceeds the limit of {exc.max_size} bytes; "
+                f"request body exceeds the limit of {request.app[MAX_BODY_KEY]} bytes; "
                 "send large inputs by reference or raise max_body_bytes"
             )
         )
@@ -124,6 +126,7 @@ def validate_submission(body: Any) -> dict[str, Any]:
 
 def build_app(peer: PeerAPI) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=peer.max_body_bytes)
+    app[MAX_BODY_KEY] = peer.max_body_bytes
 
     async def submit(request: web.Request) -> web.Response:
         _check_token(request, peer.api_token, "API")
