@@ -61,7 +61,9 @@ class DevMesh:
     ``storage`` defaults to one SQLite file shared by all peers; tests pass a
     PostgreSQL URL (with ``?schema=...``) instead. ``env`` is added to every
     peer's environment, ``peer_env[id]`` to that peer's only. Ports are chosen
-    when the mesh is built, so URLs are known before ``start()``.
+    when the mesh is built, so URLs are known before ``start()``: Raft from
+    ``base_port`` (default 8001, or free ports if taken; 0: free ports), HTTP
+    from ``base_port + 100``.
     """
 
     def __init__(
@@ -243,8 +245,12 @@ def _terminate(peers: list[DevPeer], grace_s: float) -> None:
 def _pick_ports(host: str, nodes: int, base_port: int | None) -> tuple[list[int], list[int]]:
     """Raft ports base.., HTTP ports base+100..; any free ports if the defaults are taken.
 
-    An explicit ``base_port`` is kept or refused, never silently replaced.
+    An explicit ``base_port`` is kept or refused, never silently replaced; 0
+    asks for free ports outright, for tests that run meshes side by side.
     """
+    if base_port == 0:
+        free = _free_ports(host, 2 * nodes)
+        return free[:nodes], free[nodes:]
     base = DEFAULT_BASE_PORT if base_port is None else base_port
     raft = list(range(base, base + nodes))
     http = [p + HTTP_PORT_OFFSET for p in raft]

@@ -1,0 +1,67 @@
+"""Checkpoint, event and result storage with fenced writes (DESIGN.md, Fencing).
+
+``open_store(url)`` picks the backend from the URL; callers then ``await
+store.open()`` and talk to the ``Store`` protocol only.
+"""
+
+from __future__ import annotations
+
+from storage.base import (
+    TERMINAL_STATUSES,
+    AlreadyFinished,
+    Claim,
+    Event,
+    RunRow,
+    StaleEpoch,
+    Step,
+    StorageError,
+    StorageUnavailable,
+    Store,
+)
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "AlreadyFinished",
+    "Claim",
+    "Event",
+    "RunRow",
+    "StaleEpoch",
+    "Step",
+    "StorageError",
+    "StorageUnavailable",
+    "Store",
+    "open_store",
+]
+
+_SQLITE_PREFIX = "sqlite:///"
+
+
+def open_store(url: str) -> Store:
+    """Build the store a URL names; it still has to be opened.
+
+    - ``postgresql://user@host:port/db?schema=NAME`` (or ``postgres://``):
+      PostgresStore; ``schema`` is optional.
+    - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``:
+      SqliteStore. As in SQLAlchemy, the path is everything after the third
+      slash, so ``f"sqlite:///{path}"`` works for relative and absolute paths.
+
+    Backends are imported here, lazily, so using one never imports the other's driver.
+    """
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres"):
+        from storage.postgres import PostgresStore
+
+        return PostgresStore(url)
+    if scheme == "sqlite":
+        path = url[len(_SQLITE_PREFIX) :] if url.startswith(_SQLITE_PREFIX) else ""
+        if not path:
+            raise ValueError(
+                f"SQLite URL {url!r} has no path: use sqlite:///relative.db or sqlite:////abs/path.db"
+            )
+        from storage.sqlite import SqliteStore
+
+        return SqliteStore(path)
+    raise ValueError(
+        f"unsupported storage URL {url!r}: expected postgresql://user@host:port/db[?schema=NAME],"
+        " sqlite:///relative.db or sqlite:////absolute/path.db"
+    )

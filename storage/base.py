@@ -155,7 +155,9 @@ class Store(Protocol):
     ) -> int:
         """Append a durable event; fenced; returns its per-run sequence number (1, 2, ...)."""
 
-    async def read_events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]: ...
+    async def read_events(
+        self, run_id: str, after_seq: int = 0, limit: int = 1000
+    ) -> list[Event]: ...
 
     async def put_result(
         self,
@@ -173,9 +175,7 @@ class Store(Protocol):
         written once. ValueError if ``status`` is not terminal.
         """
 
-    async def set_terminal(
-        self, run_id: str, status: str, error: str | None, now_ms: int
-    ) -> None:
+    async def set_terminal(self, run_id: str, status: str, error: str | None, now_ms: int) -> None:
         """Record a terminal status decided by the mesh rather than by an owner
         (cancelled, failed after the last attempt was lost). Unfenced, but never
         overwrites a stored result or an earlier terminal status; a run storage

@@ -240,7 +240,10 @@ class PostgresStore:
                 "SELECT seq, name, value, epoch, peer, at_ms FROM steps WHERE run_id = $1 ORDER BY seq",
                 run_id,
             )
-        return [Step(r["seq"], r["name"], bytes(r["value"]), r["epoch"], r["peer"], r["at_ms"]) for r in rows]
+        return [
+            Step(r["seq"], r["name"], bytes(r["value"]), r["epoch"], r["peer"], r["at_ms"])
+            for r in rows
+        ]
 
     async def append_event(
         self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int

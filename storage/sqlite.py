@@ -78,6 +78,11 @@ class SqliteStore:
         # Created, used and closed only on the executor's thread.
         self._conn: sqlite3.Connection | None = None
 
+    @property
+    def path(self) -> str:
+        """The database file, as given (relative paths resolve against the working directory)."""
+        return self._path
+
     async def open(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raftmesh-sqlite")
         try:
@@ -88,12 +93,12 @@ class SqliteStore:
             raise
 
     def _open_sync(self) -> None:
-        # isolation_level=None: the module never opens transactions behind our
-        # back, so BEGIN IMMEDIATE / COMMIT below are the only ones.
+        # timeout is SQLite's busy_timeout. isolation_level=None stops the
+        # module from opening transactions behind our back, so the explicit
+        # BEGIN IMMEDIATE of every write is the only way one starts.
         conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             _enable_wal(conn)
             # FULL syncs the WAL on every commit: an acknowledged checkpoint or
             # result survives power loss, not just a process crash.
@@ -120,7 +125,11 @@ class SqliteStore:
             conn.close()
 
     async def ping(self) -> None:
-        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+        # SELECT 1 never touches the file; reading a table starts a real read
+        # transaction, which fails if the file has become unreadable.
+        await self._read(
+            lambda conn: conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        )
 
     async def record_runs(self, runs: list[RunRow]) -> None:
         if not runs:
@@ -150,7 +159,9 @@ class SqliteStore:
 
     async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
         def work(conn: sqlite3.Connection) -> Claim:
-            stored = conn.execute("SELECT epoch, status FROM runs WHERE id = ?", (run.id,)).fetchone()
+            stored = conn.execute(
+                "SELECT epoch, status FROM runs WHERE id = ?", (run.id,)
+            ).fetchone()
             if stored is None:
                 conn.execute(
                     _INSERT_RUN,
@@ -212,7 +223,10 @@ class SqliteStore:
                 (run_id,),
             ).fetchall()
         )
-        return [Step(r["seq"], r["name"], bytes(r["value"]), r["epoch"], r["peer"], r["at_ms"]) for r in rows]
+        return [
+            Step(r["seq"], r["name"], bytes(r["value"]), r["epoch"], r["peer"], r["at_ms"])
+            for r in rows
+        ]
 
     async def append_event(
         self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int

@@ -1,0 +1,268 @@
+"""The `mesh` command's parsing and error paths, and MeshClient against the HTTP contract.
+
+`mesh up` hands its Settings to ``mesh.peer.run``; a stand-in module captures
+them so the tests check exactly what a peer would be started with, without
+starting one. The client tests use a small aiohttp app that speaks the v1
+contract's shapes, including its error body and Retry-After.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from click.testing import CliRunner
+
+from cli.main import main
+from mesh.client import MeshClient, MeshHTTPError
+from mesh.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own MESH_* variables must not leak into what is tested."""
+    for name in list(os.environ):
+        if name.startswith("MESH_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """Settings that `mesh up` passed to mesh.peer.run; run exits with code 3."""
+    seen: list[Settings] = []
+
+    def run(settings: Settings) -> int:
+        seen.append(settings)
+        return 3
+
+    fake = types.ModuleType("mesh.peer")
+    fake.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mesh.peer", fake)
+    return seen
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def test_up_passes_flags_to_the_peer(started: list[Settings], tmp_path: Path) -> None:
+    result = invoke(
+        "up",
+        "--id",
+        "peer-7",
+        "--raft",
+        "127.0.0.1:7101",
+        "--http",
+        "127.0.0.1:8201",
+        "--peers",
+        "127.0.0.1:7102, 127.0.0.1:7103",
+        "--storage",
+        f"sqlite:///{tmp_path}/m.db",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--slots",
+        "2",
+        "--labels",
+        "gpu=a100,pool=batch",
+        "--secret",
+        "s3cret",
+    )
+    assert result.exit_code == 3, result.output
+    (settings,) = started
+    assert settings.id == "peer-7"
+    assert settings.peers == ("127.0.0.1:7102", "127.0.0.1:7103")
+    assert settings.slots == 2
+    assert settings.labels == {"gpu": "a100", "pool": "batch"}
+    assert settings.effective_secret() == ("s3cret", False)
+
+
+def test_up_slots_must_be_an_integer(started: list[Settings]) -> None:
+    result = invoke("up", "--slots", "x")
+    assert result.exit_code == 2
+    assert "Invalid value for '--slots': 'x' is not a valid integer" in result.output
+    assert started == []
+
+
+def test_up_env_is_used_and_flags_win(started: list[Settings]) -> None:
+    assert invoke("up", env={"MESH_SLOTS": "7", "MESH_ID": "from-env"}).exit_code == 3
+    assert invoke("up", "--slots", "1", env={"MESH_SLOTS": "7"}).exit_code == 3
+    assert [(s.id, s.slots) for s in started] == [("from-env", 7), ("peer-1", 1)]
+
+
+def test_up_bad_env_value_is_one_clear_line(started: list[Settings]) -> None:
+    result = invoke("up", env={"MESH_SLOTS": "many"})
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and "slots" in line and "'many'" in line
+    assert started == []
+
+
+def test_up_refuses_non_loopback_without_secret(started: list[Settings]) -> None:
+    result = invoke("up", "--raft", "10.1.2.3:7001", "--http", "0.0.0.0:8001")
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and "--secret" in line
+    assert started == []
+    assert invoke("up", "--raft", "10.1.2.3:7001", env={"MESH_SECRET": "x"}).exit_code == 3
+
+
+def test_up_reads_a_toml_file_under_env_and_flags(started: list[Settings], tmp_path: Path) -> None:
+    config = tmp_path / "mesh.toml"
+    config.write_text('id = "from-file"\nslots = 9\npeer_ttl_s = 3.5\nlabels = {zone = "a"}\n')
+    assert invoke("up", "--config", str(config), "--id", "from-flag").exit_code == 3
+    (settings,) = started
+    assert (settings.id, settings.slots, settings.peer_ttl_s) == ("from-flag", 9, 3.5)
+    assert settings.labels == {"zone": "a"}
+
+    config.write_text("slotz = 3\n")
+    result = invoke("up", "--config", str(config))
+    assert result.exit_code == 2
+    assert "unknown settings" in result.output and "slotz" in result.output
+
+
+def test_up_missing_config_file_is_a_clear_error(started: list[Settings], tmp_path: Path) -> None:
+    result = invoke("up", "--config", str(tmp_path / "absent.toml"))
+    assert result.exit_code == 2
+    assert "absent.toml" in result.output
+    assert started == []
+
+
+def test_submit_rejects_malformed_json() -> None:
+    result = invoke("submit", "echo", "--input", "{bad")
+    assert result.exit_code == 2
+    assert "Invalid value for '--input': not valid JSON" in result.output
+
+
+def test_client_commands_report_an_unreachable_peer() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    result = invoke("run", "some-id", "--peer", url)
+    assert result.exit_code == 1
+    assert f"cannot reach {url}" in result.output
+    # MESH_PEER_URL is the default for --peer.
+    result = invoke("status", env={"MESH_PEER_URL": url})
+    assert f"cannot reach {url}" in result.output
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- MeshClient against the contract's shapes --------------------------------
+
+
+class ContractStandIn:
+    """Just enough of the v1 API to exercise the client: one run that finishes
+    on the third poll, an unknown run, and a cluster without quorum."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        self.polls = 0
+        self.auth: list[str | None] = []
+        self.app = web.Application()
+        self.app.router.add_post("/v1/runs", self.submit)
+        self.app.router.add_get("/v1/runs", self.list_runs)
+        self.app.router.add_get("/v1/runs/{id}", self.get_run)
+        self.app.router.add_get("/v1/cluster", self.cluster)
+        self.app.router.add_get("/readyz", self.readyz)
+
+    async def submit(self, request: web.Request) -> web.Response:
+        self.auth.append(request.headers.get("Authorization"))
+        self.bodies.append(await request.json())
+        return web.json_response({"id": "r1", "status": "queued"}, status=202)
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        return web.json_response({"runs": [], "query": dict(request.query)})
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        if request.match_info["id"] != "r1":
+            return web.json_response(
+                {"error": {"code": "not_found", "message": "no run 'nope'"}}, status=404
+            )
+        self.polls += 1
+        if self.polls == 2:
+            return _no_quorum()
+        return web.json_response(
+            {"id": "r1", "status": "succeeded" if self.polls >= 3 else "running"}
+        )
+
+    async def cluster(self, request: web.Request) -> web.Response:
+        return _no_quorum()
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+
+def _no_quorum() -> web.Response:
+    return web.json_response(
+        {"error": {"code": "no_quorum", "message": "no leader"}},
+        status=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+async def test_client_speaks_the_contract() -> None:
+    stand_in = ContractStandIn()
+    async with TestServer(stand_in.app) as server:
+        async with MeshClient(str(server.make_url("/")), token="t0k") as client:
+            assert await client.submit("echo", {"x": 1}, tenant="acme", priority=5) == {
+                "id": "r1",
+                "status": "queued",
+            }
+            assert stand_in.bodies == [
+                {"agent": "echo", "input": {"x": 1}, "tenant": "acme", "priority": 5}
+            ]
+            assert stand_in.auth == ["Bearer t0k"]
+            listed = await client.list_runs(status="running", limit=10)
+            assert listed["query"] == {"status": "running", "limit": "10"}
+
+            # The 503 on the second poll is waited out, not raised.
+            assert (await client.wait("r1", timeout_s=10, poll_s=0.01))["status"] == "succeeded"
+
+            with pytest.raises(MeshHTTPError) as missing:
+                await client.get_run("nope")
+            assert (missing.value.status, missing.value.code) == (404, "not_found")
+            assert missing.value.message == "no run 'nope'"
+
+            with pytest.raises(MeshHTTPError) as unavailable:
+                await client.cluster()
+            assert (unavailable.value.status, unavailable.value.retry_after) == (503, 1.0)
+
+            assert await client.readyz() is True
+            assert await client.healthz() is False  # the stand-in has no /healthz
+
+
+async def test_client_wait_times_out_and_probes_report_unreachable() -> None:
+    stand_in = ContractStandIn()
+    async with TestServer(stand_in.app) as server:
+        async with MeshClient(str(server.make_url("/"))) as client:
+            with pytest.raises(TimeoutError, match="r1"):
+                await client.wait("r1", timeout_s=0, poll_s=0.01)
+    async with MeshClient(f"http://127.0.0.1:{_closed_port()}", timeout_s=2) as client:
+        assert await client.readyz() is False
+
+
+# --- the README's quick-start demo, end to end --------------------------------
+
+
+@pytest.mark.slow
+def test_demo_kills_a_peer_and_every_run_finishes(tmp_path: Path) -> None:
+    demo = subprocess.run(
+        [sys.executable, "-m", "cli", "demo", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "kill -9 peer-" in demo.stdout
+    assert "no step ran twice" in demo.stdout
+    assert "All 6 runs succeeded" in demo.stdout
