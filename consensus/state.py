@@ -109,16 +109,17 @@ class MeshState:
         if cid in self.seen:
             return self.seen[cid][0]
         self._expire(at_ms)
-        handler = self._handlers.get(command.get("op"))
+        op = command.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
         if handler is None:
-            result: dict[str, Any] = {"ok": False, "error": f"unknown op {command.get('op')!r}"}
+            result: dict[str, Any] = {"ok": False, "error": f"unknown op {op!r}"}
         else:
             try:
                 result = handler(self, command, at_ms)
             except Rejected as exc:
                 result = {"ok": False, "error": str(exc)}
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                result = {"ok": False, "error": f"malformed {command.get('op')}: {exc!r}"}
+                result = {"ok": False, "error": f"malformed {op}: {exc!r}"}
         self.seen[cid] = (result, at_ms + COMMAND_TTL_MS)
         return result
 
@@ -142,6 +143,9 @@ class MeshState:
                 out.append(self._submit_one(spec, at_ms))
             except Rejected as exc:
                 out.append({"id": spec.get("id") if isinstance(spec, dict) else None, "error": str(exc)})
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # _submit_one mutates nothing before it can fail
+                out.append({"id": spec.get("id"), "error": f"malformed run spec: {exc!r}"})
         return {"ok": True, "runs": out}
 
     def _submit_one(self, spec: Any, at_ms: int) -> dict[str, Any]:
@@ -183,7 +187,11 @@ class MeshState:
         accepted: list[str] = []
         rejected: dict[str, str] = {}
         for item in cmd["batch"]:
-            run_id, peer_id, epoch = item
+            try:
+                run_id, peer_id, epoch = item
+            except (TypeError, ValueError):
+                rejected[str(item)] = "malformed assignment"
+                continue
             try:
                 self._check_assignable(run_id, peer_id, epoch)
             except Rejected as exc:
@@ -201,14 +209,14 @@ class MeshState:
         return {"ok": True, "accepted": accepted, "rejected": rejected}
 
     def _check_assignable(self, run_id: Any, peer_id: Any, epoch: Any) -> None:
-        run = self.runs.get(run_id)
+        run = self.runs.get(run_id) if isinstance(run_id, str) else None
         if run is None:
             raise Rejected("unknown run")
         if run.status != QUEUED:
             raise Rejected(f"run is {run.status}")
         if not isinstance(epoch, int) or epoch != run.epoch + 1:
             raise Rejected(f"epoch {epoch} is not {run.epoch + 1}")
-        peer = self.peers.get(peer_id)
+        peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
         if peer is None or peer.status != PEER_UP:
             raise Rejected("peer is not up")
         if self.running_on(peer_id) >= peer.slots:
@@ -244,11 +252,7 @@ class MeshState:
         slots = cmd["slots"]
         if not isinstance(peer_id, str) or not isinstance(slots, int) or slots < 0:
             raise Rejected("peer_up needs a peer id and a slot count")
-        known = self.peers.get(peer_id)
-        requeued = 0
-        if known is not None and known.incarnation != cmd["incarnation"]:
-            requeued = self._requeue_owned_by(peer_id)
-        self.peers[peer_id] = Peer(
+        peer = Peer(
             id=peer_id,
             incarnation=cmd["incarnation"],
             raft=cmd["raft"],
@@ -258,6 +262,11 @@ class MeshState:
             status=PEER_UP,
             since_ms=at_ms,
         )
+        known = self.peers.get(peer_id)
+        requeued = 0
+        if known is not None and known.incarnation != peer.incarnation:
+            requeued = self._requeue_owned_by(peer_id)
+        self.peers[peer_id] = peer
         return {"ok": True, "requeued": requeued}
 
     def _peer_down(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
