@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from support import eventually, submit_retrying, wait_all_terminal
 
-from mesh.client import MeshClient
+from mesh.client import MeshClient, MeshHTTPError
 from mesh.devmesh import DevMesh
 from runner.context import unpack
 
@@ -196,5 +196,37 @@ async def test_full_restart_finishes_queued_and_running_runs(make_mesh):
         runs = await wait_all_terminal(cs["peer-2"], ids, timeout_s=120)
         assert {r["status"] for r in runs.values()} == {"succeeded"}
         assert any(r["epoch"] >= 2 for r in runs.values()), "runs interrupted by the restart resumed"
+    finally:
+        await close_all(cs)
+
+
+async def test_cut_off_leader_steps_down_and_refuses_submissions(make_mesh):
+    """A leader that can reach no follower must stop acting as leader within
+    seconds (pysyncobj's leaderFallbackTimeout), and a submission to it must
+    get a 503 the client can retry instead of an acknowledgement it cannot back."""
+    mesh = await make_mesh("sqlite")
+    cs = clients(mesh)
+    try:
+        leader = (await cs["peer-1"].cluster())["leader"]
+        followers = [p for p in cs if p != leader]
+        for peer in followers:
+            mesh.kill(peer, signal.SIGSTOP)
+        cut = time.monotonic()
+
+        async def stepped_down() -> bool:
+            return (await cs[leader].cluster())["leader"] != leader
+
+        await eventually(stepped_down, 20, "the cut-off leader to step down")
+        stepped_down_s = time.monotonic() - cut
+        with pytest.raises(MeshHTTPError) as refused:
+            await cs[leader].submit("echo", {"cut": True})
+        assert refused.value.status == 503
+        assert not await cs[leader].readyz()
+        for peer in followers:
+            mesh.kill(peer, signal.SIGCONT)
+        run = await submit_retrying(cs[leader], "echo", {"healed": True}, timeout_s=30)
+        done = await wait_all_terminal(cs[followers[0]], [run["id"]], timeout_s=30)
+        assert done[run["id"]]["status"] == "succeeded"
+        print(f"cut-off leader stepped down after {stepped_down_s:.2f}s")
     finally:
         await close_all(cs)
