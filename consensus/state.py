@@ -160,7 +160,12 @@ class MeshState:
             if known is not None:
                 return {"id": known[0], "created": False}
         run_id = spec["id"]
-        if run_id in self.runs:
+        existing = self.runs.get(run_id)
+        if existing is not None:
+            # A replay of the same submission; a different key under the same
+            # id would answer one key with two runs.
+            if existing.idempotency_key != key:
+                raise Rejected(f"run id {run_id} is taken by a run with another idempotency key")
             return {"id": run_id, "created": False}
         labels = spec.get("labels") or {}
         if not isinstance(labels, dict):
