@@ -8,7 +8,9 @@ contract's shapes, including its error body and Retry-After.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -266,3 +268,57 @@ def test_demo_kills_a_peer_and_every_run_finishes(tmp_path: Path) -> None:
     assert "kill -9 peer-" in demo.stdout
     assert "no step ran twice" in demo.stdout
     assert "All 6 runs succeeded" in demo.stdout
+
+
+# --- `mesh dev` and the client commands against it ---------------------------
+
+
+def _mesh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+@pytest.mark.slow
+def test_dev_mesh_serves_the_client_commands_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "cli", "dev", "--nodes", "3", "--dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        assert dev.stdout is not None
+        lines = []
+        for line in dev.stdout:  # ready and its hints, or the dev mesh exits
+            lines.append(line)
+            if "mesh status" in line:
+                break
+        assert any("mesh ready" in line for line in lines), "".join(lines)
+        url = next(
+            (line.split("=", 1)[1].strip() for line in lines if "export MESH_PEER_URL=" in line),
+            "http://127.0.0.1:8101",
+        )
+        env = {**os.environ, "MESH_PEER_URL": url}
+        submitted = _mesh("submit", "echo", "--input", '{"hello": 1}', "--wait", env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        run = json.loads(submitted.stdout)
+        assert (run["status"], run["result"]) == ("succeeded", {"hello": 1})
+        shown = _mesh("run", run["id"], env=env)
+        assert json.loads(shown.stdout)["owner"] == run["owner"]
+        status = _mesh("status", env={**env, "COLUMNS": "200"})
+        assert status.returncode == 0, status.stderr
+        assert "(leader)" in status.stdout
+        for peer in ("peer-1", "peer-2", "peer-3"):
+            assert peer in status.stdout
+        unknown = _mesh("run", "no-such-run", env=env)
+        assert unknown.returncode != 0 and "no run with id" in unknown.stderr
+    finally:
+        dev.send_signal(signal.SIGINT)
+        out, _ = dev.communicate(timeout=60)
+    assert dev.returncode == 0, out
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True
+    ).stdout.split()
+    assert leftovers == [], "Ctrl-C left peer processes behind"
