@@ -40,3 +40,33 @@ class Liveness:
             if now - heard[1] > self.ttl_s:
                 out.append((peer_id, incarnation))
         return out
+
+
+@dataclass
+class LeaderContact:
+    """This peer's own side of liveness: when a leader last confirmed it.
+
+    The leader reassigns a peer's runs once it has not heard from the peer for
+    the TTL. A peer that has lost contact for most of that TTL stops its runs
+    itself (self-fencing), so in the common case the old attempt is gone before
+    the new one starts. Storage fencing keeps correctness when it is not.
+    """
+
+    ttl_s: float
+    fence_after_fraction: float = 0.75
+    confirmed_at: float | None = None
+
+    def confirmed(self, now: float) -> None:
+        self.confirmed_at = now
+
+    def cut_off(self, now: float) -> bool:
+        """A peer that never had contact is starting up, not cut off."""
+        return (
+            self.confirmed_at is not None
+            and now - self.confirmed_at > self.ttl_s * self.fence_after_fraction
+        )
+
+    def heard_majority(self, liveness: Liveness, peers: int, now: float) -> bool:
+        """For the leader: did more than half of the mesh report recently?"""
+        recent = sum(1 for _, at in liveness.last_heard.values() if now - at <= self.ttl_s / 2)
+        return recent > peers / 2

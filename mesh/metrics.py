@@ -32,6 +32,11 @@ class Metrics:
         self.peers_down = Counter(
             "raftmesh_peers_marked_down_total", "peer_down proposals committed by this leader", registry=r
         )
+        self.self_fenced = Counter(
+            "raftmesh_self_fenced_attempts_total",
+            "Attempts this peer stopped itself after losing contact with the leader",
+            registry=r,
+        )
         self.journal_syncs = Gauge(
             "raftmesh_journal_syncs", "Raft journal fsyncs since start", registry=r
         )

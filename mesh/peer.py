@@ -16,7 +16,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -39,7 +39,7 @@ from mesh.errors import (
     Unavailable,
     UnknownAgentError,
 )
-from mesh.liveness import Liveness
+from mesh.liveness import LeaderContact, Liveness
 from mesh.metrics import Metrics
 from mesh.scheduler import plan_assignments
 from mesh.settings import Settings
@@ -91,12 +91,19 @@ class Peer:
         self.store = open_store(settings.storage)
         self.slots = Slots(settings.slots, self._execute, self._on_outcome)
         self.liveness = Liveness(settings.peer_ttl_s)
+        self.contact = LeaderContact(settings.peer_ttl_s)
+        # (run, epoch) attempts started by this incarnation: an epoch claims
+        # storage once, so a stopped attempt is released, never restarted.
+        self._attempted: set[tuple[str, int]] = set()
+        self._releasing: set[tuple[str, int]] = set()
         self.raft: RaftNode | None = None
         self._leader_wake = asyncio.Event()
         self._reconcile_wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._was_leader = False
         self._background: list[asyncio.Task[None]] = []
+        # asyncio keeps only weak references to tasks: hold detached ones here.
+        self._detached: set[asyncio.Task[None]] = set()
         self._http: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
 
@@ -146,9 +153,10 @@ class Peer:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for task in self._background:
+        tasks = [*self._background, *self._detached]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.slots.stop_all()
         if self._http is not None:
             await self._http.cleanup()
@@ -225,7 +233,7 @@ class Peer:
             raise BadRequest(f"submission rejected: {outcome['error']}")
         self.metrics.submissions.labels("created" if outcome["created"] else "existing").inc()
         if outcome["created"]:
-            asyncio.create_task(self._record_submitted(run, now_ms()))
+            self._detach(self._record_submitted(run, now_ms()))
         return outcome["id"], outcome["created"]
 
     async def _record_submitted(self, run: dict[str, Any], at_ms: int) -> None:
@@ -361,6 +369,7 @@ class Peer:
             try:
                 await self._announce_if_needed()
                 await self._report_to_leader()
+                self._self_fence_if_cut_off()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -397,7 +406,12 @@ class Peer:
         if leader_addr is None:
             return
         if raft.is_leader:
-            self.liveness.heard(self.id, self.incarnation, time.monotonic())
+            now = time.monotonic()
+            self.liveness.heard(self.id, self.incarnation, now)
+            with raft.lock:
+                peers = len(raft.state.peers)
+            if self.contact.heard_majority(self.liveness, peers, now):
+                self.contact.confirmed(now)
             return
         with raft.lock:
             leader = raft.state.peer_by_raft(leader_addr)
@@ -411,8 +425,19 @@ class Peer:
                 headers={"Authorization": f"Bearer {self.internal_token}"},
             ) as resp:
                 await resp.read()
+                if resp.status == 200:
+                    self.contact.confirmed(time.monotonic())
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.debug("heartbeat to %s failed: %s", leader.id, exc)
+
+    def _self_fence_if_cut_off(self) -> None:
+        if not self.slots.busy or not self.contact.cut_off(time.monotonic()):
+            return
+        log.warning("no contact with a leader: stopping %d runs (self-fencing)", self.slots.busy)
+        for run_id, epoch in self.slots.running().items():
+            log.info("self-fenced", extra={"run_id": run_id, "epoch": epoch})
+            self.slots.stop(run_id)
+            self.metrics.self_fenced.inc()
 
     @staticmethod
     async def _wait(event: asyncio.Event, timeout_s: float) -> None:
@@ -482,10 +507,36 @@ class Peer:
             if wanted.get(run_id) != epoch:
                 log.info("run no longer ours: stopping it", extra={"run_id": run_id, "epoch": epoch})
                 self.slots.stop(run_id)
+        self._attempted &= set(wanted.items())
+        if self.contact.cut_off(time.monotonic()):
+            return
         for job in owned:
-            if not self.slots.holds(job.run_id, job.epoch):
-                if self.slots.start(job):
-                    log.info("starting run", extra={"run_id": job.run_id, "epoch": job.epoch})
+            key = (job.run_id, job.epoch)
+            if self.slots.holds(*key):
+                continue
+            if key in self._attempted:
+                if key not in self._releasing:
+                    self._releasing.add(key)
+                    self._detach(self._release_stopped(job))
+            elif self.slots.start(job):
+                self._attempted.add(key)
+                log.info("starting run", extra={"run_id": job.run_id, "epoch": job.epoch})
+
+    def _detach(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+
+    async def _release_stopped(self, job: Assignment) -> None:
+        """An attempt that stopped without an outcome (self-fenced, crashed)
+        goes back to the queue for the next epoch, keeping its checkpoints."""
+        extra = {"run_id": job.run_id, "epoch": job.epoch}
+        log.info("releasing a stopped attempt", extra=extra)
+        try:
+            cmd = commands.release(_new_id(), now_ms(), job.run_id, job.epoch)
+            await self._propose_while(cmd, lambda: self._still_owned(job))
+        finally:
+            self._releasing.discard((job.run_id, job.epoch))
 
     # -- running ----------------------------------------------------------
 

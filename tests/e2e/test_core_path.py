@@ -8,6 +8,7 @@ import signal
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 from support import eventually, submit_retrying, wait_all_terminal
 
@@ -228,5 +229,54 @@ async def test_cut_off_leader_steps_down_and_refuses_submissions(make_mesh):
         done = await wait_all_terminal(cs[followers[0]], [run["id"]], timeout_s=30)
         assert done[run["id"]]["status"] == "succeeded"
         print(f"cut-off leader stepped down after {stepped_down_s:.2f}s")
+    finally:
+        await close_all(cs)
+
+
+async def test_peer_cut_off_from_the_leader_stops_its_runs_itself(make_mesh, open_mesh_store):
+    """Self-fencing: the two other peers are frozen, so the third can reach no
+    leader; within the TTL it stops writing steps on its own (storage fencing
+    is the guarantee, this is the courtesy). Once the others wake up, its
+    stopped runs are released and finish without repeating a step."""
+    mesh = await make_mesh("sqlite", env={"MESH_PEER_TTL_S": "2.0"})
+    store = await open_mesh_store(mesh)
+    cs = clients(mesh)
+    try:
+        ids = [(await cs[p].submit("steps", {"steps": 40, "step_seconds": 0.3}))["id"] for p in list(cs) * 2]
+
+        async def busy_peer() -> str | None:
+            runs = {i: await cs["peer-1"].get_run(i) for i in ids}
+            progress = await owners_with_progress(store, runs, min_steps=1)
+            return max(progress, key=lambda p: len(progress[p])) if progress else None
+
+        isolated = await eventually(busy_peer, 30, "a peer running steps")
+        mine = [i for i in ids if (await cs[isolated].get_run(i))["owner"] == isolated]
+        others = [p for p in cs if p != isolated]
+        for peer in others:
+            mesh.kill(peer, signal.SIGSTOP)
+
+        async def steps_by_isolated() -> int:
+            count = 0
+            for run_id in mine:
+                count += sum(1 for s in await store.load_steps(run_id) if s.peer == isolated)
+            return count
+
+        await asyncio.sleep(2.0 * 0.75 + 2.0)  # past the self-fencing point, with margin
+        settled = await steps_by_isolated()
+        await asyncio.sleep(1.5)  # five more step times: a running attempt would write
+        assert await steps_by_isolated() == settled, "a cut-off peer kept running its runs"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{mesh.url(isolated)}/metrics") as resp:
+                metrics = await resp.text()
+        fenced = [line for line in metrics.splitlines() if line.startswith("raftmesh_self_fenced")]
+        assert fenced and float(fenced[0].split()[-1]) >= 1, fenced
+        for peer in others:
+            mesh.kill(peer, signal.SIGCONT)
+        runs = await wait_all_terminal(cs[isolated], ids, timeout_s=120)
+        assert {r["status"] for r in runs.values()} == {"succeeded"}
+        for run_id in ids:
+            indexes = [s.seq for s in await store.load_steps(run_id)]
+            assert len(indexes) == len(set(indexes)) == 40, "a checkpointed step ran twice"
+            assert [s["index"] for s in runs[run_id]["result"]["steps"]] == list(range(40))
     finally:
         await close_all(cs)
