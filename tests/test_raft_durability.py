@@ -97,3 +97,26 @@ async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path
     finally:
         for n in nodes:
             n.close()
+
+
+async def test_concurrent_proposals_share_log_entries(tmp_path: Path) -> None:
+    """Group commit: 400 submissions proposed at once through a follower and
+    the leader commit in a handful of log entries (at most MAX_IN_FLIGHT are
+    outstanding per node), not one entry and one fsync round per command."""
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
+    nodes = start_nodes(addrs, tmp_path, RaftTimers())
+    try:
+        leader = await wait_leader(nodes)
+        follower = next(n for n in nodes if n is not leader)
+        await propose_retrying(leader, submit(-1))
+        before = leader.status()["log_len"]
+        results = await asyncio.gather(
+            *(propose_retrying(follower if i % 2 else leader, submit(i)) for i in range(400))
+        )
+        assert all(r["ok"] and r["runs"][0]["created"] for r in results)
+        entries = leader.status()["log_len"] - before
+        print(f"400 commands took {entries} log entries")
+        assert 2 <= entries <= 60, f"400 commands took {entries} log entries"
+    finally:
+        for n in nodes:
+            n.close()
