@@ -174,6 +174,7 @@ async def _dev(mesh: DevMesh, console: Console) -> int:
 @click.option("--tenant")
 @click.option("--priority", type=int)
 @click.option("--wait", is_flag=True, help="Wait for the run to finish and print it.")
+@click.option("--watch", "watch_", is_flag=True, help="Print the run's events live until it ends.")
 @click.option(
     "--timeout", type=float, default=300.0, show_default=True, help="Seconds --wait waits."
 )
@@ -186,6 +187,7 @@ def submit(
     tenant: str | None,
     priority: int | None,
     wait: bool,
+    watch_: bool,
     timeout: float,
 ) -> None:
     """Submit a run of AGENT with --input JSON and print the answer."""
@@ -194,9 +196,16 @@ def submit(
         accepted = await client.submit(
             agent, input_, idempotency_key=idempotency_key, tenant=tenant, priority=priority
         )
+        if watch_:
+            click.echo(f"run {accepted['id']} {accepted['status']}")
+            return await follow_run(client, accepted["id"])
         return await client.wait(accepted["id"], timeout) if wait else accepted
 
-    click.echo(json.dumps(_call(peer, token, go), indent=2))
+    answer = _call(peer, token, go)
+    if watch_:
+        print_end(answer)
+    else:
+        click.echo(json.dumps(answer, indent=2))
 
 
 @main.command("run")
@@ -550,3 +559,10 @@ def _peers_table(mesh: DevMesh) -> Table:
     for peer in mesh.peers:
         table.add_row(peer.id, peer.url, peer.raft, str(peer.log_path))
     return table
+
+
+# Registered last: these modules use the options and helpers defined above.
+from cli.watch import agents, follow_run, print_end, watch  # noqa: E402
+
+main.add_command(watch)
+main.add_command(agents)

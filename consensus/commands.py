@@ -24,8 +24,9 @@ RELEASE = "release"
 PEER_UP = "peer_up"
 PEER_DOWN = "peer_down"
 CONFIGURE = "configure"
+CANCEL = "cancel"
 
-OPS = frozenset({SUBMIT, ASSIGN, FINISH, RELEASE, PEER_UP, PEER_DOWN, CONFIGURE})
+OPS = frozenset({SUBMIT, ASSIGN, FINISH, RELEASE, PEER_UP, PEER_DOWN, CONFIGURE, CANCEL})
 
 Command = dict[str, Any]
 
@@ -90,6 +91,7 @@ def peer_up(
     http: str,
     slots: int,
     labels: dict[str, str],
+    agents: list[str] | None = None,
 ) -> Command:
     """``incarnation`` changes on every process start, so the state machine can
     tell a restarted peer (whose in-memory runs are gone) from a live one."""
@@ -103,6 +105,7 @@ def peer_up(
         "http": http,
         "slots": slots,
         "labels": labels,
+        "agents": agents,
     }
 
 
@@ -122,3 +125,8 @@ def configure(
         "tenant_caps": tenant_caps,
         "default_tenant_cap": default_tenant_cap,
     }
+
+
+def cancel(cid: str, at_ms: int, run_id: str) -> Command:
+    """Cancel an active run and every active run descending from it."""
+    return {"op": CANCEL, "cid": cid, "at_ms": at_ms, "run_id": run_id}

@@ -43,6 +43,10 @@ class Run:
     idempotency_key: str | None = None
     parent_id: str | None = None
     submitted_at_ms: int = 0
+    depth: int = 0
+    budget: dict[str, int] | None = None
+    isolation: str = "task"
+    memory_limit_mb: int | None = None
     status: str = QUEUED
     owner: str | None = None
     epoch: int = 0
@@ -63,9 +67,22 @@ class Peer:
     labels: dict[str, str] = field(default_factory=dict)
     status: str = PEER_UP
     since_ms: int = 0
+    agents: list[str] | None = None
 
     def public(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def can_run(self, agent: str) -> bool:
+        """Peers that announced no agent list (older peers) are assumed to run any."""
+        return self.agents is None or agent in self.agents
+
+
+def _agent_list(agents: Any) -> list[str] | None:
+    if agents is None:
+        return None
+    if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
+        raise Rejected("agents must be a list of names")
+    return sorted(agents)
 
 
 class Rejected(Exception):
@@ -170,6 +187,14 @@ class MeshState:
         labels = spec.get("labels") or {}
         if not isinstance(labels, dict):
             raise Rejected("labels must be a map")
+        budget = spec.get("budget")
+        if budget is not None and not (
+            isinstance(budget, dict) and all(isinstance(v, int) and v >= 0 for v in budget.values())
+        ):
+            raise Rejected("budget must map names to non-negative integers")
+        memory_mb = spec.get("memory_limit_mb")
+        if memory_mb is not None and (not isinstance(memory_mb, int) or memory_mb <= 0):
+            raise Rejected("memory_limit_mb must be a positive integer")
         run = Run(
             id=run_id,
             agent=spec["agent"],
@@ -182,6 +207,10 @@ class MeshState:
             idempotency_key=key,
             parent_id=spec.get("parent_id"),
             submitted_at_ms=at_ms,
+            depth=int(spec.get("depth") or 0),
+            budget=None if budget is None else {str(k): v for k, v in budget.items()},
+            isolation=str(spec.get("isolation") or "task"),
+            memory_limit_mb=memory_mb,
         )
         self.runs[run_id] = run
         if key is not None:
@@ -228,6 +257,8 @@ class MeshState:
             raise Rejected("peer has no free slot")
         if any(peer.labels.get(k) != v for k, v in run.labels.items()):
             raise Rejected("peer labels do not match")
+        if not peer.can_run(run.agent):
+            raise Rejected("peer does not have the agent")
         cap = self.tenant_cap(run.tenant)
         if cap is not None and self.running_for_tenant(run.tenant) >= cap:
             raise Rejected("tenant at its in-flight cap")
@@ -266,6 +297,7 @@ class MeshState:
             labels={str(k): str(v) for k, v in (cmd.get("labels") or {}).items()},
             status=PEER_UP,
             since_ms=at_ms,
+            agents=_agent_list(cmd.get("agents")),
         )
         known = self.peers.get(peer_id)
         requeued = 0
@@ -286,6 +318,19 @@ class MeshState:
         peer.since_ms = at_ms
         return {"ok": True, "requeued": self._requeue_owned_by(peer.id)}
 
+    def _cancel(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+        """Cancel an active run and, with it, every active run it spawned
+        (children, grandchildren, ...): a cancelled parent's children are of no use."""
+        run_id = cmd["run_id"]
+        if not isinstance(run_id, str) or run_id not in self.runs:
+            raise Rejected("unknown or finished run")
+        doomed = [run_id]
+        for parent in doomed:  # grows while walking: breadth-first over descendants
+            doomed.extend(r.id for r in self.runs.values() if r.parent_id == parent)
+        for victim in doomed:
+            self._evict(self.runs[victim])
+        return {"ok": True, "cancelled": doomed}
+
     def _configure(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         caps = cmd["tenant_caps"]
         default = cmd["default_tenant_cap"]
@@ -305,6 +350,7 @@ class MeshState:
         c.PEER_UP: _peer_up,
         c.PEER_DOWN: _peer_down,
         c.CONFIGURE: _configure,
+        c.CANCEL: _cancel,
     }
 
     # -- transitions shared by handlers -----------------------------------

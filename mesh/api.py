@@ -5,16 +5,20 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mesh.errors import BadRequest, MalformedJSON, MeshError, PayloadTooLarge, Unauthorized
+from mesh.events import Frame, encode
+from runner.context import BUDGET_KEYS
+from runner.isolation import ISOLATION_MODES
 
 log = logging.getLogger("raftmesh.api")
 
-_SUBMIT_FIELDS = {
+SUBMIT_FIELDS = {
     "agent": str,
     "input": object,
     "idempotency_key": str,
@@ -23,6 +27,9 @@ _SUBMIT_FIELDS = {
     "labels": dict,
     "timeout_s": (int, float),
     "max_attempts": int,
+    "budget": dict,
+    "isolation": str,
+    "memory_limit_mb": int,
 }
 
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
@@ -42,6 +49,8 @@ class PeerAPI(Protocol):
     async def readiness(self) -> tuple[bool, str]: ...
     def heartbeat(self, report: dict[str, Any]) -> None: ...
     def metrics_text(self) -> bytes: ...
+    def follow_events(self, run_id: str, after_seq: int) -> AsyncIterator[Frame]: ...
+    def agents(self) -> dict[str, Any]: ...
 
 
 def error_response(exc: MeshError) -> web.Response:
@@ -102,10 +111,10 @@ def validate_submission(body: Any) -> dict[str, Any]:
         raise BadRequest("missing field 'agent': name the agent to run")
     if "input" not in body:
         raise BadRequest("missing field 'input': give the agent's input (any JSON value)")
-    unknown = set(body) - set(_SUBMIT_FIELDS)
+    unknown = set(body) - set(SUBMIT_FIELDS)
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-    for name, kind in _SUBMIT_FIELDS.items():
+    for name, kind in SUBMIT_FIELDS.items():
         value = body.get(name)
         if value is None or kind is object:
             continue
@@ -121,7 +130,24 @@ def validate_submission(body: Any) -> dict[str, Any]:
         raise BadRequest("field 'timeout_s' must be positive")
     if body.get("max_attempts") is not None and body["max_attempts"] < 1:
         raise BadRequest("field 'max_attempts' must be at least 1")
+    validate_run_options(body)
     return body
+
+
+def validate_run_options(body: dict[str, Any]) -> None:
+    """Options a submission and a ``ctx.spawn`` share."""
+    budget = body.get("budget")
+    if budget is not None and not all(
+        k in BUDGET_KEYS and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in budget.items()
+    ):
+        raise BadRequest(f"field 'budget' maps {' or '.join(BUDGET_KEYS)} to non-negative integers")
+    isolation = body.get("isolation")
+    if isolation is not None and isolation not in ISOLATION_MODES:
+        raise BadRequest(f"field 'isolation' must be one of {', '.join(ISOLATION_MODES)}")
+    memory_mb = body.get("memory_limit_mb")
+    if memory_mb is not None and memory_mb < 16:
+        raise BadRequest("field 'memory_limit_mb' must be at least 16")
 
 
 def build_app(peer: PeerAPI) -> web.Application:
@@ -171,7 +197,41 @@ def build_app(peer: PeerAPI) -> web.Application:
         peer.heartbeat(await _json_body(request))
         return web.json_response({"ok": True})
 
+    async def events(request: web.Request) -> web.StreamResponse:
+        _check_token(request, peer.api_token, "API")
+        run_id = request.match_info["id"]
+        raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
+        try:
+            after = int(raw)
+        except ValueError:
+            raise BadRequest(
+                f"Last-Event-ID (or ?after=) must be an event sequence number, got {raw!r}"
+            ) from None
+        if after < 0:
+            raise BadRequest("Last-Event-ID (or ?after=) must not be negative")
+        await peer.get_run(run_id)  # 404 before the stream starts
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
+        try:
+            async for frame in peer.follow_events(run_id, after):
+                await resp.write(encode(frame))
+        except (ConnectionResetError, ConnectionError):
+            log.debug("event watcher went away", extra={"run_id": run_id})
+        return resp
+
+    async def agents(request: web.Request) -> web.Response:
+        _check_token(request, peer.api_token, "API")
+        return web.json_response(peer.agents())
+
     app.router.add_post("/v1/runs", submit)
+    app.router.add_get("/v1/runs/{id}/events", events)
+    app.router.add_get("/v1/agents", agents)
     app.router.add_get("/v1/runs", list_runs)
     app.router.add_get("/v1/runs/{id}", get_run)
     app.router.add_get("/v1/cluster", cluster)

@@ -9,13 +9,25 @@ than on message text.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+
+
+@dataclass(frozen=True)
+class SSEMessage:
+    """One Server-Sent Event: ``id`` is the run's event sequence (None for ``end``)."""
+
+    event: str
+    data: Any
+    id: int | None = None
 
 
 class MeshHTTPError(Exception):
@@ -68,6 +80,9 @@ class MeshClient:
         labels: dict[str, str] | None = None,
         timeout_s: float | None = None,
         max_attempts: int | None = None,
+        budget: dict[str, int] | None = None,
+        isolation: str | None = None,
+        memory_limit_mb: int | None = None,
     ) -> dict[str, Any]:
         """Submit a run; returns {"id", "status"} once a majority committed it."""
         body: dict[str, Any] = {"agent": agent, "input": input}
@@ -78,6 +93,9 @@ class MeshClient:
             "labels": labels,
             "timeout_s": timeout_s,
             "max_attempts": max_attempts,
+            "budget": budget,
+            "isolation": isolation,
+            "memory_limit_mb": memory_limit_mb,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         return await self._request("POST", "/v1/runs", json=body)
@@ -113,6 +131,42 @@ class MeshClient:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"run {id} did not finish within {timeout_s:g} s")
             await asyncio.sleep(poll_s)
+
+    async def agents(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/agents")
+
+    async def events(self, id: str, last_event_id: int | None = None) -> AsyncIterator[SSEMessage]:
+        """Follow a run's events (Server-Sent Events) until its ``end`` event.
+
+        Resumes after ``last_event_id`` when given. The stream has no overall
+        timeout: a run may take hours; a cut connection raises aiohttp's error
+        and the caller resumes with the last id it saw.
+        """
+        headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout.total)
+        async with self._http().get(
+            f"{self.base_url}/v1/runs/{id}/events", headers=headers, timeout=timeout
+        ) as resp:
+            if resp.status >= 300:
+                raise await _error_from(resp)
+            fields: dict[str, str] = {}
+            async for raw in resp.content:
+                line = raw.decode().rstrip("\r\n")
+                if line:
+                    if not line.startswith(":"):
+                        name, _, value = line.partition(":")
+                        fields[name] = value.removeprefix(" ")
+                    continue
+                if "data" in fields:
+                    msg = SSEMessage(
+                        event=fields.get("event", "message"),
+                        data=json.loads(fields["data"]),
+                        id=int(fields["id"]) if "id" in fields else None,
+                    )
+                    yield msg
+                    if msg.event == "end":
+                        return
+                fields = {}
 
     async def healthz(self) -> bool:
         return await self._probe("/healthz")

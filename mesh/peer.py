@@ -16,7 +16,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -29,7 +29,7 @@ from consensus.errors import NoQuorum, ProposalFailed
 from consensus.raft import RaftNode
 from consensus.state import PEER_UP, QUEUED, RUNNING, Run
 from mesh import logs
-from mesh.api import build_app
+from mesh.api import SUBMIT_FIELDS, build_app, validate_submission
 from mesh.errors import (
     BadRequest,
     NoQuorumError,
@@ -39,12 +39,13 @@ from mesh.errors import (
     Unavailable,
     UnknownAgentError,
 )
+from mesh.events import EventHub, Frame
 from mesh.liveness import LeaderContact, Liveness
 from mesh.metrics import Metrics
 from mesh.scheduler import plan_assignments
 from mesh.settings import Settings
 from runner.attempt import FENCED, RETRY, Assignment, Outcome, run_attempt
-from runner.context import pack, unpack
+from runner.context import Limits, pack, unpack
 from runner.registry import default_registry
 from runner.slots import Slots
 from storage import open_store
@@ -90,6 +91,7 @@ class Peer:
         self.registry = default_registry(settings.agent_modules)
         self.store = open_store(settings.storage)
         self.slots = Slots(settings.slots, self._execute, self._on_outcome)
+        self.events = EventHub(self.store, settings.events_poll_s)
         self.liveness = Liveness(settings.peer_ttl_s)
         self.contact = LeaderContact(settings.peer_ttl_s)
         # (run, epoch) attempts started by this incarnation: an epoch claims
@@ -113,6 +115,7 @@ class Peer:
         if self.dev_secret:
             log.warning("no --secret given: using the development secret (loopback only)")
         await self._open_store()
+        await self.events.start()
         self.raft = RaftNode(
             self.settings.raft,
             list(self.settings.peers),
@@ -153,6 +156,7 @@ class Peer:
 
     async def stop(self) -> None:
         self._stopping.set()
+        self.events.close()
         tasks = [*self._background, *self._detached]
         for task in tasks:
             task.cancel()
@@ -208,22 +212,7 @@ class Peer:
     # -- API surface (mesh.api.PeerAPI) -------------------------------------
 
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
-        if spec["agent"] not in self.registry:
-            raise UnknownAgentError(
-                f"unknown agent {spec['agent']!r}; this mesh runs: {', '.join(self.registry.names())}"
-            )
-        run = {
-            "id": _new_id(),
-            "agent": spec["agent"],
-            "input": spec["input"],
-            "tenant": spec.get("tenant") or "default",
-            "priority": spec.get("priority") or 0,
-            "labels": spec.get("labels") or {},
-            "timeout_s": spec.get("timeout_s"),
-            "max_attempts": spec.get("max_attempts") or 1,
-            "idempotency_key": spec.get("idempotency_key"),
-            "parent_id": None,
-        }
+        run = self._new_run(spec)
         started = time.monotonic()
         result = await self._propose(commands.submit(_new_id(), now_ms(), [run]))
         self.metrics.commit_seconds.observe(time.monotonic() - started)
@@ -235,6 +224,45 @@ class Peer:
         if outcome["created"]:
             self._detach(self._record_submitted(run, now_ms()))
         return outcome["id"], outcome["created"]
+
+    def _new_run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        known = self.known_agents()
+        if spec["agent"] not in known:
+            raise UnknownAgentError(
+                f"unknown agent {spec['agent']!r}: no peer of this mesh has it; "
+                f"agents available: {', '.join(sorted(known))}"
+            )
+        return {
+            "id": _new_id(),
+            "agent": spec["agent"],
+            "input": spec["input"],
+            "tenant": spec.get("tenant") or "default",
+            "priority": spec.get("priority") or 0,
+            "labels": spec.get("labels") or {},
+            "timeout_s": spec.get("timeout_s"),
+            "max_attempts": spec.get("max_attempts") or 1,
+            "idempotency_key": spec.get("idempotency_key"),
+            "parent_id": spec.get("parent_id"),
+            "depth": spec.get("depth") or 0,
+            "budget": spec.get("budget"),
+            "isolation": spec.get("isolation") or "task",
+            "memory_limit_mb": spec.get("memory_limit_mb"),
+        }
+
+    async def spawn(self, spec: dict[str, Any]) -> str:
+        """A child run for ``ctx.spawn`` (runner.context.MeshLink): validated like a
+        submission, and retried through outages, since the parent waits for it."""
+        unknown = set(spec) - SUBMIT_FIELDS.keys() - {"parent_id", "depth"}
+        if unknown:
+            raise BadRequest(f"spawn: unknown options {', '.join(sorted(unknown))}")
+        validate_submission({k: v for k, v in spec.items() if k in SUBMIT_FIELDS})
+        while True:
+            try:
+                run_id, _ = await self.submit(spec)
+                return run_id
+            except Unavailable as exc:
+                log.warning("spawn deferred: %s", exc.message, extra={"run_id": spec["parent_id"]})
+                await asyncio.sleep(0.2)
 
     async def _record_submitted(self, run: dict[str, Any], at_ms: int) -> None:
         """History for queued runs; best effort, since the owner's claim
@@ -249,6 +277,7 @@ class Peer:
             timeout_s=run["timeout_s"],
             max_attempts=run["max_attempts"],
             idempotency_key=run["idempotency_key"],
+            parent_id=run["parent_id"],
             submitted_at_ms=at_ms,
         )
         try:
@@ -286,6 +315,19 @@ class Peer:
         views = active + stored
         views.sort(key=lambda v: v["submitted_at"] or 0, reverse=True)
         return views[:limit]
+
+    def follow_events(self, run_id: str, after_seq: int) -> AsyncIterator[Frame]:
+        return self.events.follow(run_id, after_seq)
+
+    def known_agents(self) -> set[str]:
+        """Agents some up peer announced, and this peer's own."""
+        with self._raft().lock:
+            peers = [p for p in self._raft().state.peers.values() if p.status == PEER_UP]
+            announced = {a for p in peers for a in p.agents or ()}
+        return announced | set(self.registry.names())
+
+    def agents(self) -> dict[str, Any]:
+        return {"peer": self.id, "agents": self.registry.names()}
 
     async def _storage(self, op: Any) -> Any:
         try:
@@ -389,11 +431,20 @@ class Peer:
                 and me.labels == s.labels
                 and me.http == s.http
                 and me.raft == s.raft
+                and me.agents == self.registry.names()
             )
         if current or raft.leader_addr is None:
             return
         cmd = commands.peer_up(
-            _new_id(), now_ms(), self.id, self.incarnation, s.raft, s.http, s.slots, dict(s.labels)
+            _new_id(),
+            now_ms(),
+            self.id,
+            self.incarnation,
+            s.raft,
+            s.http,
+            s.slots,
+            dict(s.labels),
+            self.registry.names(),
         )
         try:
             await self._propose(cmd)
@@ -541,8 +592,16 @@ class Peer:
     # -- running ----------------------------------------------------------
 
     async def _execute(self, job: Assignment) -> Outcome:
+        s = self.settings
         return await run_attempt(
-            job, peer_id=self.id, store=self.store, registry=self.registry, clock_ms=now_ms
+            job,
+            peer_id=self.id,
+            store=self.store,
+            registry=self.registry,
+            clock_ms=now_ms,
+            limits=Limits(max_children=s.max_children, max_depth=s.max_depth),
+            mesh=self,
+            default_memory_limit_mb=s.isolation_memory_mb,
         )
 
     async def _on_outcome(self, job: Assignment, outcome: Outcome) -> None:
@@ -583,6 +642,10 @@ def _assignment(run: Run) -> Assignment:
         idempotency_key=run.idempotency_key,
         parent_id=run.parent_id,
         submitted_at_ms=run.submitted_at_ms,
+        depth=run.depth,
+        budget=dict(run.budget) if run.budget is not None else None,
+        isolation=run.isolation,
+        memory_limit_mb=run.memory_limit_mb,
     )
 
 

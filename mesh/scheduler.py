@@ -34,6 +34,7 @@ def plan_assignments(state: MeshState, limit: int = 500) -> list[tuple[str, str,
             peer_id
             for peer_id in free
             if all(state.peers[peer_id].labels.get(k) == v for k, v in run.labels.items())
+            and state.peers[peer_id].can_run(run.agent)
         ]
         if not candidates:
             continue

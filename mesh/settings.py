@@ -39,6 +39,10 @@ class Settings:
     scheduler_tick_s: float = 0.2
     commit_timeout_s: float = 5.0
     agent_modules: tuple[str, ...] = ()
+    max_children: int = 16
+    max_depth: int = 3
+    isolation_memory_mb: int = 512
+    events_poll_s: float = 1.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -48,6 +52,12 @@ class Settings:
                 raise SettingsError(f"--{name} must be HOST:PORT, got {getattr(self, name)!r}")
         if self.slots < 0:
             raise SettingsError("--slots must be >= 0")
+        if self.max_children < 0 or self.max_depth < 0:
+            raise SettingsError("max_children and max_depth must be >= 0")
+        if self.isolation_memory_mb <= 0:
+            raise SettingsError("isolation_memory_mb must be positive")
+        if self.events_poll_s <= 0:
+            raise SettingsError("events_poll_s must be positive")
         if self.peer_ttl_s <= self.heartbeat_interval_s:
             raise SettingsError("peer_ttl_s must exceed heartbeat_interval_s")
 

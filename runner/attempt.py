@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from runner.context import Fenced, RunContext, pack
+from runner.context import Fenced, Limits, MeshLink, RunContext, RunError, event_place, pack
+from runner.isolation import PROCESS, run_isolated
 from runner.registry import Registry, UnknownAgent
 from storage.base import RunRow, StaleEpoch, StorageUnavailable, Store
 
@@ -56,6 +57,10 @@ class Assignment:
     idempotency_key: str | None
     parent_id: str | None
     submitted_at_ms: int
+    depth: int = 0
+    budget: dict[str, int] | None = None
+    isolation: str = "task"
+    memory_limit_mb: int | None = None
 
     def row(self) -> RunRow:
         return RunRow(
@@ -94,6 +99,9 @@ async def run_attempt(
     store: Store,
     registry: Registry,
     clock_ms: Callable[[], int],
+    limits: Limits | None = None,
+    mesh: MeshLink | None = None,
+    default_memory_limit_mb: int = 512,
 ) -> Outcome:
     extra = {"run_id": job.run_id, "epoch": job.epoch}
     try:
@@ -113,6 +121,9 @@ async def run_attempt(
         return await _store_outcome(job, store, clock_ms, Outcome(FAILED, str(exc)), None)
 
     journal = await retry_unavailable(lambda: store.load_steps(job.run_id), "load_steps")
+    stored_events = await retry_unavailable(
+        lambda: _stored_places(store, job.run_id), "read_events"
+    )
     ctx = RunContext(
         run_id=job.run_id,
         epoch=job.epoch,
@@ -121,11 +132,21 @@ async def run_attempt(
         store=store,
         journal=journal,
         clock_ms=clock_ms,
+        stored_events=stored_events,
+        tenant=job.tenant,
+        depth=job.depth,
+        budget=job.budget,
+        limits=limits or Limits(),
+        mesh=mesh,
     )
     result: Any = None
     try:
         async with asyncio.timeout(job.timeout_s):
-            result = await fn(ctx, job.input)
+            if job.isolation == PROCESS:
+                memory_mb = job.memory_limit_mb or default_memory_limit_mb
+                result = await run_isolated(ctx, job.agent, job.input, memory_mb, registry)
+            else:
+                result = await fn(ctx, job.input)
         await ctx.drain()
         outcome = Outcome(SUCCEEDED)
     except Fenced as exc:
@@ -133,12 +154,29 @@ async def run_attempt(
         return Outcome(FENCED, str(exc))
     except TimeoutError:
         outcome = Outcome(TIMED_OUT, f"attempt exceeded its timeout of {job.timeout_s}s")
+    except RunError as exc:  # another attempt would fail the same way
+        log.info("run failed: %s", exc, extra=extra)
+        return await _store_outcome(
+            job, store, clock_ms, Outcome(FAILED, f"{type(exc).__name__}: {exc}"), None
+        )
     except Exception as exc:  # the agent's own failure, reported as the run's error
         log.info("agent raised %s", exc, extra=extra)
         outcome = Outcome(FAILED, f"{type(exc).__name__}: {exc}")
     if outcome.status != SUCCEEDED and job.attempt < job.max_attempts:
         return Outcome(RETRY, outcome.error)
     return await _store_outcome(job, store, clock_ms, outcome, result)
+
+
+async def _stored_places(store: Store, run_id: str) -> frozenset[tuple[int, int]]:
+    """Where the events stored by earlier attempts were emitted (RunContext.emit)."""
+    places: set[tuple[int, int]] = set()
+    last = 0
+    while True:
+        page = await store.read_events(run_id, after_seq=last, limit=1000)
+        if not page:
+            return frozenset(places)
+        places.update(event_place(e.data) for e in page)
+        last = page[-1].seq
 
 
 async def _store_outcome(

@@ -1,31 +1,93 @@
 """The durable context an agent runs in.
 
-A run may be resumed on another peer at any point. Everything an agent wants to
-survive that goes through the context: ``step`` results are journaled in
-storage under the run's epoch and replayed (not re-executed) on resume, and
-``emit`` events are durable before they count as sent. Every write is fenced:
-once a newer epoch claims the run, writes of this attempt are refused and the
-attempt ends with ``Fenced``.
+A run may be resumed on another peer at any point, and it resumes by running
+the agent again from the top. Everything an agent wants to survive that goes
+through the context:
+
+- ``step`` results are journaled in storage under the run's epoch and replayed
+  (not re-executed) on resume; a step is identified by its position, so the
+  agent must ask for the same steps in the same order (``NonDeterminism``
+  otherwise);
+- ``sleep`` journals its wake-up time, so a resumed run only sleeps what is left;
+- ``spawn`` journals the child's id, so a resumed parent waits for the same
+  child instead of starting another one;
+- ``emit`` events are durable before they count as sent. Each is stored with
+  its place in the agent's flow (the step position it follows, and its rank
+  there), so the events a replay emits again, which an earlier attempt already
+  stored, are not stored twice; events emitted inside a step that is replayed
+  are simply not emitted again.
+
+Every write is fenced: once a newer epoch claims the run, writes of this
+attempt are refused and the attempt ends with ``Fenced``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgpack
 
-from storage.base import StaleEpoch, Step, Store
+from storage.base import TERMINAL_STATUSES, StaleEpoch, Step, StorageUnavailable, Store
+
+BUDGET_KEYS = ("model_calls", "tokens")
+CHILD_POLL_S = 0.2
 
 
 class Fenced(Exception):
     """A newer epoch owns the run; this attempt must stop without writing."""
 
 
-class NonDeterminism(Exception):
+class RunError(Exception):
+    """A failure that another attempt cannot fix: the run fails without a retry."""
+
+
+class NonDeterminism(RunError):
     """On replay, the agent asked for a different step than the journal holds."""
+
+
+class LimitExceeded(RunError):
+    """A fan-out limit of the runtime refused what the agent asked for."""
+
+
+class FanOutLimit(LimitExceeded):
+    pass
+
+
+class DepthLimit(LimitExceeded):
+    pass
+
+
+class BudgetExhausted(LimitExceeded):
+    pass
+
+
+class ChildFailed(Exception):
+    """A child run ended in a status other than succeeded."""
+
+    def __init__(self, child_id: str, status: str, error: str | None) -> None:
+        super().__init__(f"child run {child_id} {status}: {error}")
+        self.child_id = child_id
+        self.status = status
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Fan-out bounds enforced by the runtime, whatever the agent (or a model) asks."""
+
+    max_children: int = 16
+    max_depth: int = 3
+
+
+class MeshLink(Protocol):
+    """What the context needs from the peer to start child runs."""
+
+    async def spawn(self, spec: dict[str, Any]) -> str:
+        """Commit a child run (idempotent by ``spec["idempotency_key"]``); return its id."""
 
 
 def pack(value: Any) -> bytes:
@@ -34,6 +96,17 @@ def pack(value: Any) -> bytes:
 
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def event_data(payload: bytes) -> Any:
+    """The data an agent emitted, from a stored event's payload."""
+    return unpack(payload)["data"]
+
+
+def event_place(payload: bytes) -> tuple[int, int]:
+    """Where in the agent's flow a stored event was emitted (see RunContext.emit)."""
+    seg, rank = unpack(payload)["at"]
+    return seg, rank
 
 
 class RunContext:
@@ -47,38 +120,70 @@ class RunContext:
         store: Store,
         journal: list[Step],
         clock_ms: Callable[[], int],
+        stored_events: frozenset[tuple[int, int]] = frozenset(),
+        tenant: str = "default",
+        depth: int = 0,
+        budget: Mapping[str, int] | None = None,
+        limits: Limits = Limits(),
+        mesh: MeshLink | None = None,
     ) -> None:
         self.run_id = run_id
         self.epoch = epoch
         self.attempt = attempt
         self.peer_id = peer_id
+        self.tenant = tenant
+        self.depth = depth
+        self.budget = dict(budget) if budget is not None else None
+        self.limits = limits
+        self.state: dict[str, Any] = {}
         self._store = store
-        self._journal = journal
+        self._journal = {step.seq: step for step in journal}
         self._clock_ms = clock_ms
+        self._stored_events = stored_events
+        self._mesh = mesh
         self._seq = 0
+        self._emit_ranks: dict[int, int] = {}
+        self._children = 0
+        self._spent = dict.fromkeys(BUDGET_KEYS, 0)
         self._write_lock = asyncio.Lock()
         self._pending: list[asyncio.Future[None]] = []
+        self._cancelled = asyncio.Event()
         self.replayed_steps = 0
         self.executed_steps = 0
+
+    # -- steps ------------------------------------------------------------
 
     async def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` once per run: its result is checkpointed, and on
         resume the stored result is returned without calling ``fn`` again."""
-        seq = self._seq
-        self._seq += 1
-        if seq < len(self._journal):
-            recorded = self._journal[seq]
-            if recorded.name != name:
-                raise NonDeterminism(
-                    f"run {self.run_id}: step {seq} is {recorded.name!r} in the journal, "
-                    f"but the agent asked for {name!r}; an agent must take the same steps "
-                    "in the same order on replay"
-                )
-            self.replayed_steps += 1
-            return unpack(recorded.value)
+        seq, found, value = self.begin_step(name)
+        if found:
+            return value
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value
+        await self.record_step(seq, name, value)
+        return value
+
+    def begin_step(self, name: str) -> tuple[int, bool, Any]:
+        """Take the next step position; ``(seq, True, value)`` when the journal
+        already holds it. Synchronous, so concurrent steps get positions in the
+        order the agent asked for them, the same on every replay."""
+        seq = self._seq
+        self._seq += 1
+        recorded = self._journal.get(seq)
+        if recorded is None:
+            return seq, False, None
+        if recorded.name != name:
+            raise NonDeterminism(
+                f"run {self.run_id}: step {seq} is {recorded.name!r} in the journal, "
+                f"but the agent asked for {name!r}; an agent must take the same steps "
+                "in the same order on replay"
+            )
+        self.replayed_steps += 1
+        return seq, True, unpack(recorded.value)
+
+    async def record_step(self, seq: int, name: str, value: Any) -> None:
         payload = pack(value)
         async with self._write_lock:
             await self._fenced(
@@ -87,12 +192,35 @@ class RunContext:
                 )
             )
         self.executed_steps += 1
-        return value
+
+    async def sleep(self, seconds: float) -> None:
+        """A durable timer: the wake-up time is journaled, so a run resumed
+        elsewhere sleeps only what is left of it (nothing if it was served)."""
+        wake_ms = await self.step("sleep", lambda: self._clock_ms() + int(seconds * 1000))
+        remaining_ms = wake_ms - self._clock_ms()
+        if remaining_ms > 0:
+            await asyncio.sleep(remaining_ms / 1000)
+
+    async def checkpoint(self) -> None:
+        """Save ``ctx.state``; on replay it is restored to what was saved here."""
+        self.state = await self.step("checkpoint", lambda: dict(self.state))
+
+    # -- events -----------------------------------------------------------
 
     def emit(self, kind: str, data: Any = None) -> asyncio.Future[None]:
         """Queue a durable event; events are written in emit order. Awaiting the
-        returned future waits until this one is stored."""
-        fut = asyncio.ensure_future(self._write_event(kind, pack(data)))
+        returned future waits until this one is stored.
+
+        An event that an earlier attempt stored at the same place in the flow
+        is not stored again, so watchers see each event once."""
+        place = (self._seq, self._emit_ranks.get(self._seq, 0))
+        self._emit_ranks[self._seq] = place[1] + 1
+        if place in self._stored_events:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        payload = pack({"at": list(place), "data": data})
+        fut = asyncio.ensure_future(self._write_event(kind, payload))
         self._pending.append(fut)
         return fut
 
@@ -110,8 +238,144 @@ class RunContext:
             if isinstance(result, BaseException):
                 raise result
 
+    # -- budget -----------------------------------------------------------
+
+    def remaining(self, key: str) -> int | None:
+        """What is left of budget ``key`` (None: unbounded)."""
+        if self.budget is None or key not in self.budget:
+            return None
+        return self.budget[key] - self._spent[key]
+
+    def require(self, **amounts: int) -> None:
+        """Raise BudgetExhausted unless ``amounts`` can still be spent."""
+        for key, amount in amounts.items():
+            left = self.remaining(key)
+            if left is not None and amount > left:
+                raise BudgetExhausted(
+                    f"run {self.run_id}: budget exhausted: needs {amount} {key}, "
+                    f"{left} left of {self.budget[key] if self.budget else 0}"
+                )
+
+    def charge(self, **amounts: int) -> None:
+        """Spend budget; the spend is recomputed from replayed steps on resume,
+        so it needs no journal of its own. Raises BudgetExhausted past the limit."""
+        for key in amounts:
+            if key not in self._spent:
+                raise ValueError(f"unknown budget {key!r}; use {', '.join(BUDGET_KEYS)}")
+        self.require(**amounts)
+        for key, amount in amounts.items():
+            self._spent[key] += amount
+
+    @property
+    def spent(self) -> dict[str, int]:
+        return dict(self._spent)
+
+    # -- children ---------------------------------------------------------
+
+    def spawn(
+        self, agent: str, input: Any, *, budget: Mapping[str, int] | None = None, **opts: Any
+    ) -> ChildRun:
+        """Start a child run through the mesh's scheduler; await the handle for
+        its result. Bounded by ``limits`` and by this run's budget, from which a
+        child's ``budget`` is drawn."""
+        if self._mesh is None:
+            raise RuntimeError("this context cannot start child runs")
+        if self._children >= self.limits.max_children:
+            raise FanOutLimit(
+                f"run {self.run_id}: fan-out limit reached: at most "
+                f"{self.limits.max_children} children per run"
+            )
+        if self.depth + 1 > self.limits.max_depth:
+            raise DepthLimit(
+                f"run {self.run_id}: depth limit reached: a run at depth {self.depth} "
+                f"cannot start a child (max depth {self.limits.max_depth})"
+            )
+        grant = self._grant(budget)
+        self._children += 1
+        seq, found, child_id = self.begin_step(f"spawn:{agent}")
+        spec = {
+            "agent": agent,
+            "input": input,
+            "tenant": opts.pop("tenant", self.tenant),
+            **opts,
+            "parent_id": self.run_id,
+            "depth": self.depth + 1,
+            "budget": grant,
+            "idempotency_key": f"{self.run_id}/child/{seq}",
+        }
+        if found:
+            submitted: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            submitted.set_result(child_id)
+        else:
+            submitted = asyncio.ensure_future(self._submit_child(seq, spec))
+        return ChildRun(self, agent, submitted)
+
+    def _grant(self, budget: Mapping[str, int] | None) -> dict[str, int] | None:
+        if self.budget is None:
+            return dict(budget) if budget is not None else None
+        if budget is None:
+            raise BudgetExhausted(
+                f"run {self.run_id} has a budget; give each child its share with "
+                "spawn(..., budget={...})"
+            )
+        self.require(**{k: v for k, v in budget.items() if k in self.budget})
+        for key, amount in budget.items():
+            if key in self._spent:
+                self._spent[key] += amount
+        return dict(budget)
+
+    async def _submit_child(self, seq: int, spec: dict[str, Any]) -> str:
+        assert self._mesh is not None
+        child_id = await self._mesh.spawn(spec)
+        await self.record_step(seq, f"spawn:{spec['agent']}", child_id)
+        return child_id
+
+    async def gather(self, *children: Awaitable[Any]) -> list[Any]:
+        """Results of several children (or any awaitables), in argument order."""
+        return list(await asyncio.gather(*children))
+
+    async def child_result(self, child_id: str) -> Any:
+        """Wait until the child's outcome is stored; its result, or ChildFailed."""
+        while True:
+            try:
+                row = await self._store.get_run(child_id)
+            except StorageUnavailable:
+                row = None
+            if row is not None and row.status in TERMINAL_STATUSES:
+                if row.status != "succeeded":
+                    raise ChildFailed(child_id, row.status, row.error)
+                return unpack(row.result) if row.result is not None else None
+            await asyncio.sleep(CHILD_POLL_S)
+
+    # -- cancellation -----------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
     async def _fenced(self, write: Any) -> None:
         try:
             await write
         except StaleEpoch as exc:
             raise Fenced(str(exc)) from exc
+
+
+class ChildRun:
+    """A child run started by ``ctx.spawn``; ``await`` it for its result."""
+
+    def __init__(self, ctx: RunContext, agent: str, submitted: asyncio.Future[str]) -> None:
+        self.agent = agent
+        self._ctx = ctx
+        self._submitted = submitted
+
+    async def id(self) -> str:
+        return await self._submitted
+
+    async def result(self) -> Any:
+        return await self._ctx.child_result(await self._submitted)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.result().__await__()

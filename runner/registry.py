@@ -2,16 +2,21 @@
 
 Agents register with ``@agent("name")`` when their module is imported; built-ins
 are imported by ``default_registry()``, others come from ``module`` or
-``module:function`` references in the peer's settings.
+``module:function`` references in the peer's settings and from installed
+distributions that declare entry points in the ``raftmesh.agents`` group
+(``name = "module:function"``).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Awaitable, Callable
+from importlib.metadata import entry_points
 from typing import Any
 
 AgentFn = Callable[..., Awaitable[Any]]
+
+ENTRY_POINT_GROUP = "raftmesh.agents"
 
 
 class UnknownAgent(LookupError):
@@ -23,6 +28,7 @@ class UnknownAgent(LookupError):
 class Registry:
     def __init__(self) -> None:
         self._agents: dict[str, AgentFn] = {}
+        self.references: list[str] = []
 
     def add(self, name: str, fn: AgentFn) -> None:
         existing = self._agents.get(name)
@@ -50,6 +56,14 @@ class Registry:
         if attr:
             fn = getattr(module, attr)
             self.add(getattr(fn, "agent_name", attr), fn)
+        if reference not in self.references:
+            self.references.append(reference)
+
+    def load_entry_points(self) -> None:
+        """Agents of installed distributions: entry point ``name = "module:function"``
+        registers the function under the entry point's name."""
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            self.add(ep.name, ep.load())
 
 
 REGISTRY = Registry()
@@ -68,6 +82,8 @@ def agent(name: str) -> Callable[[AgentFn], AgentFn]:
 
 def default_registry(references: tuple[str, ...] = ()) -> Registry:
     importlib.import_module("runner.agents.builtin")
+    importlib.import_module("runner.agents.chat")
+    REGISTRY.load_entry_points()
     for ref in references:
         REGISTRY.load(ref)
     return REGISTRY

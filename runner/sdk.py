@@ -1,6 +1,31 @@
 """What agent authors import."""
 
-from runner.context import Fenced, NonDeterminism, RunContext
+from runner.agents.chat import tool
+from runner.context import (
+    BudgetExhausted,
+    ChildFailed,
+    ChildRun,
+    DepthLimit,
+    FanOutLimit,
+    Fenced,
+    LimitExceeded,
+    NonDeterminism,
+    RunContext,
+    RunError,
+)
 from runner.registry import agent
 
-__all__ = ["Fenced", "NonDeterminism", "RunContext", "agent"]
+__all__ = [
+    "BudgetExhausted",
+    "ChildFailed",
+    "ChildRun",
+    "DepthLimit",
+    "FanOutLimit",
+    "Fenced",
+    "LimitExceeded",
+    "NonDeterminism",
+    "RunContext",
+    "RunError",
+    "agent",
+    "tool",
+]
