@@ -162,6 +162,8 @@ async def run_attempt(
     except Exception as exc:  # the agent's own failure, reported as the run's error
         log.info("agent raised %s", exc, extra=extra)
         outcome = Outcome(FAILED, f"{type(exc).__name__}: {exc}")
+    finally:
+        ctx.abandon()
     if outcome.status != SUCCEEDED and job.attempt < job.max_attempts:
         return Outcome(RETRY, outcome.error)
     return await _store_outcome(job, store, clock_ms, outcome, result)

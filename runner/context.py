@@ -147,6 +147,7 @@ class RunContext:
         self._spent = dict.fromkeys(BUDGET_KEYS, 0)
         self._write_lock = asyncio.Lock()
         self._pending: list[asyncio.Future[None]] = []
+        self._spawning: list[asyncio.Future[str]] = []
         self._cancelled = asyncio.Event()
         self.replayed_steps = 0
         self.executed_steps = 0
@@ -238,6 +239,17 @@ class RunContext:
             if isinstance(result, BaseException):
                 raise result
 
+    def abandon(self) -> None:
+        """The attempt is over: stop child submissions still in flight. Safe, as
+        a retried spawn finds its child again by idempotency key."""
+        for fut in self._spawning:
+            if fut.done():
+                if not fut.cancelled():
+                    fut.exception()  # retrieved: it was reported with the attempt
+            else:
+                fut.cancel()
+        self._spawning.clear()
+
     # -- budget -----------------------------------------------------------
 
     def remaining(self, key: str) -> int | None:
@@ -308,6 +320,7 @@ class RunContext:
             submitted.set_result(child_id)
         else:
             submitted = asyncio.ensure_future(self._submit_child(seq, spec))
+            self._spawning.append(submitted)
         return ChildRun(self, agent, submitted)
 
     def _grant(self, budget: Mapping[str, int] | None) -> dict[str, int] | None:

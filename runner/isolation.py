@@ -259,11 +259,13 @@ class IsolatedContext:
     async def checkpoint(self) -> None:
         self.state = await self._link.call("checkpoint", self.state)
 
-    async def require(self, **amounts: int) -> None:
-        await self._link.call("require", amounts)
+    def require(self, **amounts: int) -> None:
+        """Checked by the peer in call order: past the budget, the peer fails the
+        attempt before it answers any later call of this agent."""
+        self._link.call("require", amounts)
 
-    async def charge(self, **amounts: int) -> None:
-        await self._link.call("charge", amounts)
+    def charge(self, **amounts: int) -> None:
+        self._link.call("charge", amounts)
 
     def spawn(
         self, agent: str, input: Any, *, budget: dict[str, int] | None = None, **opts: Any

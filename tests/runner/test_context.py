@@ -226,3 +226,17 @@ async def test_isolated_agent_past_its_memory_limit_fails_its_attempt(store):
     import os
 
     assert result["allocated_mb"] == 50 and result["pid"] != os.getpid()
+
+
+async def test_isolated_agent_is_held_to_its_budget_by_the_peer(store):
+    from runner.registry import default_registry
+
+    registry = default_registry()
+    spec = {"children": 0, "spend": {"model_calls": 6}}
+    kw = {"isolation": "process", "budget": {"model_calls": 5}}
+    out = await attempt(store, registry, job("fanout", 1, spec, max_attempts=3, **kw))
+    assert out.status == FAILED, "a budget overrun is final, in a subprocess too"
+    assert (
+        out.error
+        == "BudgetExhausted: run run-1: budget exhausted: needs 6 model_calls, 5 left of 5"
+    )
