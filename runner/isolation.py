@@ -97,7 +97,9 @@ async def run_isolated(
         elif op == "record_step":
             later(call_id, ctx.record_step(*args))
         elif op == "emit":
-            later(call_id, ctx.emit(args[0], args[1]))
+            # Shielded: the agent may finish before its last events are stored,
+            # and ending the exchange must not cancel those writes (drain waits).
+            later(call_id, asyncio.shield(ctx.emit(args[0], args[1])))
         elif op == "sleep":
             later(call_id, ctx.sleep(args[0]))
         elif op == "checkpoint":

@@ -43,6 +43,9 @@ async def make_mesh(tmp_path: Path) -> AsyncIterator[MakeMesh]:
         else:
             storage = f"sqlite:///{tmp_path / f'mesh{n}.db'}"
         env = {"MESH_LOG_LEVEL": "info", **kwargs.pop("env", {})}
+        # Free ports from the kernel: the default ones may belong to a mesh of
+        # another test run on this machine, whose peers would answer instead.
+        kwargs.setdefault("base_port", 0)
         mesh = DevMesh(tmp_path / f"mesh{n}", nodes, storage=storage, env=env, **kwargs)
         meshes.append(mesh)
         mesh.start()
