@@ -1,8 +1,8 @@
 """``mesh watch``, ``mesh submit --watch`` and ``mesh agents``: following runs live.
 
-A watch survives the peer it talks to: when the stream breaks it reconnects
-(to the same peer, or to the next one given) with the last event id it
-printed, so the terminal shows every event once, in order.
+A watch survives a broken stream (a restarting peer, a proxy timeout): it
+reconnects to its peer with the last event id it printed, for up to a minute
+without progress, so the terminal shows every event once, in order.
 """
 
 from __future__ import annotations
