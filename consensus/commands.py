@@ -24,9 +24,13 @@ RELEASE = "release"
 PEER_UP = "peer_up"
 PEER_DOWN = "peer_down"
 CONFIGURE = "configure"
+FAIL = "fail"
 CANCEL = "cancel"
+SETTLE = "settle"
 
-OPS = frozenset({SUBMIT, ASSIGN, FINISH, RELEASE, PEER_UP, PEER_DOWN, CONFIGURE, CANCEL})
+OPS = frozenset(
+    {SUBMIT, ASSIGN, FINISH, RELEASE, PEER_UP, PEER_DOWN, CONFIGURE, FAIL, CANCEL, SETTLE}
+)
 
 Command = dict[str, Any]
 
@@ -51,7 +55,8 @@ def decode_entry(payload: bytes) -> list[Command]:
 
 def submit(cid: str, at_ms: int, runs: list[dict[str, Any]]) -> Command:
     """``runs``: each with id, agent, input, tenant, priority, labels, timeout_s,
-    max_attempts, idempotency_key, parent_id."""
+    max_attempts, idempotency_key, parent_id, session, placement; a dead letter
+    re-queued by the API also carries the epoch and attempts storage knows."""
     return {"op": SUBMIT, "cid": cid, "at_ms": at_ms, "runs": runs}
 
 
@@ -66,7 +71,9 @@ def assign(cid: str, at_ms: int, term: int, batch: list[tuple[str, str, int]]) -
     }
 
 
-def finish(cid: str, at_ms: int, run_id: str, epoch: int, status: str, error: str | None) -> Command:
+def finish(
+    cid: str, at_ms: int, run_id: str, epoch: int, status: str, error: str | None
+) -> Command:
     return {
         "op": FINISH,
         "cid": cid,
@@ -112,21 +119,56 @@ def peer_up(
 def peer_down(cid: str, at_ms: int, peer_id: str, incarnation: str) -> Command:
     """Names the incarnation judged dead, so a late verdict cannot take down the
     same peer's next incarnation."""
-    return {"op": PEER_DOWN, "cid": cid, "at_ms": at_ms, "peer": peer_id, "incarnation": incarnation}
+    return {
+        "op": PEER_DOWN,
+        "cid": cid,
+        "at_ms": at_ms,
+        "peer": peer_id,
+        "incarnation": incarnation,
+    }
 
 
 def configure(
-    cid: str, at_ms: int, tenant_caps: dict[str, int], default_tenant_cap: int | None
+    cid: str,
+    at_ms: int,
+    tenant_caps: dict[str, int],
+    default_tenant_cap: int | None,
+    tenant_max_queued: dict[str, int] | None = None,
+    default_tenant_max_queued: int | None = None,
+    retry: dict[str, Any] | None = None,
 ) -> Command:
+    """``retry``: backoff_base_ms, backoff_max_ms, retry_timeouts, count_lost_owner."""
     return {
         "op": CONFIGURE,
         "cid": cid,
         "at_ms": at_ms,
         "tenant_caps": tenant_caps,
         "default_tenant_cap": default_tenant_cap,
+        "tenant_max_queued": tenant_max_queued or {},
+        "default_tenant_max_queued": default_tenant_max_queued,
+        "retry": retry or {},
+    }
+
+
+def fail(cid: str, at_ms: int, run_id: str, epoch: int, kind: str, error: str | None) -> Command:
+    """The owner's attempt failed (``kind``: "error" or "timeout"); the state
+    machine decides between a retry after backoff and a terminal outcome."""
+    return {
+        "op": FAIL,
+        "cid": cid,
+        "at_ms": at_ms,
+        "run": run_id,
+        "epoch": epoch,
+        "kind": kind,
+        "error": error,
     }
 
 
 def cancel(cid: str, at_ms: int, run_id: str) -> Command:
     """Cancel an active run and every active run descending from it."""
-    return {"op": CANCEL, "cid": cid, "at_ms": at_ms, "run_id": run_id}
+    return {"op": CANCEL, "cid": cid, "at_ms": at_ms, "run": run_id}
+
+
+def settle(cid: str, at_ms: int, run_id: str) -> Command:
+    """Proposed once storage holds a settling run's outcome; evicts the run."""
+    return {"op": SETTLE, "cid": cid, "at_ms": at_ms, "run": run_id}

@@ -14,6 +14,7 @@ growing with history.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,13 @@ from consensus import commands as c
 
 QUEUED = "queued"
 RUNNING = "running"
+# A terminal outcome decided by the mesh (cancelled while queued, retries
+# exhausted, owner lost too often): the run waits here until the leader has
+# written the outcome to storage and proposed ``settle``, so it is never
+# dropped from Raft before storage knows how it ended.
+SETTLING = "settling"
 FINISH_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+FAILURE_KINDS = frozenset({"error", "timeout"})
 
 PEER_UP = "up"
 PEER_DOWN = "down"
@@ -52,6 +59,15 @@ class Run:
     epoch: int = 0
     attempts: int = 0
     assigned_at_ms: int | None = None
+    session: str | None = None
+    placement: str | None = None
+    not_before_ms: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    losses: int = 0
+    last_error: str | None = None
+    cancel_requested: bool = False
+    outcome: str | None = None
 
     def public(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -88,6 +104,14 @@ def _agent_list(agents: Any) -> list[str] | None:
 class Rejected(Exception):
     """Internal control flow: a command (or one item of a batch) is refused."""
 
+    code = "rejected"
+
+
+class QueueFull(Rejected):
+    """The tenant's queued-run maximum is reached: backpressure, not an error."""
+
+    code = "tenant_queue_full"
+
 
 _RUN_FIELDS = {
     "id": str,
@@ -95,7 +119,36 @@ _RUN_FIELDS = {
     "tenant": str,
     "priority": int,
     "max_attempts": int,
+    "epoch": int,
+    "attempts": int,
 }
+_OPTIONAL_TEXT = ("session", "placement")
+
+
+@dataclass
+class RetryPolicy:
+    """Which failed attempts are retried, and how long to back off.
+
+    Lost owners are always requeued (that is failover, not a retry); they
+    consume an attempt only when ``count_lost_owner`` is set.
+    """
+
+    backoff_base_ms: int = 1000
+    backoff_max_ms: int = 60_000
+    retry_timeouts: bool = True
+    count_lost_owner: bool = False
+
+    def used(self, run: Run) -> int:
+        return run.errors + run.timeouts + (run.losses if self.count_lost_owner else 0)
+
+
+def backoff_ms(run_id: str, failures: int, base_ms: int, max_ms: int) -> int:
+    """Exponential backoff with "equal jitter", deterministic for every replica:
+    the jitter is a hash of the run id and the failure count, not randomness."""
+    ceiling = min(max_ms, base_ms * 2 ** max(0, min(failures - 1, 40)))
+    digest = hashlib.blake2b(f"{run_id}:{failures}".encode(), digest_size=8).digest()
+    fraction = int.from_bytes(digest, "big") / 2**64
+    return ceiling // 2 + int(fraction * (ceiling - ceiling // 2))
 
 
 class MeshState:
@@ -106,10 +159,14 @@ class MeshState:
         self.peers: dict[str, Peer] = {}
         self.by_owner: dict[str, set[str]] = {}
         self.tenant_running: dict[str, int] = {}
+        self.tenant_queued: dict[str, int] = {}
         self.idempotency: dict[str, tuple[str, int]] = {}
         self.seen: dict[str, tuple[Any, int]] = {}
         self.tenant_caps: dict[str, int] = {}
         self.default_tenant_cap: int | None = None
+        self.tenant_max_queued: dict[str, int] = {}
+        self.default_tenant_max_queued: int | None = None
+        self.retry = RetryPolicy()
         self.applied = 0
 
     # -- applying ---------------------------------------------------------
@@ -159,7 +216,8 @@ class MeshState:
             try:
                 out.append(self._submit_one(spec, at_ms))
             except Rejected as exc:
-                out.append({"id": spec.get("id") if isinstance(spec, dict) else None, "error": str(exc)})
+                run_id = spec.get("id") if isinstance(spec, dict) else None
+                out.append({"id": run_id, "error": str(exc), "code": exc.code})
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # _submit_one mutates nothing before it can fail
                 out.append({"id": spec.get("id"), "error": f"malformed run spec: {exc!r}"})
@@ -195,11 +253,18 @@ class MeshState:
         memory_mb = spec.get("memory_limit_mb")
         if memory_mb is not None and (not isinstance(memory_mb, int) or memory_mb <= 0):
             raise Rejected("memory_limit_mb must be a positive integer")
+        for name in _OPTIONAL_TEXT:
+            if spec.get(name) is not None and not isinstance(spec[name], str):
+                raise Rejected(f"field {name} must be str")
+        tenant = spec.get("tenant") or "default"
+        limit = self.tenant_queue_limit(tenant)
+        if limit is not None and self.queued_for_tenant(tenant) >= limit:
+            raise QueueFull(f"tenant {tenant!r} already has {limit} queued runs (its maximum)")
         run = Run(
             id=run_id,
             agent=spec["agent"],
             input=spec.get("input"),
-            tenant=spec.get("tenant") or "default",
+            tenant=tenant,
             priority=int(spec.get("priority") or 0),
             labels={str(k): str(v) for k, v in labels.items()},
             timeout_s=spec.get("timeout_s"),
@@ -211,8 +276,13 @@ class MeshState:
             budget=None if budget is None else {str(k): v for k, v in budget.items()},
             isolation=str(spec.get("isolation") or "task"),
             memory_limit_mb=memory_mb,
+            session=spec.get("session"),
+            placement=spec.get("placement"),
+            epoch=max(0, spec.get("epoch") or 0),
+            attempts=max(0, spec.get("attempts") or 0),
         )
         self.runs[run_id] = run
+        self._count_queued(run.tenant, 1)
         if key is not None:
             self.idempotency[key] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
         return {"id": run_id, "created": True}
@@ -227,7 +297,7 @@ class MeshState:
                 rejected[str(item)] = "malformed assignment"
                 continue
             try:
-                self._check_assignable(run_id, peer_id, epoch)
+                self._check_assignable(run_id, peer_id, epoch, at_ms)
             except Rejected as exc:
                 rejected[str(run_id)] = str(exc)
                 continue
@@ -237,12 +307,13 @@ class MeshState:
             run.epoch = epoch
             run.attempts += 1
             run.assigned_at_ms = at_ms
+            self._count_queued(run.tenant, -1)
             self.by_owner.setdefault(peer_id, set()).add(run_id)
             self.tenant_running[run.tenant] = self.tenant_running.get(run.tenant, 0) + 1
             accepted.append(run_id)
         return {"ok": True, "accepted": accepted, "rejected": rejected}
 
-    def _check_assignable(self, run_id: Any, peer_id: Any, epoch: Any) -> None:
+    def _check_assignable(self, run_id: Any, peer_id: Any, epoch: Any, at_ms: int) -> None:
         run = self.runs.get(run_id) if isinstance(run_id, str) else None
         if run is None:
             raise Rejected("unknown run")
@@ -250,6 +321,8 @@ class MeshState:
             raise Rejected(f"run is {run.status}")
         if not isinstance(epoch, int) or epoch != run.epoch + 1:
             raise Rejected(f"epoch {epoch} is not {run.epoch + 1}")
+        if run.not_before_ms > at_ms:
+            raise Rejected("run is backing off before its next attempt")
         peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
         if peer is None or peer.status != PEER_UP:
             raise Rejected("peer is not up")
@@ -272,8 +345,68 @@ class MeshState:
 
     def _release(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         run = self._owned_run(cmd["run"], cmd["epoch"])
-        self._requeue(run)
+        if run.cancel_requested:
+            self._settle_as(run, "cancelled")
+        else:
+            self._requeue(run)
         return {"ok": True}
+
+    def _fail(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+        """An attempt failed on its owner: retry after a backoff, or settle."""
+        run = self._owned_run(cmd["run"], cmd["epoch"])
+        kind, error = cmd["kind"], cmd["error"]
+        if kind not in FAILURE_KINDS:
+            raise Rejected(f"unknown failure kind {kind!r}")
+        if error is not None and not isinstance(error, str):
+            raise Rejected("error must be text")
+        if kind == "timeout":
+            run.timeouts += 1
+        else:
+            run.errors += 1
+        run.last_error = error
+        retryable = kind == "error" or self.retry.retry_timeouts
+        if run.cancel_requested:
+            self._settle_as(run, "cancelled")
+        elif retryable and self.retry.used(run) < run.max_attempts:
+            self._requeue(run)
+            policy = self.retry
+            delay = backoff_ms(
+                run.id, self.retry.used(run), policy.backoff_base_ms, policy.backoff_max_ms
+            )
+            run.not_before_ms = at_ms + delay
+            return {"ok": True, "retry": True, "not_before_ms": run.not_before_ms}
+        else:
+            self._settle_as(run, "timed_out" if kind == "timeout" else "failed")
+        return {"ok": True, "retry": False}
+
+    def _cancel(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+        """Cancel a run and every active run it spawned (children of a
+        cancelled parent are of no use). Queued: settle as cancelled. Running:
+        flag it; the owner stops the attempt and finishes it as cancelled (its
+        own write is fenced). A run already ending otherwise is left alone."""
+        run = self.runs.get(cmd["run"])
+        if run is None:
+            raise Rejected("run is not active")
+        if run.status == SETTLING and run.outcome != "cancelled":
+            raise Rejected(f"run is already ending as {run.outcome}")
+        doomed = [run.id]
+        for parent in doomed:  # grows while walking: breadth-first over descendants
+            doomed.extend(r.id for r in self.runs.values() if r.parent_id == parent)
+        for victim in (self.runs[i] for i in doomed):
+            if victim.status == SETTLING:
+                continue
+            victim.cancel_requested = True
+            if victim.status == QUEUED:
+                self._settle_as(victim, "cancelled")
+        return {"ok": True, "status": run.status, "cancelled": doomed}
+
+    def _settle(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+        """Storage holds the mesh-decided outcome now: forget the run."""
+        run = self.runs.get(cmd["run"])
+        if run is None or run.status != SETTLING:
+            raise Rejected("run is not settling")
+        del self.runs[run.id]
+        return {"ok": True, "outcome": run.outcome}
 
     def _owned_run(self, run_id: str, epoch: int) -> Run:
         run = self.runs.get(run_id)
@@ -318,28 +451,29 @@ class MeshState:
         peer.since_ms = at_ms
         return {"ok": True, "requeued": self._requeue_owned_by(peer.id)}
 
-    def _cancel(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        """Cancel an active run and, with it, every active run it spawned
-        (children, grandchildren, ...): a cancelled parent's children are of no use."""
-        run_id = cmd["run_id"]
-        if not isinstance(run_id, str) or run_id not in self.runs:
-            raise Rejected("unknown or finished run")
-        doomed = [run_id]
-        for parent in doomed:  # grows while walking: breadth-first over descendants
-            doomed.extend(r.id for r in self.runs.values() if r.parent_id == parent)
-        for victim in doomed:
-            self._evict(self.runs[victim])
-        return {"ok": True, "cancelled": doomed}
-
     def _configure(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        caps = cmd["tenant_caps"]
-        default = cmd["default_tenant_cap"]
-        if not all(isinstance(v, int) and v >= 0 for v in caps.values()):
-            raise Rejected("tenant caps must be non-negative integers")
-        if default is not None and (not isinstance(default, int) or default < 0):
-            raise Rejected("default tenant cap must be a non-negative integer")
-        self.tenant_caps = {str(k): v for k, v in caps.items()}
+        caps = _limits(cmd["tenant_caps"], "tenant caps")
+        default = _limit(cmd["default_tenant_cap"], "default tenant cap")
+        # Newer keys are optional, so an older proposer's configure still applies.
+        max_queued = _limits(cmd.get("tenant_max_queued") or {}, "tenant queued maximums")
+        default_max_queued = _limit(cmd.get("default_tenant_max_queued"), "default queued maximum")
+        retry = cmd.get("retry") or {}
+        if not isinstance(retry, dict):
+            raise Rejected("retry policy must be a map")
+        policy = RetryPolicy(**retry)
+        if not (
+            isinstance(policy.backoff_base_ms, int)
+            and isinstance(policy.backoff_max_ms, int)
+            and 0 <= policy.backoff_base_ms <= policy.backoff_max_ms
+            and isinstance(policy.retry_timeouts, bool)
+            and isinstance(policy.count_lost_owner, bool)
+        ):
+            raise Rejected("retry policy needs 0 <= backoff_base_ms <= backoff_max_ms and booleans")
+        self.tenant_caps = caps
         self.default_tenant_cap = default
+        self.tenant_max_queued = max_queued
+        self.default_tenant_max_queued = default_max_queued
+        self.retry = policy
         return {"ok": True}
 
     _handlers = {
@@ -350,7 +484,9 @@ class MeshState:
         c.PEER_UP: _peer_up,
         c.PEER_DOWN: _peer_down,
         c.CONFIGURE: _configure,
+        c.FAIL: _fail,
         c.CANCEL: _cancel,
+        c.SETTLE: _settle,
     }
 
     # -- transitions shared by handlers -----------------------------------
@@ -368,19 +504,49 @@ class MeshState:
     def _requeue(self, run: Run) -> None:
         """Back to the queue; the epoch stays, so the next owner gets epoch + 1."""
         self._stop_running(run)
+        if run.status != QUEUED:
+            self._count_queued(run.tenant, 1)
         run.status = QUEUED
         run.owner = None
         run.assigned_at_ms = None
 
     def _requeue_owned_by(self, peer_id: str) -> int:
+        """The owner is gone: its runs go back to the queue (failover), unless
+        cancelled meanwhile or out of attempts when lost owners count."""
         owned = sorted(self.by_owner.get(peer_id, set()))
         for run_id in owned:
-            self._requeue(self.runs[run_id])
+            run = self.runs[run_id]
+            run.losses += 1
+            if run.cancel_requested:
+                self._settle_as(run, "cancelled")
+            elif self.retry.count_lost_owner and self.retry.used(run) >= run.max_attempts:
+                run.last_error = f"owner lost {run.losses} times"
+                self._settle_as(run, "failed")
+            else:
+                self._requeue(run)
         return len(owned)
+
+    def _settle_as(self, run: Run, outcome: str) -> None:
+        self._stop_running(run)
+        if run.status == QUEUED:
+            self._count_queued(run.tenant, -1)
+        run.status = SETTLING
+        run.outcome = outcome
+        run.owner = None
+        run.assigned_at_ms = None
 
     def _evict(self, run: Run) -> None:
         self._stop_running(run)
+        if run.status == QUEUED:
+            self._count_queued(run.tenant, -1)
         del self.runs[run.id]
+
+    def _count_queued(self, tenant: str, delta: int) -> None:
+        left = self.tenant_queued.get(tenant, 0) + delta
+        if left > 0:
+            self.tenant_queued[tenant] = left
+        else:
+            self.tenant_queued.pop(tenant, None)
 
     # -- queries (used by the scheduler and the API; never mutate) --------
 
@@ -392,6 +558,18 @@ class MeshState:
 
     def running_for_tenant(self, tenant: str) -> int:
         return self.tenant_running.get(tenant, 0)
+
+    def tenant_queue_limit(self, tenant: str) -> int | None:
+        return self.tenant_max_queued.get(tenant, self.default_tenant_max_queued)
+
+    def queued_for_tenant(self, tenant: str) -> int:
+        return self.tenant_queued.get(tenant, 0)
+
+    def settling(self) -> list[Run]:
+        return [r for r in self.runs.values() if r.status == SETTLING]
+
+    def cancelling(self, peer_id: str) -> list[Run]:
+        return [r for r in self.owned_by(peer_id) if r.cancel_requested]
 
     def queued(self) -> list[Run]:
         """Queued runs in scheduling order: priority first, then age."""
@@ -419,6 +597,9 @@ class MeshState:
             "seen": [[k, v[0], v[1]] for k, v in self.seen.items()],
             "tenant_caps": self.tenant_caps,
             "default_tenant_cap": self.default_tenant_cap,
+            "tenant_max_queued": self.tenant_max_queued,
+            "default_tenant_max_queued": self.default_tenant_max_queued,
+            "retry": dict(self.retry.__dict__),
             "applied": self.applied,
         }
 
@@ -431,9 +612,28 @@ class MeshState:
         state.seen = {k: (res, exp) for k, res, exp in data["seen"]}
         state.tenant_caps = dict(data["tenant_caps"])
         state.default_tenant_cap = data["default_tenant_cap"]
+        state.tenant_max_queued = dict(data.get("tenant_max_queued") or {})
+        state.default_tenant_max_queued = data.get("default_tenant_max_queued")
+        state.retry = RetryPolicy(**(data.get("retry") or {}))
         state.applied = data["applied"]
         for run in state.runs.values():
+            if run.status == QUEUED:
+                state._count_queued(run.tenant, 1)
             if run.status == RUNNING and run.owner is not None:
                 state.by_owner.setdefault(run.owner, set()).add(run.id)
                 state.tenant_running[run.tenant] = state.tenant_running.get(run.tenant, 0) + 1
         return state
+
+
+def _limit(value: Any, what: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or value < 0):
+        raise Rejected(f"{what} must be a non-negative integer")
+    return value
+
+
+def _limits(values: Any, what: str) -> dict[str, int]:
+    if not isinstance(values, dict) or not all(
+        isinstance(v, int) and v >= 0 for v in values.values()
+    ):
+        raise Rejected(f"{what} must map tenants to non-negative integers")
+    return {str(k): v for k, v in values.items()}

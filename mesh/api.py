@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mesh.errors import BadRequest, MalformedJSON, MeshError, PayloadTooLarge, Unauthorized
 from mesh.events import Frame, encode
+from mesh.scheduler import PLACEMENTS
 from runner.context import BUDGET_KEYS
 from runner.isolation import ISOLATION_MODES
 
@@ -30,6 +31,8 @@ SUBMIT_FIELDS = {
     "budget": dict,
     "isolation": str,
     "memory_limit_mb": int,
+    "session": str,
+    "placement": str,
 }
 
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
@@ -45,6 +48,8 @@ class PeerAPI(Protocol):
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]: ...
     async def get_run(self, run_id: str) -> dict[str, Any]: ...
     async def list_runs(self, status: str | None, limit: int) -> list[dict[str, Any]]: ...
+    async def cancel_run(self, run_id: str) -> dict[str, Any]: ...
+    async def retry_run(self, run_id: str) -> dict[str, Any]: ...
     def cluster(self) -> dict[str, Any]: ...
     async def readiness(self) -> tuple[bool, str]: ...
     def heartbeat(self, report: dict[str, Any]) -> None: ...
@@ -131,6 +136,8 @@ def validate_submission(body: Any) -> dict[str, Any]:
     if body.get("max_attempts") is not None and body["max_attempts"] < 1:
         raise BadRequest("field 'max_attempts' must be at least 1")
     validate_run_options(body)
+    if body.get("placement") is not None and body["placement"] not in PLACEMENTS:
+        raise BadRequest(f"field 'placement' must be one of {', '.join(PLACEMENTS)}")
     return body
 
 
@@ -177,6 +184,14 @@ def build_app(peer: PeerAPI) -> web.Application:
             raise BadRequest("query parameter 'limit' must be between 1 and 10000")
         runs = await peer.list_runs(request.query.get("status") or None, limit)
         return web.json_response({"runs": runs})
+
+    async def cancel_run(request: web.Request) -> web.Response:
+        _check_token(request, peer.api_token, "API")
+        return web.json_response(await peer.cancel_run(request.match_info["id"]), status=202)
+
+    async def retry_run(request: web.Request) -> web.Response:
+        _check_token(request, peer.api_token, "API")
+        return web.json_response(await peer.retry_run(request.match_info["id"]), status=202)
 
     async def cluster(request: web.Request) -> web.Response:
         _check_token(request, peer.api_token, "API")
@@ -234,6 +249,8 @@ def build_app(peer: PeerAPI) -> web.Application:
     app.router.add_get("/v1/agents", agents)
     app.router.add_get("/v1/runs", list_runs)
     app.router.add_get("/v1/runs/{id}", get_run)
+    app.router.add_post("/v1/runs/{id}/cancel", cancel_run)
+    app.router.add_post("/v1/runs/{id}/retry", retry_run)
     app.router.add_get("/v1/cluster", cluster)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

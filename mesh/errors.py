@@ -41,6 +41,20 @@ class PayloadTooLarge(MeshError):
     code = "payload_too_large"
 
 
+class Conflict(MeshError):
+    """The run is not in a state that allows the request (e.g. cancel a finished run)."""
+
+    status = 409
+    code = "conflict"
+
+
+class TooManyRequests(MeshError):
+    """Backpressure: the tenant's queue is at its maximum; retry after a while."""
+
+    status = 429
+    code = "tenant_queue_full"
+
+
 class NotLeader(MeshError):
     """An internal call reached a peer that does not lead; the caller re-resolves."""
 

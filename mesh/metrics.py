@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -27,10 +29,39 @@ class Metrics:
         self.queue_oldest_age = Gauge(
             "raftmesh_queue_oldest_age_seconds", "Age of the oldest queued run", registry=r
         )
+        self.tenant_queue_depth = Gauge(
+            "raftmesh_tenant_queue_depth", "Queued runs per tenant", ["tenant"], registry=r
+        )
+        self.tenant_queue_oldest_age = Gauge(
+            "raftmesh_tenant_queue_oldest_age_seconds",
+            "Age of the tenant's oldest queued run",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_running = Gauge(
+            "raftmesh_tenant_running_runs", "Running runs per tenant", ["tenant"], registry=r
+        )
+        self.mesh_slots = Gauge(
+            "raftmesh_mesh_slots", "Slots offered by each up peer", ["peer"], registry=r
+        )
+        self.mesh_slots_used = Gauge(
+            "raftmesh_mesh_slots_used", "Slots in use on each up peer", ["peer"], registry=r
+        )
+        self.label_slots = Gauge(
+            "raftmesh_label_slots", "Slots offered by up peers with a label", ["label"], registry=r
+        )
+        self.label_slots_used = Gauge(
+            "raftmesh_label_slots_used",
+            "Slots in use on up peers with a label",
+            ["label"],
+            registry=r,
+        )
         self.is_leader = Gauge("raftmesh_is_leader", "1 if this peer leads", registry=r)
         self.term = Gauge("raftmesh_raft_term", "Current Raft term", registry=r)
         self.peers_down = Counter(
-            "raftmesh_peers_marked_down_total", "peer_down proposals committed by this leader", registry=r
+            "raftmesh_peers_marked_down_total",
+            "peer_down proposals committed by this leader",
+            registry=r,
         )
         self.self_fenced = Counter(
             "raftmesh_self_fenced_attempts_total",
@@ -40,3 +71,29 @@ class Metrics:
         self.journal_syncs = Gauge(
             "raftmesh_journal_syncs", "Raft journal fsyncs since start", registry=r
         )
+
+    def set_queue(self, queue: dict[str, Any], slots: dict[str, Any]) -> None:
+        """Refresh the mesh-wide gauges from queue_view; tenants and peers
+        that disappeared drop out instead of keeping stale values."""
+        self.queue_depth.set(queue["depth"])
+        self.queue_oldest_age.set(queue["oldest_age_s"])
+        for gauge in (
+            self.tenant_queue_depth,
+            self.tenant_queue_oldest_age,
+            self.tenant_running,
+            self.mesh_slots,
+            self.mesh_slots_used,
+            self.label_slots,
+            self.label_slots_used,
+        ):
+            gauge.clear()
+        for tenant, entry in queue["tenants"].items():
+            self.tenant_queue_depth.labels(tenant).set(entry["queued"])
+            self.tenant_queue_oldest_age.labels(tenant).set(entry["oldest_age_s"])
+            self.tenant_running.labels(tenant).set(entry["running"])
+        for peer, entry in slots["peers"].items():
+            self.mesh_slots.labels(peer).set(entry["slots"])
+            self.mesh_slots_used.labels(peer).set(entry["used"])
+        for label, entry in slots["labels"].items():
+            self.label_slots.labels(label).set(entry["slots"])
+            self.label_slots_used.labels(label).set(entry["used"])

@@ -27,29 +27,32 @@ from prometheus_client import generate_latest
 from consensus import commands
 from consensus.errors import NoQuorum, ProposalFailed
 from consensus.raft import RaftNode
-from consensus.state import PEER_UP, QUEUED, RUNNING, Run
+from consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING, Run
 from mesh import logs
 from mesh.api import SUBMIT_FIELDS, build_app, validate_submission
 from mesh.errors import (
     BadRequest,
+    Conflict,
     NoQuorumError,
     NotLeader,
     RunNotFound,
     StorageDown,
+    TooManyRequests,
     Unavailable,
     UnknownAgentError,
 )
 from mesh.events import EventHub, Frame
 from mesh.liveness import LeaderContact, Liveness
 from mesh.metrics import Metrics
-from mesh.scheduler import plan_assignments
+from mesh.queue_view import queue_summary, slot_use
+from mesh.scheduler import Scheduler
 from mesh.settings import Settings
 from runner.attempt import FENCED, RETRY, Assignment, Outcome, run_attempt
-from runner.context import Limits, pack, unpack
+from runner.context import Limits, RunContext, pack, unpack
 from runner.registry import default_registry
 from runner.slots import Slots
 from storage import open_store
-from storage.base import TERMINAL_STATUSES, RunRow, StorageUnavailable
+from storage.base import DEAD_LETTER_STATUSES, TERMINAL_STATUSES, RunRow, StorageUnavailable
 
 log = logging.getLogger("raftmesh.peer")
 
@@ -98,6 +101,8 @@ class Peer:
         # storage once, so a stopped attempt is released, never restarted.
         self._attempted: set[tuple[str, int]] = set()
         self._releasing: set[tuple[str, int]] = set()
+        self.scheduler = Scheduler(settings.placement, settings.priority_aging_s)
+        self._contexts: dict[str, RunContext] = {}
         self.raft: RaftNode | None = None
         self._leader_wake = asyncio.Event()
         self._reconcile_wake = asyncio.Event()
@@ -181,7 +186,9 @@ class Peer:
 
     # -- proposing --------------------------------------------------------
 
-    async def _propose(self, cmd: commands.Command, budget_s: float | None = None) -> dict[str, Any]:
+    async def _propose(
+        self, cmd: commands.Command, budget_s: float | None = None
+    ) -> dict[str, Any]:
         """Commit ``cmd``, retrying ambiguous outcomes with the same cid (the
         state machine applies a cid once) until the budget runs out."""
         budget = self.settings.commit_timeout_s if budget_s is None else budget_s
@@ -219,6 +226,11 @@ class Peer:
         outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
         if "error" in outcome:
             self.metrics.submissions.labels("rejected").inc()
+            if outcome.get("code") == "tenant_queue_full":
+                raise TooManyRequests(
+                    f"{outcome['error']}; nothing was accepted: retry after the queue drains",
+                    retry_after_s=self._retry_after_s(run["tenant"]),
+                )
             raise BadRequest(f"submission rejected: {outcome['error']}")
         self.metrics.submissions.labels("created" if outcome["created"] else "existing").inc()
         if outcome["created"]:
@@ -247,6 +259,8 @@ class Peer:
             "budget": spec.get("budget"),
             "isolation": spec.get("isolation") or "task",
             "memory_limit_mb": spec.get("memory_limit_mb"),
+            "session": spec.get("session"),
+            "placement": spec.get("placement"),
         }
 
     async def spawn(self, spec: dict[str, Any]) -> str:
@@ -263,6 +277,15 @@ class Peer:
             except Unavailable as exc:
                 log.warning("spawn deferred: %s", exc.message, extra={"run_id": spec["parent_id"]})
                 await asyncio.sleep(0.2)
+
+    def _retry_after_s(self, tenant: str) -> int:
+        """A hint, not a promise: time for the tenant's in-flight cap to take one
+        more round of its queue at a nominal second per run, within 1..60 s."""
+        with self._raft().lock:
+            state = self._raft().state
+            queued = state.queued_for_tenant(tenant)
+            cap = state.tenant_cap(tenant) or 1
+        return max(1, min(60, -(-queued // max(1, cap))))
 
     async def _record_submitted(self, run: dict[str, Any], at_ms: int) -> None:
         """History for queued runs; best effort, since the owner's claim
@@ -287,8 +310,9 @@ class Peer:
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
         with self._raft().lock:
-            active = self._raft().state.runs.get(run_id)
-            view = _view_from_state(active) if active is not None else None
+            state = self._raft().state
+            active = state.runs.get(run_id)
+            view = self._view(state, active) if active is not None else None
         if view is not None:
             return view
         row = await self._storage(self.store.get_run(run_id))
@@ -302,11 +326,9 @@ class Peer:
                 f"unknown status {status!r}; use one of {', '.join(sorted(ALL_STATUSES))}"
             )
         with self._raft().lock:
-            active = [
-                _view_from_state(r)
-                for r in self._raft().state.runs.values()
-                if status is None or r.status == status
-            ]
+            state = self._raft().state
+            active = [self._view(state, r) for r in state.runs.values()]
+        active = [v for v in active if status is None or v["status"] == status]
         stored: list[dict[str, Any]] = []
         if status is None or status in TERMINAL_STATUSES:
             rows = await self._storage(self.store.list_runs(status, limit))
@@ -328,6 +350,76 @@ class Peer:
 
     def agents(self) -> dict[str, Any]:
         return {"peer": self.id, "agents": self.registry.names()}
+
+    def _view(self, state: Any, run: Run) -> dict[str, Any]:
+        view = _view_from_state(run)
+        waiting = self.scheduler.waiting_for(state, run, now_ms())
+        view["waiting_for"] = None if waiting is None else waiting.message
+        return view
+
+    async def cancel_run(self, run_id: str) -> dict[str, Any]:
+        """Queued runs end at once; a running one is stopped by its owner."""
+        result = await self._propose(commands.cancel(_new_id(), now_ms(), run_id))
+        if result.get("ok"):
+            status = "cancelled" if result["status"] == SETTLING else "cancelling"
+            return {"id": run_id, "status": status}
+        with self._raft().lock:
+            active = self._raft().state.runs.get(run_id)
+            view = _view_from_state(active) if active is not None else None
+        if view is not None:
+            raise Conflict(f"run {run_id} cannot be cancelled: it is already {view['status']}")
+        row = await self._storage(self.store.get_run(run_id))
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
+        raise Conflict(f"run {run_id} cannot be cancelled: it already {row.status}")
+
+    async def retry_run(self, run_id: str) -> dict[str, Any]:
+        """Re-queue a dead letter under its own id. Storage is reopened first,
+        then the run re-enters Raft state at its stored epoch, so its next
+        owner claims epoch + 1. Calling again after a failure in between is
+        safe: a reopened run that never made it back into Raft is re-submitted."""
+        with self._raft().lock:
+            active = self._raft().state.runs.get(run_id)
+            view = _view_from_state(active) if active is not None else None
+        if view is not None:
+            raise Conflict(
+                f"run {run_id} is {view['status']}; only failed or timed_out runs can be retried"
+            )
+        row = await self._storage(self.store.get_run(run_id))
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
+        if row.status in DEAD_LETTER_STATUSES:
+            await self._storage(self.store.reopen(run_id))
+            row = await self._storage(self.store.get_run(run_id))
+        if row is None or row.status != QUEUED:
+            status = row.status if row is not None else "gone"
+            raise Conflict(
+                f"run {run_id} is {status}; only failed or timed_out runs can be retried"
+            )
+        spec = {
+            "id": row.id,
+            "agent": row.agent,
+            "input": unpack(row.input),
+            "tenant": row.tenant,
+            "priority": row.priority,
+            "labels": dict(row.labels),
+            "timeout_s": row.timeout_s,
+            "max_attempts": row.max_attempts,
+            "parent_id": row.parent_id,
+            "epoch": row.epoch,
+            "attempts": row.attempts,
+        }
+        result = await self._propose(commands.submit(_new_id(), now_ms(), [spec]))
+        outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
+        if "error" in outcome:
+            if outcome.get("code") == "tenant_queue_full":
+                raise TooManyRequests(
+                    f"{outcome['error']}; retry after the queue drains",
+                    retry_after_s=self._retry_after_s(row.tenant),
+                )
+            raise Conflict(f"run {run_id} could not be re-queued: {outcome['error']}")
+        log.info("dead letter re-queued", extra={"run_id": run_id, "epoch": row.epoch})
+        return {"id": run_id, "status": QUEUED}
 
     async def _storage(self, op: Any) -> Any:
         try:
@@ -354,16 +446,15 @@ class Peer:
                 }
                 for p in sorted(state.peers.values(), key=lambda p: p.id)
             ]
-            queued = state.queued()
-            oldest = min((r.submitted_at_ms for r in queued), default=None)
+            queue = queue_summary(state, self.scheduler, now)
+            slots = slot_use(state)
         return {
             "leader": leader.id if leader else None,
             "term": raft.term,
             "peers": peers,
-            "queue": {
-                "depth": len(queued),
-                "oldest_age_s": 0.0 if oldest is None else max(0.0, (now - oldest) / 1000),
-            },
+            "queue": queue,
+            "slots": slots,
+            "placement": self.scheduler.placement,
         }
 
     async def readiness(self) -> tuple[bool, str]:
@@ -372,7 +463,9 @@ class Peer:
             return False, "no known Raft leader"
         with raft.lock:
             me = raft.state.peers.get(self.id)
-            registered = me is not None and me.incarnation == self.incarnation and me.status == PEER_UP
+            registered = (
+                me is not None and me.incarnation == self.incarnation and me.status == PEER_UP
+            )
         if not registered:
             return False, "this peer has not joined the replicated membership yet"
         try:
@@ -396,10 +489,9 @@ class Peer:
         self.metrics.running.set(self.slots.busy)
         self.metrics.journal_syncs.set(raft.journal.syncs)
         with raft.lock:
-            queued = raft.state.queued()
-        self.metrics.queue_depth.set(len(queued))
-        oldest = min((r.submitted_at_ms for r in queued), default=None)
-        self.metrics.queue_oldest_age.set(0 if oldest is None else max(0, now_ms() - oldest) / 1000)
+            queue = queue_summary(raft.state, self.scheduler, now_ms())
+            slots = slot_use(raft.state)
+        self.metrics.set_queue(queue, slots)
         return generate_latest(self.metrics.registry)
 
     # -- background loops -------------------------------------------------
@@ -525,15 +617,53 @@ class Peer:
             up = {p.id: p.incarnation for p in raft.state.peers.values() if p.status == PEER_UP}
         for peer_id, incarnation in self.liveness.suspects(up, now):
             log.warning("peer %s silent for %.1fs: marking it down", peer_id, self.liveness.ttl_s)
-            result = await self._propose(commands.peer_down(_new_id(), now_ms(), peer_id, incarnation))
+            result = await self._propose(
+                commands.peer_down(_new_id(), now_ms(), peer_id, incarnation)
+            )
             if result.get("ok"):
                 self.metrics.peers_down.inc()
+        await self._configure_if_needed()
+        await self._settle_decided()
         with raft.lock:
-            plan = plan_assignments(raft.state)
+            plan = self.scheduler.plan(raft.state, now_ms())
         if plan:
             result = await self._propose(commands.assign(_new_id(), now_ms(), raft.term, plan))
             if result.get("rejected"):
                 log.debug("assignments rejected on apply: %s", result["rejected"])
+
+    async def _configure_if_needed(self) -> None:
+        """Replicate this leader's caps and retry policy, so apply enforces them."""
+        policy = self.settings.replicated_policy()
+        with self._raft().lock:
+            state = self._raft().state
+            current = {
+                "tenant_caps": state.tenant_caps,
+                "default_tenant_cap": state.default_tenant_cap,
+                "tenant_max_queued": state.tenant_max_queued,
+                "default_tenant_max_queued": state.default_tenant_max_queued,
+                "retry": dict(state.retry.__dict__),
+            }
+        if current != policy:
+            result = await self._propose(commands.configure(_new_id(), now_ms(), **policy))
+            log.info("scheduling policy replicated: %s", result)
+
+    async def _settle_decided(self) -> None:
+        """Write outcomes the mesh decided (cancelled while queued, dead letters)
+        to storage, then let the state forget the run. Storage first: a leader
+        that dies in between leaves the run settling for the next one."""
+        with self._raft().lock:
+            settling = [
+                (_assignment(r).row(), r.outcome or "failed", r.last_error)
+                for r in self._raft().state.runs.values()
+                if r.status == SETTLING
+            ]
+        for row, outcome, error in settling:
+            extra = {"run_id": row.id, "epoch": row.epoch}
+            message = "cancelled by request" if outcome == "cancelled" else error
+            await self._storage(self.store.record_runs([row]))
+            await self._storage(self.store.set_terminal(row.id, outcome, message, now_ms()))
+            await self._propose(commands.settle(_new_id(), now_ms(), row.id))
+            log.info("run %s (decided by the mesh)", outcome, extra=extra)
 
     async def _reconcile_loop(self) -> None:
         """Start what the replicated state gives this peer; stop what it took away."""
@@ -556,7 +686,9 @@ class Peer:
         wanted = {job.run_id: job.epoch for job in owned}
         for run_id, epoch in self.slots.running().items():
             if wanted.get(run_id) != epoch:
-                log.info("run no longer ours: stopping it", extra={"run_id": run_id, "epoch": epoch})
+                log.info(
+                    "run no longer ours: stopping it", extra={"run_id": run_id, "epoch": epoch}
+                )
                 self.slots.stop(run_id)
         self._attempted &= set(wanted.items())
         if self.contact.cut_off(time.monotonic()):
@@ -564,6 +696,8 @@ class Peer:
         for job in owned:
             key = (job.run_id, job.epoch)
             if self.slots.holds(*key):
+                if job.cancel_requested:
+                    self._cancel_attempt(job)
                 continue
             if key in self._attempted:
                 if key not in self._releasing:
@@ -572,6 +706,12 @@ class Peer:
             elif self.slots.start(job):
                 self._attempted.add(key)
                 log.info("starting run", extra={"run_id": job.run_id, "epoch": job.epoch})
+
+    def _cancel_attempt(self, job: Assignment) -> None:
+        ctx = self._contexts.get(job.run_id)
+        if ctx is not None and ctx.epoch == job.epoch and not ctx.cancelled:
+            log.info("cancelling run", extra={"run_id": job.run_id, "epoch": job.epoch})
+            ctx.cancel()
 
     def _detach(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -593,6 +733,13 @@ class Peer:
 
     async def _execute(self, job: Assignment) -> Outcome:
         s = self.settings
+
+        def track(ctx: RunContext | None) -> None:
+            if ctx is not None:
+                self._contexts[job.run_id] = ctx
+            elif (held := self._contexts.get(job.run_id)) is not None and held.epoch == job.epoch:
+                del self._contexts[job.run_id]
+
         return await run_attempt(
             job,
             peer_id=self.id,
@@ -602,6 +749,7 @@ class Peer:
             limits=Limits(max_children=s.max_children, max_depth=s.max_depth),
             mesh=self,
             default_memory_limit_mb=s.isolation_memory_mb,
+            on_context=track,
         )
 
     async def _on_outcome(self, job: Assignment, outcome: Outcome) -> None:
@@ -611,8 +759,10 @@ class Peer:
             log.info("attempt fenced; a newer epoch owns the run", extra=extra)
             return
         if outcome.status == RETRY:
-            log.info("attempt failed (%s); requeueing", outcome.error, extra=extra)
-            cmd = commands.release(_new_id(), now_ms(), job.run_id, job.epoch)
+            log.info("attempt failed (%s): %s", outcome.kind, outcome.error, extra=extra)
+            cmd = commands.fail(
+                _new_id(), now_ms(), job.run_id, job.epoch, outcome.kind or "error", outcome.error
+            )
         else:
             log.info("run %s", outcome.status, extra=extra)
             cmd = commands.finish(
@@ -646,6 +796,7 @@ def _assignment(run: Run) -> Assignment:
         budget=dict(run.budget) if run.budget is not None else None,
         isolation=run.isolation,
         memory_limit_mb=run.memory_limit_mb,
+        cancel_requested=run.cancel_requested,
     )
 
 
@@ -653,12 +804,16 @@ def _view_from_state(run: Run) -> dict[str, Any]:
     return {
         "id": run.id,
         "agent": run.agent,
-        "status": run.status,
+        # A settling run's outcome is decided; only its storage write is pending.
+        "status": run.outcome if run.status == SETTLING and run.outcome else run.status,
         "owner": run.owner,
         "epoch": run.epoch,
         "attempts": run.attempts,
         "result": None,
-        "error": None,
+        "error": run.last_error,
+        "cancel_requested": run.cancel_requested,
+        "retry_at": _iso_s(run.not_before_ms) if run.not_before_ms else None,
+        "session": run.session,
         "tenant": run.tenant,
         "priority": run.priority,
         "labels": dict(run.labels),

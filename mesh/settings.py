@@ -44,6 +44,18 @@ class Settings:
     isolation_memory_mb: int = 512
     events_poll_s: float = 1.0
     log_level: str = "info"
+    # Scheduling policy. The leader replicates the caps and the retry policy
+    # (``configure``) so apply can enforce them; placement and aging are its own.
+    placement: str = "least-loaded"
+    priority_aging_s: float = 60.0
+    tenant_caps: dict[str, int] = field(default_factory=dict)
+    default_tenant_cap: int | None = None
+    tenant_max_queued: dict[str, int] = field(default_factory=dict)
+    default_tenant_max_queued: int | None = None
+    retry_backoff_base_s: float = 1.0
+    retry_backoff_max_s: float = 60.0
+    retry_timeouts: bool = True
+    count_lost_owner: bool = False
 
     def __post_init__(self) -> None:
         for name in ("raft", "http"):
@@ -60,6 +72,32 @@ class Settings:
             raise SettingsError("events_poll_s must be positive")
         if self.peer_ttl_s <= self.heartbeat_interval_s:
             raise SettingsError("peer_ttl_s must exceed heartbeat_interval_s")
+        placements = ("least-loaded", "round-robin", "consistent-hash")
+        if self.placement not in placements:
+            raise SettingsError(f"placement must be one of {', '.join(placements)}")
+        limits = [*self.tenant_caps.values(), *self.tenant_max_queued.values()]
+        limits += [self.default_tenant_cap, self.default_tenant_max_queued]
+        if any(v is not None and v < 0 for v in limits):
+            raise SettingsError("tenant caps and queued maximums must be >= 0")
+        if not 0 <= self.retry_backoff_base_s <= self.retry_backoff_max_s:
+            raise SettingsError("need 0 <= retry_backoff_base_s <= retry_backoff_max_s")
+        if self.priority_aging_s < 0:
+            raise SettingsError("priority_aging_s must be >= 0 (0 turns aging off)")
+
+    def replicated_policy(self) -> dict[str, Any]:
+        """The ``configure`` command's fields, as the state machine stores them."""
+        return {
+            "tenant_caps": dict(self.tenant_caps),
+            "default_tenant_cap": self.default_tenant_cap,
+            "tenant_max_queued": dict(self.tenant_max_queued),
+            "default_tenant_max_queued": self.default_tenant_max_queued,
+            "retry": {
+                "backoff_base_ms": int(self.retry_backoff_base_s * 1000),
+                "backoff_max_ms": int(self.retry_backoff_max_s * 1000),
+                "retry_timeouts": self.retry_timeouts,
+                "count_lost_owner": self.count_lost_owner,
+            },
+        }
 
     @property
     def all_loopback(self) -> bool:
@@ -107,6 +145,17 @@ class Settings:
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
     kind = str(f.type)
     try:
+        if kind == "int | None":
+            return None if value is None or str(value).lower() in ("", "none") else int(value)
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError("expected true or false")
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if kind == "dict[str, int]":
+            pairs = _parse_labels(value) if isinstance(value, str) else dict(value)
+            return {str(k): int(v) for k, v in pairs.items()}
         if kind == "int":
             return int(value)
         if kind == "float":

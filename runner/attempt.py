@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ log = logging.getLogger("raftmesh.runner")
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 TIMED_OUT = "timed_out"
+CANCELLED = "cancelled"
 RETRY = "retry"
 FENCED = "fenced"
 
@@ -33,11 +34,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Outcome:
-    """``status`` is a terminal run status, RETRY (requeue for another
-    attempt; nothing stored) or FENCED (a newer epoch owns the run)."""
+    """``status`` is a terminal run status (stored), RETRY (the attempt failed
+    and nothing is stored: the mesh decides whether the run is retried after a
+    backoff or ends as a dead letter; ``kind`` is "error" or "timeout") or
+    FENCED (a newer epoch owns the run)."""
 
     status: str
     error: str | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Assignment:
     budget: dict[str, int] | None = None
     isolation: str = "task"
     memory_limit_mb: int | None = None
+    cancel_requested: bool = False
 
     def row(self) -> RunRow:
         return RunRow(
@@ -102,7 +107,10 @@ async def run_attempt(
     limits: Limits | None = None,
     mesh: MeshLink | None = None,
     default_memory_limit_mb: int = 512,
+    on_context: Callable[[RunContext | None], None] | None = None,
 ) -> Outcome:
+    """``on_context`` is told the attempt's context once the agent is about to
+    start, and None when it has ended, so the peer can cancel it meanwhile."""
     extra = {"run_id": job.run_id, "epoch": job.epoch}
     try:
         claim = await retry_unavailable(
@@ -139,34 +147,66 @@ async def run_attempt(
         limits=limits or Limits(),
         mesh=mesh,
     )
-    result: Any = None
+    if job.cancel_requested:
+        ctx.cancel()
+    if on_context is not None:
+        on_context(ctx)
     try:
-        async with asyncio.timeout(job.timeout_s):
-            if job.isolation == PROCESS:
-                memory_mb = job.memory_limit_mb or default_memory_limit_mb
-                result = await run_isolated(ctx, job.agent, job.input, memory_mb, registry)
-            else:
-                result = await fn(ctx, job.input)
-        await ctx.drain()
-        outcome = Outcome(SUCCEEDED)
+        if job.isolation == PROCESS:
+            memory_mb = job.memory_limit_mb or default_memory_limit_mb
+            agent_run = run_isolated(ctx, job.agent, job.input, memory_mb, registry)
+        else:
+            agent_run = fn(ctx, job.input)
+        outcome, result = await _run_agent(agent_run, ctx, job)
     except Fenced as exc:
         log.info("fenced: %s", exc, extra=extra)
         return Outcome(FENCED, str(exc))
-    except TimeoutError:
-        outcome = Outcome(TIMED_OUT, f"attempt exceeded its timeout of {job.timeout_s}s")
     except RunError as exc:  # another attempt would fail the same way
         log.info("run failed: %s", exc, extra=extra)
         return await _store_outcome(
             job, store, clock_ms, Outcome(FAILED, f"{type(exc).__name__}: {exc}"), None
         )
-    except Exception as exc:  # the agent's own failure, reported as the run's error
-        log.info("agent raised %s", exc, extra=extra)
-        outcome = Outcome(FAILED, f"{type(exc).__name__}: {exc}")
     finally:
         ctx.abandon()
-    if outcome.status != SUCCEEDED and job.attempt < job.max_attempts:
-        return Outcome(RETRY, outcome.error)
+        if on_context is not None:
+            on_context(None)
+    if outcome.status == RETRY:
+        log.info("attempt failed: %s", outcome.error, extra=extra)
+        return outcome
     return await _store_outcome(job, store, clock_ms, outcome, result)
+
+
+async def _run_agent(
+    agent_run: Coroutine[Any, Any, Any], ctx: RunContext, job: Assignment
+) -> tuple[Outcome, Any]:
+    """Run the agent as its own task (so ``ctx.cancel`` can stop it) under the
+    run's timeout. Fenced and RunError propagate; every other ending becomes
+    an Outcome."""
+    task = asyncio.ensure_future(agent_run)
+    ctx.bind_task(task)
+    try:
+        async with asyncio.timeout(job.timeout_s):
+            result = await task
+        await ctx.drain()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not ctx.cancelled or (current is not None and current.cancelling()):
+            task.cancel()
+            raise
+        return Outcome(CANCELLED, "cancelled by request"), None
+    except (Fenced, RunError):
+        raise
+    except TimeoutError:
+        if ctx.cancelled:
+            return Outcome(CANCELLED, "cancelled by request"), None
+        return Outcome(RETRY, f"attempt exceeded its timeout of {job.timeout_s}s", "timeout"), None
+    except Exception as exc:  # the agent's own failure, reported as the run's error
+        if ctx.cancelled:
+            return Outcome(CANCELLED, "cancelled by request"), None
+        return Outcome(RETRY, f"{type(exc).__name__}: {exc}", "error"), None
+    if ctx.cancelled:
+        return Outcome(CANCELLED, "cancelled by request"), None
+    return Outcome(SUCCEEDED), result
 
 
 async def _stored_places(store: Store, run_id: str) -> frozenset[tuple[int, int]]:

@@ -151,6 +151,13 @@ class RunContext:
         self._cancelled = asyncio.Event()
         self.replayed_steps = 0
         self.executed_steps = 0
+        self._agent_task: asyncio.Future[Any] | None = None
+
+    def bind_task(self, task: asyncio.Future[Any]) -> None:
+        """The runner hands over the agent's task so that ``cancel`` can stop it."""
+        self._agent_task = task
+        if self.cancelled:
+            task.cancel()
 
     # -- steps ------------------------------------------------------------
 
@@ -364,10 +371,15 @@ class RunContext:
 
     @property
     def cancelled(self) -> bool:
+        """True once the run was cancelled; an agent may poll it between steps."""
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
+        """Cancel the run: the agent's task gets CancelledError at its next await
+        and the attempt ends as ``cancelled`` (terminal, never retried)."""
         self._cancelled.set()
+        if self._agent_task is not None and not self._agent_task.done():
+            self._agent_task.cancel()
 
     async def _fenced(self, write: Any) -> None:
         try:

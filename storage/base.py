@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+# Terminal outcomes an operator may re-queue (POST /v1/runs/{id}/retry).
+DEAD_LETTER_STATUSES = frozenset({"failed", "timed_out"})
 
 
 class StorageError(Exception):
@@ -180,6 +182,12 @@ class Store(Protocol):
         (cancelled, failed after the last attempt was lost). Unfenced, but never
         overwrites a stored result or an earlier terminal status; a run storage
         has never seen is left alone. ValueError if ``status`` is not terminal."""
+
+    async def reopen(self, run_id: str) -> bool:
+        """Put a dead letter (failed or timed_out) back to queued, clearing its
+        outcome, for a retry the operator asked for; checkpoints are kept and
+        the epoch stays, so the next owner's claim fences every older one.
+        False (nothing changed) for any other status or an unknown run."""
 
     async def get_run(self, run_id: str) -> RunRow | None: ...
 

@@ -26,6 +26,7 @@ from storage._common import (
     run_from_row,
 )
 from storage.base import (
+    DEAD_LETTER_STATUSES,
     TERMINAL_STATUSES,
     Claim,
     Event,
@@ -305,6 +306,16 @@ class PostgresStore:
                 now_ms,
                 _TERMINAL,
             )
+
+    async def reopen(self, run_id: str) -> bool:
+        async with self._connection() as conn:
+            done = await conn.execute(
+                "UPDATE runs SET status = 'queued', result = NULL, error = NULL,"
+                " finished_at_ms = NULL WHERE id = $1 AND status = ANY($2::text[])",
+                run_id,
+                list(DEAD_LETTER_STATUSES),
+            )
+        return done != "UPDATE 0"
 
     async def get_run(self, run_id: str) -> RunRow | None:
         async with self._connection() as conn:

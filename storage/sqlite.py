@@ -30,6 +30,7 @@ from storage._common import (
     run_from_row,
 )
 from storage.base import (
+    DEAD_LETTER_STATUSES,
     TERMINAL_STATUSES,
     Claim,
     Event,
@@ -285,6 +286,17 @@ class SqliteStore:
                 (status, error, now_ms, run_id, *_TERMINAL),
             )
         )
+
+    async def reopen(self, run_id: str) -> bool:
+        statuses = sorted(DEAD_LETTER_STATUSES)
+        cursor = await self._write(
+            lambda conn: conn.execute(
+                "UPDATE runs SET status = 'queued', result = NULL, error = NULL,"
+                f" finished_at_ms = NULL WHERE id = ? AND status IN ({', '.join('?' * len(statuses))})",
+                (run_id, *statuses),
+            )
+        )
+        return cursor.rowcount > 0
 
     async def get_run(self, run_id: str) -> RunRow | None:
         row = await self._read(

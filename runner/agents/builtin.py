@@ -95,3 +95,11 @@ async def hog(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]:
     mb = int(input.get("mb", 64))
     chunks = [bytearray(1 << 20) for _ in range(mb)]
     return {"allocated_mb": len(chunks), "pid": os.getpid()}
+
+
+@agent("flaky")
+async def flaky(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]:
+    """Fails its first ``fail_attempts`` attempts, then succeeds: retries made visible."""
+    if ctx.attempt <= int(input.get("fail_attempts", 1)):
+        raise RuntimeError(f"attempt {ctx.attempt} fails on purpose")
+    return {"attempt": ctx.attempt}

@@ -291,3 +291,35 @@ async def test_a_closed_store_is_unavailable(target: Target, make_store: MakeSto
 
     with pytest.raises(StorageUnavailable):
         await closed.ping()
+
+
+async def test_reopen_requeues_a_dead_letter_and_fences_by_epoch(store: Store) -> None:
+    await claimed(store, epoch=1, peer="p1")
+    await store.put_step("r1", 1, 0, "plan", b"kept", "p1", 20)
+    await store.set_terminal("r1", "failed", "boom", 30)
+
+    assert await store.reopen("r1")
+    row = await store.get_run("r1")
+    assert row is not None
+    assert (row.status, row.result, row.error, row.finished_at_ms, row.epoch) == (
+        "queued",
+        None,
+        None,
+        None,
+        1,
+    )
+    claim = await store.claim(make_run(), 2, "p2", now_ms=40)
+    assert not claim.finished
+    assert [s.value for s in await store.load_steps("r1")] == [b"kept"]
+    with pytest.raises(StaleEpoch):
+        await store.put_result("r1", 1, "succeeded", b"late", None, 50)
+
+
+async def test_reopen_refuses_what_is_not_a_dead_letter(store: Store) -> None:
+    await claimed(store, epoch=1, peer="p1")
+    assert not await store.reopen("r1")
+    await store.put_result("r1", 1, "succeeded", b"answer", None, 50)
+    assert not await store.reopen("r1")
+    assert not await store.reopen("nobody")
+    row = await store.get_run("r1")
+    assert row is not None and row.status == "succeeded"

@@ -1,0 +1,72 @@
+"""What operators see of the queue and the slots: /v1/cluster and /metrics.
+
+Pure: computed from one peer's copy of the replicated state and its clock, so
+every peer answers alike (up to replication lag).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from consensus.state import PEER_UP, QUEUED, RUNNING, MeshState
+from mesh.scheduler import Scheduler
+
+
+def queue_summary(state: MeshState, scheduler: Scheduler, now_ms: int) -> dict[str, Any]:
+    """Depth and oldest age overall and per tenant, and why runs wait."""
+    tenants: dict[str, dict[str, Any]] = {}
+    waiting: Counter[str] = Counter()
+    depth = 0
+    oldest: int | None = None
+    for run in state.runs.values():
+        entry = tenants.setdefault(run.tenant, {"queued": 0, "running": 0, "oldest_ms": None})
+        if run.status == RUNNING:
+            entry["running"] += 1
+        if run.status != QUEUED:
+            continue
+        depth += 1
+        entry["queued"] += 1
+        if entry["oldest_ms"] is None or run.submitted_at_ms < entry["oldest_ms"]:
+            entry["oldest_ms"] = run.submitted_at_ms
+        if oldest is None or run.submitted_at_ms < oldest:
+            oldest = run.submitted_at_ms
+        reason = scheduler.waiting_for(state, run, now_ms)
+        if reason is not None:
+            waiting[reason.message] += 1
+    per_tenant = {
+        tenant: {
+            "queued": e["queued"],
+            "running": e["running"],
+            "oldest_age_s": _age_s(e["oldest_ms"], now_ms),
+            "cap": state.tenant_cap(tenant),
+            "max_queued": state.tenant_queue_limit(tenant),
+        }
+        for tenant, e in sorted(tenants.items())
+    }
+    return {
+        "depth": depth,
+        "oldest_age_s": _age_s(oldest, now_ms),
+        "tenants": per_tenant,
+        "waiting_for": dict(waiting.most_common()),
+    }
+
+
+def slot_use(state: MeshState) -> dict[str, Any]:
+    """Slots offered and used, per up peer and per label (key=value)."""
+    peers = {}
+    labels: dict[str, dict[str, int]] = {}
+    for peer in sorted(state.peers.values(), key=lambda p: p.id):
+        if peer.status != PEER_UP:
+            continue
+        used = state.running_on(peer.id)
+        peers[peer.id] = {"slots": peer.slots, "used": used}
+        for key, value in peer.labels.items():
+            entry = labels.setdefault(f"{key}={value}", {"slots": 0, "used": 0})
+            entry["slots"] += peer.slots
+            entry["used"] += used
+    return {"peers": peers, "labels": dict(sorted(labels.items()))}
+
+
+def _age_s(since_ms: int | None, now_ms: int) -> float:
+    return 0.0 if since_ms is None else max(0.0, (now_ms - since_ms) / 1000)
