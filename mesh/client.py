@@ -83,6 +83,8 @@ class MeshClient:
         budget: dict[str, int] | None = None,
         isolation: str | None = None,
         memory_limit_mb: int | None = None,
+        session: str | None = None,
+        placement: str | None = None,
     ) -> dict[str, Any]:
         """Submit a run; returns {"id", "status"} once a majority committed it."""
         body: dict[str, Any] = {"agent": agent, "input": input}
@@ -96,6 +98,8 @@ class MeshClient:
             "budget": budget,
             "isolation": isolation,
             "memory_limit_mb": memory_limit_mb,
+            "session": session,
+            "placement": placement,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
         return await self._request("POST", "/v1/runs", json=body)
@@ -108,6 +112,14 @@ class MeshClient:
     ) -> dict[str, Any]:
         params = {k: str(v) for k, v in (("status", status), ("limit", limit)) if v is not None}
         return await self._request("GET", "/v1/runs", params=params)
+
+    async def cancel(self, id: str) -> dict[str, Any]:
+        """Cancel a run; {"id", "status": "cancelled" | "cancelling"}. 409 if it already ended."""
+        return await self._request("POST", f"/v1/runs/{id}/cancel")
+
+    async def retry(self, id: str) -> dict[str, Any]:
+        """Re-queue a failed or timed-out run (a dead letter) under its own id."""
+        return await self._request("POST", f"/v1/runs/{id}/retry")
 
     async def cluster(self) -> dict[str, Any]:
         return await self._request("GET", "/v1/cluster")

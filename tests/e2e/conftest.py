@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import pytest_asyncio
 
 from mesh.devmesh import DevMesh
 from storage import Store, open_store
@@ -29,39 +30,60 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-async def make_mesh(tmp_path: Path) -> AsyncIterator[MakeMesh]:
-    meshes: list[DevMesh] = []
-    schemas: list[str] = []
+class MeshFactory:
+    """Builds meshes under ``root`` and closes them all, newest first."""
 
-    async def make(backend: str = "postgres", nodes: int = 3, **kwargs: Any) -> DevMesh:
-        n = len(meshes)
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.meshes: list[DevMesh] = []
+        self.schemas: list[str] = []
+
+    async def make(self, backend: str = "postgres", nodes: int = 3, **kwargs: Any) -> DevMesh:
+        n = len(self.meshes)
         if backend == "postgres":
             schema = f"e2e_{uuid.uuid4().hex[:16]}"
-            schemas.append(schema)
+            self.schemas.append(schema)
             storage = f"{PG_URL}?schema={schema}"
         else:
-            storage = f"sqlite:///{tmp_path / f'mesh{n}.db'}"
+            storage = f"sqlite:///{self.root / f'mesh{n}.db'}"
         env = {"MESH_LOG_LEVEL": "info", **kwargs.pop("env", {})}
         # Free ports from the kernel: the default ones may belong to a mesh of
         # another test run on this machine, whose peers would answer instead.
         kwargs.setdefault("base_port", 0)
-        mesh = DevMesh(tmp_path / f"mesh{n}", nodes, storage=storage, env=env, **kwargs)
-        meshes.append(mesh)
+        mesh = DevMesh(self.root / f"mesh{n}", nodes, storage=storage, env=env, **kwargs)
+        self.meshes.append(mesh)
         mesh.start()
         await mesh.wait_ready(timeout_s=60)
         return mesh
 
-    yield make
-    for mesh in reversed(meshes):
-        mesh.stop(grace_s=5)
-    if schemas:
-        conn = await asyncpg.connect(PG_URL)
-        try:
-            for schema in schemas:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+    async def close(self) -> None:
+        for mesh in reversed(self.meshes):
+            mesh.stop(grace_s=5)
+        if self.schemas:
+            conn = await asyncpg.connect(PG_URL)
+            try:
+                for schema in self.schemas:
+                    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+
+@pytest.fixture
+async def make_mesh(tmp_path: Path) -> AsyncIterator[MakeMesh]:
+    factory = MeshFactory(tmp_path)
+    yield factory.make
+    await factory.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def make_module_mesh(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[MakeMesh]:
+    """Meshes shared by the tests of one module (which must then run on the
+    module's event loop: ``pytest.mark.asyncio(loop_scope="module")``)."""
+    factory = MeshFactory(tmp_path_factory.mktemp("meshes"))
+    yield factory.make
+    await factory.close()
 
 
 @pytest.fixture
