@@ -623,13 +623,14 @@ class Peer:
             if result.get("ok"):
                 self.metrics.peers_down.inc()
         await self._configure_if_needed()
-        await self._settle_decided()
         with raft.lock:
             plan = self.scheduler.plan(raft.state, now_ms())
         if plan:
             result = await self._propose(commands.assign(_new_id(), now_ms(), raft.term, plan))
             if result.get("rejected"):
                 log.debug("assignments rejected on apply: %s", result["rejected"])
+        # Last, so that an unreachable database delays only these outcomes.
+        await self._settle_decided()
 
     async def _configure_if_needed(self) -> None:
         """Replicate this leader's caps and retry policy, so apply enforces them."""

@@ -343,31 +343,32 @@ async def _peer_down(client: MeshClient, peer_id: str) -> bool:
 async def test_consistent_hash_keeps_a_session_on_one_peer_and_moves_few_keys(
     main: Mesh,
 ) -> None:
-    async def place(session: str, count: int = 1) -> set[str]:
-        ids = [
-            (
-                await main.up_client().submit(
-                    "echo", session, session=session, placement="consistent-hash"
-                )
-            )["id"]
-            for _ in range(count)
-        ]
-        runs = await wait_all_terminal(main.up_client(), ids, timeout_s=60)
+    async def place(sessions: list[str]) -> dict[str, set[str]]:
+        """Run one echo per entry of ``sessions``; each session's owners."""
+        client = main.up_client()
+        accepted = await asyncio.gather(
+            *(client.submit("echo", s, session=s, placement="consistent-hash") for s in sessions)
+        )
+        ids = [a["id"] for a in accepted]
+        runs = await wait_all_terminal(client, ids, timeout_s=60)
         assert {r["status"] for r in runs.values()} == {"succeeded"}
-        return {r["owner"] for r in runs.values()}
+        owners: dict[str, set[str]] = {}
+        for session, run_id in zip(sessions, ids, strict=True):
+            owners.setdefault(session, set()).add(runs[run_id]["owner"])
+        return owners
 
-    owners = await place("alpha", 20)
-    assert len(owners) == 1, f"session alpha ran on {owners}"
-    home = owners.pop()
     keys = [f"key-{i}" for i in range(24)]
-    before = {k: (await place(k)).pop() for k in keys}
+    first = await place(["alpha"] * 20 + keys)
+    assert len(first["alpha"]) == 1, f"session alpha ran on {first['alpha']}"
+    home = next(iter(first["alpha"]))
+    before = {k: first[k].pop() for k in keys}
     assert len(set(before.values())) == 3, "24 keys should land on every peer"
 
     main.mesh.kill(home)
     await eventually(lambda: _peer_down(main.up_client(), home), 20, f"{home} to be marked down")
-    moved_to = await place("alpha", 3)
-    assert len(moved_to) == 1 and home not in moved_to
-    after = {k: (await place(k)).pop() for k in keys}
+    second = await place(["alpha"] * 3 + keys)
+    assert len(second["alpha"]) == 1 and home not in second["alpha"]
+    after = {k: second[k].pop() for k in keys}
     stayed = [k for k in keys if before[k] != home]
     moved = [k for k in stayed if after[k] != before[k]]
     print(f"\nconsistent-hash: {len(stayed)} keys not on {home}, {len(moved)} of them moved")
