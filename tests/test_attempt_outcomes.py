@@ -1,0 +1,139 @@
+"""One attempt on a real (SQLite) store: cancel, timeout and failure outcomes,
+and the state machine's retry policy for failures and lost owners."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consensus import commands as c
+from consensus.state import QUEUED, SETTLING, MeshState
+from runner.attempt import CANCELLED, RETRY, Assignment, Outcome, run_attempt
+from runner.context import RunContext
+from runner.registry import Registry
+from storage import Store, open_store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = open_store(f"sqlite:///{tmp_path / 'runs.db'}")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def job(agent: str, timeout_s: float | None = None, epoch: int = 1, **kw: Any) -> Assignment:
+    return Assignment(
+        run_id="r1",
+        epoch=epoch,
+        attempt=1,
+        agent=agent,
+        input=None,
+        tenant="default",
+        priority=0,
+        labels={},
+        timeout_s=timeout_s,
+        max_attempts=3,
+        idempotency_key=None,
+        parent_id=None,
+        submitted_at_ms=1,
+        **kw,
+    )
+
+
+async def attempt(store: Store, registry: Registry, j: Assignment, **kw: Any) -> Outcome:
+    return await run_attempt(
+        j, peer_id="p1", store=store, registry=registry, clock_ms=lambda: 1000, **kw
+    )
+
+
+async def test_cancel_reaches_the_agent_as_cancelled_error_and_is_stored(store: Store) -> None:
+    seen: dict[str, Any] = {}
+    started = asyncio.Event()
+
+    async def waits(ctx: RunContext, _: Any) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen["cancelled"] = ctx.cancelled
+            raise
+
+    registry = Registry()
+    registry.add("waits", waits)
+    contexts: list[RunContext | None] = []
+    task = asyncio.create_task(attempt(store, registry, job("waits"), on_context=contexts.append))
+    await asyncio.wait_for(started.wait(), 5)
+    ctx = contexts[0]
+    assert ctx is not None and not ctx.cancelled
+    ctx.cancel()
+    outcome = await asyncio.wait_for(task, 1)
+    assert outcome == Outcome(CANCELLED, "cancelled by request")
+    assert seen == {"cancelled": True}
+    assert contexts[-1] is None
+    row = await store.get_run("r1")
+    assert row is not None and (row.status, row.error) == ("cancelled", "cancelled by request")
+
+
+async def test_a_run_cancelled_before_it_starts_never_runs_its_agent(store: Store) -> None:
+    calls = []
+
+    async def records(ctx: RunContext, _: Any) -> None:
+        calls.append(1)
+
+    registry = Registry()
+    registry.add("records", records)
+    outcome = await attempt(store, registry, job("records", cancel_requested=True))
+    assert outcome.status == CANCELLED and calls == []
+
+
+async def test_timeouts_and_errors_are_left_to_the_mesh_unstored(store: Store) -> None:
+    async def slow(ctx: RunContext, _: Any) -> None:
+        await asyncio.sleep(60)
+
+    async def broken(ctx: RunContext, _: Any) -> None:
+        raise ValueError("nope")
+
+    registry = Registry()
+    registry.add("slow", slow)
+    registry.add("broken", broken)
+    timed = await attempt(store, registry, job("slow", timeout_s=0.05))
+    assert (timed.status, timed.kind) == (RETRY, "timeout")
+    failed = await attempt(store, registry, job("broken", epoch=2))
+    assert (failed.status, failed.kind, failed.error) == (RETRY, "error", "ValueError: nope")
+    row = await store.get_run("r1")
+    assert row is not None and row.status == "running" and row.result is None
+
+
+def _running(policy: dict[str, Any], max_attempts: int) -> MeshState:
+    state = MeshState()
+    for cmd in (
+        c.configure("c0", 1, {}, None, {}, None, policy),
+        c.peer_up("c1", 1, "p", "i1", "r", "h", 2, {}),
+        c.submit("c2", 1, [{"id": "r", "agent": "echo", "max_attempts": max_attempts}]),
+        c.assign("c3", 1, 1, [("r", "p", 1)]),
+    ):
+        assert state.apply(cmd)["ok"]
+    return state
+
+
+def test_timeouts_end_the_run_at_once_unless_configured_to_retry() -> None:
+    state = _running({"retry_timeouts": False}, max_attempts=3)
+    assert state.apply(c.fail("c4", 2, "r", 1, "timeout", "slow"))["retry"] is False
+    assert (state.runs["r"].status, state.runs["r"].outcome) == (SETTLING, "timed_out")
+    state = _running({"retry_timeouts": True}, max_attempts=3)
+    assert state.apply(c.fail("c4", 2, "r", 1, "timeout", "slow"))["retry"] is True
+
+
+def test_lost_owners_use_attempts_only_when_configured() -> None:
+    state = _running({"count_lost_owner": False}, max_attempts=1)
+    assert state.apply(c.peer_down("c4", 2, "p", "i1"))["ok"]
+    assert (state.runs["r"].status, state.runs["r"].losses) == (QUEUED, 1)
+    state = _running({"count_lost_owner": True}, max_attempts=1)
+    assert state.apply(c.peer_down("c4", 2, "p", "i1"))["ok"]
+    run = state.runs["r"]
+    assert (run.status, run.outcome, run.last_error) == (SETTLING, "failed", "owner lost 1 times")
