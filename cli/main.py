@@ -562,7 +562,10 @@ def _peers_table(mesh: DevMesh) -> Table:
 
 
 # Registered last: these modules use the options and helpers defined above.
+from cli import run_control  # noqa: E402
 from cli.watch import agents, follow_run, print_end, watch  # noqa: E402
 
 main.add_command(watch)
 main.add_command(agents)
+main.add_command(run_control.cancel)
+main.add_command(run_control.retry)
