@@ -814,6 +814,8 @@ def _view_from_state(run: Run) -> dict[str, Any]:
         "error": run.last_error,
         "cancel_requested": run.cancel_requested,
         "retry_at": _iso_s(run.not_before_ms) if run.not_before_ms else None,
+        # Counted apart: which of them use up max_attempts is the mesh's retry policy.
+        "failures": {"error": run.errors, "timeout": run.timeouts, "lost_owner": run.losses},
         "session": run.session,
         "tenant": run.tenant,
         "priority": run.priority,

@@ -187,8 +187,22 @@ async def test_failed_attempts_are_retried_with_backoff_then_succeed(main: Mesh)
 async def test_exhausted_retries_make_a_dead_letter_that_the_api_requeues(main: Mesh) -> None:
     client = main.client("peer-3")
     run = await client.submit("flaky", {"fail_attempts": 2}, max_attempts=2)
-    dead = await client.wait(run["id"], timeout_s=30)
+    seen_retrying = []
+
+    async def dead_or_retrying() -> dict[str, Any] | None:
+        view = await client.get_run(run["id"])
+        if view["status"] == "queued" and view["failures"]["error"] == 1:
+            assert view["retry_at"] is not None and view["error"].startswith("RuntimeError")
+            assert view["waiting_for"] in ("retry backoff after a failed attempt", None) or (
+                view["waiting_for"].startswith("its turn")
+            )
+            seen_retrying.append(view)
+        return view if view["status"] == "failed" else None
+
+    dead = await eventually(dead_or_retrying, 30, "the dead letter", poll_s=0.02)
     assert dead["status"] == "failed" and dead["attempts"] == 2
+    # while it was retrying, the failure counts and the backoff were visible
+    assert seen_retrying, "the run was never seen waiting in its retry backoff"
     assert dead["error"] == "RuntimeError: attempt 2 fails on purpose"
     letters = (await main.client("peer-1").list_runs(status="failed"))["runs"]
     assert run["id"] in {r["id"] for r in letters}
