@@ -31,11 +31,22 @@ def test_cancel_takes_every_descendant_and_nothing_else():
 
     result = state.apply(c.cancel("cx", 3, "root"))
 
-    assert result == {"ok": True, "cancelled": ["root", "a", "b", "a1"]}
-    assert set(state.runs) == {"x", "x1"}, "an unrelated tree is untouched"
-    assert state.running_on("peer-1") == 1, "the cancelled runs' slots are free again"
-    assert state.apply(c.cancel("cy", 4, "root")) == {
-        "ok": False,
-        "error": "unknown or finished run",
-    }
-    assert state.apply(c.cancel("cx", 5, "x")) == result, "a retried cid applies once"
+    assert result == {"ok": True, "status": "running", "cancelled": ["root", "a", "b", "a1"]}
+    runs = state.runs
+    # running ones are flagged for their owner to stop; queued ones end at once
+    # (settling: the leader records "cancelled" in storage, then settles them)
+    assert [runs[i].status for i in ("root", "a", "b", "a1")] == [
+        "running",
+        "running",
+        "settling",
+        "settling",
+    ]
+    assert all(runs[i].cancel_requested for i in ("root", "a", "b", "a1"))
+    assert {runs[i].outcome for i in ("b", "a1")} == {"cancelled"}
+    assert not runs["x"].cancel_requested and not runs["x1"].cancel_requested
+    assert runs["x1"].status == "queued", "an unrelated tree is untouched"
+    assert state.apply(c.finish("f", 4, "a", 1, "cancelled", None))["ok"]
+    assert state.running_on("peer-1") == 2, "a stopped child frees its slot"
+    assert state.apply(c.settle("s", 5, "b"))["ok"] and "b" not in state.runs
+    assert state.apply(c.cancel("cx", 6, "x")) == result, "a retried cid applies once"
+    assert state.apply(c.cancel("cz", 7, "gone")) == {"ok": False, "error": "run is not active"}
