@@ -378,9 +378,7 @@ class Peer:
         then the run re-enters Raft state at its stored epoch, so its next
         owner claims epoch + 1. Calling again after a failure in between is
         safe: a reopened run that never made it back into Raft is re-submitted."""
-        with self._raft().lock:
-            active = self._raft().state.runs.get(run_id)
-            view = _view_from_state(active) if active is not None else None
+        view = await self._settled_view(run_id)
         if view is not None:
             raise Conflict(
                 f"run {run_id} is {view['status']}; only failed or timed_out runs can be retried"
@@ -420,6 +418,22 @@ class Peer:
             raise Conflict(f"run {run_id} could not be re-queued: {outcome['error']}")
         log.info("dead letter re-queued", extra={"run_id": run_id, "epoch": row.epoch})
         return {"id": run_id, "status": QUEUED}
+
+    async def _settled_view(self, run_id: str) -> dict[str, Any] | None:
+        """The run's view while it is active, after waiting out a settling
+        outcome (decided, not yet in storage) for up to the commit timeout."""
+        deadline = time.monotonic() + self.settings.commit_timeout_s
+        while True:
+            with self._raft().lock:
+                active = self._raft().state.runs.get(run_id)
+                view = _view_from_state(active) if active is not None else None
+                settling = active is not None and active.status == SETTLING
+            if not settling:
+                return view
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"run {run_id}'s outcome is still being recorded; retry shortly")
+            self._leader_wake.set()
+            await asyncio.sleep(0.05)
 
     async def _storage(self, op: Any) -> Any:
         try:
