@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from cli import membership
 from mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
 from mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET, DevMesh, DevMeshError
 from mesh.settings import Settings, SettingsError
@@ -63,6 +64,10 @@ def main() -> None:
     """raftmesh: a peer-to-peer mesh that runs long-lived agent runs."""
 
 
+for _command in membership.COMMANDS:
+    main.add_command(_command)
+
+
 @main.command()
 @click.option("--id", help="This peer's id (env MESH_ID).")
 @click.option("--raft", help="Raft bind address HOST:PORT (env MESH_RAFT).")
@@ -74,6 +79,11 @@ def main() -> None:
 @click.option("--secret", help="Cluster secret for Raft traffic (env MESH_SECRET).")
 @click.option("--labels", help="Slot labels k=v,k=v (env MESH_LABELS).")
 @click.option("--api-token", help="Require this bearer token on the API (env MESH_API_TOKEN).")
+@click.option(
+    "--role",
+    type=click.Choice(["voter", "executor"]),
+    help="voter (Raft member) or executor (runs work, no vote; --peers are the voters).",
+)
 @click.option(
     "--config",
     type=click.Path(dir_okay=False),
@@ -231,12 +241,21 @@ def status(peer: str, token: str | None) -> None:
     summary.add_row("queue depth", str(queue.get("depth")))
     summary.add_row("oldest queued", f"{queue.get('oldest_age_s') or 0:.1f} s")
     console.print(summary)
+    summary.add_row("voters", ", ".join(info.get("voters") or []))
     peers = Table(title="Peers")
-    for column in ("id", "raft", "http", "status", "slots", "running"):
+    for column in ("id", "role", "raft", "http", "status", "slots", "running"):
         peers.add_column(column)
     for p in info.get("peers", []):
         name = f"{p['id']} (leader)" if p["id"] == info.get("leader") else p["id"]
-        peers.add_row(name, p["raft"], p["http"], p["status"], str(p["slots"]), str(p["running"]))
+        status = p["status"]
+        if p.get("drain"):
+            status += f", draining ({p['drain']})"
+        if p.get("stopping"):
+            status += ", stopping"
+        peers.add_row(
+            name, p.get("role", "voter"), p["raft"] or "-", p["http"], status,
+            str(p["slots"]), str(p["running"]),
+        )
     console.print(peers)
 
 

@@ -27,9 +27,28 @@ CONFIGURE = "configure"
 FAIL = "fail"
 CANCEL = "cancel"
 SETTLE = "settle"
+PEER_JOIN = "peer_join"
+PEER_DRAIN = "peer_drain"
+PEER_STOPPING = "peer_stopping"
+PEER_LEAVE = "peer_leave"
 
 OPS = frozenset(
-    {SUBMIT, ASSIGN, FINISH, RELEASE, PEER_UP, PEER_DOWN, CONFIGURE, FAIL, CANCEL, SETTLE}
+    {
+        SUBMIT,
+        ASSIGN,
+        FINISH,
+        RELEASE,
+        PEER_UP,
+        PEER_DOWN,
+        CONFIGURE,
+        FAIL,
+        CANCEL,
+        SETTLE,
+        PEER_JOIN,
+        PEER_DRAIN,
+        PEER_STOPPING,
+        PEER_LEAVE,
+    }
 )
 
 Command = dict[str, Any]
@@ -99,6 +118,7 @@ def peer_up(
     slots: int,
     labels: dict[str, str],
     agents: list[str] | None = None,
+    role: str = "voter",
 ) -> Command:
     """``incarnation`` changes on every process start, so the state machine can
     tell a restarted peer (whose in-memory runs are gone) from a live one."""
@@ -113,6 +133,7 @@ def peer_up(
         "slots": slots,
         "labels": labels,
         "agents": agents,
+        "role": role,
     }
 
 
@@ -172,3 +193,36 @@ def cancel(cid: str, at_ms: int, run_id: str) -> Command:
 def settle(cid: str, at_ms: int, run_id: str) -> Command:
     """Proposed once storage holds a settling run's outcome; evicts the run."""
     return {"op": SETTLE, "cid": cid, "at_ms": at_ms, "run": run_id}
+
+
+def peer_join(cid: str, at_ms: int, peer_id: str, raft: str, http: str, role: str) -> Command:
+    """Reserves ``peer_id`` for a process about to join (``raft`` is empty for
+    an executor, which has no Raft listener)."""
+    return {
+        "op": PEER_JOIN,
+        "cid": cid,
+        "at_ms": at_ms,
+        "peer": peer_id,
+        "raft": raft,
+        "http": http,
+        "role": role,
+    }
+
+
+def peer_drain(cid: str, at_ms: int, peer_id: str, mode: str) -> Command:
+    """``mode``: "finish", "release", or "" to undrain."""
+    return {"op": PEER_DRAIN, "cid": cid, "at_ms": at_ms, "peer": peer_id, "mode": mode}
+
+
+def peer_stopping(cid: str, at_ms: int, peer_id: str, incarnation: str) -> Command:
+    return {
+        "op": PEER_STOPPING,
+        "cid": cid,
+        "at_ms": at_ms,
+        "peer": peer_id,
+        "incarnation": incarnation,
+    }
+
+
+def peer_leave(cid: str, at_ms: int, peer_id: str) -> Command:
+    return {"op": PEER_LEAVE, "cid": cid, "at_ms": at_ms, "peer": peer_id}

@@ -14,11 +14,20 @@ shared/notes/pysyncobj.md):
 * The thread seam. Applies and callbacks run on pysyncobj's tick thread; they
   reach the event loop only through ``loop.call_soon_threadsafe``. Readers on
   the loop take ``RaftNode.lock`` to see a consistent state.
+* Membership. Voters change one at a time through pysyncobj's dynamic
+  membership (a change takes effect when appended and is replayed from the
+  journal or snapshot on restart). The latest voter set this node has seen is
+  also kept in ``voters.json`` in the data dir, because a restarted node needs
+  partners before it can read anything: a joined node's command line names
+  only the seed it joined through. A node with no address of its own is an
+  executor: pysyncobj's read-only node, which receives the log and can
+  propose, but never votes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -165,12 +174,38 @@ class _Entry:
         self.settled = False
 
 
+VOTERS_FILE = "voters.json"
+
+
+def persisted_voters(data_dir: str) -> list[str] | None:
+    """The voter set this data dir last saw, or None for a fresh data dir."""
+    try:
+        with open(os.path.join(data_dir, VOTERS_FILE)) as fh:
+            voters = json.load(fh)["voters"]
+    except FileNotFoundError:
+        return None
+    if not isinstance(voters, list) or not all(isinstance(v, str) for v in voters):
+        raise ValueError(f"{VOTERS_FILE} in {data_dir} is not a list of addresses")
+    return voters
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(path))
+
+
 class RaftNode:
-    """A Raft member holding the replicated MeshState."""
+    """A Raft member holding the replicated MeshState; with ``self_addr`` None,
+    a non-voting executor that follows the voters in ``partners``."""
 
     def __init__(
         self,
-        self_addr: str,
+        self_addr: str | None,
         partners: list[str],
         data_dir: str,
         secret: str,
@@ -192,9 +227,14 @@ class RaftNode:
         os.makedirs(data_dir, exist_ok=True)
         journal_path = os.path.join(data_dir, "raft.journal")
         dump_path = os.path.join(data_dir, "raft.dump")
+        self._data_dir = data_dir
+        self._voters_seen: frozenset[str] = frozenset()
+        self._tick_calls: list[Callable[[], None]] = []
+        self._tick_calls_lock = threading.Lock()
         conf = SyncObjConf(
             password=secret,
             bindAddress=self_addr,
+            dynamicMembershipChange=True,
             journalFile=journal_path,
             fullDumpFile=dump_path,
             appendEntriesUseBatch=False,
@@ -225,6 +265,44 @@ class RaftNode:
 
         transport.send = send_after_sync
         self._syncobj.addOnTickCallback(self.journal.sync)
+        self._syncobj.addOnTickCallback(self._on_tick)
+
+    @property
+    def is_voter(self) -> bool:
+        return self.self_addr is not None
+
+    def voters(self) -> list[str]:
+        """Raft addresses of the voters, as this node currently knows them."""
+        for _ in range(5):
+            try:
+                others = {str(n.id) for n in self._syncobj.otherNodes}
+                break
+            except RuntimeError:  # the tick thread changed the set while we copied it
+                continue
+        else:
+            others = {str(n.id) for n in self._syncobj.otherNodes}
+        if self.self_addr is not None:
+            others.add(self.self_addr)
+        return sorted(others)
+
+    def _on_tick(self) -> None:
+        """Tick thread: persist a changed voter set, run calls queued for this thread."""
+        voters = frozenset(self.voters())
+        if voters != self._voters_seen:
+            body = json.dumps({"voters": sorted(voters)}).encode()
+            try:
+                _write_atomically(os.path.join(self._data_dir, VOTERS_FILE), body)
+                self._voters_seen = voters
+                log.info("voters now %s", ", ".join(sorted(voters)))
+            except OSError as exc:
+                log.error("cannot persist the voter set: %s", exc)
+        with self._tick_calls_lock:
+            calls, self._tick_calls = self._tick_calls, []
+        for call in calls:
+            try:
+                call()
+            except Exception:
+                log.exception("call on the tick thread failed")
 
     # -- thread seam ------------------------------------------------------
 
@@ -300,6 +378,65 @@ class RaftNode:
                 if not fut.done():
                     fut.set_exception(exc)
         self._schedule_flush()
+
+    # -- membership (loop side) -------------------------------------------
+
+    async def add_voter(self, addr: str) -> None:
+        """Make ``addr`` a voter; the caller starts that node afterwards.
+        Raises ProposalFailed (REQUEST_DENIED) while another change is pending."""
+        await self._membership_change(lambda cb: self._syncobj.addNodeToCluster(addr, callback=cb))
+
+    async def remove_voter(self, addr: str) -> None:
+        await self._membership_change(
+            lambda cb: self._syncobj.removeNodeFromCluster(addr, callback=cb)
+        )
+
+    async def _membership_change(self, start: Callable[[Callable[[Any, int], None]], None]) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def settle(err: int) -> None:
+            if fut.done():
+                return
+            if err == FAIL_REASON.SUCCESS:
+                fut.set_result(None)
+            elif err in AMBIGUOUS or err == FAIL_REASON.MISSING_LEADER or err == -1:
+                fut.set_exception(NoQuorum(f"membership change: {_FAIL_NAMES.get(err, 'timeout')}"))
+            else:
+                fut.set_exception(ProposalFailed(f"membership change: {_FAIL_NAMES.get(err, err)}"))
+
+        def done(result: Any, err: int) -> None:
+            try:
+                self._loop.call_soon_threadsafe(settle, err)
+            except RuntimeError:
+                pass
+
+        # addNodeToCluster only queues the command: safe from this thread.
+        start(done)
+        handle = self._loop.call_later(self._commit_timeout_s, settle, -1)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+
+    async def transfer_leadership(self, timeout_s: float = 3.0) -> bool:
+        """Hand leadership to the most caught-up voter; True once another leads."""
+        if not self.is_leader:
+            return True
+
+        def transfer() -> None:
+            self._syncobj.transferLeadership(callback=lambda res, err: None)
+
+        deadline = self._loop.time() + timeout_s
+        while self._loop.time() < deadline:
+            # Denied while no follower is fully caught up: ask again shortly.
+            with self._tick_calls_lock:
+                self._tick_calls.append(transfer)
+            for _ in range(10):
+                await asyncio.sleep(0.05)
+                leader = self.leader_addr
+                if leader is not None and leader != self.self_addr:
+                    return True
+        return False
 
     # -- status -----------------------------------------------------------
 

@@ -32,6 +32,20 @@ FAILURE_KINDS = frozenset({"error", "timeout"})
 
 PEER_UP = "up"
 PEER_DOWN = "down"
+# Reserved by a join, not announced by a process yet.
+PEER_JOINING = "joining"
+# Removed from the mesh for good; its id may join again.
+PEER_LEFT = "left"
+
+VOTER = "voter"
+EXECUTOR = "executor"
+ROLES = frozenset({VOTER, EXECUTOR})
+
+# Drain modes: runs already there finish there, or are released at their next
+# step boundary and run elsewhere.
+DRAIN_FINISH = "finish"
+DRAIN_RELEASE = "release"
+DRAIN_MODES = frozenset({"", DRAIN_FINISH, DRAIN_RELEASE})
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 COMMAND_TTL_MS = 10 * 60 * 1000
@@ -84,9 +98,18 @@ class Peer:
     status: str = PEER_UP
     since_ms: int = 0
     agents: list[str] | None = None
+    role: str = VOTER
+    # Operator intent, kept across restarts of the peer: "" or a drain mode.
+    drain: str = ""
+    # This incarnation is shutting down (SIGTERM): it gets nothing new.
+    stopping: bool = False
 
     def public(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @property
+    def schedulable(self) -> bool:
+        return self.status == PEER_UP and not self.drain and not self.stopping
 
     def can_run(self, agent: str) -> bool:
         """Peers that announced no agent list (older peers) are assumed to run any."""
@@ -326,6 +349,8 @@ class MeshState:
         peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
         if peer is None or peer.status != PEER_UP:
             raise Rejected("peer is not up")
+        if not peer.schedulable:
+            raise Rejected("peer is draining or stopping")
         if self.running_on(peer_id) >= peer.slots:
             raise Rejected("peer has no free slot")
         if any(peer.labels.get(k) != v for k, v in run.labels.items()):
@@ -421,6 +446,12 @@ class MeshState:
         slots = cmd["slots"]
         if not isinstance(peer_id, str) or not isinstance(slots, int) or slots < 0:
             raise Rejected("peer_up needs a peer id and a slot count")
+        role = cmd.get("role") or VOTER
+        if role not in ROLES:
+            raise Rejected(f"unknown role {role!r}")
+        known = self.peers.get(peer_id)
+        if known is not None and known.status == PEER_LEFT:
+            raise Rejected(f"peer {peer_id} has left the mesh; it must join again")
         peer = Peer(
             id=peer_id,
             incarnation=cmd["incarnation"],
@@ -431,8 +462,9 @@ class MeshState:
             status=PEER_UP,
             since_ms=at_ms,
             agents=_agent_list(cmd.get("agents")),
+            role=role,
+            drain=known.drain if known is not None else "",
         )
-        known = self.peers.get(peer_id)
         requeued = 0
         if known is not None and known.incarnation != peer.incarnation:
             requeued = self._requeue_owned_by(peer_id)
@@ -445,11 +477,91 @@ class MeshState:
             raise Rejected("unknown peer")
         if peer.incarnation != cmd["incarnation"]:
             raise Rejected("peer has restarted since it was judged")
-        if peer.status == PEER_DOWN:
+        if peer.status in (PEER_DOWN, PEER_LEFT):
             return {"ok": True, "requeued": 0}
         peer.status = PEER_DOWN
         peer.since_ms = at_ms
         return {"ok": True, "requeued": self._requeue_owned_by(peer.id)}
+
+    def _peer_join(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+        """Reserve an id (and a Raft address) before the joining process starts,
+        so two joins with one id cannot both succeed. Repeating the same join
+        is harmless, so a join interrupted half-way can be retried."""
+        peer_id, raft, http, role = cmd["peer"], cmd["raft"], cmd["http"], cmd["role"]
+        if not all(isinstance(v, str) and v for v in (peer_id, http)) or not isinstance(raft, str):
+            raise Rejected("peer_join needs a peer id, a raft address and an http address")
+        if role not in ROLES or (role == VOTER and not raft):
+            raise Rejected(f"role must be one of {sorted(ROLES)}; a voter needs a raft address")
+        known = self.peers.get(peer_id)
+        if known is not None and known.status != PEER_LEFT:
+            same = (known.status, known.raft, known.http, known.role) == (PEER_JOINING, raft, http, role)
+            if same:
+                return {"ok": True, "created": False}
+            raise Rejected(
+                f"peer id {peer_id!r} is already in use (status {known.status}); "
+                "choose another id, or make the old peer leave first"
+            )
+        for other in self.peers.values():
+            if other.status == PEER_LEFT or other.id == peer_id:
+                continue
+            if raft and other.raft == raft:
+                raise Rejected(f"raft address {raft} is already used by peer {other.id!r}")
+            if other.http == http:
+                raise Rejected(f"http address {http} is already used by peer {other.id!r}")
+        self.peers[peer_id] = Peer(
+            id=peer_id,
+            incarnation="",
+            raft=raft,
+            http=http,
+            slots=0,
+            status=PEER_JOINING,
+            since_ms=at_ms,
+            role=role,
+        )
+        return {"ok": True, "created": True}
+
+    def _peer_drain(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+        peer = self._member(cmd["peer"])
+        mode = cmd["mode"]
+        if mode not in DRAIN_MODES:
+            raise Rejected(f"drain mode must be one of {sorted(DRAIN_MODES)}")
+        peer.drain = mode
+        return {"ok": True}
+
+    def _peer_stopping(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+        peer = self._member(cmd["peer"])
+        if peer.incarnation != cmd["incarnation"]:
+            raise Rejected("peer has restarted since it asked to stop")
+        peer.stopping = True
+        return {"ok": True}
+
+    def _peer_leave(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+        """Remove a peer for good. A voter may go only if the voters that remain
+        and are up still form a majority of the voters that remain."""
+        peer = self._member(cmd["peer"])
+        if peer.role == VOTER:
+            remaining = [
+                p for p in self.peers.values() if p.role == VOTER and p.status != PEER_LEFT and p.id != peer.id
+            ]
+            up = [p for p in remaining if p.status == PEER_UP]
+            if not remaining:
+                raise Rejected(f"{peer.id} is the last voter: the mesh cannot lose it")
+            if len(up) <= len(remaining) / 2:
+                raise Rejected(
+                    f"removing voter {peer.id} would leave {len(remaining)} voters of which only "
+                    f"{len(up)} are up: they could not form a majority; bring voters back first"
+                )
+        requeued = self._requeue_owned_by(peer.id)
+        peer.status = PEER_LEFT
+        peer.since_ms = at_ms
+        peer.stopping = False
+        return {"ok": True, "requeued": requeued}
+
+    def _member(self, peer_id: Any) -> Peer:
+        peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
+        if peer is None or peer.status == PEER_LEFT:
+            raise Rejected(f"no peer {peer_id!r} in this mesh")
+        return peer
 
     def _configure(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         caps = _limits(cmd["tenant_caps"], "tenant caps")
@@ -487,6 +599,10 @@ class MeshState:
         c.FAIL: _fail,
         c.CANCEL: _cancel,
         c.SETTLE: _settle,
+        c.PEER_JOIN: _peer_join,
+        c.PEER_DRAIN: _peer_drain,
+        c.PEER_STOPPING: _peer_stopping,
+        c.PEER_LEAVE: _peer_leave,
     }
 
     # -- transitions shared by handlers -----------------------------------

@@ -124,6 +124,24 @@ class MeshClient:
     async def cluster(self) -> dict[str, Any]:
         return await self._request("GET", "/v1/cluster")
 
+    async def join(self, id: str, http: str, raft: str | None, role: str) -> dict[str, Any]:
+        """Admit a new peer through this one; returns {"id", "role", "voters"}."""
+        body = {"id": id, "http": http, "raft": raft, "role": role}
+        return await self._request("POST", "/v1/peers", json=body)
+
+    async def peer(self, id: str) -> dict[str, Any]:
+        return await self._request("GET", f"/v1/peers/{id}")
+
+    async def drain(self, id: str, release: bool = False) -> dict[str, Any]:
+        return await self._request("POST", f"/v1/peers/{id}/drain", json={"release": release})
+
+    async def undrain(self, id: str) -> dict[str, Any]:
+        return await self._request("POST", f"/v1/peers/{id}/undrain")
+
+    async def leave(self, id: str, release: bool = False) -> dict[str, Any]:
+        """Drain ``id`` and remove it; answered once it is out of the mesh."""
+        return await self._request("POST", f"/v1/peers/{id}/leave", json={"release": release})
+
     async def wait(self, id: str, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any]:
         """Poll until the run is terminal; raises TimeoutError after ``timeout_s``.
 

@@ -39,6 +39,7 @@ class DevPeer:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    role: str = "voter"
 
     @property
     def url(self) -> str:
@@ -78,6 +79,7 @@ class DevMesh:
         env: Mapping[str, str] | None = None,
         peer_env: Mapping[str, Mapping[str, str]] | None = None,
         host: str = "127.0.0.1",
+        executors: int = 0,
     ) -> None:
         if not 1 <= nodes <= HTTP_PORT_OFFSET:
             raise DevMeshError(f"nodes must be between 1 and {HTTP_PORT_OFFSET}, got {nodes}")
@@ -90,6 +92,9 @@ class DevMesh:
         self.secret = secret or secrets.token_hex(16)
         self._env = dict(env or {})
         self._peer_env = {k: dict(v) for k, v in (peer_env or {}).items()}
+        if not 0 <= executors < nodes:
+            raise DevMeshError(f"executors must leave at least one voter, got {executors} of {nodes}")
+        self.host = host
         raft_ports, http_ports = _pick_ports(host, nodes, base_port)
         self.peers = [
             DevPeer(
@@ -98,6 +103,7 @@ class DevMesh:
                 http=f"{host}:{http_ports[i]}",
                 data_dir=self.dir / f"peer-{i + 1}",
                 log_path=self.dir / f"peer-{i + 1}.log",
+                role="executor" if i >= nodes - executors else "voter",
             )
             for i in range(nodes)
         ]
@@ -154,6 +160,32 @@ class DevMesh:
         _terminate([peer] if peer.running else [], grace_s)
         self._spawn(peer)
 
+    def join(self, seed_id: str, role: str = "voter", peer_id: str | None = None) -> DevPeer:
+        """Start one more peer with ``mesh join`` through ``seed_id``'s API.
+
+        The new peer is added to ``peers`` before it runs; whether the join
+        succeeded shows in ``wait_ready`` (or in its log and exit status).
+        """
+        peer_id = peer_id or f"peer-{len(self.peers) + 1}"
+        raft_port, http_port = _free_ports(self.host, 2)
+        peer = DevPeer(
+            id=peer_id,
+            raft=f"{self.host}:{raft_port}",
+            http=f"{self.host}:{http_port}",
+            data_dir=self.dir / peer_id,
+            log_path=self.dir / f"{peer_id}.log",
+            role=role,
+        )
+        argv = ["join", self.url(seed_id), "--id", peer.id, "--http", peer.http]
+        if role == "voter":
+            argv += ["--raft", peer.raft]
+        else:
+            argv += ["--executor"]
+        argv += self._common_args(peer)
+        self.peers.append(peer)
+        self._launch(peer, argv)
+        return peer
+
     async def wait_ready(
         self, timeout_s: float = 60.0, peer_ids: Iterable[str] | None = None
     ) -> None:
@@ -187,28 +219,24 @@ class DevMesh:
             await asyncio.gather(*(c.close() for c in clients.values()))
 
     def _spawn(self, peer: DevPeer) -> None:
-        peer.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            sys.executable,
-            "-m",
-            "cli",
-            "up",
-            "--id",
-            peer.id,
-            "--raft",
-            peer.raft,
-            "--http",
-            peer.http,
-            "--storage",
-            self.storage,
-            "--data-dir",
-            str(peer.data_dir),
-        ]
-        others = [p.raft for p in self.peers if p is not peer]
+        argv = ["up", "--id", peer.id, "--raft", peer.raft, "--http", peer.http]
+        # Voters name the other voters; an executor names the voters it follows.
+        others = [p.raft for p in self.peers if p is not peer and p.role == "voter"]
         if others:
             argv += ["--peers", ",".join(others)]
+        if peer.role != "voter":
+            argv += ["--role", peer.role]
+        self._launch(peer, argv + self._common_args(peer))
+
+    def _common_args(self, peer: DevPeer) -> list[str]:
+        argv = ["--storage", self.storage, "--data-dir", str(peer.data_dir)]
         if self.slots is not None:
             argv += ["--slots", str(self.slots)]
+        return argv
+
+    def _launch(self, peer: DevPeer, args: list[str]) -> None:
+        peer.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "cli", *args]
         # The secret travels in the environment, not argv, so `ps` does not show it.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_SECRET": self.secret}
         env.update(self._env)

@@ -36,13 +36,19 @@ class RunNotFound(MeshError):
     code = "run_not_found"
 
 
+class PeerNotFound(MeshError):
+    status = 404
+    code = "peer_not_found"
+
+
 class PayloadTooLarge(MeshError):
     status = 413
     code = "payload_too_large"
 
 
 class Conflict(MeshError):
-    """The run is not in a state that allows the request (e.g. cancel a finished run)."""
+    """The run or the membership is not in a state that allows the request
+    (cancel a finished run, join with an id in use, lose the voters' majority)."""
 
     status = 409
     code = "conflict"

@@ -26,8 +26,8 @@ from prometheus_client import generate_latest
 
 from consensus import commands
 from consensus.errors import NoQuorum, ProposalFailed
-from consensus.raft import RaftNode
-from consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING, Run
+from consensus.raft import RaftNode, persisted_voters
+from consensus.state import DRAIN_RELEASE, PEER_UP, QUEUED, RUNNING, SETTLING, VOTER, Run
 from mesh import logs
 from mesh.api import SUBMIT_FIELDS, build_app, validate_submission
 from mesh.errors import (
@@ -43,11 +43,13 @@ from mesh.errors import (
 )
 from mesh.events import EventHub, Frame
 from mesh.liveness import LeaderContact, Liveness
+from mesh.membership import Membership, check_not_left
+from mesh.membership_api import add_membership_routes
 from mesh.metrics import Metrics
 from mesh.queue_view import queue_summary, slot_use
 from mesh.scheduler import Scheduler
 from mesh.settings import Settings
-from runner.attempt import FENCED, RETRY, Assignment, Outcome, run_attempt
+from runner.attempt import FENCED, RELEASED, RETRY, Assignment, Outcome, run_attempt
 from runner.context import Limits, RunContext, pack, unpack
 from runner.registry import default_registry
 from runner.slots import Slots
@@ -113,17 +115,26 @@ class Peer:
         self._detached: set[asyncio.Task[None]] = set()
         self._http: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
+        self.membership = Membership(self)
+        self.exit_requested = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
         if self.dev_secret:
             log.warning("no --secret given: using the development secret (loopback only)")
+        check_not_left(self.settings.data_dir)
+        # The voters this data dir last saw beat the command line, which may
+        # predate joins and leaves (or, for a joined peer, name only the seed).
+        partners = persisted_voters(self.settings.data_dir) or list(self.settings.peers)
+        voter = self.settings.role == VOTER
+        if not voter and not partners:
+            raise SystemExit("an executor needs --peers: the voters' Raft addresses")
         await self._open_store()
         await self.events.start()
         self.raft = RaftNode(
-            self.settings.raft,
-            list(self.settings.peers),
+            self.settings.raft if voter else None,
+            partners,
             self.settings.data_dir,
             self._secret,
             asyncio.get_running_loop(),
@@ -131,7 +142,9 @@ class Peer:
             commit_timeout_s=self.settings.commit_timeout_s,
         )
         self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
-        self._http = web.AppRunner(build_app(self), access_log=None)
+        app = build_app(self)
+        add_membership_routes(app, self)
+        self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         host, port = _host_port(self.settings.http)
         await web.TCPSite(self._http, host, port, reuse_address=True).start()
@@ -175,6 +188,10 @@ class Peer:
             self.raft.close()
         await self.store.close()
         log.info("peer stopped")
+
+    def request_exit(self) -> None:
+        """Ends the process once the current request has been answered."""
+        asyncio.get_running_loop().call_later(0.2, self.exit_requested.set)
 
     def _on_raft_change(self, cmds: list[commands.Command], results: list[dict[str, Any]]) -> None:
         self._leader_wake.set()
@@ -457,14 +474,19 @@ class Peer:
                     "slots": p.slots,
                     "running": state.running_on(p.id),
                     "labels": p.labels,
+                    "role": p.role,
+                    "drain": p.drain or None,
+                    "stopping": p.stopping,
                 }
                 for p in sorted(state.peers.values(), key=lambda p: p.id)
             ]
             queue = queue_summary(state, self.scheduler, now)
             slots = slot_use(state)
         return {
+            "self": self.id,
             "leader": leader.id if leader else None,
             "term": raft.term,
+            "voters": raft.voters(),
             "peers": peers,
             "queue": queue,
             "slots": slots,
@@ -536,26 +558,34 @@ class Peer:
                 and me.slots == s.slots
                 and me.labels == s.labels
                 and me.http == s.http
-                and me.raft == s.raft
+                and me.raft == self._raft_addr
                 and me.agents == self.registry.names()
+                and me.role == s.role
             )
-        if current or raft.leader_addr is None:
+        busy = self.membership.shutting_down or self.membership.leaving
+        if current or busy or raft.leader_addr is None:
             return
         cmd = commands.peer_up(
             _new_id(),
             now_ms(),
             self.id,
             self.incarnation,
-            s.raft,
+            self._raft_addr,
             s.http,
             s.slots,
             dict(s.labels),
             self.registry.names(),
+            s.role,
         )
         try:
             await self._propose(cmd)
         except Unavailable as exc:
             log.info("could not announce yet: %s", exc.message)
+
+    @property
+    def _raft_addr(self) -> str:
+        """An executor has no Raft listener to advertise."""
+        return self.settings.raft if self.settings.role == VOTER else ""
 
     async def _report_to_leader(self) -> None:
         raft = self._raft()
@@ -698,6 +728,7 @@ class Peer:
             me = state.peers.get(self.id)
             mine = me is not None and me.incarnation == self.incarnation and me.status == PEER_UP
             owned = [_assignment(r) for r in state.owned_by(self.id)] if mine else []
+            releasing = me is not None and me.drain == DRAIN_RELEASE
         wanted = {job.run_id: job.epoch for job in owned}
         for run_id, epoch in self.slots.running().items():
             if wanted.get(run_id) != epoch:
@@ -705,8 +736,10 @@ class Peer:
                     "run no longer ours: stopping it", extra={"run_id": run_id, "epoch": epoch}
                 )
                 self.slots.stop(run_id)
+            elif releasing:
+                self.slots.release(run_id)
         self._attempted &= set(wanted.items())
-        if self.contact.cut_off(time.monotonic()):
+        if self.membership.shutting_down or self.contact.cut_off(time.monotonic()):
             return
         for job in owned:
             key = (job.run_id, job.epoch)
@@ -746,7 +779,7 @@ class Peer:
 
     # -- running ----------------------------------------------------------
 
-    async def _execute(self, job: Assignment) -> Outcome:
+    async def _execute(self, job: Assignment, release: asyncio.Event) -> Outcome:
         s = self.settings
 
         def track(ctx: RunContext | None) -> None:
@@ -765,6 +798,7 @@ class Peer:
             mesh=self,
             default_memory_limit_mb=s.isolation_memory_mb,
             on_context=track,
+            release=release,
         )
 
     async def _on_outcome(self, job: Assignment, outcome: Outcome) -> None:
@@ -778,6 +812,9 @@ class Peer:
             cmd = commands.fail(
                 _new_id(), now_ms(), job.run_id, job.epoch, outcome.kind or "error", outcome.error
             )
+        elif outcome.status == RELEASED:
+            log.info("run released at a step boundary", extra=extra)
+            cmd = commands.release(_new_id(), now_ms(), job.run_id, job.epoch)
         else:
             log.info("run %s", outcome.status, extra=extra)
             cmd = commands.finish(
@@ -866,8 +903,15 @@ async def _serve(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await peer.start()
-    await stop.wait()
-    log.info("signal received: stopping")
+    signalled = asyncio.create_task(stop.wait())
+    left = asyncio.create_task(peer.exit_requested.wait())
+    await asyncio.wait({signalled, left}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("signal received: stopping gracefully")
+        # A second signal while handing runs back stops at once.
+        stop.clear()
+        graceful = asyncio.create_task(peer.membership.shutdown())
+        await asyncio.wait({graceful, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     await peer.stop()
     return 0
 

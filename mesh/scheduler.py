@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from consensus.state import PEER_UP, QUEUED, MeshState, Peer, Run
+from consensus.state import QUEUED, MeshState, Peer, Run
 
 LEAST_LOADED = "least-loaded"
 ROUND_ROBIN = "round-robin"
@@ -76,7 +76,8 @@ class Scheduler:
 
     def plan(self, state: MeshState, now_ms: int) -> list[tuple[str, str, int]]:
         """One assign batch: (run, peer, epoch) within free slots, labels and tenant caps."""
-        up = sorted(p.id for p in state.peers.values() if p.status == PEER_UP)
+        # Drained and stopping peers keep their runs but get no new ones.
+        up = sorted(p.id for p in state.peers.values() if p.schedulable)
         load = {pid: state.running_on(pid) for pid in up}
         free = {pid: state.peers[pid].slots - load[pid] for pid in up}
         if not any(n > 0 for n in free.values()):
@@ -137,7 +138,7 @@ class Scheduler:
         cap = state.tenant_cap(run.tenant)
         if cap is not None and state.running_for_tenant(run.tenant) >= cap:
             return Waiting("tenant_cap", f"tenant {run.tenant!r} is at its in-flight cap of {cap}")
-        up = [p for p in state.peers.values() if p.status == PEER_UP]
+        up = [p for p in state.peers.values() if p.schedulable]
         if not any(p.can_run(run.agent) for p in up):
             return Waiting("agent", f"no up peer runs agent {run.agent!r}")
         fitting = sorted(p.id for p in up if fits(p, run))

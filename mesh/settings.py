@@ -56,6 +56,11 @@ class Settings:
     retry_backoff_max_s: float = 60.0
     retry_timeouts: bool = True
     count_lost_owner: bool = False
+    # "voter": a Raft member; "executor": follows the log without voting.
+    role: str = "voter"
+    # SIGTERM: runs are released at their next step boundary (or finish)
+    # within this time; what is left is then stopped and released anyway.
+    shutdown_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("raft", "http"):
@@ -70,6 +75,10 @@ class Settings:
             raise SettingsError("isolation_memory_mb must be positive")
         if self.events_poll_s <= 0:
             raise SettingsError("events_poll_s must be positive")
+        if self.role not in ("voter", "executor"):
+            raise SettingsError(f"--role must be voter or executor, got {self.role!r}")
+        if self.shutdown_grace_s < 0:
+            raise SettingsError("shutdown_grace_s must be >= 0")
         if self.peer_ttl_s <= self.heartbeat_interval_s:
             raise SettingsError("peer_ttl_s must exceed heartbeat_interval_s")
         placements = ("least-loaded", "round-robin", "consistent-hash")

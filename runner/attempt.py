@@ -15,7 +15,16 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from runner.context import Fenced, Limits, MeshLink, RunContext, RunError, event_place, pack
+from runner.context import (
+    Fenced,
+    Limits,
+    MeshLink,
+    Released,
+    RunContext,
+    RunError,
+    event_place,
+    pack,
+)
 from runner.isolation import PROCESS, run_isolated
 from runner.registry import Registry, UnknownAgent
 from storage.base import RunRow, StaleEpoch, StorageUnavailable, Store
@@ -28,6 +37,7 @@ TIMED_OUT = "timed_out"
 CANCELLED = "cancelled"
 RETRY = "retry"
 FENCED = "fenced"
+RELEASED = "released"
 
 T = TypeVar("T")
 
@@ -36,8 +46,9 @@ T = TypeVar("T")
 class Outcome:
     """``status`` is a terminal run status (stored), RETRY (the attempt failed
     and nothing is stored: the mesh decides whether the run is retried after a
-    backoff or ends as a dead letter; ``kind`` is "error" or "timeout") or
-    FENCED (a newer epoch owns the run)."""
+    backoff or ends as a dead letter; ``kind`` is "error" or "timeout"),
+    FENCED (a newer epoch owns the run) or RELEASED (handed back at a step
+    boundary; not an attempt that failed)."""
 
     status: str
     error: str | None = None
@@ -108,9 +119,11 @@ async def run_attempt(
     mesh: MeshLink | None = None,
     default_memory_limit_mb: int = 512,
     on_context: Callable[[RunContext | None], None] | None = None,
+    release: asyncio.Event | None = None,
 ) -> Outcome:
     """``on_context`` is told the attempt's context once the agent is about to
-    start, and None when it has ended, so the peer can cancel it meanwhile."""
+    start, and None when it has ended, so the peer can cancel it meanwhile.
+    ``release``, once set, stops the agent before its next new step."""
     extra = {"run_id": job.run_id, "epoch": job.epoch}
     try:
         claim = await retry_unavailable(
@@ -146,6 +159,7 @@ async def run_attempt(
         budget=job.budget,
         limits=limits or Limits(),
         mesh=mesh,
+        release=release,
     )
     if job.cancel_requested:
         ctx.cancel()
@@ -161,6 +175,12 @@ async def run_attempt(
     except Fenced as exc:
         log.info("fenced: %s", exc, extra=extra)
         return Outcome(FENCED, str(exc))
+    except Released as exc:
+        try:
+            await ctx.drain()
+        except Fenced as fenced:
+            return Outcome(FENCED, str(fenced))
+        return Outcome(RELEASED, str(exc))
     except RunError as exc:  # another attempt would fail the same way
         log.info("run failed: %s", exc, extra=extra)
         return await _store_outcome(

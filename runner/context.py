@@ -41,6 +41,11 @@ class Fenced(Exception):
     """A newer epoch owns the run; this attempt must stop without writing."""
 
 
+class Released(Exception):
+    """The peer hands the run back (drain --release, shutdown) at a step
+    boundary: every finished step is checkpointed, none is half done."""
+
+
 class RunError(Exception):
     """A failure that another attempt cannot fix: the run fails without a retry."""
 
@@ -126,8 +131,10 @@ class RunContext:
         budget: Mapping[str, int] | None = None,
         limits: Limits = Limits(),
         mesh: MeshLink | None = None,
+        release: asyncio.Event | None = None,
     ) -> None:
         self.run_id = run_id
+        self._release = release
         self.epoch = epoch
         self.attempt = attempt
         self.peer_id = peer_id
@@ -167,6 +174,8 @@ class RunContext:
         seq, found, value = self.begin_step(name)
         if found:
             return value
+        if self._release is not None and self._release.is_set():
+            raise Released(f"run {self.run_id} released before step {seq} ({name!r})")
         value = fn(*args)
         if inspect.isawaitable(value):
             value = await value

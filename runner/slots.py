@@ -20,13 +20,14 @@ class Slots:
     def __init__(
         self,
         capacity: int,
-        execute: Callable[[Assignment], Awaitable[Outcome]],
+        execute: Callable[[Assignment, asyncio.Event], Awaitable[Outcome]],
         on_outcome: Callable[[Assignment, Outcome], Awaitable[None]],
     ) -> None:
         self.capacity = capacity
         self._execute = execute
         self._on_outcome = on_outcome
         self._tasks: dict[str, tuple[int, asyncio.Task[None]]] = {}
+        self._release: dict[str, asyncio.Event] = {}
 
     @property
     def busy(self) -> int:
@@ -42,13 +43,21 @@ class Slots:
     def start(self, job: Assignment) -> bool:
         if job.run_id in self._tasks or len(self._tasks) >= self.capacity:
             return False
-        task = asyncio.create_task(self._run(job), name=f"run:{job.run_id}:{job.epoch}")
+        release = asyncio.Event()
+        task = asyncio.create_task(self._run(job, release), name=f"run:{job.run_id}:{job.epoch}")
         self._tasks[job.run_id] = (job.epoch, task)
+        self._release[job.run_id] = release
         return True
 
-    async def _run(self, job: Assignment) -> None:
+    def release(self, run_id: str) -> None:
+        """Ask the attempt to stop at its next step boundary (it then reports RELEASED)."""
+        event = self._release.get(run_id)
+        if event is not None:
+            event.set()
+
+    async def _run(self, job: Assignment, release: asyncio.Event) -> None:
         try:
-            outcome = await self._execute(job)
+            outcome = await self._execute(job, release)
             await self._on_outcome(job, outcome)
         except asyncio.CancelledError:
             raise
@@ -58,8 +67,10 @@ class Slots:
             held = self._tasks.get(job.run_id)
             if held is not None and held[0] == job.epoch:
                 del self._tasks[job.run_id]
+                self._release.pop(job.run_id, None)
 
     def stop(self, run_id: str) -> None:
+        self._release.pop(run_id, None)
         held = self._tasks.pop(run_id, None)
         if held is not None:
             held[1].cancel()
@@ -67,6 +78,7 @@ class Slots:
     async def stop_all(self) -> None:
         tasks = [task for _, task in self._tasks.values()]
         self._tasks.clear()
+        self._release.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

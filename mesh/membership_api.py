@@ -1,0 +1,75 @@
+"""HTTP routes for membership operations (join, drain, undrain, leave).
+
+Admin operations: they take the API token like every v1 route (an admin scope
+can narrow them once auth has scopes). Errors go through api.py's middleware.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from mesh.api import _check_token, _json_body
+from mesh.errors import BadRequest
+
+
+class MembershipOps(Protocol):
+    async def join(self, body: Any) -> dict[str, Any]: ...
+    async def drain(self, peer_id: str, mode: str) -> dict[str, Any]: ...
+    async def leave(self, peer_id: str, release: bool) -> dict[str, Any]: ...
+    async def remove_voter(self, body: Any) -> None: ...
+    def describe(self, peer_id: str) -> dict[str, Any]: ...
+
+
+class MembershipPeer(Protocol):
+    api_token: str
+    internal_token: str
+    membership: MembershipOps
+
+
+async def _release_flag(request: web.Request) -> bool:
+    if not request.can_read_body:
+        return False
+    body = await _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("release", False), bool):
+        raise BadRequest('body must be {"release": true|false}')
+    return bool(body.get("release", False))
+
+
+def add_membership_routes(app: web.Application, peer: MembershipPeer) -> None:
+    ops = peer.membership
+
+    async def join(request: web.Request) -> web.Response:
+        _check_token(request, peer.api_token, "API")
+        return web.json_response(await ops.join(await _json_body(request)))
+
+    async def show(request: web.Request) -> web.Response:
+        _check_token(request, peer.api_token, "API")
+        return web.json_response(ops.describe(request.match_info["id"]))
+
+    async def drain(request: web.Request) -> web.Response:
+        _check_token(request, peer.api_token, "API")
+        mode = "release" if await _release_flag(request) else "finish"
+        return web.json_response(await ops.drain(request.match_info["id"], mode))
+
+    async def undrain(request: web.Request) -> web.Response:
+        _check_token(request, peer.api_token, "API")
+        return web.json_response(await ops.drain(request.match_info["id"], ""))
+
+    async def leave(request: web.Request) -> web.Response:
+        _check_token(request, peer.api_token, "API")
+        release = await _release_flag(request)
+        return web.json_response(await ops.leave(request.match_info["id"], release))
+
+    async def remove_voter(request: web.Request) -> web.Response:
+        _check_token(request, peer.internal_token, "internal")
+        await ops.remove_voter(await _json_body(request))
+        return web.json_response({"ok": True})
+
+    app.router.add_post("/v1/peers", join)
+    app.router.add_get("/v1/peers/{id}", show)
+    app.router.add_post("/v1/peers/{id}/drain", drain)
+    app.router.add_post("/v1/peers/{id}/undrain", undrain)
+    app.router.add_post("/v1/peers/{id}/leave", leave)
+    app.router.add_post("/internal/v1/voters/remove", remove_voter)
