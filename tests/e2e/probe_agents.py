@@ -1,0 +1,53 @@
+"""Agents loaded into test peers (MESH_AGENT_MODULES=probe_agents).
+
+``probe_steps`` is ``steps`` with a witness: every time a step's function
+starts or ends it appends a line to a file, outside the mesh's storage, so a
+test sees a step that ran twice even if only one result was checkpointed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from runner.context import RunContext
+from runner.registry import agent
+
+
+def _witness(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@agent("probe_steps")
+async def probe_steps(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]:
+    count = int(input["steps"])
+    step_s = float(input["step_seconds"])
+    path = str(input["log"])
+
+    async def one(index: int) -> dict[str, Any]:
+        _witness(path, f"{ctx.run_id} {index} {ctx.peer_id} {ctx.epoch} start")
+        await asyncio.sleep(step_s)
+        _witness(path, f"{ctx.run_id} {index} {ctx.peer_id} {ctx.epoch} end")
+        return {"index": index, "peer": ctx.peer_id, "epoch": ctx.epoch}
+
+    done = [await ctx.step(f"step-{i}", one, i) for i in range(count)]
+    return {"steps": done}
+
+
+def read_witness(path: str) -> list[tuple[str, int, str, int, str]]:
+    """(run id, step index, peer, epoch, "start"|"end") per line."""
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        run_id, index, peer, epoch, what = line.split()
+        out.append((run_id, int(index), peer, int(epoch), what))
+    return out

@@ -1,0 +1,198 @@
+"""Membership and operations with real peer processes: join, leave, drain,
+graceful SIGTERM and rolling restarts, voters and executors, guard rails.
+
+Runs use ``probe_steps`` (tests/e2e/probe_agents.py), which writes a line
+outside the mesh every time a step function starts, so "no step ran twice" is
+checked against what really ran, not only against what was checkpointed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from probe_agents import read_witness
+from support import eventually, submit_retrying, wait_all_terminal
+
+from mesh.client import MeshClient
+from mesh.devmesh import DevMesh
+
+pytestmark = pytest.mark.slow
+
+E2E_DIR = Path(__file__).resolve().parent
+GRACE_S = 5
+
+
+def membership_env() -> dict[str, str]:
+    return {
+        "PYTHONPATH": str(E2E_DIR),
+        "MESH_AGENT_MODULES": "probe_agents",
+        "MESH_SHUTDOWN_GRACE_S": str(GRACE_S),
+    }
+
+
+async def mesh_cli(*args: str, timeout_s: float = 120) -> tuple[int, str, str]:
+    """Run ``mesh ...`` as an operator's script would; (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+class Stream:
+    """A steady stream of probe_steps runs, each submitted to a live peer in turn."""
+
+    def __init__(self, mesh: DevMesh, witness: Path, steps: int = 4, step_s: float = 0.5) -> None:
+        self.mesh = mesh
+        self.input = {"steps": steps, "step_seconds": step_s, "log": str(witness)}
+        self.ids: list[str] = []
+        self.submitted_to: Counter[str] = Counter()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._clients: dict[str, MeshClient] = {}
+
+    def client(self, peer_id: str) -> MeshClient:
+        if peer_id not in self._clients:
+            self._clients[peer_id] = MeshClient(self.mesh.url(peer_id), timeout_s=10)
+        return self._clients[peer_id]
+
+    async def __aenter__(self) -> Stream:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        await asyncio.gather(*(c.close() for c in self._clients.values()))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        for n in itertools.count():
+            if self._stop.is_set():
+                return
+            live = [p for p in self.mesh.peers if p.running]
+            target = live[n % len(live)]
+            try:
+                accepted = await submit_retrying(
+                    self.client(target.id),
+                    "probe_steps",
+                    self.input,
+                    timeout_s=20,
+                    idempotency_key=f"s{n}",
+                )
+            except (AssertionError, OSError) as exc:
+                # The target stopped under us: the same key goes to the next peer.
+                accepted = await self._resubmit(n, exc)
+            self.ids.append(accepted["id"])
+            self.submitted_to[target.id] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.3)
+
+    async def _resubmit(self, n: int, exc: BaseException) -> dict[str, Any]:
+        for peer in itertools.cycle(self.mesh.peers):
+            if peer.running:
+                with contextlib.suppress(AssertionError, OSError):
+                    return await submit_retrying(
+                        self.client(peer.id),
+                        "probe_steps",
+                        self.input,
+                        timeout_s=10,
+                        idempotency_key=f"s{n}",
+                    )
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"submission {n} failed everywhere: {exc!r}")
+
+
+def assert_each_step_ran_once(witness: Path, runs: dict[str, dict[str, Any]], steps: int) -> None:
+    starts = Counter((r, i) for r, i, _, _, what in read_witness(str(witness)) if what == "start")
+    for run_id, run in runs.items():
+        assert run["status"] == "succeeded", run
+        assert [s["index"] for s in run["result"]["steps"]] == list(range(steps))
+        for i in range(steps):
+            assert starts[(run_id, i)] == 1, (
+                f"run {run_id} step {i} started {starts[(run_id, i)]} times"
+            )
+
+
+async def cluster_of(client: MeshClient) -> dict[str, Any]:
+    return await client.cluster()
+
+
+def member(cluster: dict[str, Any], peer_id: str) -> dict[str, Any]:
+    return next(p for p in cluster["peers"] if p["id"] == peer_id)
+
+
+async def test_join_two_then_an_original_leaves_every_run_succeeds(make_mesh, tmp_path):
+    mesh = await make_mesh("postgres", env=membership_env())
+    witness = tmp_path / "witness"
+    probe = MeshClient(mesh.url("peer-2"), timeout_s=10)
+    try:
+        async with Stream(mesh, witness) as stream:
+            await eventually(lambda: asyncio.sleep(0, len(stream.ids) >= 3), 30, "first runs")
+            joined = time.monotonic()
+            p4 = mesh.join("peer-1")
+            await mesh.wait_ready(60, ["peer-4"])
+            ready_s = time.monotonic() - joined
+
+            async def owns_runs(peer_id: str) -> bool:
+                runs = [await probe.get_run(i) for i in stream.ids[-12:]]
+                return any(r["owner"] == peer_id for r in runs)
+
+            await eventually(lambda: owns_runs("peer-4"), 30, "peer-4 to take runs")
+            mesh.join("peer-3", peer_id="peer-5")
+            await mesh.wait_ready(60, ["peer-5"])
+            await eventually(lambda: owns_runs("peer-5"), 30, "peer-5 to take runs")
+            info = await probe.cluster()
+            assert len(info["voters"]) == 5
+            assert {p["id"]: p["status"] for p in info["peers"]} == {
+                f"peer-{i}": "up" for i in range(1, 6)
+            }
+
+            code, out, err = await mesh_cli("leave", "--peer", mesh.url("peer-1"))
+            assert code == 0, err
+            assert "peer-1 left the mesh" in out
+            peer1 = mesh.peer("peer-1")
+            assert peer1.process is not None
+            assert await asyncio.to_thread(peer1.process.wait, 15) == 0
+            await asyncio.sleep(2)
+        ids = stream.ids
+        runs = await wait_all_terminal(probe, ids, timeout_s=120)
+        assert_each_step_ran_once(witness, runs, 4)
+        info = await probe.cluster()
+        assert member(info, "peer-1")["status"] == "left"
+        assert mesh.peer("peer-1").raft not in info["voters"] and len(info["voters"]) == 4
+        assert {r["owner"] for r in runs.values()} >= {"peer-4", "peer-5"}
+
+        # Membership survives restarts of the joined peer and of an original.
+        mesh.restart("peer-4")
+        mesh.restart("peer-2")
+        await mesh.wait_ready(60, ["peer-2", "peer-4"])
+        for peer_id in ("peer-2", "peer-4"):
+            async with MeshClient(mesh.url(peer_id)) as c:
+                again = await c.cluster()
+                assert sorted(again["voters"]) == sorted(info["voters"]), peer_id
+        after = [(await submit_retrying(probe, "echo", {"n": i}))["id"] for i in range(6)]
+        done = await wait_all_terminal(probe, after, timeout_s=60)
+        assert {r["status"] for r in done.values()} == {"succeeded"}
+        print(f"\npeer-4 ready {ready_s:.1f}s after `mesh join`; {len(ids)} runs, all succeeded")
+        assert p4.running
+    finally:
+        await probe.close()
