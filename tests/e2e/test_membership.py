@@ -196,3 +196,43 @@ async def test_join_two_then_an_original_leaves_every_run_succeeds(make_mesh, tm
         assert p4.running
     finally:
         await probe.close()
+
+
+async def test_rolling_restart_under_load_fails_nothing_and_repeats_no_step(make_mesh, tmp_path):
+    mesh = await make_mesh("postgres", env=membership_env())
+    witness = tmp_path / "witness"
+    probe = MeshClient(mesh.url("peer-1"), timeout_s=10)
+    stops: list[tuple[str, float, int]] = []
+    try:
+        async with Stream(mesh, witness) as stream:
+            await eventually(lambda: asyncio.sleep(0, len(stream.ids) >= 6), 30, "runs in flight")
+            for peer in list(mesh.peers):
+                peer_probe = MeshClient(
+                    next(p for p in mesh.peers if p is not peer).url, timeout_s=10
+                )
+                try:
+                    sent = time.monotonic()
+                    mesh.kill(peer.id, signal.SIGTERM)
+                    assert peer.process is not None
+                    code = await asyncio.to_thread(peer.process.wait, GRACE_S + 10)
+                    stopped_s = time.monotonic() - sent
+                    assert code == 0, f"{peer.id} exited {code} on SIGTERM"
+                    # It handed everything back before exiting: it owns nothing.
+                    owned = member(await peer_probe.cluster(), peer.id)["running"]
+                    stops.append((peer.id, stopped_s, owned))
+                    assert owned == 0, f"{peer.id} still owns {owned} runs after a graceful stop"
+                finally:
+                    await peer_probe.close()
+                mesh.restart(peer.id)
+                await mesh.wait_ready(60, [peer.id])
+            await asyncio.sleep(1)
+        runs = await wait_all_terminal(probe, stream.ids, timeout_s=120)
+        assert_each_step_ran_once(witness, runs, 4)
+        handed_over = [r for r in runs.values() if r["epoch"] >= 2]
+        assert handed_over, "the restarts should have moved some runs between peers"
+        print(
+            f"\n{len(runs)} runs, 0 failed, 0 repeated steps; {len(handed_over)} handed over; "
+            + ", ".join(f"{p} stopped in {s:.1f}s" for p, s, _ in stops)
+        )
+    finally:
+        await probe.close()
