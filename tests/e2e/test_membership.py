@@ -236,3 +236,109 @@ async def test_rolling_restart_under_load_fails_nothing_and_repeats_no_step(make
         )
     finally:
         await probe.close()
+
+
+async def test_drain_release_undrain_and_guard_rails(make_mesh, tmp_path, open_mesh_store):
+    mesh = await make_mesh("postgres", slots=2, env=membership_env())
+    store = await open_mesh_store(mesh)
+    witness = tmp_path / "witness"
+    slow = {"steps": 10, "step_seconds": 0.4, "log": str(witness)}
+    c1 = MeshClient(mesh.url("peer-1"), timeout_s=10)
+    try:
+        first = [(await c1.submit("probe_steps", slow))["id"] for _ in range(6)]
+
+        async def progressed_on(peer_id: str) -> list[str] | None:
+            runs = [await c1.get_run(i) for i in first]
+            mine = [r["id"] for r in runs if r["status"] == "running" and r["owner"] == peer_id]
+            done = [len(await store.load_steps(i)) for i in mine]
+            return mine if mine and all(n >= 1 for n in done) else None
+
+        on2 = await eventually(lambda: progressed_on("peer-2"), 30, "runs with progress on peer-2")
+        on3 = await eventually(lambda: progressed_on("peer-3"), 30, "runs with progress on peer-3")
+
+        # peer-2 first, so that runs released by peer-3 can only go to peer-1.
+        assert (await c1.drain("peer-2"))["drain"] == "finish"
+        code, out, err = await mesh_cli(
+            "drain", "peer-3", "--release", "--peer", mesh.url("peer-1"), "--json"
+        )
+        assert code == 0 and '"drain": "release"' in out, (code, out, err)
+        info = await c1.cluster()
+        assert member(info, "peer-2")["drain"] == "finish"
+        assert member(info, "peer-3")["drain"] == "release"
+        later = [(await c1.submit("probe_steps", {**slow, "steps": 2}))["id"] for _ in range(4)]
+        runs = await wait_all_terminal(c1, first + later, timeout_s=90)
+        for run_id in on2:  # drained without --release: finished where they were
+            assert (runs[run_id]["owner"], runs[run_id]["epoch"]) == ("peer-2", 1)
+        for run_id in on3:  # released: checkpointed steps kept, the rest ran elsewhere
+            steps = runs[run_id]["result"]["steps"]
+            assert runs[run_id]["owner"] not in ("peer-2", "peer-3"), runs[run_id]
+            assert runs[run_id]["owner"] not in ("peer-2", "peer-3") and runs[run_id]["epoch"] >= 2
+            assert steps[0]["peer"] == "peer-3" and steps[-1]["peer"] == "peer-1"
+        for run_id in later:
+            assert runs[run_id]["owner"] == "peer-1", "a drained peer got new work"
+        witnessed = read_witness(str(witness))
+        assert_each_step_ran_once(witness, {i: runs[i] for i in first}, 10)
+        assert not [w for w in witnessed if w[0] in later and w[2] != "peer-1"]
+
+        code, out, err = await mesh_cli("undrain", "peer-2", "--peer", mesh.url("peer-3"))
+        assert code == 0 and "peer-2 takes runs again" in out, (code, out, err)
+        await c1.undrain("peer-3")
+        again = [(await c1.submit("probe_steps", {**slow, "steps": 3}))["id"] for _ in range(6)]
+        runs = await wait_all_terminal(c1, again, timeout_s=60)
+        assert {r["owner"] for r in runs.values()} == {"peer-1", "peer-2", "peer-3"}
+
+        # Guard rails: an id in use, a Raft address in use.
+        free = mesh.peer("peer-2").raft
+        code, out, err = await mesh_cli(
+            "join",
+            mesh.url("peer-1"),
+            "--id",
+            "peer-3",
+            "--raft",
+            "127.0.0.1:1",
+            "--http",
+            "127.0.0.1:2",
+            "--data-dir",
+            str(tmp_path / "dup"),
+            "--storage",
+            mesh.storage,
+        )
+        assert code == 1 and "409" in err and "'peer-3' is already in use" in err, (code, err)
+        code, out, err = await mesh_cli(
+            "join",
+            mesh.url("peer-1"),
+            "--id",
+            "peer-9",
+            "--raft",
+            free,
+            "--http",
+            "127.0.0.1:2",
+            "--data-dir",
+            str(tmp_path / "dup2"),
+            "--storage",
+            mesh.storage,
+        )
+        assert code == 1 and f"raft address {free} is already used by peer 'peer-2'" in err, err
+        # With peer-3 dead, removing another voter would leave 2 voters, 1 up.
+        mesh.kill("peer-3")
+        await eventually(lambda: _status_is(c1, "peer-3", "down"), 30, "peer-3 to be marked down")
+        code, out, err = await mesh_cli("leave", "peer-2", "--peer", mesh.url("peer-1"))
+        assert code == 1 and "could not form a majority" in err, (code, err)
+        code, out, err = await mesh_cli("leave", "--peer", mesh.url("peer-1"))
+        assert code == 1 and "could not form a majority" in err, (code, err)
+        info = await c1.cluster()
+        assert member(info, "peer-2")["drain"] is None and member(info, "peer-1")["drain"] is None
+        assert len(info["voters"]) == 3 and mesh.peer("peer-1").running
+        # Removing the dead voter itself is allowed: 2 voters remain, both up.
+        code, out, err = await mesh_cli("leave", "peer-3", "--peer", mesh.url("peer-2"))
+        assert code == 0 and "peer-3 left the mesh" in out, (code, err)
+        info = await c1.cluster()
+        assert len(info["voters"]) == 2 and member(info, "peer-3")["status"] == "left"
+        done = await c1.wait((await c1.submit("echo", {"after": "guard rails"}))["id"], 30)
+        assert done["status"] == "succeeded"
+    finally:
+        await c1.close()
+
+
+async def _status_is(client: MeshClient, peer_id: str, status: str) -> bool:
+    return member(await client.cluster(), peer_id)["status"] == status
