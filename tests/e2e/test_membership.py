@@ -342,3 +342,74 @@ async def test_drain_release_undrain_and_guard_rails(make_mesh, tmp_path, open_m
 
 async def _status_is(client: MeshClient, peer_id: str, status: str) -> bool:
     return member(await client.cluster(), peer_id)["status"] == status
+
+
+async def test_three_voters_four_executors(make_mesh, tmp_path, open_mesh_store):
+    mesh = await make_mesh("postgres", nodes=7, executors=4, slots=2, env=membership_env())
+    store = await open_mesh_store(mesh)
+    witness = tmp_path / "witness"
+    work = {"steps": 6, "step_seconds": 0.4, "log": str(witness)}
+    cs = {p.id: MeshClient(p.url, timeout_s=10) for p in mesh.peers}
+    executors = [p.id for p in mesh.peers if p.role == "executor"]
+    try:
+        info = await cs["peer-7"].cluster()
+        assert sorted(info["voters"]) == sorted(p.raft for p in mesh.peers[:3])
+        roles = {p["id"]: p["role"] for p in info["peers"]}
+        assert roles == {f"peer-{i}": "voter" if i <= 3 else "executor" for i in range(1, 8)}
+        assert info["leader"] in ("peer-1", "peer-2", "peer-3")
+        # Every peer, executors included, accepts submissions: 14 runs, 14 slots.
+        ids = [(await cs[p].submit("probe_steps", work))["id"] for p in list(cs) * 2]
+
+        async def all_running() -> dict[str, dict[str, Any]] | None:
+            runs = {i: await cs["peer-1"].get_run(i) for i in ids}
+            return runs if all(r["status"] == "running" for r in runs.values()) else None
+
+        running = await eventually(all_running, 30, "14 runs on 14 slots")
+        assert {r["owner"] for r in running.values()} == set(cs), "runs spread over all 7"
+
+        async def victim_runs(peer_id: str) -> list[str] | None:
+            mine = [i for i, r in running.items() if r["owner"] == peer_id]
+            done = [len(await store.load_steps(i)) for i in mine]
+            return mine if all(n >= 1 for n in done) else None
+
+        victim = executors[0]
+        moved = await eventually(lambda: victim_runs(victim), 30, f"progress on {victim}")
+        mesh.kill(victim)
+        leader = (await cs["peer-7"].cluster())["leader"]
+        mesh.kill(leader)
+        live = next(p for p in executors if p != victim)
+        more = [
+            (await submit_retrying(cs[live], "probe_steps", {**work, "steps": 2}))["id"]
+            for _ in range(4)
+        ]
+        runs = await wait_all_terminal(cs[live], ids + more, timeout_s=120)
+        assert {r["status"] for r in runs.values()} == {"succeeded"}
+        for run_id in moved:
+            steps = runs[run_id]["result"]["steps"]
+            assert steps[0]["peer"] == victim and runs[run_id]["owner"] != victim
+            assert runs[run_id]["epoch"] >= 2
+        assert (await cs[live].cluster())["leader"] not in (None, leader)
+
+        # The killed executor comes back with the same id: it must not start
+        # the runs that were reassigned while it was away.
+        restarted_at = time.time()
+        mesh.restart(victim)
+        await mesh.wait_ready(60, [victim])
+        await asyncio.sleep(2)
+        late = [
+            w for w in read_witness(str(witness)) if w[2] == victim and w[0] in moved and w[3] >= 2
+        ]
+        assert not late, f"{victim} ran reassigned runs after its restart: {late}"
+        log_text = mesh.peer(victim).log_path.read_text()
+        restarted_log = log_text[log_text.rindex("starting " + victim) :]
+        assert not [i for i in moved if i in restarted_log], (
+            "the restarted executor touched its old runs"
+        )
+        final = [(await cs[victim].submit("echo", {"n": i}))["id"] for i in range(4)]
+        finished = await wait_all_terminal(cs[victim], final, timeout_s=60)
+        assert {r["status"] for r in finished.values()} == {"succeeded"}
+        print(
+            f"\n7 peers (3 voters), {len(ids) + len(more)} runs; restart checked at {restarted_at:.0f}"
+        )
+    finally:
+        await asyncio.gather(*(c.close() for c in cs.values()))
