@@ -1,0 +1,97 @@
+"""The membership commands of the pure state machine: join reservations,
+drain, stopping, leave and its majority guard rail."""
+
+from __future__ import annotations
+
+import itertools
+
+from consensus import commands as c
+from consensus.state import MeshState
+
+_cids = (f"c{i}" for i in itertools.count())
+
+
+def apply(state: MeshState, make, *args) -> dict:
+    return state.apply(make(next(_cids), 1_000, *args))
+
+
+def mesh_of(*voters: str, executors: tuple[str, ...] = ()) -> MeshState:
+    state = MeshState()
+    for pid in voters:
+        assert apply(state, c.peer_up, pid, f"{pid}-i1", f"{pid}:7000", f"{pid}:8000", 2, {})["ok"]
+    for pid in executors:
+        up = apply(state, c.peer_up, pid, f"{pid}-i1", "", f"{pid}:8000", 2, {}, "executor")
+        assert up["ok"]
+    return state
+
+
+def submit(state: MeshState, run_id: str) -> None:
+    assert apply(state, c.submit, [{"id": run_id, "agent": "echo", "input": 1}])["ok"]
+
+
+def test_join_reserves_an_id_once_and_refuses_addresses_in_use():
+    state = mesh_of("a", "b", "c")
+    first = apply(state, c.peer_join, "d", "d:7000", "d:8000", "voter")
+    assert first == {"ok": True, "created": True}
+    # The same join again (a retry) is harmless; another with the id is not.
+    assert apply(state, c.peer_join, "d", "d:7000", "d:8000", "voter") == {
+        "ok": True,
+        "created": False,
+    }
+    other = apply(state, c.peer_join, "d", "x:7000", "x:8000", "voter")
+    assert not other["ok"] and "'d' is already in use" in other["error"]
+    taken = apply(state, c.peer_join, "e", "a:7000", "e:8000", "voter")
+    assert not taken["ok"] and "already used by peer 'a'" in taken["error"]
+    assert state.peers["d"].status == "joining" and not state.peers["d"].schedulable
+    assert apply(state, c.peer_up, "d", "d-i1", "d:7000", "d:8000", 2, {})["ok"]
+    assert state.peers["d"].status == "up"
+
+
+def test_drained_and_stopping_peers_get_nothing_new():
+    state = mesh_of("a", "b")
+    submit(state, "r1")
+    assert apply(state, c.peer_drain, "a", "finish")["ok"]
+    refused = apply(state, c.assign, 1, [("r1", "a", 1)])
+    assert refused["rejected"] == {"r1": "peer is draining or stopping"}
+    assert apply(state, c.peer_stopping, "b", "b-i1")["ok"]
+    assert apply(state, c.assign, 1, [("r1", "b", 1)])["rejected"]
+    # A drain is the operator's and outlives a restart; stopping is the process's.
+    assert apply(state, c.peer_up, "a", "a-i2", "a:7000", "a:8000", 2, {})["ok"]
+    assert apply(state, c.peer_up, "b", "b-i2", "b:7000", "b:8000", 2, {})["ok"]
+    assert state.peers["a"].drain == "finish" and not state.peers["b"].stopping
+    assert apply(state, c.assign, 1, [("r1", "b", 1)])["accepted"] == ["r1"]
+    assert apply(state, c.peer_drain, "a", "")["ok"] and state.peers["a"].schedulable
+    assert not apply(state, c.peer_drain, "a", "sideways")["ok"]
+    assert not apply(state, c.peer_stopping, "a", "a-i1")["ok"], "a stale incarnation"
+
+
+def test_leave_requeues_and_keeps_a_majority_of_voters():
+    state = mesh_of("a", "b", "c", executors=("x",))
+    submit(state, "r1")
+    assert apply(state, c.assign, 1, [("r1", "c", 1)])["accepted"] == ["r1"]
+    assert apply(state, c.peer_down, "b", "b-i1")["ok"]
+    refused = apply(state, c.peer_leave, "a")
+    assert not refused["ok"] and "could not form a majority" in refused["error"]
+    assert state.peers["a"].status == "up"
+    # The down voter may go: the two that remain are both up.
+    assert apply(state, c.peer_leave, "b")["ok"]
+    assert apply(state, c.peer_leave, "x")["ok"], "executors never count towards a majority"
+    left = apply(state, c.peer_leave, "c")
+    assert left == {"ok": True, "requeued": 1}
+    assert state.runs["r1"].status == "queued" and state.runs["r1"].epoch == 1
+    last = apply(state, c.peer_leave, "a")
+    assert not last["ok"] and "last voter" in last["error"]
+    # A peer that left cannot come back by announcing itself, only by joining.
+    assert not apply(state, c.peer_up, "c", "c-i2", "c:7000", "c:8000", 2, {})["ok"]
+    assert apply(state, c.peer_join, "c", "c:7000", "c:8000", "voter")["created"]
+    assert apply(state, c.peer_up, "c", "c-i2", "c:7000", "c:8000", 2, {})["ok"]
+
+
+def test_membership_survives_a_snapshot():
+    state = mesh_of("a", "b", executors=("x",))
+    apply(state, c.peer_drain, "a", "release")
+    apply(state, c.peer_join, "d", "d:7000", "d:8000", "voter")
+    restored = MeshState.from_dict(state.to_dict())
+    assert {p: v.public() for p, v in restored.peers.items()} == {
+        p: v.public() for p, v in state.peers.items()
+    }
