@@ -253,8 +253,13 @@ def status(peer: str, token: str | None) -> None:
         if p.get("stopping"):
             status += ", stopping"
         peers.add_row(
-            name, p.get("role", "voter"), p["raft"] or "-", p["http"], status,
-            str(p["slots"]), str(p["running"]),
+            name,
+            p.get("role", "voter"),
+            p["raft"] or "-",
+            p["http"],
+            status,
+            str(p["slots"]),
+            str(p["running"]),
         )
     console.print(peers)
 

@@ -93,7 +93,9 @@ class DevMesh:
         self._env = dict(env or {})
         self._peer_env = {k: dict(v) for k, v in (peer_env or {}).items()}
         if not 0 <= executors < nodes:
-            raise DevMeshError(f"executors must leave at least one voter, got {executors} of {nodes}")
+            raise DevMeshError(
+                f"executors must leave at least one voter, got {executors} of {nodes}"
+            )
         self.host = host
         raft_ports, http_ports = _pick_ports(host, nodes, base_port)
         self.peers = [
