@@ -494,8 +494,8 @@ class MeshState:
             raise Rejected(f"role must be one of {sorted(ROLES)}; a voter needs a raft address")
         known = self.peers.get(peer_id)
         if known is not None and known.status != PEER_LEFT:
-            same = (known.status, known.raft, known.http, known.role) == (PEER_JOINING, raft, http, role)
-            if same:
+            retry = (PEER_JOINING, raft, http, role)
+            if (known.status, known.raft, known.http, known.role) == retry:
                 return {"ok": True, "created": False}
             raise Rejected(
                 f"peer id {peer_id!r} is already in use (status {known.status}); "
@@ -541,7 +541,9 @@ class MeshState:
         peer = self._member(cmd["peer"])
         if peer.role == VOTER:
             remaining = [
-                p for p in self.peers.values() if p.role == VOTER and p.status != PEER_LEFT and p.id != peer.id
+                p
+                for p in self.peers.values()
+                if p.role == VOTER and p.status != PEER_LEFT and p.id != peer.id
             ]
             up = [p for p in remaining if p.status == PEER_UP]
             if not remaining:

@@ -180,6 +180,10 @@ async def test_join_two_then_an_original_leaves_every_run_succeeds(make_mesh, tm
         assert member(info, "peer-1")["status"] == "left"
         assert mesh.peer("peer-1").raft not in info["voters"] and len(info["voters"]) == 4
         assert {r["owner"] for r in runs.values()} >= {"peer-4", "peer-5"}
+        code, out, err = await mesh_cli("status", "--peer", mesh.url("peer-5"))
+        assert code == 0, err
+        rows = {line.split()[1]: line for line in out.splitlines() if "peer-" in line}
+        assert "left" in rows["peer-1"] and "up" in rows["peer-5"] and "voter" in rows["peer-4"]
 
         # Membership survives restarts of the joined peer and of an original.
         mesh.restart("peer-4")
