@@ -228,7 +228,9 @@ class RaftNode:
         journal_path = os.path.join(data_dir, "raft.journal")
         dump_path = os.path.join(data_dir, "raft.dump")
         self._data_dir = data_dir
-        self._voters_seen: frozenset[str] = frozenset()
+        # What voters.json already says: rewritten (with an fsync, on the tick
+        # thread) only when the voter set really changes.
+        self._voters_seen: frozenset[str] = frozenset(persisted_voters(data_dir) or ())
         self._tick_calls: list[Callable[[], None]] = []
         self._tick_calls_lock = threading.Lock()
         conf = SyncObjConf(
