@@ -141,7 +141,7 @@ def member(cluster: dict[str, Any], peer_id: str) -> dict[str, Any]:
 
 
 async def test_join_two_then_an_original_leaves_every_run_succeeds(make_mesh, tmp_path):
-    mesh = await make_mesh("postgres", env=membership_env())
+    mesh = await make_mesh("postgres", base_port=0, env=membership_env())
     witness = tmp_path / "witness"
     probe = MeshClient(mesh.url("peer-2"), timeout_s=10)
     try:
@@ -203,7 +203,7 @@ async def test_join_two_then_an_original_leaves_every_run_succeeds(make_mesh, tm
 
 
 async def test_rolling_restart_under_load_fails_nothing_and_repeats_no_step(make_mesh, tmp_path):
-    mesh = await make_mesh("postgres", env=membership_env())
+    mesh = await make_mesh("postgres", base_port=0, env=membership_env())
     witness = tmp_path / "witness"
     probe = MeshClient(mesh.url("peer-1"), timeout_s=10)
     stops: list[tuple[str, float, int]] = []
@@ -243,7 +243,7 @@ async def test_rolling_restart_under_load_fails_nothing_and_repeats_no_step(make
 
 
 async def test_drain_release_undrain_and_guard_rails(make_mesh, tmp_path, open_mesh_store):
-    mesh = await make_mesh("postgres", slots=2, env=membership_env())
+    mesh = await make_mesh("postgres", base_port=0, slots=2, env=membership_env())
     store = await open_mesh_store(mesh)
     witness = tmp_path / "witness"
     slow = {"steps": 10, "step_seconds": 0.4, "log": str(witness)}
@@ -349,7 +349,9 @@ async def _status_is(client: MeshClient, peer_id: str, status: str) -> bool:
 
 
 async def test_three_voters_four_executors(make_mesh, tmp_path, open_mesh_store):
-    mesh = await make_mesh("postgres", nodes=7, executors=4, slots=2, env=membership_env())
+    mesh = await make_mesh(
+        "postgres", nodes=7, executors=4, slots=2, base_port=0, env=membership_env()
+    )
     store = await open_mesh_store(mesh)
     witness = tmp_path / "witness"
     work = {"steps": 6, "step_seconds": 0.4, "log": str(witness)}
