@@ -348,6 +348,16 @@ async def test_drain_release_undrain_and_guard_rails(make_mesh, tmp_path, open_m
         assert len(info["voters"]) == 2 and member(info, "peer-3")["status"] == "left"
         done = await c1.wait((await c1.submit("echo", {"after": "guard rails"}))["id"], 30)
         assert done["status"] == "succeeded"
+        # The leader itself may leave: it hands leadership over first.
+        leader = info["leader"]
+        stays = "peer-2" if leader == "peer-1" else "peer-1"
+        code, out, err = await mesh_cli("leave", "--peer", mesh.url(leader))
+        assert code == 0 and f"{leader} left the mesh" in out, (code, err)
+        async with MeshClient(mesh.url(stays)) as remaining:
+            info = await remaining.cluster()
+            assert info["voters"] == [mesh.peer(stays).raft] and info["leader"] == stays
+            done = await remaining.wait((await remaining.submit("echo", {"n": 1}))["id"], 30)
+            assert done["status"] == "succeeded"
     finally:
         await c1.close()
 
