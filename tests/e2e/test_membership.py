@@ -160,11 +160,15 @@ async def test_join_two_then_an_original_leaves_every_run_succeeds(make_mesh, tm
             mesh.join("peer-3", peer_id="peer-5")
             await mesh.wait_ready(60, ["peer-5"])
             await eventually(lambda: owns_runs("peer-5"), 30, "peer-5 to take runs")
+            mesh.join("peer-2", role="executor", peer_id="peer-6")
+            await mesh.wait_ready(60, ["peer-6"])
+            await eventually(lambda: owns_runs("peer-6"), 30, "executor peer-6 to take runs")
             info = await probe.cluster()
-            assert len(info["voters"]) == 5
+            assert len(info["voters"]) == 5, "an executor does not vote"
             assert {p["id"]: p["status"] for p in info["peers"]} == {
-                f"peer-{i}": "up" for i in range(1, 6)
+                f"peer-{i}": "up" for i in range(1, 7)
             }
+            assert member(info, "peer-6")["role"] == "executor"
 
             code, out, err = await mesh_cli("leave", "--peer", mesh.url("peer-1"))
             assert code == 0, err
@@ -179,7 +183,7 @@ async def test_join_two_then_an_original_leaves_every_run_succeeds(make_mesh, tm
         info = await probe.cluster()
         assert member(info, "peer-1")["status"] == "left"
         assert mesh.peer("peer-1").raft not in info["voters"] and len(info["voters"]) == 4
-        assert {r["owner"] for r in runs.values()} >= {"peer-4", "peer-5"}
+        assert {r["owner"] for r in runs.values()} >= {"peer-4", "peer-5", "peer-6"}
         code, out, err = await mesh_cli("status", "--peer", mesh.url("peer-5"))
         assert code == 0, err
         rows = {line.split()[1]: line for line in out.splitlines() if "peer-" in line}
@@ -188,8 +192,9 @@ async def test_join_two_then_an_original_leaves_every_run_succeeds(make_mesh, tm
         # Membership survives restarts of the joined peer and of an original.
         mesh.restart("peer-4")
         mesh.restart("peer-2")
-        await mesh.wait_ready(60, ["peer-2", "peer-4"])
-        for peer_id in ("peer-2", "peer-4"):
+        mesh.restart("peer-6")
+        await mesh.wait_ready(60, ["peer-2", "peer-4", "peer-6"])
+        for peer_id in ("peer-2", "peer-4", "peer-6"):
             async with MeshClient(mesh.url(peer_id)) as c:
                 again = await c.cluster()
                 assert sorted(again["voters"]) == sorted(info["voters"]), peer_id
