@@ -20,7 +20,7 @@ def mesh_of(*voters: str, executors: tuple[str, ...] = ()) -> MeshState:
     for pid in voters:
         assert apply(state, c.peer_up, pid, f"{pid}-i1", f"{pid}:7000", f"{pid}:8000", 2, {})["ok"]
     for pid in executors:
-        up = apply(state, c.peer_up, pid, f"{pid}-i1", "", f"{pid}:8000", 2, {}, "executor")
+        up = apply(state, c.peer_up, pid, f"{pid}-i1", "", f"{pid}:8000", 2, {}, None, "executor")
         assert up["ok"]
     return state
 
