@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from consensus import commands as c
 from consensus.state import MeshState
 
@@ -95,3 +98,82 @@ def test_membership_survives_a_snapshot():
     assert {p: v.public() for p, v in restored.peers.items()} == {
         p: v.public() for p, v in state.peers.items()
     }
+
+
+PEERS = ["a", "b", "c", "x", "y"]
+EXECUTORS = {"x", "y"}
+
+
+@st.composite
+def membership_ops(draw: st.DrawFn) -> list[tuple[str, tuple]]:
+    """A random history of submits, assignments and membership changes."""
+    ops = []
+    for _ in range(draw(st.integers(1, 40))):
+        pid = draw(st.sampled_from(PEERS))
+        kind = draw(
+            st.sampled_from(
+                ["submit", "assign", "up", "down", "drain", "stopping", "leave", "join"]
+            )
+        )
+        inc = f"{pid}-i{draw(st.integers(1, 3))}"
+        if kind == "submit":
+            ops.append(("submit", (f"r{draw(st.integers(0, 2))}",)))
+        elif kind == "assign":
+            ops.append(("assign", (f"r{draw(st.integers(0, 2))}", pid)))
+        elif kind == "drain":
+            ops.append(("drain", (pid, draw(st.sampled_from(["", "finish", "release"])))))
+        else:
+            ops.append((kind, (pid, inc)))
+    return ops
+
+
+@settings(max_examples=300, deadline=None)
+@given(membership_ops())
+def test_membership_histories_keep_owners_schedulable_and_a_voter_majority(ops):
+    state = mesh_of("a", "b", "c", executors=("x", "y"))
+    for kind, args in ops:
+        pre_voters = _voters(state)
+        if kind == "submit":
+            submit(state, args[0])
+            continue
+        if kind == "assign":
+            run = state.runs.get(args[0])
+            epoch = run.epoch + 1 if run else 1
+            peer = state.peers.get(args[1])
+            result = apply(state, c.assign, 1, [(args[0], args[1], epoch)])
+            if args[0] in result["accepted"]:
+                assert peer is not None and peer.schedulable, "work went to a peer that takes none"
+            continue
+        pid, extra = args
+        role = "executor" if pid in EXECUTORS else "voter"
+        raft = "" if role == "executor" else f"{pid}:7000"
+        if kind == "up":
+            result = apply(state, c.peer_up, pid, extra, raft, f"{pid}:8000", 2, {}, None, role)
+        elif kind == "down":
+            result = apply(state, c.peer_down, pid, extra)
+        elif kind == "drain":
+            result = apply(state, c.peer_drain, pid, extra)
+        elif kind == "stopping":
+            result = apply(state, c.peer_stopping, pid, extra)
+        elif kind == "join":
+            result = apply(state, c.peer_join, pid, raft, f"{pid}:8000", role)
+        else:
+            result = apply(state, c.peer_leave, pid)
+            if result["ok"] and role == "voter":
+                remaining = pre_voters - {pid}
+                up = {v for v in remaining if state.peers[v].status == "up"}
+                assert remaining and len(up) > len(remaining) / 2
+        assert isinstance(result["ok"], bool)
+        # Nobody that left, is down, or has not joined yet owns a run.
+        for run in state.runs.values():
+            if run.owner is not None:
+                assert state.peers[run.owner].status == "up", (kind, args, run)
+        # A peer that left stays out until it joins again.
+        for peer in state.peers.values():
+            if peer.status == "left":
+                assert state.running_on(peer.id) == 0
+    assert MeshState.from_dict(state.to_dict()).to_dict() == state.to_dict()
+
+
+def _voters(state: MeshState) -> set[str]:
+    return {p.id for p in state.peers.values() if p.role == "voter" and p.status != "left"}
