@@ -200,8 +200,8 @@ async def _run_agent(
     agent_run: Coroutine[Any, Any, Any], ctx: RunContext, job: Assignment
 ) -> tuple[Outcome, Any]:
     """Run the agent as its own task (so ``ctx.cancel`` can stop it) under the
-    run's timeout. Fenced and RunError propagate; every other ending becomes
-    an Outcome."""
+    run's timeout. Fenced, Released and RunError propagate; every other ending
+    becomes an Outcome."""
     task = asyncio.ensure_future(agent_run)
     ctx.bind_task(task)
     try:
@@ -214,7 +214,7 @@ async def _run_agent(
             task.cancel()
             raise
         return Outcome(CANCELLED, "cancelled by request"), None
-    except (Fenced, RunError):
+    except (Fenced, Released, RunError):
         raise
     except TimeoutError:
         if ctx.cancelled:

@@ -124,7 +124,7 @@ class Stream:
 def assert_each_step_ran_once(witness: Path, runs: dict[str, dict[str, Any]], steps: int) -> None:
     starts = Counter((r, i) for r, i, _, _, what in read_witness(str(witness)) if what == "start")
     for run_id, run in runs.items():
-        assert run["status"] == "succeeded", run
+        assert run["status"] == "succeeded", (run["error"], run.get("failures"), run)
         assert [s["index"] for s in run["result"]["steps"]] == list(range(steps))
         for i in range(steps):
             assert starts[(run_id, i)] == 1, (
