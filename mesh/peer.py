@@ -911,7 +911,9 @@ async def _serve(settings: Settings) -> int:
         # A second signal while handing runs back stops at once.
         stop.clear()
         graceful = asyncio.create_task(peer.membership.shutdown())
-        await asyncio.wait({graceful, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {graceful, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+        )
     await peer.stop()
     return 0
 
