@@ -16,10 +16,9 @@ import tempfile
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import click
@@ -28,29 +27,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cli import membership
+from cli import membership, run_control
+from cli.remote import DEFAULT_PEER_URL, call, peer_option, token_option
+from cli.watch import agents, follow_run, print_end, watch
 from mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
 from mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET, DevMesh, DevMeshError
 from mesh.settings import Settings, SettingsError
-
-T = TypeVar("T")
-
-# The first peer of `mesh dev` with its default ports.
-DEFAULT_PEER_URL = f"http://127.0.0.1:{DEFAULT_BASE_PORT + HTTP_PORT_OFFSET}"
-
-peer_option = click.option(
-    "--peer",
-    envvar="MESH_PEER_URL",
-    default=DEFAULT_PEER_URL,
-    show_default=True,
-    help="Base URL of any peer (env MESH_PEER_URL).",
-)
-token_option = click.option(
-    "--token",
-    envvar="MESH_API_TOKEN",
-    default=None,
-    help="Bearer token when the mesh runs with --api-token (env MESH_API_TOKEN).",
-)
 
 
 class ConfigError(click.ClickException):
@@ -211,7 +193,7 @@ def submit(
             return await follow_run(client, accepted["id"])
         return await client.wait(accepted["id"], timeout) if wait else accepted
 
-    answer = _call(peer, token, go)
+    answer = call(peer, token, go)
     if watch_:
         print_end(answer)
     else:
@@ -224,7 +206,7 @@ def submit(
 @token_option
 def run_(run_id: str, peer: str, token: str | None) -> None:
     """Print one run as JSON."""
-    click.echo(json.dumps(_call(peer, token, lambda c: c.get_run(run_id)), indent=2))
+    click.echo(json.dumps(call(peer, token, lambda c: c.get_run(run_id)), indent=2))
 
 
 @main.command()
@@ -232,7 +214,7 @@ def run_(run_id: str, peer: str, token: str | None) -> None:
 @token_option
 def status(peer: str, token: str | None) -> None:
     """Show leader, term, peers and queue."""
-    info = _call(peer, token, MeshClient.cluster)
+    info = call(peer, token, MeshClient.cluster)
     console = Console()
     summary = Table(title="Cluster", show_header=False)
     summary.add_row("leader", str(info.get("leader") or "none"))
@@ -550,25 +532,6 @@ def _parse_json(text: str) -> Any:
         raise click.BadParameter(f"not valid JSON: {exc}") from exc
 
 
-def _call(peer: str, token: str | None, fn: Callable[[MeshClient], Awaitable[T]]) -> T:
-    """Run one client interaction and turn its failures into one-line CLI errors."""
-
-    async def go() -> T:
-        async with MeshClient(peer, token) as client:
-            return await fn(client)
-
-    try:
-        return asyncio.run(go())
-    except MeshHTTPError as exc:
-        raise click.ClickException(
-            f"{peer} answered {exc.status} {exc.code}: {exc.message}"
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise click.ClickException(f"cannot reach {peer}: {exc}") from exc
-    except TimeoutError as exc:
-        raise click.ClickException(str(exc) or f"{peer} did not answer in time") from exc
-
-
 def _workdir(given: Path | None, prefix: str) -> tuple[Path, bool]:
     """The directory to use, and whether it is a temporary one of ours to remove."""
     if given is not None:
@@ -585,9 +548,6 @@ def _peers_table(mesh: DevMesh) -> Table:
     return table
 
 
-# Registered last: these modules use the options and helpers defined above.
-from cli import run_control  # noqa: E402
-from cli.watch import agents, follow_run, print_end, watch  # noqa: E402
 
 main.add_command(watch)
 main.add_command(agents)

@@ -6,53 +6,19 @@ line on stderr with exit status 1, usage errors with 2.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import tomllib
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
 import click
 
+from cli.remote import call, peer_option, token_option
 from consensus.raft import persisted_voters
-from mesh.client import MeshClient, MeshHTTPError
-from mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET
+from mesh.client import MeshClient
 from mesh.settings import Settings, SettingsError
 
-T = TypeVar("T")
-
-peer_option = click.option(
-    "--peer",
-    envvar="MESH_PEER_URL",
-    default=f"http://127.0.0.1:{DEFAULT_BASE_PORT + HTTP_PORT_OFFSET}",
-    show_default=True,
-    help="Base URL of any peer (env MESH_PEER_URL).",
-)
-token_option = click.option(
-    "--token", envvar="MESH_API_TOKEN", default=None, help="API bearer token (env MESH_API_TOKEN)."
-)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
-
-
-def _call(
-    peer: str, token: str | None, timeout_s: float, fn: Callable[[MeshClient], Awaitable[T]]
-) -> T:
-    async def go() -> T:
-        async with MeshClient(peer, token, timeout_s=timeout_s) as client:
-            return await fn(client)
-
-    try:
-        return asyncio.run(go())
-    except MeshHTTPError as exc:
-        raise click.ClickException(
-            f"{peer} answered {exc.status} {exc.code}: {exc.message}"
-        ) from exc
-    except aiohttp.ClientError as exc:
-        raise click.ClickException(f"cannot reach {peer}: {exc}") from exc
-    except TimeoutError as exc:
-        raise click.ClickException(f"{peer} did not answer within {timeout_s:g} s") from exc
 
 
 def _print(answer: dict[str, Any], as_json: bool, line: str) -> None:
@@ -98,9 +64,7 @@ def join(seed_url: str, id_: str, executor: bool, config: str | None, **flags: A
     if known is None:
         raft = settings.raft if role == "voter" else None
         token = settings.api_token or None
-        answer = _call(
-            seed_url, token, 60, lambda c: c.join(settings.id, settings.http, raft, role)
-        )
+        answer = call(seed_url, token, lambda c: c.join(settings.id, settings.http, raft, role), 60)
         known = list(answer["voters"])
         click.echo(f"joined as {role} {settings.id}; voters: {', '.join(known)}", err=True)
     else:
@@ -147,7 +111,7 @@ def leave(
         async with MeshClient(f"http://{member['http']}", token, timeout_s=timeout) as own:
             return await own.leave(target, release)
 
-    answer = _call(peer, token, timeout, go)
+    answer = call(peer, token, go, timeout)
     _print(answer, as_json, f"{answer['id']} left the mesh ({answer['requeued']} runs requeued)")
 
 
@@ -159,7 +123,7 @@ def leave(
 @json_option
 def drain(peer_id: str, peer: str, token: str | None, release: bool, as_json: bool) -> None:
     """Assign nothing new to PEER_ID; its runs finish there (or, with --release, move)."""
-    answer = _call(peer, token, 30, lambda c: c.drain(peer_id, release))
+    answer = call(peer, token, lambda c: c.drain(peer_id, release), 30)
     _print(
         answer, as_json, f"{peer_id} draining ({answer['drain']}); {answer['running']} runs there"
     )
@@ -172,7 +136,7 @@ def drain(peer_id: str, peer: str, token: str | None, release: bool, as_json: bo
 @json_option
 def undrain(peer_id: str, peer: str, token: str | None, as_json: bool) -> None:
     """Let PEER_ID take runs again."""
-    answer = _call(peer, token, 30, lambda c: c.undrain(peer_id))
+    answer = call(peer, token, lambda c: c.undrain(peer_id), 30)
     _print(answer, as_json, f"{peer_id} takes runs again")
 
 

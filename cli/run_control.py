@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.main import _call, peer_option, token_option
+from cli.remote import call, peer_option, token_option
 
 
 @click.command()
@@ -15,7 +15,7 @@ from cli.main import _call, peer_option, token_option
 @token_option
 def cancel(run_id: str, peer: str, token: str | None) -> None:
     """Cancel RUN_ID: a queued run ends at once, a running one is stopped by its owner."""
-    click.echo(json.dumps(_call(peer, token, lambda c: c.cancel(run_id)), indent=2))
+    click.echo(json.dumps(call(peer, token, lambda c: c.cancel(run_id)), indent=2))
 
 
 @click.command()
@@ -24,4 +24,4 @@ def cancel(run_id: str, peer: str, token: str | None) -> None:
 @token_option
 def retry(run_id: str, peer: str, token: str | None) -> None:
     """Queue RUN_ID again if it failed or timed out (a dead letter)."""
-    click.echo(json.dumps(_call(peer, token, lambda c: c.retry(run_id)), indent=2))
+    click.echo(json.dumps(call(peer, token, lambda c: c.retry(run_id)), indent=2))

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import click
 
-from cli.main import _call, peer_option, token_option
+from cli.remote import call, peer_option, token_option
 from mesh.client import MeshClient, MeshHTTPError
 
 RECONNECT_S = 0.5
@@ -63,7 +63,7 @@ def print_end(end: dict[str, Any]) -> None:
 @token_option
 def watch(run_id: str, peer: str, token: str | None) -> None:
     """Follow RUN_ID's events live until it ends (any peer serves them)."""
-    print_end(_call(peer, token, lambda c: follow_run(c, run_id)))
+    print_end(call(peer, token, lambda c: follow_run(c, run_id)))
 
 
 @click.command()
@@ -84,6 +84,6 @@ def agents(peer: str, token: str | None) -> None:
             rows.append((p["id"], p["status"], names))
         return rows
 
-    for peer_id, status, names in _call(peer, token, go):
+    for peer_id, status, names in call(peer, token, go):
         shown = ", ".join(names) if names is not None else "(unreachable)"
         click.echo(f"{peer_id:<12} {status:<6} {shown}")

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,17 @@ def test_dev_mesh_serves_the_client_commands_and_stops_cleanly_on_ctrl_c(tmp_pat
             assert peer in status.stdout
         unknown = _mesh("run", "no-such-run", env=env)
         assert unknown.returncode != 0 and "no run with id" in unknown.stderr
+        agents = _mesh("agents", env={**env, "COLUMNS": "200"})
+        assert agents.returncode == 0 and "steps" in agents.stdout, agents.stderr
+        sleeper = json.loads(_mesh("submit", "sleep", "--input", '{"seconds": 60}', env=env).stdout)
+        cancel = _mesh("cancel", sleeper["id"], env=env)
+        assert cancel.returncode == 0, cancel.stderr
+        deadline = time.monotonic() + 30
+        while json.loads(_mesh("run", sleeper["id"], env=env).stdout)["status"] != "cancelled":
+            assert time.monotonic() < deadline, "mesh cancel did not end the run"
+            time.sleep(0.5)
+        retry = _mesh("retry", sleeper["id"], env=env)
+        assert retry.returncode != 0 and "409" in retry.stderr, retry.stderr
     finally:
         dev.send_signal(signal.SIGINT)
         out, _ = dev.communicate(timeout=60)

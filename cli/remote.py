@@ -1,0 +1,59 @@
+"""Talking to a peer from the command line: the --peer and --token options and
+one call wrapper that turns every client failure into a one-line CLI error."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+import click
+
+from mesh.client import MeshClient, MeshHTTPError
+from mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET
+
+T = TypeVar("T")
+
+# The first peer of `mesh dev` with its default ports.
+DEFAULT_PEER_URL = f"http://127.0.0.1:{DEFAULT_BASE_PORT + HTTP_PORT_OFFSET}"
+
+peer_option = click.option(
+    "--peer",
+    envvar="MESH_PEER_URL",
+    default=DEFAULT_PEER_URL,
+    show_default=True,
+    help="Base URL of any peer (env MESH_PEER_URL).",
+)
+token_option = click.option(
+    "--token",
+    envvar="MESH_API_TOKEN",
+    default=None,
+    help="Bearer token when the mesh runs with --api-token (env MESH_API_TOKEN).",
+)
+
+
+def call(
+    peer: str,
+    token: str | None,
+    fn: Callable[[MeshClient], Awaitable[T]],
+    timeout_s: float = 10.0,
+) -> T:
+    """Run one client interaction against ``peer``; failures exit with one line."""
+
+    async def go() -> T:
+        async with MeshClient(peer, token, timeout_s=timeout_s) as client:
+            return await fn(client)
+
+    try:
+        return asyncio.run(go())
+    except MeshHTTPError as exc:
+        raise click.ClickException(
+            f"{peer} answered {exc.status} {exc.code}: {exc.message}"
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise click.ClickException(f"cannot reach {peer}: {exc}") from exc
+    except TimeoutError as exc:
+        raise click.ClickException(
+            str(exc) or f"{peer} did not answer within {timeout_s:g} s"
+        ) from exc
