@@ -553,3 +553,7 @@ main.add_command(watch)
 main.add_command(agents)
 main.add_command(run_control.cancel)
 main.add_command(run_control.retry)
+
+from cli.chaos import chaos  # noqa: E402
+
+main.add_command(chaos)

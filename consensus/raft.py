@@ -37,6 +37,7 @@ from typing import Any
 
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.node import TCPNode
 
 from consensus.commands import Command, CommandDecodeError, decode_entry, encode_entry
 from consensus.errors import NoQuorum, ProposalFailed
@@ -166,6 +167,29 @@ class _Replica(SyncObjConsumer):
         self._node._notify([], [])
 
 
+class _DialNode(TCPNode):
+    """A partner known by its advertised address but reached at another one.
+
+    pysyncobj identifies a node by the address it announces and decides which
+    side of a pair dials by comparing addresses, so both must stay the
+    advertised ones; only the socket connect goes to ``dial`` (a NAT or proxy).
+    """
+
+    def __init__(self, address: str, dial: str) -> None:
+        super().__init__(address)
+        host, _, port = dial.rpartition(":")
+        self._dial_host = host
+        self._dial_port = int(port)
+
+    @property
+    def ip(self) -> str:
+        return self._dial_host
+
+    @property
+    def port(self) -> int:
+        return self._dial_port
+
+
 class _Entry:
     """One log entry in flight and the futures waiting on its commands."""
 
@@ -213,6 +237,7 @@ class RaftNode:
         on_change: Callable[[list[Command], list[dict[str, Any]]], None],
         timers: RaftTimers | None = None,
         commit_timeout_s: float = 5.0,
+        dial: dict[str, str] | None = None,
     ) -> None:
         self.state = MeshState()
         self.lock = threading.Lock()
@@ -253,9 +278,9 @@ class RaftNode:
             onStateChanged=self._on_raft_state,
         )
         self._replica = _Replica(self)
-        self._syncobj = SyncObj(
-            self_addr, [p for p in partners if p != self_addr], conf=conf, consumers=[self._replica]
-        )
+        dial = dial or {}
+        others = [_DialNode(p, dial[p]) if p in dial else p for p in partners if p != self_addr]
+        self._syncobj = SyncObj(self_addr, others, conf=conf, consumers=[self._replica])
         self.journal = _DurableJournal(self._syncobj._SyncObj__raftLog, journal_path, dump_path)
         self._syncobj._SyncObj__raftLog = self.journal
         transport = self._syncobj._SyncObj__transport

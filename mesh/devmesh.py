@@ -131,6 +131,13 @@ class DevMesh:
     def url(self, peer_id: str) -> str:
         return self.peer(peer_id).url
 
+    def set_peer_env(self, peer_id: str, env: Mapping[str, str]) -> None:
+        """Extra environment for one peer from its next start on; ports are
+        known only once the mesh is built, so settings that name other peers'
+        addresses (e.g. MESH_DIAL) are added here."""
+        self.peer(peer_id)
+        self._peer_env.setdefault(peer_id, {}).update(env)
+
     def start(self) -> None:
         running = [p.id for p in self.peers if p.running]
         if running:

@@ -94,7 +94,11 @@ class Peer:
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
         self.registry = default_registry(settings.agent_modules)
-        self.store = open_store(settings.storage)
+        if settings.unsafe_disable_fencing:
+            log.warning("UNSAFE: fencing is disabled; stale owners can overwrite runs")
+        self.store = open_store(
+            settings.storage, unsafe_disable_fencing=settings.unsafe_disable_fencing
+        )
         self.slots = Slots(settings.slots, self._execute, self._on_outcome)
         self.events = EventHub(self.store, settings.events_poll_s)
         self.liveness = Liveness(settings.peer_ttl_s)
@@ -140,6 +144,7 @@ class Peer:
             asyncio.get_running_loop(),
             self._on_raft_change,
             commit_timeout_s=self.settings.commit_timeout_s,
+            dial=dict(self.settings.dial),
         )
         self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0))
         app = build_app(self)
@@ -607,7 +612,7 @@ class Peer:
         report = {"id": self.id, "incarnation": self.incarnation, "running": self.slots.busy}
         try:
             async with self._client.post(
-                f"http://{leader.http}/internal/v1/heartbeat",
+                f"http://{self.settings.dial_addr(leader.http)}/internal/v1/heartbeat",
                 json=report,
                 headers={"Authorization": f"Bearer {self.internal_token}"},
             ) as resp:

@@ -16,6 +16,12 @@ from typing import Any
 
 DEV_SECRET = "raftmesh-insecure-development-secret"
 
+# unsafe_disable_fencing is refused unless this environment variable holds
+# exactly this value: a debug switch that corrupts runs must not be one typo
+# away from production.
+UNSAFE_FENCING_ACK_ENV = "MESH_UNSAFE_ACK"
+UNSAFE_FENCING_ACK = "stale-writes-corrupt-runs"
+
 
 class SettingsError(ValueError):
     """The configuration cannot describe a working peer."""
@@ -61,6 +67,14 @@ class Settings:
     # SIGTERM: runs are released at their next step boundary (or finish)
     # within this time; what is left is then stopped and released anyway.
     shutdown_grace_s: float = 30.0
+    # Advertised address (Raft or HTTP, of another peer) -> the address to
+    # connect to instead: for peers reached through NAT or a proxy (the chaos
+    # harness routes every link through its own proxy to cut it at will).
+    dial: dict[str, str] = field(default_factory=dict)
+    # UNSAFE debug switch: storage accepts writes from stale epochs. Exists
+    # only so the chaos checker can be shown catching the stale writes that
+    # fencing prevents; refused unless MESH_UNSAFE_ACK acknowledges it.
+    unsafe_disable_fencing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("raft", "http"):
@@ -92,6 +106,20 @@ class Settings:
             raise SettingsError("need 0 <= retry_backoff_base_s <= retry_backoff_max_s")
         if self.priority_aging_s < 0:
             raise SettingsError("priority_aging_s must be >= 0 (0 turns aging off)")
+        for advertised, target in self.dial.items():
+            for addr in (advertised, target):
+                host, _, port = addr.rpartition(":")
+                if not host or not port.isdigit():
+                    raise SettingsError(f"dial entries must be HOST:PORT=HOST:PORT, got {addr!r}")
+        if (
+            self.unsafe_disable_fencing
+            and os.environ.get(UNSAFE_FENCING_ACK_ENV) != UNSAFE_FENCING_ACK
+        ):
+            raise SettingsError(
+                "unsafe_disable_fencing lets stale owners overwrite runs and exists only for "
+                f"the chaos checker's own test; set {UNSAFE_FENCING_ACK_ENV}={UNSAFE_FENCING_ACK} "
+                "to acknowledge that, or leave it off"
+            )
 
     def replicated_policy(self) -> dict[str, Any]:
         """The ``configure`` command's fields, as the state machine stores them."""
@@ -107,6 +135,10 @@ class Settings:
                 "count_lost_owner": self.count_lost_owner,
             },
         }
+
+    def dial_addr(self, advertised: str) -> str:
+        """Where to connect to reach ``advertised``."""
+        return self.dial.get(advertised, advertised)
 
     @property
     def all_loopback(self) -> bool:

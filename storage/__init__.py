@@ -36,7 +36,7 @@ __all__ = [
 _SQLITE_PREFIX = "sqlite:///"
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, unsafe_disable_fencing: bool = False) -> Store:
     """Build the store a URL names; it still has to be opened.
 
     - ``postgresql://user@host:port/db?schema=NAME`` (or ``postgres://``):
@@ -46,12 +46,14 @@ def open_store(url: str) -> Store:
       slash, so ``f"sqlite:///{path}"`` works for relative and absolute paths.
 
     Backends are imported here, lazily, so using one never imports the other's driver.
+    ``unsafe_disable_fencing`` lets stale epochs write (see storage._common.fence):
+    it exists only so the chaos checker can be shown catching stale writes.
     """
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
         from storage.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, fencing=not unsafe_disable_fencing)
     if scheme == "sqlite":
         path = url[len(_SQLITE_PREFIX) :] if url.startswith(_SQLITE_PREFIX) else ""
         if not path:
@@ -60,7 +62,7 @@ def open_store(url: str) -> Store:
             )
         from storage.sqlite import SqliteStore
 
-        return SqliteStore(path)
+        return SqliteStore(path, fencing=not unsafe_disable_fencing)
     raise ValueError(
         f"unsupported storage URL {url!r}: expected postgresql://user@host:port/db[?schema=NAME],"
         " sqlite:///relative.db or sqlite:////absolute/path.db"

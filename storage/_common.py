@@ -50,22 +50,24 @@ def run_from_row(row: Row) -> RunRow:
     )
 
 
-def fence(run_id: str, epoch: int, stored: Row | None) -> Row:
+def fence(run_id: str, epoch: int, stored: Row | None, enforce: bool = True) -> Row:
     """Refuse a write unless ``epoch`` owns the run; ``stored`` is the locked row.
 
     No row means nobody ever claimed the run, so no writer can own it; the
-    error then reports epoch 0.
+    error then reports epoch 0. ``enforce=False`` is the unsafe debug mode
+    (``unsafe_disable_fencing``) that lets the chaos checker prove it can see
+    the stale writes fencing exists to stop; it only skips the epoch check.
     """
     if stored is None:
         raise StaleEpoch(run_id, epoch, 0)
-    if stored["epoch"] != epoch:
+    if enforce and stored["epoch"] != epoch:
         raise StaleEpoch(run_id, epoch, stored["epoch"])
     return stored
 
 
-def fence_result(run_id: str, epoch: int, stored: Row | None) -> None:
+def fence_result(run_id: str, epoch: int, stored: Row | None, enforce: bool = True) -> None:
     """put_result's fence: the epoch must own the run and no outcome may be stored yet."""
-    status = fence(run_id, epoch, stored)["status"]
+    status = fence(run_id, epoch, stored, enforce)["status"]
     if status in TERMINAL_STATUSES:
         raise AlreadyFinished(run_id, epoch, status)
 

@@ -108,8 +108,10 @@ class PostgresStore:
     meshes or test runs share one database.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, fencing: bool = True) -> None:
         self._dsn, self._schema = _split_schema(url)
+        # False only in the unsafe debug mode; see storage._common.fence.
+        self._fencing = fencing
         self._server_settings = (
             {"search_path": quote_ident(self._schema)} if self._schema is not None else {}
         )
@@ -222,7 +224,7 @@ class PostgresStore:
         self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
     ) -> None:
         async with self._transaction() as conn:
-            fence(run_id, epoch, await _lock_run(conn, run_id))
+            fence(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
             await conn.execute(
                 "INSERT INTO steps (run_id, seq, name, value, epoch, peer, at_ms)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id, seq) DO NOTHING",
@@ -250,7 +252,7 @@ class PostgresStore:
         self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int
     ) -> int:
         async with self._transaction() as conn:
-            fence(run_id, epoch, await _lock_run(conn, run_id))
+            fence(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
             seq: int = await conn.fetchval(_INSERT_EVENT, run_id, kind, data, epoch, now_ms)
             # Delivered at commit, and only if the event commits.
             await conn.execute("SELECT pg_notify($1, $2)", self._channel, run_id)
@@ -281,7 +283,7 @@ class PostgresStore:
     ) -> None:
         require_terminal(status)
         async with self._transaction() as conn:
-            fence_result(run_id, epoch, await _lock_run(conn, run_id))
+            fence_result(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
             await conn.execute(
                 "UPDATE runs SET status = $2, result = $3, error = $4, finished_at_ms = $5"
                 " WHERE id = $1",

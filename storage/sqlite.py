@@ -73,8 +73,10 @@ ON CONFLICT (id) DO NOTHING
 class SqliteStore:
     """Store in one SQLite file, shared safely by several processes on one host."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, fencing: bool = True) -> None:
         self._path = path
+        # False only in the unsafe debug mode; see storage._common.fence.
+        self._fencing = fencing
         self._executor: ThreadPoolExecutor | None = None
         # Created, used and closed only on the executor's thread.
         self._conn: sqlite3.Connection | None = None
@@ -208,7 +210,7 @@ class SqliteStore:
         self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
     ) -> None:
         def work(conn: sqlite3.Connection) -> None:
-            fence(run_id, epoch, _stored_run(conn, run_id))
+            fence(run_id, epoch, _stored_run(conn, run_id), self._fencing)
             conn.execute(
                 "INSERT INTO steps (run_id, seq, name, value, epoch, peer, at_ms)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, seq) DO NOTHING",
@@ -233,7 +235,7 @@ class SqliteStore:
         self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int
     ) -> int:
         def work(conn: sqlite3.Connection) -> int:
-            fence(run_id, epoch, _stored_run(conn, run_id))
+            fence(run_id, epoch, _stored_run(conn, run_id), self._fencing)
             (seq,) = conn.execute(
                 "INSERT INTO events (run_id, seq, kind, data, epoch, at_ms)"
                 " SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ? FROM events WHERE run_id = ?"
@@ -269,7 +271,7 @@ class SqliteStore:
         require_terminal(status)
 
         def work(conn: sqlite3.Connection) -> None:
-            fence_result(run_id, epoch, _stored_run(conn, run_id))
+            fence_result(run_id, epoch, _stored_run(conn, run_id), self._fencing)
             conn.execute(
                 "UPDATE runs SET status = ?, result = ?, error = ?, finished_at_ms = ? WHERE id = ?",
                 (status, result, error, now_ms, run_id),

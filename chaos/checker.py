@@ -1,0 +1,400 @@
+"""The checker: the seven invariants of DESIGN.md judged against what really happened.
+
+Pure: it reads a History (what clients saw), the side-effect ledger (what the
+agents executed) and a StorageSnapshot (what was recorded), and returns a
+Verdict. Every failed invariant comes with counter-examples naming runs,
+epochs, peers and times, so a violation can be traced in the peer logs.
+
+Stale writes (invariant 2) and repeated steps (invariant 4) are judged without
+trusting any peer's view of ownership:
+
+* the ledger's ``attempt_start`` of epoch E is written after E's claim
+  committed in storage, so any step, event or result of an older epoch stamped
+  later than that was written after it should have been fenced;
+* a step checkpointed by epoch e was committed before any claim by a newer
+  epoch (the claim and the write lock the same row), so a newer epoch that
+  executes that step again repeated a checkpointed step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from chaos.history import FAIL, INFO, OK, History, StorageSnapshot
+from chaos.ledger import ATTEMPT_END, ATTEMPT_START, STEP_START, LedgerEntry
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+MAX_EXAMPLES = 10
+
+NAMES = {
+    1: "acknowledged submissions are never lost",
+    2: "only the current epoch writes",
+    3: "one terminal state per run, result written once",
+    4: "no checkpointed step repeats",
+    5: "one idempotency key, one run",
+    6: "caps hold (peer slots, tenant in-flight caps)",
+    7: "dead owners' runs resume within the bound",
+}
+
+
+@dataclass
+class InvariantResult:
+    number: int
+    name: str
+    checked: int = 0
+    violations: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+
+@dataclass(frozen=True)
+class Failover:
+    run_id: str
+    peer: str
+    lost_ms: int
+    resumed_ms: int | None
+    new_peer: str | None
+    fault: str
+    overlapped: bool  # another fault was active meanwhile; not held to the bound
+
+    @property
+    def duration_ms(self) -> int | None:
+        return None if self.resumed_ms is None else self.resumed_ms - self.lost_ms
+
+
+@dataclass(frozen=True)
+class Window:
+    start_ms: int
+    end_ms: int
+
+    @property
+    def duration_ms(self) -> int:
+        return self.end_ms - self.start_ms
+
+
+@dataclass
+class Verdict:
+    invariants: list[InvariantResult]
+    failovers: list[Failover]
+    outages: list[Window]
+    acknowledged: int
+    completed: int
+    attempts: int
+
+    @property
+    def passed(self) -> bool:
+        return all(i.passed for i in self.invariants)
+
+    def failover_percentiles(self) -> dict[str, float]:
+        return percentiles([f.duration_ms for f in self.failovers if f.duration_ms is not None])
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float]:
+    """Nearest-rank p50/p95/p99/max (ms); empty input gives an empty dict."""
+    data = sorted(values)
+    if not data:
+        return {}
+
+    def rank(p: float) -> float:
+        return data[max(0, math.ceil(p / 100 * len(data)) - 1)]
+
+    return {"p50": rank(50), "p95": rank(95), "p99": rank(99), "max": data[-1], "n": len(data)}
+
+
+def check(
+    history: History,
+    ledger: list[LedgerEntry],
+    storage: StorageSnapshot,
+    *,
+    failover_bound_ms: int = 10_000,
+    outage_min_ms: int = 1_000,
+) -> Verdict:
+    acked = _acknowledged(history)
+    failovers = measure_failovers(history, ledger)
+    invariants = [
+        _check_lost(history, storage, acked),
+        _check_stale_writes(ledger, storage),
+        _check_single_outcome(history, storage),
+        _check_repeated_steps(ledger, storage),
+        _check_idempotency(history, storage),
+        _check_caps(history),
+        _check_failovers(failovers, failover_bound_ms),
+    ]
+    completed = sum(
+        1 for run_id in set(acked.values()) if _final_status(run_id, history, storage) in TERMINAL
+    )
+    return Verdict(
+        invariants=invariants,
+        failovers=failovers,
+        outages=submission_outages(history, outage_min_ms),
+        acknowledged=len(set(acked.values())),
+        completed=completed,
+        attempts=len(history.submits),
+    )
+
+
+def _acknowledged(history: History) -> dict[str, str]:
+    """Idempotency key -> run id of its first acknowledgement."""
+    acked: dict[str, str] = {}
+    for op in sorted(history.submits, key=lambda o: o.end_ms):
+        if op.outcome == OK and op.run_id is not None:
+            acked.setdefault(op.key, op.run_id)
+    return acked
+
+
+def _final_status(run_id: str, history: History, storage: StorageSnapshot) -> str | None:
+    stored = storage.runs.get(run_id)
+    if stored is not None and stored.status in TERMINAL:
+        return stored.status
+    seen = [o for o in history.observations if o.run_id == run_id]
+    return max(seen, key=lambda o: o.at_ms).status if seen else None
+
+
+def _check_lost(
+    history: History, storage: StorageSnapshot, acked: dict[str, str]
+) -> InvariantResult:
+    result = InvariantResult(1, NAMES[1], checked=len(acked))
+    for key, run_id in sorted(acked.items()):
+        status = _final_status(run_id, history, storage)
+        if status not in TERMINAL:
+            where = "never seen in storage" if run_id not in storage.runs else f"last {status}"
+            result.violations.append(
+                f"key {key}: run {run_id} was acknowledged but is not terminal at the end ({where})"
+            )
+    return result
+
+
+def _attempt_starts(ledger: list[LedgerEntry]) -> dict[str, dict[int, int]]:
+    """run -> epoch -> first attempt_start (ms)."""
+    starts: dict[str, dict[int, int]] = defaultdict(dict)
+    for e in ledger:
+        if e.kind == ATTEMPT_START:
+            prev = starts[e.run_id].get(e.epoch)
+            starts[e.run_id][e.epoch] = e.at_ms if prev is None else min(prev, e.at_ms)
+    return starts
+
+
+def _newer_started_before(starts: dict[int, int], epoch: int, at_ms: int) -> tuple[int, int] | None:
+    newer = [(e, t) for e, t in starts.items() if e > epoch and t < at_ms]
+    return min(newer, key=lambda et: et[1]) if newer else None
+
+
+def _check_stale_writes(ledger: list[LedgerEntry], storage: StorageSnapshot) -> InvariantResult:
+    starts = _attempt_starts(ledger)
+    writes = len(storage.steps) + len(storage.events) + len(storage.runs)
+    result = InvariantResult(2, NAMES[2], checked=writes)
+    for kind, items in (("step", storage.steps), ("event", storage.events)):
+        for w in items:
+            newer = _newer_started_before(starts.get(w.run_id, {}), w.epoch, w.at_ms)
+            if newer is not None:
+                result.violations.append(
+                    f"run {w.run_id}: {kind} {w.seq} written by stale epoch {w.epoch}"
+                    f"{' on ' + w.peer if w.peer else ''} at {w.at_ms}, "
+                    f"{w.at_ms - newer[1]} ms after epoch {newer[0]} had claimed the run"
+                )
+    by_run: dict[str, list] = defaultdict(list)
+    for ev in storage.events:
+        by_run[ev.run_id].append(ev)
+    for run_id, events in by_run.items():
+        highest = 0
+        for ev in sorted(events, key=lambda w: w.seq):
+            if ev.epoch < highest:
+                result.violations.append(
+                    f"run {run_id}: event {ev.seq} carries epoch {ev.epoch} after an event of "
+                    f"epoch {highest} (storage order)"
+                )
+            highest = max(highest, ev.epoch)
+    for run in storage.runs.values():
+        if run.result_epoch is None or run.finished_at_ms is None:
+            continue
+        newer = _newer_started_before(starts.get(run.id, {}), run.result_epoch, run.finished_at_ms)
+        if newer is not None:
+            result.violations.append(
+                f"run {run.id}: result of stale epoch {run.result_epoch} stored at "
+                f"{run.finished_at_ms}, after epoch {newer[0]} had claimed the run"
+            )
+    return result
+
+
+def _check_single_outcome(history: History, storage: StorageSnapshot) -> InvariantResult:
+    outcomes: dict[str, dict[tuple[str, str | None], list[str]]] = defaultdict(dict)
+    for o in history.observations:
+        if o.status in TERMINAL:
+            outcomes[o.run_id].setdefault((o.status, o.result), []).append(f"{o.source}@{o.at_ms}")
+    for run in storage.runs.values():
+        if run.status in TERMINAL:
+            outcomes[run.id].setdefault((run.status, run.result), []).append("storage at end")
+    result = InvariantResult(3, NAMES[3], checked=len(outcomes))
+    for run_id, seen in sorted(outcomes.items()):
+        if len(seen) > 1:
+            shown = "; ".join(
+                f"{status} {res or ''} seen by {', '.join(who[:3])}"
+                for (status, res), who in seen.items()
+            )
+            result.violations.append(f"run {run_id} has {len(seen)} terminal outcomes: {shown}")
+    return result
+
+
+def _check_repeated_steps(ledger: list[LedgerEntry], storage: StorageSnapshot) -> InvariantResult:
+    checkpoint = {(w.run_id, w.seq): w for w in storage.steps}
+    executions: dict[tuple[str, int], list[LedgerEntry]] = defaultdict(list)
+    for e in ledger:
+        if e.kind == STEP_START:
+            executions[(e.run_id, e.seq)].append(e)
+    result = InvariantResult(4, NAMES[4], checked=len(executions))
+    for (run_id, seq), runs in sorted(executions.items()):
+        per_epoch: dict[int, int] = defaultdict(int)
+        for e in runs:
+            per_epoch[e.epoch] += 1
+        for epoch, count in per_epoch.items():
+            if count > 1:
+                result.violations.append(
+                    f"run {run_id}: step {seq} executed {count} times by epoch {epoch}"
+                )
+        stored = checkpoint.get((run_id, seq))
+        if stored is None:
+            continue
+        for e in runs:
+            if e.epoch > stored.epoch:
+                result.violations.append(
+                    f"run {run_id}: step {seq} checkpointed by epoch {stored.epoch} at "
+                    f"{stored.at_ms} executed again by epoch {e.epoch} on {e.peer} at {e.at_ms}"
+                )
+    return result
+
+
+def _check_idempotency(history: History, storage: StorageSnapshot) -> InvariantResult:
+    ids: dict[str, set[str]] = defaultdict(set)
+    for op in history.submits:
+        if op.outcome == OK and op.run_id is not None:
+            ids[op.key].add(op.run_id)
+    stored: dict[str, set[str]] = defaultdict(set)
+    for run in storage.runs.values():
+        if run.idempotency_key is not None:
+            stored[run.idempotency_key].add(run.id)
+    keys = set(ids) | set(stored)
+    result = InvariantResult(5, NAMES[5], checked=len(keys))
+    for key in sorted(keys):
+        acked, rows = ids.get(key, set()), stored.get(key, set())
+        if len(acked) > 1:
+            result.violations.append(f"key {key} acknowledged as runs {sorted(acked)}")
+        if len(rows) > 1:
+            result.violations.append(f"key {key} has {len(rows)} runs in storage: {sorted(rows)}")
+        if acked and rows and not acked <= rows:
+            result.violations.append(
+                f"key {key}: acknowledged {sorted(acked)} but storage holds {sorted(rows)}"
+            )
+    return result
+
+
+def _check_caps(history: History) -> InvariantResult:
+    result = InvariantResult(6, NAMES[6], checked=len(history.samples))
+    tenant_samples = 0
+    for s in history.samples:
+        for p in s.peers:
+            if p.running > p.slots:
+                result.violations.append(
+                    f"at {s.at_ms} ({s.source}'s view): {p.id} runs {p.running} > {p.slots} slots"
+                )
+        for tenant, (running, cap) in s.tenants.items():
+            tenant_samples += 1
+            if running > cap:
+                result.violations.append(
+                    f"at {s.at_ms} ({s.source}'s view): tenant {tenant} runs {running} > cap {cap}"
+                )
+    if not tenant_samples:
+        result.note = "the API exposes no tenant caps, so only peer slots were checked"
+    return result
+
+
+def measure_failovers(history: History, ledger: list[LedgerEntry]) -> list[Failover]:
+    """For every peer a fault took away, each run it was executing then: how long
+    until an attempt of a newer epoch started (the agent resumed elsewhere)."""
+    attempts: dict[str, list[LedgerEntry]] = defaultdict(list)
+    ended_at: dict[tuple[str, int], int] = {}
+    for e in ledger:
+        if e.kind == ATTEMPT_START:
+            attempts[e.run_id].append(e)
+        elif e.kind == ATTEMPT_END:
+            ended_at[(e.run_id, e.epoch)] = e.at_ms
+    failovers: list[Failover] = []
+    for fault in history.faults:
+        for peer in fault.lost:
+            t0 = fault.start_ms
+            for run_id, starts in attempts.items():
+                before = [a for a in starts if a.at_ms <= t0]
+                if not before:
+                    continue
+                current = max(before, key=lambda a: (a.epoch, a.at_ms))
+                end = ended_at.get((run_id, current.epoch))
+                if current.peer != peer or (end is not None and end <= t0):
+                    continue
+                later = [a for a in starts if a.epoch > current.epoch and a.at_ms > t0]
+                if not later and end is not None:
+                    continue  # the owner came back in time and finished the attempt itself
+                nxt = min(later, key=lambda a: a.at_ms) if later else None
+                until = nxt.at_ms if nxt else history.end_ms
+                overlapped = any(
+                    other is not fault and other.start_ms < until and other.end_ms > t0
+                    for other in history.faults
+                )
+                failovers.append(
+                    Failover(
+                        run_id=run_id,
+                        peer=peer,
+                        lost_ms=t0,
+                        resumed_ms=nxt.at_ms if nxt else None,
+                        new_peer=nxt.peer if nxt else None,
+                        fault=f"{fault.kind} ({fault.detail})",
+                        overlapped=overlapped,
+                    )
+                )
+    return failovers
+
+
+def _check_failovers(failovers: list[Failover], bound_ms: int) -> InvariantResult:
+    held = [f for f in failovers if not f.overlapped]
+    result = InvariantResult(7, NAMES[7], checked=len(held))
+    for f in held:
+        if f.duration_ms is None:
+            result.violations.append(
+                f"run {f.run_id} lost its owner {f.peer} at {f.lost_ms} ({f.fault}) and never resumed"
+            )
+        elif f.duration_ms > bound_ms:
+            result.violations.append(
+                f"run {f.run_id} lost its owner {f.peer} at {f.lost_ms} ({f.fault}); resumed on "
+                f"{f.new_peer} after {f.duration_ms} ms > {bound_ms} ms"
+            )
+    skipped = len(failovers) - len(held)
+    result.note = f"bound {bound_ms} ms" + (
+        f"; {skipped} failovers overlapped another fault and were measured but not held to it"
+        if skipped
+        else ""
+    )
+    return result
+
+
+def submission_outages(history: History, min_ms: int) -> list[Window]:
+    """Stretches in which no submission was acknowledged although clients were trying:
+    from the last acknowledgement before a failed attempt to the next one."""
+    ops = sorted(history.submits, key=lambda o: o.end_ms)
+    windows: list[Window] = []
+    last_ok = history.start_ms
+    failing = False
+    for op in ops:
+        if op.outcome in (FAIL, INFO):
+            failing = True
+        elif op.outcome == OK:
+            if failing and op.end_ms - last_ok >= min_ms:
+                windows.append(Window(last_ok, op.end_ms))
+            failing = False
+            last_ok = op.end_ms
+    if failing and history.end_ms - last_ok >= min_ms:
+        windows.append(Window(last_ok, history.end_ms))
+    return windows

@@ -1,0 +1,402 @@
+"""One chaos run, start to verdict.
+
+Peers run as separate processes (DevMesh). Every Raft and HTTP link between
+two peers, and every peer's link to PostgreSQL, goes through a harness proxy
+(chaos.proxy), so partitions and database outages need no root and never
+touch the machine's shared database service. The workload submits through
+random peers while the nemesis inflicts the seeded schedule; afterwards every
+fault is healed, the mesh drains, and the checker judges the history, the
+side-effect ledger and storage (read directly, not through the proxy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import shutil
+import signal
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from chaos.checker import Verdict, check
+from chaos.history import History, StorageSnapshot, StoredRun, StoredWrite
+from chaos.ledger import LEDGER_DIR_ENV, read_ledger
+from chaos.nemesis import ALL_KINDS, DB, Nemesis, now_ms, plan
+from chaos.proxy import Proxies
+from chaos.report import text_report, timeline_png
+from chaos.workload import Workload, WorkloadSpec, canonical
+from mesh.client import MeshClient, MeshHTTPError
+from mesh.devmesh import DevMesh
+from mesh.settings import UNSAFE_FENCING_ACK, UNSAFE_FENCING_ACK_ENV
+from runner.context import unpack
+from storage import open_store
+
+log = logging.getLogger("chaos")
+
+
+class ChaosError(RuntimeError):
+    """The run could not be set up as asked."""
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    out: Path
+    storage: str
+    seed: int = 1
+    peers: int = 5
+    duration_s: float = 120.0
+    faults: tuple[str, ...] = ALL_KINDS
+    slots: int = 4
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    drain_s: float = 60.0
+    failover_bound_s: float = 10.0
+    keep_schema: bool = False
+    # UNSAFE: peers run with fencing off. Only for showing the checker works.
+    unsafe_disable_fencing: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.faults) - set(ALL_KINDS)
+        if unknown:
+            raise ChaosError(
+                f"unknown fault kinds {sorted(unknown)}; choose from {', '.join(ALL_KINDS)}"
+            )
+        if self.peers < 3:
+            raise ChaosError("a chaos run needs at least 3 peers, so a minority can fail")
+        if DB in self.faults and not _is_postgres(self.storage):
+            raise ChaosError("the db fault needs PostgreSQL storage (a proxy sits in front of it)")
+
+
+@dataclass
+class Outcome:
+    verdict: Verdict
+    report: str
+    out: Path
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict.passed else 1
+
+
+def _is_postgres(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("postgresql", "postgres")
+
+
+def _with_schema(url: str, schema: str) -> str:
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "schema"] + [("schema", schema)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _via(url: str, addr: str) -> str:
+    """The same PostgreSQL URL, but reaching the server at ``addr`` (the proxy)."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{addr}" if userinfo else addr
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _absolute_sqlite(url: str) -> str:
+    """Peers run in their own directories: a relative SQLite path must not move."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        return prefix + str(Path(url[len(prefix) :]).resolve())
+    return url
+
+
+def _pg_addr(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
+
+
+class _Cluster:
+    """The nemesis's handle on the mesh and the proxies."""
+
+    def __init__(self, mesh: DevMesh, proxies: Proxies) -> None:
+        self.mesh = mesh
+        self.proxies = proxies
+        self.peer_ids = [p.id for p in mesh.peers]
+        self._paused: set[str] = set()
+        self._clients = {p.id: MeshClient(p.url, timeout_s=1.5) for p in mesh.peers}
+
+    def kill(self, peer_id: str, sig: int) -> None:
+        if not self.mesh.peer(peer_id).running:
+            return
+        if sig == signal.SIGKILL:
+            self.mesh.kill(peer_id, sig)
+            self._paused.discard(peer_id)
+            return
+        self.mesh.kill(peer_id, sig)
+        if sig == signal.SIGSTOP:
+            self._paused.add(peer_id)
+        elif sig == signal.SIGCONT:
+            self._paused.discard(peer_id)
+
+    def start(self, peer_id: str) -> None:
+        if not self.mesh.peer(peer_id).running:
+            self.mesh.restart(peer_id)
+
+    def running(self, peer_id: str) -> bool:
+        return self.mesh.peer(peer_id).running
+
+    async def leader(self) -> str | None:
+        for peer_id in self.peer_ids:
+            if peer_id in self._paused or not self.running(peer_id):
+                continue
+            try:
+                leader = (await self._clients[peer_id].cluster()).get("leader")
+            except (MeshHTTPError, OSError, TimeoutError, Exception):
+                continue
+            if leader:
+                return str(leader)
+        return None
+
+    def cut(self, src: str, dst: str, state: str) -> None:
+        self.proxies.set([f"raft:{src}->{dst}", f"http:{src}->{dst}"], state)
+
+    def db(self, state: str) -> None:
+        if "db" in self.proxies.links:
+            self.proxies.set(["db"], state)
+
+    async def leave(self, peer_id: str) -> None:
+        raise ChaosError("membership changes (mesh join/leave) are not available in this build")
+
+    async def join(self, peer_id: str) -> None:
+        raise ChaosError("membership changes (mesh join/leave) are not available in this build")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._clients.values()))
+
+
+async def run(config: ChaosConfig) -> Outcome:
+    out = config.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ledger_dir = out / "ledger"
+    if ledger_dir.exists():
+        shutil.rmtree(ledger_dir)
+    ledger_dir.mkdir()
+    tag = f"chaos{config.seed}-{uuid.uuid4().hex[:6]}"
+    storage = config.storage
+    created_schema: str | None = None
+    if _is_postgres(storage) and "schema=" not in storage:
+        created_schema = tag.replace("-", "_")
+        storage = _with_schema(storage, created_schema)
+    storage = _absolute_sqlite(storage)
+
+    proxies = Proxies()
+    peer_storage = storage
+    if _is_postgres(storage):
+        db_link = await proxies.add("db", _pg_addr(storage))
+        peer_storage = _via(storage, db_link.listen)
+    env = {
+        "MESH_AGENT_MODULES": "chaos.agents",
+        LEDGER_DIR_ENV: str(ledger_dir),
+        "MESH_LOG_LEVEL": "info",
+    }
+    if config.unsafe_disable_fencing:
+        env["MESH_UNSAFE_DISABLE_FENCING"] = "true"
+        env[UNSAFE_FENCING_ACK_ENV] = UNSAFE_FENCING_ACK
+    mesh = DevMesh(
+        out / "mesh", config.peers, storage=peer_storage, base_port=0, slots=config.slots, env=env
+    )
+    for src in mesh.peers:
+        dial = []
+        for dst in mesh.peers:
+            if dst is src:
+                continue
+            raft = await proxies.add(f"raft:{src.id}->{dst.id}", dst.raft)
+            http = await proxies.add(f"http:{src.id}->{dst.id}", dst.http)
+            dial += [f"{dst.raft}={raft.listen}", f"{dst.http}={http.listen}"]
+        mesh.set_peer_env(src.id, {"MESH_DIAL": ",".join(dial)})
+
+    history = History()
+    cluster = _Cluster(mesh, proxies)
+    schedule = plan(config.seed, config.duration_s, config.peers, config.faults)
+    (out / "schedule.json").write_text(json.dumps([asdict(f) for f in schedule], indent=1))
+    workload = Workload(
+        {p.id: p.url for p in mesh.peers}, config.workload, config.seed, tag, history
+    )
+    nemesis = Nemesis(cluster, schedule)
+    try:
+        mesh.start()
+        await mesh.wait_ready(timeout_s=90)
+        history.start_ms = now_ms()
+        started = time.monotonic()
+        log.info(
+            "chaos run %s: %d faults planned over %.0f s", tag, len(schedule), config.duration_s
+        )
+        tasks = [
+            asyncio.create_task(workload.submit_loop(i)) for i in range(config.workload.clients)
+        ]
+        helpers = [
+            asyncio.create_task(workload.watch_loop()),
+            asyncio.create_task(workload.sample_loop()),
+        ]
+        nemesis_task = asyncio.create_task(nemesis.run(started))
+        await asyncio.sleep(config.duration_s)
+        if not nemesis_task.done():
+            nemesis_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await nemesis_task
+        await nemesis.heal()
+        workload.stop()
+        await asyncio.gather(*tasks, *helpers)
+        await _drain(workload, config.drain_s)
+        history.end_ms = now_ms()
+        await _final_reads(workload)
+        snapshot = await read_storage(storage)
+    finally:
+        await cluster.close()
+        await workload.close()
+        mesh.stop(grace_s=5)
+        await proxies.close()
+    history.faults = nemesis.faults
+    history.save(out / "history.jsonl")
+    save_snapshot(snapshot, out / "storage.json")
+    if created_schema is not None and not config.keep_schema:
+        await _drop_schema(config.storage, created_schema)
+    ledger = read_ledger(ledger_dir)
+    verdict = check(
+        history, ledger, snapshot, failover_bound_ms=int(config.failover_bound_s * 1000)
+    )
+    header = [
+        f"seed {config.seed}, {config.peers} peers, {config.duration_s:g} s,"
+        f" faults {','.join(config.faults)}, {config.slots} slots per peer",
+        f"storage {storage.rpartition('@')[2]}"
+        + (" (schema dropped afterwards)" if created_schema and not config.keep_schema else ""),
+        "fencing: " + ("DISABLED (unsafe debug mode)" if config.unsafe_disable_fencing else "on"),
+        f"replay: python -m chaos run --peers {config.peers} --duration {config.duration_s:g}"
+        f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR",
+        f"ledger entries {len(ledger)}; peer logs in {mesh.dir}",
+    ]
+    report = text_report(verdict, history, snapshot, header)
+    (out / "report.txt").write_text(report)
+    timeline_png(verdict, history, snapshot, out / "timeline.png")
+    (out / "verdict.json").write_text(
+        json.dumps(
+            {
+                "passed": verdict.passed,
+                "invariants": [
+                    {
+                        "number": i.number,
+                        "name": i.name,
+                        "passed": i.passed,
+                        "checked": i.checked,
+                        "violations": i.violations,
+                    }
+                    for i in verdict.invariants
+                ],
+                "failover_ms": verdict.failover_percentiles(),
+                "outages_ms": [w.duration_ms for w in verdict.outages],
+                "acknowledged": verdict.acknowledged,
+                "completed": verdict.completed,
+                "faults": [f.kind for f in history.faults],
+            },
+            indent=1,
+        )
+    )
+    return Outcome(verdict, report, out)
+
+
+async def _drain(workload: Workload, drain_s: float) -> None:
+    """After healing, let every acknowledged run finish (or the time run out)."""
+    rng = random.Random(0)
+    deadline = time.monotonic() + drain_s
+    while time.monotonic() < deadline:
+        if await workload.observe_pending(rng) == 0:
+            return
+        await asyncio.sleep(0.5)
+
+
+async def _final_reads(workload: Workload) -> None:
+    """One more read of every acknowledged run, so a changed outcome shows."""
+    peers = sorted(workload.urls)
+    sem = asyncio.Semaphore(16)
+
+    async def one(i: int, run_id: str) -> None:
+        async with sem:
+            await workload.observe(run_id, peers[i % len(peers)])
+
+    await asyncio.gather(*(one(i, r) for i, r in enumerate(sorted(set(workload.acked.values())))))
+
+
+async def read_storage(url: str) -> StorageSnapshot:
+    store = open_store(url)
+    await store.open()
+    snapshot = StorageSnapshot()
+    try:
+        for row in await store.list_runs(None, limit=1_000_000):
+            result = unpack(row.result) if row.result is not None else None
+            epoch = result.get("epoch") if isinstance(result, dict) else None
+            snapshot.runs[row.id] = StoredRun(
+                id=row.id,
+                status=row.status,
+                epoch=row.epoch,
+                owner=row.owner,
+                idempotency_key=row.idempotency_key,
+                result=canonical(result),
+                result_epoch=epoch if isinstance(epoch, int) else None,
+                finished_at_ms=row.finished_at_ms,
+            )
+            for step in await store.load_steps(row.id):
+                snapshot.steps.append(
+                    StoredWrite(row.id, step.seq, step.epoch, step.at_ms, step.peer)
+                )
+            for ev in await store.read_events(row.id, 0, 100_000):
+                snapshot.events.append(StoredWrite(row.id, ev.seq, ev.epoch, ev.at_ms))
+    finally:
+        await store.close()
+    return snapshot
+
+
+def save_snapshot(snapshot: StorageSnapshot, path: Path) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "runs": [asdict(r) for r in snapshot.runs.values()],
+                "steps": [asdict(w) for w in snapshot.steps],
+                "events": [asdict(w) for w in snapshot.events],
+            }
+        )
+    )
+
+
+def load_snapshot(path: Path) -> StorageSnapshot:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return StorageSnapshot(
+        runs={r["id"]: StoredRun(**r) for r in data["runs"]},
+        steps=[StoredWrite(**w) for w in data["steps"]],
+        events=[StoredWrite(**w) for w in data["events"]],
+    )
+
+
+async def _drop_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    parts = urlsplit(url)
+    dsn = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in parse_qsl(parts.query)])))
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def recheck(out: Path, failover_bound_s: float = 10.0) -> Outcome:
+    """Judge a finished run's saved history, ledger and storage again."""
+    history = History.load(out / "history.jsonl")
+    snapshot = load_snapshot(out / "storage.json")
+    verdict = check(
+        history,
+        read_ledger(out / "ledger"),
+        snapshot,
+        failover_bound_ms=int(failover_bound_s * 1000),
+    )
+    report = text_report(verdict, history, snapshot, [f"re-checked from {out}"])
+    return Outcome(verdict, report, out)

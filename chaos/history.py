@@ -1,0 +1,145 @@
+"""What a chaos run recorded: client operations, observations, faults, cluster samples.
+
+Plain frozen records with JSON round-trips, so a run's history is a file the
+checker (and a human) can read again later, and unit tests can build violating
+histories by hand. Times are wall-clock milliseconds, the same clock the peers
+and the ledger use (everything runs on one host).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Submission attempt outcomes, as a Jepsen client would classify them.
+OK = "ok"  # acknowledged (202 created or 200 existing)
+FAIL = "fail"  # definitely not applied (refused connection, 4xx)
+INFO = "info"  # indeterminate (timeout, 503): it may still commit
+
+
+@dataclass(frozen=True)
+class SubmitOp:
+    key: str
+    peer: str
+    start_ms: int
+    end_ms: int
+    outcome: str
+    run_id: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A client's read of a run (GET /v1/runs/{id}, or storage at the end)."""
+
+    run_id: str
+    at_ms: int
+    status: str
+    result: str | None = None  # canonical JSON of the result, for comparison
+    source: str = "api"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """``lost`` names the peers whose runs lost their owner at ``start_ms``."""
+
+    kind: str
+    detail: str
+    start_ms: int
+    end_ms: int
+    targets: tuple[str, ...] = ()
+    lost: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeerLoad:
+    id: str
+    slots: int
+    running: int
+    status: str
+
+
+@dataclass(frozen=True)
+class ClusterSample:
+    at_ms: int
+    source: str
+    leader: str | None
+    peers: tuple[PeerLoad, ...]
+    # tenant -> (running, cap); empty when the API does not expose caps.
+    tenants: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    id: str
+    status: str
+    epoch: int
+    owner: str | None
+    idempotency_key: str | None
+    result: str | None
+    result_epoch: int | None
+    finished_at_ms: int | None
+
+
+@dataclass(frozen=True)
+class StoredWrite:
+    """A step checkpoint or an event as storage holds it."""
+
+    run_id: str
+    seq: int
+    epoch: int
+    at_ms: int
+    peer: str | None = None
+
+
+@dataclass
+class StorageSnapshot:
+    runs: dict[str, StoredRun] = field(default_factory=dict)
+    steps: list[StoredWrite] = field(default_factory=list)
+    events: list[StoredWrite] = field(default_factory=list)
+
+
+@dataclass
+class History:
+    start_ms: int = 0
+    end_ms: int = 0
+    submits: list[SubmitOp] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    samples: list[ClusterSample] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        with path.open("w") as fh:
+            fh.write(json.dumps({"type": "run", "start_ms": self.start_ms, "end_ms": self.end_ms}))
+            fh.write("\n")
+            for kind, items in (
+                ("submit", self.submits),
+                ("observe", self.observations),
+                ("fault", self.faults),
+                ("sample", self.samples),
+            ):
+                for item in items:
+                    fh.write(json.dumps({"type": kind, **asdict(item)}) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> History:
+        history = cls()
+        for line in path.read_text().splitlines():
+            data: dict[str, Any] = json.loads(line)
+            kind = data.pop("type")
+            if kind == "run":
+                history.start_ms, history.end_ms = data["start_ms"], data["end_ms"]
+            elif kind == "submit":
+                history.submits.append(SubmitOp(**data))
+            elif kind == "observe":
+                history.observations.append(Observation(**data))
+            elif kind == "fault":
+                data["targets"], data["lost"] = tuple(data["targets"]), tuple(data["lost"])
+                history.faults.append(Fault(**data))
+            elif kind == "sample":
+                peers = tuple(PeerLoad(**p) for p in data.pop("peers"))
+                tenants = {k: (v[0], v[1]) for k, v in data.pop("tenants").items()}
+                history.samples.append(ClusterSample(peers=peers, tenants=tenants, **data))
+        return history

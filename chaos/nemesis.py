@@ -1,0 +1,250 @@
+"""Faults, planned from a seed and then inflicted on a live mesh.
+
+``plan`` is pure: the same seed, duration, peer count and fault kinds give the
+same schedule (kinds, times, holds, variants, target choices), so a failing
+run can be replayed. Which peer is *the leader* is decided by the mesh at the
+moment of the fault; everything else is in the plan.
+
+Faults never overlap (a new one starts only after the previous one healed and
+a quiet gap passed), except the scenario faults that combine two on purpose
+(a database outage during a failover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from chaos.history import Fault
+from chaos.proxy import DROPPED, REFUSED, UP
+
+log = logging.getLogger("chaos.nemesis")
+
+KILL = "kill"
+PAUSE = "pause"
+PARTITION = "partition"
+LEADER = "leader"
+DB = "db"
+RESTART = "restart"
+MEMBER = "member"
+ALL_KINDS = (KILL, PAUSE, PARTITION, LEADER, DB, RESTART, MEMBER)
+
+# (min, max) seconds a fault is held. Pauses and partitions outlast the
+# default peer TTL (2 s) so the owner's runs really are reassigned.
+_HOLD_S = {
+    KILL: (1.0, 5.0),
+    PAUSE: (3.0, 6.0),
+    PARTITION: (4.0, 8.0),
+    LEADER: (1.0, 4.0),
+    DB: (2.0, 5.0),
+    RESTART: (0.5, 2.0),
+    MEMBER: (2.0, 4.0),
+}
+_GAP_S = (4.0, 7.0)
+_WARMUP_S = 5.0
+_COOLDOWN_S = 8.0
+
+
+@dataclass(frozen=True)
+class PlannedFault:
+    at_s: float
+    kind: str
+    hold_s: float
+    variant: str
+    # Peer indexes, shuffled by the plan; a fault uses as many as it needs.
+    order: tuple[int, ...]
+
+
+def plan(seed: int, duration_s: float, peers: int, kinds: tuple[str, ...]) -> list[PlannedFault]:
+    """Rounds of every kind in a seeded order, until the duration is used up."""
+    rng = random.Random(seed)
+    schedule: list[PlannedFault] = []
+    t = _WARMUP_S
+    while kinds:
+        round_kinds = list(kinds)
+        rng.shuffle(round_kinds)
+        for kind in round_kinds:
+            hold = round(rng.uniform(*_HOLD_S[kind]), 2)
+            if t + hold > duration_s - _COOLDOWN_S and schedule:
+                return schedule
+            order = list(range(peers))
+            rng.shuffle(order)
+            schedule.append(
+                PlannedFault(round(t, 2), kind, hold, _variant(rng, kind), tuple(order))
+            )
+            t += hold + rng.uniform(*_GAP_S)
+    return schedule
+
+
+def _variant(rng: random.Random, kind: str) -> str:
+    choices = {
+        KILL: ["restart-late", "restart-fast"],
+        PARTITION: ["isolate-minority", "isolate-leader", "split"],
+        DB: ["refuse", "blackhole", "during-failover"],
+        MEMBER: ["leave-join"],
+    }.get(kind, ["-"])
+    return rng.choice(choices)
+
+
+class Cluster(Protocol):
+    """What the nemesis needs from the harness."""
+
+    peer_ids: list[str]
+
+    def kill(self, peer_id: str, sig: int) -> None: ...
+    def start(self, peer_id: str) -> None: ...
+    def running(self, peer_id: str) -> bool: ...
+    async def leader(self) -> str | None: ...
+    def cut(self, src: str, dst: str, state: str) -> None: ...
+    def db(self, state: str) -> None: ...
+    async def leave(self, peer_id: str) -> None: ...
+    async def join(self, peer_id: str) -> None: ...
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Nemesis:
+    def __init__(self, cluster: Cluster, schedule: list[PlannedFault]) -> None:
+        self.cluster = cluster
+        self.schedule = schedule
+        self.faults: list[Fault] = []
+
+    async def run(self, started: float) -> None:
+        """Inflict each planned fault at its time (``started`` is time.monotonic())."""
+        for fault in self.schedule:
+            delay = started + fault.at_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                await self._inflict(fault)
+            except Exception:
+                log.exception("fault %s failed; healing", fault.kind)
+                await self.heal()
+
+    async def heal(self) -> None:
+        """Undo whatever is still in force: resume, reconnect, restart."""
+        for peer_id in self.cluster.peer_ids:
+            if self.cluster.running(peer_id):
+                self.cluster.kill(peer_id, signal.SIGCONT)
+        for src in self.cluster.peer_ids:
+            for dst in self.cluster.peer_ids:
+                if src != dst:
+                    self.cluster.cut(src, dst, UP)
+        self.cluster.db(UP)
+        for peer_id in self.cluster.peer_ids:
+            if not self.cluster.running(peer_id):
+                self.cluster.start(peer_id)
+
+    def _pick(self, fault: PlannedFault, count: int, exclude: tuple[str, ...] = ()) -> list[str]:
+        ids = [self.cluster.peer_ids[i] for i in fault.order]
+        return [p for p in ids if p not in exclude and self.cluster.running(p)][:count]
+
+    async def _inflict(self, fault: PlannedFault) -> None:
+        c = self.cluster
+        start = now_ms()
+        targets: list[str] = []
+        lost: list[str] = []
+        detail = fault.variant
+        if fault.kind in (KILL, LEADER):
+            if fault.kind == LEADER:
+                leader = await c.leader()
+                targets = [leader] if leader else self._pick(fault, 1)
+                detail = "kill -9 the leader"
+            else:
+                targets = self._pick(fault, 1)
+                detail = f"kill -9, {fault.variant}"
+            hold = 0.5 if fault.variant == "restart-fast" else fault.hold_s
+            start = now_ms()
+            for p in targets:
+                c.kill(p, signal.SIGKILL)
+            lost = targets
+            await asyncio.sleep(hold)
+            for p in targets:
+                c.start(p)
+        elif fault.kind == PAUSE:
+            targets = self._pick(fault, 1)
+            start = now_ms()
+            for p in targets:
+                c.kill(p, signal.SIGSTOP)
+            lost = targets
+            await asyncio.sleep(fault.hold_s)
+            for p in targets:
+                c.kill(p, signal.SIGCONT)
+        elif fault.kind == PARTITION:
+            ids = self._pick(fault, len(c.peer_ids))
+            minority_max = (len(c.peer_ids) - 1) // 2
+            if fault.variant == "isolate-leader":
+                leader = await c.leader()
+                side = [leader] if leader else ids[:1]
+            elif fault.variant == "split":
+                side = ids[: len(ids) // 2]
+            else:
+                side = ids[: 1 + fault.order[0] % max(1, minority_max)]
+            other = [p for p in c.peer_ids if p not in side]
+            targets = side
+            detail = f"{fault.variant}: {','.join(side)} | {','.join(other)}"
+            start = now_ms()
+            self._partition(side, other, DROPPED)
+            lost = side
+            await asyncio.sleep(fault.hold_s)
+            self._partition(side, other, UP)
+        elif fault.kind == DB:
+            if fault.variant == "during-failover":
+                targets = self._pick(fault, 1)
+                start = now_ms()
+                for p in targets:
+                    c.kill(p, signal.SIGKILL)
+                lost = targets
+                await asyncio.sleep(0.7)
+                c.db(REFUSED)
+                await asyncio.sleep(fault.hold_s)
+                c.db(UP)
+                for p in targets:
+                    c.start(p)
+                detail = "kill -9 a peer, then the database goes away during its failover"
+            else:
+                start = now_ms()
+                c.db(REFUSED if fault.variant == "refuse" else DROPPED)
+                await asyncio.sleep(fault.hold_s)
+                c.db(UP)
+                detail = (
+                    "database refuses and resets connections"
+                    if fault.variant == "refuse"
+                    else "database unreachable (packets dropped)"
+                )
+        elif fault.kind == RESTART:
+            targets = list(c.peer_ids)
+            start = now_ms()
+            for p in targets:
+                if c.running(p):
+                    c.kill(p, signal.SIGKILL)
+            await asyncio.sleep(fault.hold_s)
+            for p in targets:
+                c.start(p)
+            detail = "the whole mesh killed -9 and started again"
+        elif fault.kind == MEMBER:
+            targets = self._pick(fault, 1)
+            start = now_ms()
+            for p in targets:
+                await c.leave(p)
+            await asyncio.sleep(fault.hold_s)
+            for p in targets:
+                await c.join(p)
+            detail = "a peer leaves the mesh and joins again"
+        else:
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+        self.faults.append(Fault(fault.kind, detail, start, now_ms(), tuple(targets), tuple(lost)))
+        log.info("fault %s done: %s", fault.kind, detail)
+
+    def _partition(self, side: list[str], other: list[str], state: str) -> None:
+        for a in side:
+            for b in other:
+                self.cluster.cut(a, b, state)
+                self.cluster.cut(b, a, state)

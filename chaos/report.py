@@ -1,0 +1,158 @@
+"""The verdict for humans: a text summary and a PNG timeline."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from chaos.checker import MAX_EXAMPLES, Verdict
+from chaos.history import OK, History, StorageSnapshot
+
+FAILOVER_TARGET_MS = 3000
+
+_FAULT_COLOURS = {
+    "kill": "#e4572e",
+    "leader": "#a4243b",
+    "pause": "#f3a712",
+    "partition": "#29335c",
+    "db": "#669bbc",
+    "restart": "#8c5383",
+    "member": "#4c956c",
+}
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1000:.2f} s"
+
+
+def text_report(
+    verdict: Verdict, history: History, storage: StorageSnapshot, header: list[str]
+) -> str:
+    t0 = history.start_ms
+    lines = ["raftmesh chaos report", "=" * 21, *header, ""]
+    statuses = Counter(r.status for r in storage.runs.values())
+    lines += [
+        "workload",
+        f"  runs acknowledged:     {verdict.acknowledged}",
+        f"  runs completed:        {verdict.completed}  ({dict(sorted(statuses.items()))} in storage)",
+        f"  submission attempts:   {verdict.attempts}"
+        f" ({sum(1 for s in history.submits if s.outcome == OK)} acknowledged,"
+        f" {sum(1 for s in history.submits if s.outcome != OK)} failed or indeterminate)",
+        "",
+        f"faults ({len(history.faults)})",
+    ]
+    for f in history.faults:
+        lines.append(
+            f"  {(f.start_ms - t0) / 1000:7.1f}s-{(f.end_ms - t0) / 1000:6.1f}s  {f.kind:<9} {f.detail}"
+            + (f"  [owners lost: {', '.join(f.lost)}]" if f.lost else "")
+        )
+    kinds = Counter(f.kind for f in history.faults)
+    lines += [f"  by kind: {dict(sorted(kinds.items()))}", "", "invariants"]
+    for inv in verdict.invariants:
+        mark = "PASS" if inv.passed else "FAIL"
+        lines.append(f"  {mark}  {inv.number}. {inv.name}  (checked {inv.checked})")
+        if inv.note:
+            lines.append(f"        note: {inv.note}")
+        for example in inv.violations[:MAX_EXAMPLES]:
+            lines.append(f"        - {example}")
+        if len(inv.violations) > MAX_EXAMPLES:
+            lines.append(f"        ... and {len(inv.violations) - MAX_EXAMPLES} more")
+    pct = verdict.failover_percentiles()
+    durations = [f.duration_ms for f in verdict.failovers if f.duration_ms is not None]
+    over = sum(1 for d in durations if d > FAILOVER_TARGET_MS)
+    lines += [
+        "",
+        "failover (owner lost -> the run's agent resumes under a newer epoch)",
+        f"  measured: {len(durations)} of {len(verdict.failovers)} runs that lost their owner",
+        f"  p50 {_fmt_ms(pct.get('p50'))}  p95 {_fmt_ms(pct.get('p95'))}"
+        f"  p99 {_fmt_ms(pct.get('p99'))}  max {_fmt_ms(pct.get('max'))}",
+        f"  over the {FAILOVER_TARGET_MS / 1000:g} s target: {over}",
+    ]
+    outages = verdict.outages
+    longest = max((w.duration_ms for w in outages), default=0)
+    lines += [
+        "",
+        "submission unavailability (no acknowledgement while clients kept trying)",
+        f"  windows >= 1 s: {len(outages)}, longest {_fmt_ms(longest)},"
+        f" total {_fmt_ms(sum(w.duration_ms for w in outages))}",
+    ]
+    for w in sorted(outages, key=lambda w: -w.duration_ms)[:5]:
+        lines.append(
+            f"    {(w.start_ms - t0) / 1000:7.1f}s-{(w.end_ms - t0) / 1000:6.1f}s"
+            f"  {w.duration_ms / 1000:.2f} s"
+        )
+    lines += ["", "verdict: " + ("PASS" if verdict.passed else "FAIL (see counter-examples)")]
+    return "\n".join(lines) + "\n"
+
+
+def timeline_png(verdict: Verdict, history: History, storage: StorageSnapshot, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = history.start_ms
+
+    def rel(ms: float) -> float:
+        return (ms - t0) / 1000
+
+    fig, (ax, ax_fo) = plt.subplots(
+        2, 1, figsize=(14, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
+    seen_kinds: set[str] = set()
+    for f in history.faults:
+        for axis in (ax, ax_fo):
+            axis.axvspan(
+                rel(f.start_ms),
+                rel(f.end_ms),
+                color=_FAULT_COLOURS.get(f.kind, "grey"),
+                alpha=0.25,
+                label=None if f.kind in seen_kinds or axis is ax_fo else f.kind,
+            )
+        seen_kinds.add(f.kind)
+    for w in verdict.outages:
+        ax.axvspan(rel(w.start_ms), rel(w.end_ms), ymin=0, ymax=0.04, color="red")
+    span_s = max(1.0, rel(history.end_ms))
+    bins = max(1, int(span_s))
+    acked = [rel(s.end_ms) for s in history.submits if s.outcome == OK]
+    failed = [rel(s.end_ms) for s in history.submits if s.outcome != OK]
+    finished = [
+        rel(r.finished_at_ms)
+        for r in storage.runs.values()
+        if r.finished_at_ms is not None and r.finished_at_ms >= t0
+    ]
+    rng_ = (0, span_s)
+    ax.hist(acked, bins=bins, range=rng_, histtype="step", color="tab:blue", label="acknowledged/s")
+    ax.hist(
+        finished, bins=bins, range=rng_, histtype="step", color="tab:green", label="completed/s"
+    )
+    ax.hist(
+        failed, bins=bins, range=rng_, histtype="step", color="tab:red", label="failed attempts/s"
+    )
+    ax.set_ylabel("per second")
+    ax.set_title("chaos timeline: faults as bands, red ticks at the bottom = submission outages")
+    ax.legend(loc="upper right", fontsize=8, ncol=3)
+    done = [f for f in verdict.failovers if f.duration_ms is not None]
+    ax_fo.scatter(
+        [rel(f.lost_ms) for f in done],
+        [f.duration_ms / 1000 for f in done],
+        s=12,
+        color="black",
+        label="failover duration (at owner loss)",
+    )
+    stuck = [f for f in verdict.failovers if f.duration_ms is None]
+    if stuck:
+        ax_fo.scatter(
+            [rel(f.lost_ms) for f in stuck],
+            [0] * len(stuck),
+            marker="x",
+            color="red",
+            label="never resumed",
+        )
+    ax_fo.axhline(FAILOVER_TARGET_MS / 1000, color="grey", linestyle="--", linewidth=0.8)
+    ax_fo.set_ylabel("failover (s)")
+    ax_fo.set_xlabel("seconds since start")
+    ax_fo.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
