@@ -116,7 +116,7 @@ def check(
     outage_min_ms: int = 1_000,
 ) -> Verdict:
     acked = _acknowledged(history)
-    failovers = measure_failovers(history, ledger)
+    failovers = measure_failovers(history, ledger, storage)
     invariants = [
         _check_lost(history, storage, acked),
         _check_stale_writes(ledger, storage),
@@ -313,9 +313,14 @@ def _check_caps(history: History) -> InvariantResult:
     return result
 
 
-def measure_failovers(history: History, ledger: list[LedgerEntry]) -> list[Failover]:
+def measure_failovers(
+    history: History, ledger: list[LedgerEntry], storage: StorageSnapshot
+) -> list[Failover]:
     """For every peer a fault took away, each run it was executing then: how long
-    until an attempt of a newer epoch started (the agent resumed elsewhere)."""
+    until an attempt of a newer epoch started (the agent resumed elsewhere).
+
+    A run already finished by then lost nothing, even if its last attempt left
+    no end record (it raised, or stored a result and then died)."""
     attempts: dict[str, list[LedgerEntry]] = defaultdict(list)
     ended_at: dict[tuple[str, int], int] = {}
     for e in ledger:
@@ -334,6 +339,9 @@ def measure_failovers(history: History, ledger: list[LedgerEntry]) -> list[Failo
                 current = max(before, key=lambda a: (a.epoch, a.at_ms))
                 end = ended_at.get((run_id, current.epoch))
                 if current.peer != peer or (end is not None and end <= t0):
+                    continue
+                stored = storage.runs.get(run_id)
+                if stored is not None and (stored.finished_at_ms or t0 + 1) <= t0:
                     continue
                 later = [a for a in starts if a.epoch > current.epoch and a.at_ms > t0]
                 if not later and end is not None:

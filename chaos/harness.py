@@ -115,7 +115,36 @@ def _pg_addr(url: str) -> str:
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}"
 
 
-class _Cluster:
+async def proxied_mesh(
+    dir: Path, peers: int, storage: str, slots: int, env: dict[str, str]
+) -> tuple[DevMesh, Proxies]:
+    """A DevMesh (not started) whose every peer-to-peer Raft and HTTP link, and
+    every link to PostgreSQL, runs through a proxy of the returned Proxies.
+
+    Links are named ``raft:A->B`` and ``http:A->B`` (A dials B) and ``db``.
+    Peers keep announcing their real addresses; ``MESH_DIAL`` only changes
+    where they connect, which is what pysyncobj's handshake needs (see
+    consensus.raft._DialNode).
+    """
+    proxies = Proxies()
+    peer_storage = storage
+    if _is_postgres(storage):
+        db_link = await proxies.add("db", _pg_addr(storage))
+        peer_storage = _via(storage, db_link.listen)
+    mesh = DevMesh(dir, peers, storage=peer_storage, base_port=0, slots=slots, env=env)
+    for src in mesh.peers:
+        dial = []
+        for dst in mesh.peers:
+            if dst is src:
+                continue
+            raft = await proxies.add(f"raft:{src.id}->{dst.id}", dst.raft)
+            http = await proxies.add(f"http:{src.id}->{dst.id}", dst.http)
+            dial += [f"{dst.raft}={raft.listen}", f"{dst.http}={http.listen}"]
+        mesh.set_peer_env(src.id, {"MESH_DIAL": ",".join(dial)})
+    return mesh, proxies
+
+
+class MeshControl:
     """The nemesis's handle on the mesh and the proxies."""
 
     def __init__(self, mesh: DevMesh, proxies: Proxies) -> None:
@@ -189,11 +218,6 @@ async def run(config: ChaosConfig) -> Outcome:
         storage = _with_schema(storage, created_schema)
     storage = _absolute_sqlite(storage)
 
-    proxies = Proxies()
-    peer_storage = storage
-    if _is_postgres(storage):
-        db_link = await proxies.add("db", _pg_addr(storage))
-        peer_storage = _via(storage, db_link.listen)
     env = {
         "MESH_AGENT_MODULES": "chaos.agents",
         LEDGER_DIR_ENV: str(ledger_dir),
@@ -202,21 +226,10 @@ async def run(config: ChaosConfig) -> Outcome:
     if config.unsafe_disable_fencing:
         env["MESH_UNSAFE_DISABLE_FENCING"] = "true"
         env[UNSAFE_FENCING_ACK_ENV] = UNSAFE_FENCING_ACK
-    mesh = DevMesh(
-        out / "mesh", config.peers, storage=peer_storage, base_port=0, slots=config.slots, env=env
-    )
-    for src in mesh.peers:
-        dial = []
-        for dst in mesh.peers:
-            if dst is src:
-                continue
-            raft = await proxies.add(f"raft:{src.id}->{dst.id}", dst.raft)
-            http = await proxies.add(f"http:{src.id}->{dst.id}", dst.http)
-            dial += [f"{dst.raft}={raft.listen}", f"{dst.http}={http.listen}"]
-        mesh.set_peer_env(src.id, {"MESH_DIAL": ",".join(dial)})
+    mesh, proxies = await proxied_mesh(out / "mesh", config.peers, storage, config.slots, env)
 
     history = History()
-    cluster = _Cluster(mesh, proxies)
+    cluster = MeshControl(mesh, proxies)
     schedule = plan(config.seed, config.duration_s, config.peers, config.faults)
     (out / "schedule.json").write_text(json.dumps([asdict(f) for f in schedule], indent=1))
     workload = Workload(
@@ -343,6 +356,7 @@ async def read_storage(url: str) -> StorageSnapshot:
                 result=canonical(result),
                 result_epoch=epoch if isinstance(epoch, int) else None,
                 finished_at_ms=row.finished_at_ms,
+                error=row.error,
             )
             for step in await store.load_steps(row.id):
                 snapshot.steps.append(

@@ -81,6 +81,7 @@ class StoredRun:
     result: str | None
     result_epoch: int | None
     finished_at_ms: int | None
+    error: str | None = None
 
 
 @dataclass(frozen=True)

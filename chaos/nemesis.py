@@ -34,12 +34,13 @@ RESTART = "restart"
 MEMBER = "member"
 ALL_KINDS = (KILL, PAUSE, PARTITION, LEADER, DB, RESTART, MEMBER)
 
-# (min, max) seconds a fault is held. Pauses and partitions outlast the
-# default peer TTL (2 s) so the owner's runs really are reassigned.
+# (min, max) seconds a fault is held. Pauses and partitions outlast an
+# election plus the default peer TTL (about 3.5 s when the leader is hit) so
+# the owner's runs really are reassigned.
 _HOLD_S = {
     KILL: (1.0, 5.0),
-    PAUSE: (3.0, 6.0),
-    PARTITION: (4.0, 8.0),
+    PAUSE: (4.5, 7.0),
+    PARTITION: (5.0, 8.0),
     LEADER: (1.0, 4.0),
     DB: (2.0, 5.0),
     RESTART: (0.5, 2.0),

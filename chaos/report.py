@@ -38,9 +38,15 @@ def text_report(
         f"  submission attempts:   {verdict.attempts}"
         f" ({sum(1 for s in history.submits if s.outcome == OK)} acknowledged,"
         f" {sum(1 for s in history.submits if s.outcome != OK)} failed or indeterminate)",
-        "",
-        f"faults ({len(history.faults)})",
     ]
+    # The chaos agent never fails on its own: a failed run failed because of
+    # the infrastructure. Terminal, so not a violation, but worth seeing.
+    failed = [r for r in storage.runs.values() if r.status == "failed"]
+    if failed:
+        errors = Counter((r.error or "")[:120] for r in failed)
+        lines.append(f"  failed by the infrastructure (the agent never fails): {len(failed)}")
+        lines += [f"    {n} x {err}" for err, n in errors.most_common(3)]
+    lines += ["", f"faults ({len(history.faults)})"]
     for f in history.faults:
         lines.append(
             f"  {(f.start_ms - t0) / 1000:7.1f}s-{(f.end_ms - t0) / 1000:6.1f}s  {f.kind:<9} {f.detail}"
