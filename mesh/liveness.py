@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 class Liveness:
     ttl_s: float
     last_heard: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # When this leader first saw each incarnation in the state; kept apart from
+    # last_heard, which holds only real reports.
+    first_seen: dict[str, tuple[str, float]] = field(default_factory=dict)
     grace_until: float = 0.0
 
     def reset(self, now: float) -> None:
         """Called when this peer becomes leader."""
         self.last_heard.clear()
+        self.first_seen.clear()
         self.grace_until = now + self.ttl_s
 
     def heard(self, peer_id: str, incarnation: str, now: float) -> None:
@@ -27,16 +31,25 @@ class Liveness:
 
     def suspects(self, up_peers: dict[str, str], now: float) -> list[tuple[str, str]]:
         """``up_peers``: peer id → incarnation the state believes is up.
-        Returns (peer id, incarnation) pairs silent for longer than the TTL."""
+        Returns (peer id, incarnation) pairs silent for longer than the TTL.
+
+        An incarnation never heard under this leader gets one TTL from when
+        this leader first saw it in the state. That clock starts during the
+        grace period too: otherwise a peer that died with the old leader would
+        get the grace *and then* a full TTL, doubling the failover of its runs
+        (found by the chaos harness).
+        """
+        for peer_id, incarnation in up_peers.items():
+            seen = self.first_seen.get(peer_id)
+            if seen is None or seen[0] != incarnation:
+                self.first_seen[peer_id] = (incarnation, now)
         if now < self.grace_until:
             return []
         out = []
         for peer_id, incarnation in up_peers.items():
             heard = self.last_heard.get(peer_id)
             if heard is None or heard[0] != incarnation:
-                # Never heard this incarnation under this leader: it gets one
-                # TTL from its first appearance in the state.
-                heard = self.last_heard[peer_id] = (incarnation, now)
+                heard = self.first_seen[peer_id]
             if now - heard[1] > self.ttl_s:
                 out.append((peer_id, incarnation))
         return out
