@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from chaos.checker import Verdict, check
 from chaos.history import History, StorageSnapshot, StoredRun, StoredWrite
 from chaos.ledger import LEDGER_DIR_ENV, read_ledger
-from chaos.nemesis import ALL_KINDS, DB, Nemesis, now_ms, plan
+from chaos.nemesis import ALL_KINDS, DB, MEMBER, Nemesis, now_ms, plan
 from chaos.proxy import Proxies
 from chaos.report import text_report, timeline_png
 from chaos.workload import Workload, WorkloadSpec, canonical
@@ -69,6 +69,11 @@ class ChaosConfig:
             )
         if self.peers < 3:
             raise ChaosError("a chaos run needs at least 3 peers, so a minority can fail")
+        if MEMBER in self.faults:
+            raise ChaosError(
+                "the member fault needs `mesh join` / `mesh leave`, which this build lacks; "
+                "leave it out of --faults"
+            )
         if DB in self.faults and not _is_postgres(self.storage):
             raise ChaosError("the db fault needs PostgreSQL storage (a proxy sits in front of it)")
 

@@ -37,6 +37,8 @@ def test_config_refuses_unknown_faults_small_meshes_and_db_faults_without_postgr
         dataclasses.replace(base, faults=("kill", "flood"))
     with pytest.raises(ChaosError, match="at least 3 peers"):
         dataclasses.replace(base, peers=2)
+    with pytest.raises(ChaosError, match="mesh join"):
+        dataclasses.replace(base, faults=("kill", "member"))
     with pytest.raises(ChaosError, match="needs PostgreSQL"):
         dataclasses.replace(base, storage="sqlite:///x.db", faults=("db",))
 
