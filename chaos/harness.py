@@ -52,7 +52,7 @@ class ChaosConfig:
     seed: int = 1
     peers: int = 5
     duration_s: float = 120.0
-    faults: tuple[str, ...] = ALL_KINDS
+    faults: tuple[str, ...] = tuple(k for k in ALL_KINDS if k != MEMBER)
     slots: int = 4
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     drain_s: float = 60.0
