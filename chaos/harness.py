@@ -18,6 +18,7 @@ import logging
 import random
 import shutil
 import signal
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from chaos.checker import Verdict, check
 from chaos.history import History, StorageSnapshot, StoredRun, StoredWrite
 from chaos.ledger import LEDGER_DIR_ENV, read_ledger
 from chaos.nemesis import ALL_KINDS, DB, MEMBER, Nemesis, now_ms, plan
+from chaos.pgcluster import PrivatePostgres
 from chaos.proxy import Proxies
 from chaos.report import text_report, timeline_png
 from chaos.workload import Workload, WorkloadSpec, canonical
@@ -39,6 +41,11 @@ from runner.context import unpack
 from storage import open_store
 
 log = logging.getLogger("chaos")
+
+
+# --storage private: a PostgreSQL server of the run's own, which the db fault
+# may really restart (chaos.pgcluster).
+PRIVATE = "private"
 
 
 class ChaosError(RuntimeError):
@@ -74,7 +81,7 @@ class ChaosConfig:
                 "the member fault needs `mesh join` / `mesh leave`, which this build lacks; "
                 "leave it out of --faults"
             )
-        if DB in self.faults and not _is_postgres(self.storage):
+        if DB in self.faults and not (_is_postgres(self.storage) or self.storage == PRIVATE):
             raise ChaosError("the db fault needs PostgreSQL storage (a proxy sits in front of it)")
 
 
@@ -152,9 +159,10 @@ async def proxied_mesh(
 class MeshControl:
     """The nemesis's handle on the mesh and the proxies."""
 
-    def __init__(self, mesh: DevMesh, proxies: Proxies) -> None:
+    def __init__(self, mesh: DevMesh, proxies: Proxies, pg: PrivatePostgres | None = None) -> None:
         self.mesh = mesh
         self.proxies = proxies
+        self.pg = pg
         self.peer_ids = [p.id for p in mesh.peers]
         self._paused: set[str] = set()
         self._clients = {p.id: MeshClient(p.url, timeout_s=1.5) for p in mesh.peers}
@@ -198,6 +206,17 @@ class MeshControl:
         if "db" in self.proxies.links:
             self.proxies.set(["db"], state)
 
+    @property
+    def can_restart_db(self) -> bool:
+        return self.pg is not None
+
+    async def restart_db(self, down_s: float) -> None:
+        """Crash the private server (immediate stop), keep it down, start it again."""
+        assert self.pg is not None
+        await asyncio.to_thread(self.pg.stop, "immediate")
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(self.pg.start)
+
     async def leave(self, peer_id: str) -> None:
         raise ChaosError("membership changes (mesh join/leave) are not available in this build")
 
@@ -217,6 +236,14 @@ async def run(config: ChaosConfig) -> Outcome:
     ledger_dir.mkdir()
     tag = f"chaos{config.seed}-{uuid.uuid4().hex[:6]}"
     storage = config.storage
+    pg: PrivatePostgres | None = None
+    if storage == PRIVATE:
+        # Not under ``out``: the postgres user must reach it, and test
+        # directories are private to their owner.
+        pg = PrivatePostgres(Path(tempfile.mkdtemp(prefix="raftmesh-chaos-pg-")))
+        await asyncio.to_thread(pg.create)
+        await asyncio.to_thread(pg.start)
+        storage = pg.url
     created_schema: str | None = None
     if _is_postgres(storage) and "schema=" not in storage:
         created_schema = tag.replace("-", "_")
@@ -234,7 +261,7 @@ async def run(config: ChaosConfig) -> Outcome:
     mesh, proxies = await proxied_mesh(out / "mesh", config.peers, storage, config.slots, env)
 
     history = History()
-    cluster = MeshControl(mesh, proxies)
+    cluster = MeshControl(mesh, proxies, pg)
     schedule = plan(config.seed, config.duration_s, config.peers, config.faults)
     (out / "schedule.json").write_text(json.dumps([asdict(f) for f in schedule], indent=1))
     workload = Workload(
@@ -274,10 +301,14 @@ async def run(config: ChaosConfig) -> Outcome:
         await workload.close()
         mesh.stop(grace_s=5)
         await proxies.close()
+        if pg is not None:
+            with contextlib.suppress(OSError):
+                shutil.copy(pg.log, out / "postgres.log")
+            await asyncio.to_thread(pg.destroy)
     history.faults = nemesis.faults
     history.save(out / "history.jsonl")
     save_snapshot(snapshot, out / "storage.json")
-    if created_schema is not None and not config.keep_schema:
+    if created_schema is not None and not config.keep_schema and pg is None:
         await _drop_schema(config.storage, created_schema)
     ledger = read_ledger(ledger_dir)
     verdict = check(
@@ -287,7 +318,12 @@ async def run(config: ChaosConfig) -> Outcome:
         f"seed {config.seed}, {config.peers} peers, {config.duration_s:g} s,"
         f" faults {','.join(config.faults)}, {config.slots} slots per peer",
         f"storage {storage.rpartition('@')[2]}"
-        + (" (schema dropped afterwards)" if created_schema and not config.keep_schema else ""),
+        + (" (a private server the db fault may restart)" if pg else "")
+        + (
+            " (schema dropped afterwards)"
+            if created_schema and not config.keep_schema and not pg
+            else ""
+        ),
         "fencing: " + ("DISABLED (unsafe debug mode)" if config.unsafe_disable_fencing else "on"),
         f"replay: python -m chaos run --peers {config.peers} --duration {config.duration_s:g}"
         f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR",

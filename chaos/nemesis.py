@@ -86,7 +86,7 @@ def _variant(rng: random.Random, kind: str) -> str:
     choices = {
         KILL: ["restart-late", "restart-fast"],
         PARTITION: ["isolate-minority", "isolate-leader", "split"],
-        DB: ["refuse", "blackhole", "during-failover"],
+        DB: ["refuse", "blackhole", "during-failover", "restart"],
         MEMBER: ["leave-join"],
     }.get(kind, ["-"])
     return rng.choice(choices)
@@ -103,6 +103,9 @@ class Cluster(Protocol):
     async def leader(self) -> str | None: ...
     def cut(self, src: str, dst: str, state: str) -> None: ...
     def db(self, state: str) -> None: ...
+    @property
+    def can_restart_db(self) -> bool: ...
+    async def restart_db(self, down_s: float) -> None: ...
     async def leave(self, peer_id: str) -> None: ...
     async def join(self, peer_id: str) -> None: ...
 
@@ -210,15 +213,24 @@ class Nemesis:
                 for p in targets:
                     c.start(p)
                 detail = "kill -9 a peer, then the database goes away during its failover"
+            elif fault.variant == "restart" and c.can_restart_db:
+                start = now_ms()
+                await c.restart_db(fault.hold_s)
+                detail = "PostgreSQL crashed (immediate stop) and restarted"
             else:
                 start = now_ms()
-                c.db(REFUSED if fault.variant == "refuse" else DROPPED)
+                c.db(REFUSED if fault.variant != "blackhole" else DROPPED)
                 await asyncio.sleep(fault.hold_s)
                 c.db(UP)
                 detail = (
-                    "database refuses and resets connections"
-                    if fault.variant == "refuse"
-                    else "database unreachable (packets dropped)"
+                    "database unreachable (packets dropped)"
+                    if fault.variant == "blackhole"
+                    else "database refuses and resets connections"
+                    + (
+                        " (a real restart needs --storage private)"
+                        if fault.variant == "restart"
+                        else ""
+                    )
                 )
         elif fault.kind == RESTART:
             targets = list(c.peer_ids)

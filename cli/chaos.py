@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from chaos.harness import ChaosConfig, ChaosError, recheck, run
-from chaos.nemesis import ALL_KINDS
+from chaos.nemesis import ALL_KINDS, MEMBER
 from chaos.workload import WorkloadSpec
 
 
@@ -24,7 +24,7 @@ def chaos() -> None:
 @click.option("--duration", default=120.0, show_default=True, help="seconds of faults and load")
 @click.option(
     "--faults",
-    default=",".join(k for k in ALL_KINDS if k != "member"),
+    default=",".join(k for k in ALL_KINDS if k != MEMBER),
     show_default=True,
     help=f"comma separated, from {','.join(ALL_KINDS)}",
 )
@@ -35,7 +35,8 @@ def chaos() -> None:
     "--storage",
     default="postgresql://postgres@127.0.0.1:5432/test",
     show_default=True,
-    help="PostgreSQL URL (a fresh schema is made unless ?schema= is given) or sqlite:///PATH",
+    help="PostgreSQL URL (a fresh schema is made unless ?schema= is given), sqlite:///PATH, "
+    "or 'private': a PostgreSQL server of the run's own that the db fault really restarts",
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="report directory")
 @click.option("--slots", default=4, show_default=True, help="slots per peer")
