@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aiohttp
+
 from chaos.checker import Verdict, check
 from chaos.history import History, StorageSnapshot, StoredRun, StoredWrite
 from chaos.ledger import LEDGER_DIR_ENV, read_ledger
@@ -90,6 +92,7 @@ class Outcome:
     verdict: Verdict
     report: str
     out: Path
+    nemesis_errors: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -193,7 +196,7 @@ class MeshControl:
                 continue
             try:
                 leader = (await self._clients[peer_id].cluster()).get("leader")
-            except (MeshHTTPError, OSError, TimeoutError, Exception):
+            except (MeshHTTPError, aiohttp.ClientError, OSError, TimeoutError):
                 continue
             if leader:
                 return str(leader)
@@ -305,11 +308,11 @@ async def run(config: ChaosConfig) -> Outcome:
             with contextlib.suppress(OSError):
                 shutil.copy(pg.log, out / "postgres.log")
             await asyncio.to_thread(pg.destroy)
+        elif created_schema is not None and not config.keep_schema:
+            await _drop_schema(config.storage, created_schema)
     history.faults = nemesis.faults
     history.save(out / "history.jsonl")
     save_snapshot(snapshot, out / "storage.json")
-    if created_schema is not None and not config.keep_schema and pg is None:
-        await _drop_schema(config.storage, created_schema)
     ledger = read_ledger(ledger_dir)
     verdict = check(
         history, ledger, snapshot, failover_bound_ms=int(config.failover_bound_s * 1000)
@@ -328,6 +331,7 @@ async def run(config: ChaosConfig) -> Outcome:
         f"replay: python -m chaos run --peers {config.peers} --duration {config.duration_s:g}"
         f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR",
         f"ledger entries {len(ledger)}; peer logs in {mesh.dir}",
+        *(f"NEMESIS ERROR: {e}" for e in nemesis.errors),
     ]
     report = text_report(verdict, history, snapshot, header)
     (out / "report.txt").write_text(report)
@@ -355,7 +359,7 @@ async def run(config: ChaosConfig) -> Outcome:
             indent=1,
         )
     )
-    return Outcome(verdict, report, out)
+    return Outcome(verdict, report, out, nemesis.errors)
 
 
 async def _drain(workload: Workload, drain_s: float) -> None:

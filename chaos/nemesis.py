@@ -119,6 +119,8 @@ class Nemesis:
         self.cluster = cluster
         self.schedule = schedule
         self.faults: list[Fault] = []
+        # Faults that could not be inflicted; reported, never silently dropped.
+        self.errors: list[str] = []
 
     async def run(self, started: float) -> None:
         """Inflict each planned fault at its time (``started`` is time.monotonic())."""
@@ -128,8 +130,9 @@ class Nemesis:
                 await asyncio.sleep(delay)
             try:
                 await self._inflict(fault)
-            except Exception:
+            except Exception as exc:  # any failure of a fault is reported, then healed
                 log.exception("fault %s failed; healing", fault.kind)
+                self.errors.append(f"{fault.kind} at {fault.at_s} s: {type(exc).__name__}: {exc}")
                 await self.heal()
 
     async def heal(self) -> None:

@@ -41,6 +41,7 @@ async def test_ci_smoke_every_fault_kind_on_postgres_passes(tmp_path: Path) -> N
     )
     verdict = outcome.verdict
     print(outcome.report)
+    assert outcome.nemesis_errors == []
     faults = outcome_faults(tmp_path)
     assert {f.kind for f in faults} == set(SMOKE_KINDS)
     assert any("PostgreSQL crashed" in f.detail for f in faults)
