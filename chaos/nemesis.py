@@ -210,12 +210,19 @@ class Nemesis:
                     c.kill(p, signal.SIGKILL)
                 lost = targets
                 await asyncio.sleep(0.7)
-                c.db(REFUSED)
-                await asyncio.sleep(fault.hold_s)
-                c.db(UP)
+                if c.can_restart_db:
+                    await c.restart_db(fault.hold_s)
+                else:
+                    c.db(REFUSED)
+                    await asyncio.sleep(fault.hold_s)
+                    c.db(UP)
                 for p in targets:
                     c.start(p)
-                detail = "kill -9 a peer, then the database goes away during its failover"
+                detail = (
+                    "kill -9 a peer, then the database "
+                    + ("crashes and restarts" if c.can_restart_db else "goes away")
+                    + " during its failover"
+                )
             elif fault.variant == "restart" and c.can_restart_db:
                 start = now_ms()
                 await c.restart_db(fault.hold_s)

@@ -51,6 +51,10 @@ class WorkloadSpec:
     max_steps: int = 10
     step_s: float = 0.4
     resubmit_fraction: float = 0.1
+    # Runs whose first attempt times out part-way (a timeout of 60% of their
+    # work, two attempts): the retry must continue from the checkpoint while
+    # the timed-out attempt stays stopped.
+    timeout_fraction: float = 0.1
 
 
 class Workload:
@@ -94,11 +98,17 @@ class Workload:
     async def _submit_until_acked(
         self, rng: random.Random, key: str, spec: dict[str, Any], tenant: str
     ) -> str | None:
+        limits: dict[str, Any] = {}
+        if rng.random() < self.spec.timeout_fraction:
+            limits = {
+                "timeout_s": round(0.6 * spec["steps"] * spec["step_s"], 2),
+                "max_attempts": 2,
+            }
         # Once the workload stops, a client still owed an answer keeps trying a
         # little, so that an indeterminate attempt is settled if it can be.
         grace_until: float | None = None
         while True:
-            run_id = await self._attempt(rng, key, spec, tenant)
+            run_id = await self._attempt(rng, key, spec, tenant, **limits)
             if run_id is not None:
                 return run_id
             if self._stop.is_set():
@@ -108,14 +118,14 @@ class Workload:
             await asyncio.sleep(rng.uniform(0.1, 0.4))
 
     async def _attempt(
-        self, rng: random.Random, key: str, spec: dict[str, Any], tenant: str
+        self, rng: random.Random, key: str, spec: dict[str, Any], tenant: str, **limits: Any
     ) -> str | None:
         peer = rng.choice(sorted(self.urls))
         start = now_ms()
         outcome, run_id, error = INFO, None, None
         try:
             answer = await self._clients[peer].submit(
-                "chaos", spec, idempotency_key=key, tenant=tenant
+                "chaos", spec, idempotency_key=key, tenant=tenant, **limits
             )
             outcome, run_id = OK, str(answer["id"])
         except MeshHTTPError as exc:
