@@ -271,6 +271,7 @@ async def run(config: ChaosConfig) -> Outcome:
         {p.id: p.url for p in mesh.peers}, config.workload, config.seed, tag, history
     )
     nemesis = Nemesis(cluster, schedule)
+    nemesis_task: asyncio.Task[None] | None = None
     try:
         mesh.start()
         await mesh.wait_ready(timeout_s=90)
@@ -288,10 +289,7 @@ async def run(config: ChaosConfig) -> Outcome:
         ]
         nemesis_task = asyncio.create_task(nemesis.run(started))
         await asyncio.sleep(config.duration_s)
-        if not nemesis_task.done():
-            nemesis_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await nemesis_task
+        await _cancel(nemesis_task)
         await nemesis.heal()
         workload.stop()
         await asyncio.gather(*tasks, *helpers)
@@ -300,6 +298,9 @@ async def run(config: ChaosConfig) -> Outcome:
         await _final_reads(workload)
         snapshot = await read_storage(storage)
     finally:
+        # On an abort too: a nemesis still running could start peers again.
+        if nemesis_task is not None:
+            await _cancel(nemesis_task)
         await cluster.close()
         await workload.close()
         mesh.stop(grace_s=5)
@@ -360,6 +361,13 @@ async def run(config: ChaosConfig) -> Outcome:
         )
     )
     return Outcome(verdict, report, out, nemesis.errors)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _drain(workload: Workload, drain_s: float) -> None:
