@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,10 @@ def test_dial_overrides_parse_and_keep_the_advertised_identity(
     assert node.address == node.id == "127.0.0.1:7002"
     # ...but connects to node.ip:node.port.
     assert (node.ip, node.port) == ("127.0.0.1", 17002)
+
+
+def test_the_peer_command_does_not_load_the_harness() -> None:
+    """Production code never imports chaos/: `mesh up` loads cli.main only."""
+    code = "import sys, cli.main; print(sorted(m for m in sys.modules if m.startswith('chaos')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
