@@ -341,11 +341,15 @@ def measure_failovers(
                 if current.peer != peer or (end is not None and end <= t0):
                     continue
                 stored = storage.runs.get(run_id)
-                if stored is not None and (stored.finished_at_ms or t0 + 1) <= t0:
+                stored_finished = stored is not None and stored.finished_at_ms is not None
+                if stored_finished and stored.finished_at_ms <= t0:  # type: ignore[union-attr]
                     continue
                 later = [a for a in starts if a.epoch > current.epoch and a.at_ms > t0]
-                if not later and end is not None:
-                    continue  # the owner came back in time and finished the attempt itself
+                if not later and (end is not None or stored_finished):
+                    # The owner came back in time and finished the attempt
+                    # itself, or its outcome (e.g. a timeout) was already
+                    # stored and a newer epoch only had to report it.
+                    continue
                 nxt = min(later, key=lambda a: a.at_ms) if later else None
                 until = nxt.at_ms if nxt else history.end_ms
                 overlapped = any(

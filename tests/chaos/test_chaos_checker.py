@@ -222,7 +222,14 @@ def test_7_a_failover_beyond_the_bound_and_one_that_never_happens() -> None:
         ]
     }
     stranded = [e for e in ledger if not (e.run_id == "r2" and e.epoch == 2)]
+    storage.runs["r2"] = dataclasses.replace(
+        storage.runs["r2"], status="running", epoch=1, result=None, finished_at_ms=None
+    )
+    storage.steps = [w for w in storage.steps if w.epoch == 1]
+    storage.events = [w for w in storage.events if w.epoch == 1]
+    history.observations = [o for o in history.observations if o.run_id != "r2"]
     violations = failed(check(history, stranded, storage))
+    assert sorted(violations) == [1, 7]
     assert "never resumed" in violations[7][0]
 
 
@@ -285,4 +292,24 @@ def test_a_run_that_finished_before_its_peer_was_lost_is_no_failover() -> None:
     history.faults.append(Fault("kill", "kill -9", T0 + 6000, T0 + 7000, ("peer-1",), ("peer-1",)))
     verdict = check(history, ledger, storage)
     assert [f.run_id for f in verdict.failovers] == ["r2"]
+    assert verdict.passed
+
+
+def test_a_run_whose_lost_owner_had_stored_its_outcome_needs_no_failover() -> None:
+    history, ledger, storage = clean()
+    # r2's epoch-1 attempt timed out (no attempt_end) and stored timed_out at
+    # +2100, just after peer-2 was paused; a newer epoch only reports it.
+    ledger = [e for e in ledger if not (e.run_id == "r2" and e.epoch == 2)]
+    storage.runs["r2"] = dataclasses.replace(
+        storage.runs["r2"],
+        status="timed_out",
+        result=None,
+        result_epoch=None,
+        finished_at_ms=T0 + 2100,
+    )
+    storage.steps = [w for w in storage.steps if w.epoch == 1]
+    storage.events = [w for w in storage.events if w.epoch == 1]
+    history.observations = [o for o in history.observations if o.run_id != "r2"]
+    verdict = check(history, ledger, storage)
+    assert verdict.failovers == []
     assert verdict.passed
