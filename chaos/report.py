@@ -46,6 +46,12 @@ def text_report(
         errors = Counter((r.error or "")[:120] for r in failed)
         lines.append(f"  failed by the infrastructure (the agent never fails): {len(failed)}")
         lines += [f"    {n} x {err}" for err, n in errors.most_common(3)]
+    timed_out = statuses.get("timed_out", 0)
+    if timed_out:
+        lines.append(
+            f"  timed out: {timed_out} (expected: the workload gives some runs a timeout"
+            " shorter than their work)"
+        )
     lines += ["", f"faults ({len(history.faults)})"]
     for f in history.faults:
         lines.append(
