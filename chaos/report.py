@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from chaos.checker import MAX_EXAMPLES, Verdict
+from chaos.checker import MAX_EXAMPLES, Verdict, percentiles
 from chaos.history import OK, History, StorageSnapshot
 
 FAILOVER_TARGET_MS = 3000
@@ -80,6 +80,16 @@ def text_report(
         f"  p99 {_fmt_ms(pct.get('p99'))}  max {_fmt_ms(pct.get('max'))}",
         f"  over the {FAILOVER_TARGET_MS / 1000:g} s target: {over}",
     ]
+    by_kind: dict[str, list[int]] = {}
+    for f in verdict.failovers:
+        if f.duration_ms is not None:
+            by_kind.setdefault(f.fault.split(" ")[0], []).append(f.duration_ms)
+    for kind, values in sorted(by_kind.items()):
+        p = percentiles(values)
+        lines.append(
+            f"    {kind:<9} n={len(values):<3} p50 {_fmt_ms(p['p50'])}  max {_fmt_ms(p['max'])}"
+            f"  over target {sum(1 for v in values if v > FAILOVER_TARGET_MS)}"
+        )
     outages = verdict.outages
     longest = max((w.duration_ms for w in outages), default=0)
     lines += [
