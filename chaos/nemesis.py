@@ -88,6 +88,7 @@ def _variant(rng: random.Random, kind: str) -> str:
         PARTITION: ["isolate-minority", "isolate-leader", "split"],
         DB: ["refuse", "blackhole", "during-failover", "restart"],
         MEMBER: ["leave-join"],
+        PAUSE: ["follower", "leader"],
     }.get(kind, ["-"])
     return rng.choice(choices)
 
@@ -176,7 +177,16 @@ class Nemesis:
             for p in targets:
                 c.start(p)
         elif fault.kind == PAUSE:
-            targets = self._pick(fault, 1)
+            # A paused follower wakes still believing it owns its runs and
+            # still in contact with the leader (so it does not self-fence):
+            # only storage fencing stops its writes. A paused leader must
+            # also be replaced by an election first.
+            leader = await c.leader()
+            if fault.variant == "leader" and leader:
+                targets = [leader]
+            else:
+                targets = self._pick(fault, 1, exclude=(leader,) if leader else ())
+            detail = f"SIGSTOP the {fault.variant}"
             start = now_ms()
             for p in targets:
                 c.kill(p, signal.SIGSTOP)
