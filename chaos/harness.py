@@ -96,7 +96,11 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.verdict.passed else 1
+        """1: an invariant was violated; 3: a planned fault could not be
+        inflicted, so a pass would not mean what it says."""
+        if not self.verdict.passed:
+            return 1
+        return 3 if self.nemesis_errors else 0
 
 
 def _is_postgres(url: str) -> bool:

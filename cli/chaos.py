@@ -73,7 +73,8 @@ def run_cmd(
 ) -> None:
     """Start PEERS peers, load them, inflict the seeded faults, check, report into OUT.
 
-    Exits 1 if any invariant was violated, 2 if the run could not be set up.
+    Exits 1 if any invariant was violated, 2 if the run could not be set up,
+    3 if a planned fault could not be inflicted.
     """
     from chaos.harness import ChaosConfig, ChaosError, run
     from chaos.workload import WorkloadSpec
