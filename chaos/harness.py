@@ -35,7 +35,7 @@ from chaos.nemesis import ALL_KINDS, DB, MEMBER, Nemesis, now_ms, plan
 from chaos.pgcluster import PrivatePostgres
 from chaos.proxy import Proxies
 from chaos.report import text_report, timeline_png
-from chaos.workload import Workload, WorkloadSpec, canonical
+from chaos.workload import TENANT_CAPS, Workload, WorkloadSpec, canonical
 from mesh.client import MeshClient, MeshHTTPError
 from mesh.devmesh import DevMesh
 from mesh.settings import UNSAFE_FENCING_ACK, UNSAFE_FENCING_ACK_ENV
@@ -261,6 +261,7 @@ async def run(config: ChaosConfig) -> Outcome:
         "MESH_AGENT_MODULES": "chaos.agents",
         LEDGER_DIR_ENV: str(ledger_dir),
         "MESH_LOG_LEVEL": "info",
+        "MESH_TENANT_CAPS": TENANT_CAPS,
     }
     if config.unsafe_disable_fencing:
         env["MESH_UNSAFE_DISABLE_FENCING"] = "true"

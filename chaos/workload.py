@@ -32,6 +32,9 @@ from chaos.history import (
 from mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
 
 TENANTS = ("alpha", "beta", "gamma")
+# In-flight caps the harness gives the mesh, so invariant 6 checks them too;
+# gamma is uncapped.
+TENANT_CAPS = "alpha=3,beta=5"
 _ATTEMPT_TIMEOUT_S = 4.0
 
 
@@ -197,9 +200,10 @@ def _sample(source: str, cluster: dict[str, Any]) -> ClusterSample:
         PeerLoad(str(p["id"]), int(p["slots"]), int(p["running"]), str(p["status"]))
         for p in cluster.get("peers", [])
     )
+    per_tenant = (cluster.get("queue") or {}).get("tenants") or {}
     tenants = {
-        str(t["tenant"]): (int(t["running"]), int(t["cap"]))
-        for t in cluster.get("tenants", [])
+        str(name): (int(t["running"]), int(t["cap"]))
+        for name, t in per_tenant.items()
         if isinstance(t, dict) and t.get("cap") is not None
     }
     return ClusterSample(now_ms(), source, cluster.get("leader"), peers, tenants)
