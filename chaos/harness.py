@@ -31,7 +31,7 @@ import aiohttp
 from chaos.checker import Verdict, check
 from chaos.history import History, StorageSnapshot, StoredRun, StoredWrite
 from chaos.ledger import LEDGER_DIR_ENV, read_ledger
-from chaos.nemesis import ALL_KINDS, DB, MEMBER, Nemesis, now_ms, plan
+from chaos.nemesis import ALL_KINDS, DB, Nemesis, now_ms, plan
 from chaos.pgcluster import PrivatePostgres
 from chaos.proxy import Proxies
 from chaos.report import text_report, timeline_png
@@ -61,7 +61,7 @@ class ChaosConfig:
     seed: int = 1
     peers: int = 5
     duration_s: float = 120.0
-    faults: tuple[str, ...] = tuple(k for k in ALL_KINDS if k != MEMBER)
+    faults: tuple[str, ...] = ALL_KINDS
     slots: int = 4
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     drain_s: float = 60.0
@@ -78,11 +78,6 @@ class ChaosConfig:
             )
         if self.peers < 3:
             raise ChaosError("a chaos run needs at least 3 peers, so a minority can fail")
-        if MEMBER in self.faults:
-            raise ChaosError(
-                "the member fault needs `mesh join` / `mesh leave`, which this build lacks; "
-                "leave it out of --faults"
-            )
         if DB in self.faults and not (_is_postgres(self.storage) or self.storage == PRIVATE):
             raise ChaosError("the db fault needs PostgreSQL storage (a proxy sits in front of it)")
 
@@ -207,7 +202,8 @@ class MeshControl:
         return None
 
     def cut(self, src: str, dst: str, state: str) -> None:
-        self.proxies.set([f"raft:{src}->{dst}", f"http:{src}->{dst}"], state)
+        names = [f"raft:{src}->{dst}", f"http:{src}->{dst}"]
+        self.proxies.set([n for n in names if n in self.proxies.links], state)
 
     def db(self, state: str) -> None:
         if "db" in self.proxies.links:
@@ -225,10 +221,39 @@ class MeshControl:
         await asyncio.to_thread(self.pg.start)
 
     async def leave(self, peer_id: str) -> None:
-        raise ChaosError("membership changes (mesh join/leave) are not available in this build")
+        """``mesh leave`` through the peer itself: its runs are handed back at
+        their next step, it leaves the voters and its process exits."""
+        peer = self.mesh.peer(peer_id)
+        async with MeshClient(peer.url, timeout_s=90) as client:
+            await client.leave(peer_id, release=True)
+        assert peer.process is not None
+        await asyncio.to_thread(peer.process.wait, 30)
 
-    async def join(self, peer_id: str) -> None:
-        raise ChaosError("membership changes (mesh join/leave) are not available in this build")
+    async def join(self, replacing: str) -> str:
+        """``mesh join`` a fresh voter (a peer that left cannot come back with
+        its old data dir) and let faults target it instead of ``replacing``.
+
+        The newcomer dials the others through new proxy links; the others
+        reach it directly (their MESH_DIAL was fixed when they started), so a
+        later partition cuts only its own side of those links.
+        """
+        seed = next(
+            p for p in self.peer_ids if p != replacing and self.running(p) and p not in self._paused
+        )
+        new_id = f"peer-{len(self.mesh.peers) + 1}"
+        dial = []
+        for dst in self.mesh.peers:
+            if dst.id == replacing:
+                continue
+            raft = await self.proxies.add(f"raft:{new_id}->{dst.id}", dst.raft)
+            http = await self.proxies.add(f"http:{new_id}->{dst.id}", dst.http)
+            dial += [f"{dst.raft}={raft.listen}", f"{dst.http}={http.listen}"]
+        self.mesh.set_peer_env(new_id, {"MESH_DIAL": ",".join(dial)})
+        peer = self.mesh.join(seed, peer_id=new_id)
+        await self.mesh.wait_ready(timeout_s=60, peer_ids=[new_id])
+        self.peer_ids[self.peer_ids.index(replacing)] = new_id
+        self._clients[new_id] = MeshClient(peer.url, timeout_s=1.5)
+        return new_id
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._clients.values()))

@@ -108,7 +108,7 @@ class Cluster(Protocol):
     def can_restart_db(self) -> bool: ...
     async def restart_db(self, down_s: float) -> None: ...
     async def leave(self, peer_id: str) -> None: ...
-    async def join(self, peer_id: str) -> None: ...
+    async def join(self, replacing: str) -> str: ...
 
 
 def now_ms() -> int:
@@ -263,14 +263,14 @@ class Nemesis:
                 c.start(p)
             detail = "the whole mesh killed -9 and started again"
         elif fault.kind == MEMBER:
-            targets = self._pick(fault, 1)
+            leader = await c.leader()
+            targets = self._pick(fault, 1, exclude=(leader,) if leader else ())
             start = now_ms()
             for p in targets:
                 await c.leave(p)
             await asyncio.sleep(fault.hold_s)
-            for p in targets:
-                await c.join(p)
-            detail = "a peer leaves the mesh and joins again"
+            joined = [await c.join(p) for p in targets]
+            detail = f"{', '.join(targets)} left the mesh; {', '.join(joined)} joined under load"
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
         self.faults.append(Fault(fault.kind, detail, start, now_ms(), tuple(targets), tuple(lost)))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-FAULT_KINDS = "kill,pause,partition,leader,db,restart"
+FAULT_KINDS = "kill,pause,partition,leader,db,restart,member"
 
 
 @click.group("chaos")
@@ -28,7 +28,7 @@ def chaos() -> None:
     "--faults",
     default=FAULT_KINDS,
     show_default=True,
-    help=f"comma separated, from {FAULT_KINDS},member (member needs mesh join/leave)",
+    help=f"comma separated, from {FAULT_KINDS}",
 )
 @click.option(
     "--seed", default=1, show_default=True, help="the fault schedule and workload derive from it"

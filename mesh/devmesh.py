@@ -132,10 +132,10 @@ class DevMesh:
         return self.peer(peer_id).url
 
     def set_peer_env(self, peer_id: str, env: Mapping[str, str]) -> None:
-        """Extra environment for one peer from its next start on; ports are
-        known only once the mesh is built, so settings that name other peers'
-        addresses (e.g. MESH_DIAL) are added here."""
-        self.peer(peer_id)
+        """Extra environment for one peer (also one that will ``join`` later)
+        from its next start on; ports are known only once the mesh is built,
+        so settings that name other peers' addresses (e.g. MESH_DIAL) are
+        added here."""
         self._peer_env.setdefault(peer_id, {}).update(env)
 
     def start(self) -> None:
