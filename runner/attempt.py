@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from runner.context import (
     Fenced,
@@ -26,8 +26,9 @@ from runner.context import (
     pack,
 )
 from runner.isolation import PROCESS, run_isolated
+from runner.outages import retry_unavailable
 from runner.registry import Registry, UnknownAgent
-from storage.base import RunRow, StaleEpoch, StorageUnavailable, Store
+from storage.base import RunRow, StaleEpoch, Store
 
 log = logging.getLogger("raftmesh.runner")
 
@@ -38,8 +39,6 @@ CANCELLED = "cancelled"
 RETRY = "retry"
 FENCED = "fenced"
 RELEASED = "released"
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,20 +91,6 @@ class Assignment:
             parent_id=self.parent_id,
             submitted_at_ms=self.submitted_at_ms,
         )
-
-
-async def retry_unavailable(
-    op: Callable[[], Awaitable[T]], what: str, max_delay_s: float = 2.0
-) -> T:
-    """Storage outages are waited out, not charged to the run as a failure."""
-    delay = 0.05
-    while True:
-        try:
-            return await op()
-        except StorageUnavailable as exc:
-            log.warning("storage unavailable during %s, retrying in %.2fs: %s", what, delay, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay_s)
 
 
 async def run_attempt(

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import msgpack
 
+from runner.outages import retry_unavailable
 from storage.base import TERMINAL_STATUSES, StaleEpoch, Step, StorageUnavailable, Store
 
 BUDGET_KEYS = ("model_calls", "tokens")
@@ -203,9 +204,13 @@ class RunContext:
     async def record_step(self, seq: int, name: str, value: Any) -> None:
         payload = pack(value)
         async with self._write_lock:
+            # put_step is idempotent per (run, seq), so retrying it is safe.
             await self._fenced(
-                self._store.put_step(
-                    self.run_id, self.epoch, seq, name, payload, self.peer_id, self._clock_ms()
+                retry_unavailable(
+                    lambda: self._store.put_step(
+                        self.run_id, self.epoch, seq, name, payload, self.peer_id, self._clock_ms()
+                    ),
+                    "put_step",
                 )
             )
         self.executed_steps += 1
@@ -242,10 +247,29 @@ class RunContext:
         return fut
 
     async def _write_event(self, kind: str, data: bytes) -> None:
+        tried = False
+
+        async def append() -> None:
+            # An append cut off by an outage may have committed: look before
+            # writing again, so watchers never see an event twice.
+            nonlocal tried
+            if tried and await self._event_stored(kind, data):
+                return
+            tried = True
+            await self._store.append_event(self.run_id, self.epoch, kind, data, self._clock_ms())
+
         async with self._write_lock:
-            await self._fenced(
-                self._store.append_event(self.run_id, self.epoch, kind, data, self._clock_ms())
-            )
+            await self._fenced(retry_unavailable(append, "append_event"))
+
+    async def _event_stored(self, kind: str, data: bytes) -> bool:
+        after = 0
+        while True:
+            page = await self._store.read_events(self.run_id, after_seq=after)
+            if any(e.epoch == self.epoch and e.kind == kind and e.data == data for e in page):
+                return True
+            if not page:
+                return False
+            after = page[-1].seq
 
     async def drain(self) -> None:
         """Wait for every emitted event; raise Fenced if any write was refused."""

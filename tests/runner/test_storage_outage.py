@@ -1,0 +1,98 @@
+"""A database outage in the middle of a run is waited out, not a failure.
+
+PostgreSQL is reached through a TCP proxy (the chaos harness's) that the test
+switches to "refused" while the agent checkpoints steps and emits events, as a
+database restart would. The attempt must succeed with every step and every
+event stored exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from chaos.proxy import REFUSED, UP, Link
+from runner.attempt import SUCCEEDED, Assignment, run_attempt
+from runner.context import RunContext
+from runner.registry import Registry
+from storage import Store, open_store
+
+PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+STEPS = 12
+
+
+@pytest.fixture
+async def proxied_store() -> AsyncIterator[tuple[Store, Link]]:
+    host_port = PG_URL.split("@", 1)[1].split("/", 1)[0]
+    link = Link("db", host_port)
+    await link.start()
+    schema = f"outage_{uuid.uuid4().hex[:12]}"
+    url = PG_URL.replace(host_port, link.listen) + f"?schema={schema}"
+    store = open_store(url)
+    await store.open()
+    try:
+        yield store, link
+    finally:
+        link.set_state(UP)
+        await store.close()
+        await link.close()
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+async def test_an_outage_during_steps_and_events_is_waited_out(proxied_store):
+    store, link = proxied_store
+    registry = Registry()
+    cut = asyncio.Event()
+
+    async def checkpointing(ctx: RunContext, _: Any) -> int:
+        for i in range(STEPS):
+            await ctx.step(f"s{i}", lambda i=i: i)
+            ctx.emit("progress", {"i": i})
+            if i == 3:
+                cut.set()
+            await asyncio.sleep(0.1)
+        return STEPS
+
+    registry.add("checkpointing", checkpointing)
+
+    async def outage() -> None:
+        await cut.wait()
+        link.set_state(REFUSED)
+        await asyncio.sleep(1.5)
+        link.set_state(UP)
+
+    job = Assignment(
+        run_id="run-1",
+        epoch=1,
+        attempt=1,
+        agent="checkpointing",
+        input=None,
+        tenant="default",
+        priority=0,
+        labels={},
+        timeout_s=None,
+        max_attempts=1,
+        idempotency_key=None,
+        parent_id=None,
+        submitted_at_ms=0,
+    )
+    clock = lambda: int(asyncio.get_running_loop().time() * 1000)  # noqa: E731
+    outcome, _ = await asyncio.gather(
+        run_attempt(job, peer_id="p", store=store, registry=registry, clock_ms=clock), outage()
+    )
+    status, error = outcome.status, outcome.error
+    assert status == SUCCEEDED, f"the outage failed the attempt: {status} {error}"
+    steps = await store.load_steps("run-1")
+    assert [s.name for s in steps] == [f"s{i}" for i in range(STEPS)]
+    events = [e for e in await store.read_events("run-1") if e.kind == "progress"]
+    assert len(events) == STEPS, f"each event stored once, got {len(events)}"
