@@ -40,7 +40,9 @@ async def wait_for(check, timeout_s: float, poll_s: float = 0.01):
     raise TimeoutError("condition not met")
 
 
-async def throughput(clients: list[MeshClient], total: int, concurrency: int) -> tuple[float, list[float]]:
+async def throughput(
+    clients: list[MeshClient], total: int, concurrency: int
+) -> tuple[float, list[float]]:
     latencies: list[float] = []
     counter = iter(range(total))
 
@@ -68,7 +70,9 @@ async def main() -> None:
     parser.add_argument("--elections", type=int, default=5)
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="raftmesh-bench-")
-    storage = f"{PG_URL}?schema=bench_{uuid.uuid4().hex[:8]}" if args.storage == "postgres" else None
+    storage = (
+        f"{PG_URL}?schema=bench_{uuid.uuid4().hex[:8]}" if args.storage == "postgres" else None
+    )
     mesh = DevMesh(workdir, 3, storage=storage)
     mesh.start()
     rows: list[tuple[str, str]] = []
@@ -80,8 +84,18 @@ async def main() -> None:
         await throughput(clients, 200, 16)  # warm-up
         rate, lat = await throughput(clients, args.submissions, args.concurrency)
         lat.sort()
-        rows.append(("acknowledged submissions/s", f"{rate:,.0f} ({args.submissions} runs, {args.concurrency} in flight, all 3 peers)"))
-        rows.append(("submit latency p50 / p99", f"{statistics.median(lat) * 1000:.1f} ms / {lat[int(len(lat) * 0.99)] * 1000:.1f} ms"))
+        rows.append(
+            (
+                "acknowledged submissions/s",
+                f"{rate:,.0f} ({args.submissions} runs, {args.concurrency} in flight, all 3 peers)",
+            )
+        )
+        rows.append(
+            (
+                "submit latency p50 / p99",
+                f"{statistics.median(lat) * 1000:.1f} ms / {lat[int(len(lat) * 0.99)] * 1000:.1f} ms",
+            )
+        )
         single = []
         for _ in range(100):
             t = time.monotonic()
@@ -91,7 +105,10 @@ async def main() -> None:
 
         # Failover: steps runs everywhere, kill -9 the busiest non-leader owner.
         leader = (await clients[0].cluster())["leader"]
-        ids = [(await clients[i % 3].submit("steps", {"steps": 20, "step_seconds": 0.2}))["id"] for i in range(9)]
+        ids = [
+            (await clients[i % 3].submit("steps", {"steps": 20, "step_seconds": 0.2}))["id"]
+            for i in range(9)
+        ]
 
         async def busy_owner():
             runs = [await clients[0].get_run(i) for i in ids]
@@ -112,8 +129,18 @@ async def main() -> None:
             claims.append(row.started_at_ms - killed_ms)
             new_steps = [s for s in await store.load_steps(i) if s.epoch == row.epoch]
             first_steps.append(min(s.at_ms for s in new_steps) - killed_ms - 200)
-        rows.append(("failover: kill → new owner's claim", f"p50 {statistics.median(claims):.0f} ms, max {max(claims):.0f} ms ({len(claims)} runs)"))
-        rows.append(("failover: kill → next step starts on new owner", f"p50 {statistics.median(first_steps):.0f} ms, max {max(first_steps):.0f} ms"))
+        rows.append(
+            (
+                "failover: kill → new owner's claim",
+                f"p50 {statistics.median(claims):.0f} ms, max {max(claims):.0f} ms ({len(claims)} runs)",
+            )
+        )
+        rows.append(
+            (
+                "failover: kill → next step starts on new owner",
+                f"p50 {statistics.median(first_steps):.0f} ms, max {max(first_steps):.0f} ms",
+            )
+        )
 
         # Leader election: with all three peers up, kill -9 the leader, time
         # until a survivor names a new one, bring the old leader back; repeat.
@@ -134,7 +161,12 @@ async def main() -> None:
             elections.append((time.monotonic() - killed) * 1000)
             mesh.restart(leader)
             await mesh.wait_ready(60, [leader])
-        rows.append(("leader election after kill -9 of the leader", f"p50 {statistics.median(elections):.0f} ms, max {max(elections):.0f} ms ({len(elections)} kills)"))
+        rows.append(
+            (
+                "leader election after kill -9 of the leader",
+                f"p50 {statistics.median(elections):.0f} ms, max {max(elections):.0f} ms ({len(elections)} kills)",
+            )
+        )
         await store.close()
         for c in clients:
             await c.close()

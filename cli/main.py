@@ -548,7 +548,6 @@ def _peers_table(mesh: DevMesh) -> Table:
     return table
 
 
-
 main.add_command(watch)
 main.add_command(agents)
 main.add_command(run_control.cancel)

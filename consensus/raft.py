@@ -388,8 +388,10 @@ class RaftNode:
             return
         entry.settled = True
         self._in_flight -= 1
-        if err == FAIL_REASON.SUCCESS and isinstance(result, list) and len(result) == len(
-            entry.futures
+        if (
+            err == FAIL_REASON.SUCCESS
+            and isinstance(result, list)
+            and len(result) == len(entry.futures)
         ):
             for fut, res in zip(entry.futures, result, strict=True):
                 if not fut.done():

@@ -92,6 +92,7 @@ if [ -z "${RAFTMESH_TEST_POSTGRES_URL:-}" ]; then
 fi
 
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 
 status=0
 .venv/bin/python -m pytest -q -ra "$@" || status=$?

@@ -31,7 +31,9 @@ def free_ports(n: int) -> list[int]:
 def start_nodes(addrs: list[str], root: Path, timers: RaftTimers) -> list[RaftNode]:
     loop = asyncio.get_running_loop()
     return [
-        RaftNode(a, addrs, str(root / f"n{i}"), "test-secret", loop, lambda c, r: None, timers=timers)
+        RaftNode(
+            a, addrs, str(root / f"n{i}"), "test-secret", loop, lambda c, r: None, timers=timers
+        )
         for i, a in enumerate(addrs)
     ]
 
@@ -47,7 +49,9 @@ async def wait_leader(nodes: list[RaftNode], timeout_s: float = 20) -> RaftNode:
 
 
 def submit(i: int) -> commands.Command:
-    return commands.submit(uuid.uuid4().hex, 1_000 + i, [{"id": f"run-{i}", "agent": "echo", "input": i}])
+    return commands.submit(
+        uuid.uuid4().hex, 1_000 + i, [{"id": f"run-{i}", "agent": "echo", "input": i}]
+    )
 
 
 async def propose_retrying(node: RaftNode, cmd: commands.Command) -> dict:

@@ -30,11 +30,15 @@ async def eventually(
         except (MeshHTTPError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             last_error = exc
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last error: {last_error!r}")
+            raise AssertionError(
+                f"timed out after {timeout_s}s waiting for {what}; last error: {last_error!r}"
+            )
         await asyncio.sleep(poll_s)
 
 
-async def submit_retrying(client: MeshClient, agent: str, input: Any, timeout_s: float = 30, **kw: Any) -> dict[str, Any]:
+async def submit_retrying(
+    client: MeshClient, agent: str, input: Any, timeout_s: float = 30, **kw: Any
+) -> dict[str, Any]:
     """Submit as a real client would: an idempotency key, retried through outages."""
     key = kw.pop("idempotency_key", None)
 
@@ -49,7 +53,9 @@ async def submit_retrying(client: MeshClient, agent: str, input: Any, timeout_s:
     return await eventually(attempt, timeout_s, f"submission of {agent}")
 
 
-async def wait_all_terminal(client: MeshClient, ids: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
+async def wait_all_terminal(
+    client: MeshClient, ids: list[str], timeout_s: float
+) -> dict[str, dict[str, Any]]:
     async def check() -> dict[str, dict[str, Any]] | None:
         runs = {i: await client.get_run(i) for i in ids}
         return runs if all(r["status"] in TERMINAL for r in runs.values()) else None

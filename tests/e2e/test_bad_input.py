@@ -11,7 +11,9 @@ pytestmark = pytest.mark.slow
 TOKEN = "s3cret-api-token"
 
 
-async def post(session: aiohttp.ClientSession, url: str, data: bytes, token: str | None = TOKEN) -> tuple[int, dict, dict]:
+async def post(
+    session: aiohttp.ClientSession, url: str, data: bytes, token: str | None = TOKEN
+) -> tuple[int, dict, dict]:
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -28,11 +30,26 @@ async def test_each_bad_input_gets_its_status_and_a_valid_submission_still_works
             (b'{"agent": "echo", "input": ', 400, "malformed_json", "not valid JSON"),
             (b'{"input": 1}', 400, "bad_request", "missing field 'agent'"),
             (b'{"agent": "echo"}', 400, "bad_request", "missing field 'input'"),
-            (b'[1, 2]', 400, "bad_request", "JSON object"),
+            (b"[1, 2]", 400, "bad_request", "JSON object"),
             (b'{"agent": "nope", "input": 1}', 400, "unknown_agent", "unknown agent 'nope'"),
-            (b'{"agent": "echo", "input": 1, "priority": "high"}', 400, "bad_request", "'priority' must be"),
-            (b'{"agent": "echo", "input": 1, "max_attempts": 0}', 400, "bad_request", "max_attempts"),
-            (b'{"agent": "echo", "input": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413, "payload_too_large", "exceeds the limit"),
+            (
+                b'{"agent": "echo", "input": 1, "priority": "high"}',
+                400,
+                "bad_request",
+                "'priority' must be",
+            ),
+            (
+                b'{"agent": "echo", "input": 1, "max_attempts": 0}',
+                400,
+                "bad_request",
+                "max_attempts",
+            ),
+            (
+                b'{"agent": "echo", "input": "' + b"x" * (2 * 1024 * 1024) + b'"}',
+                413,
+                "payload_too_large",
+                "exceeds the limit",
+            ),
         ]
         for body, status, code, words in cases:
             got, _, payload = await post(s, f"{url}/v1/runs", body)
@@ -40,9 +57,13 @@ async def test_each_bad_input_gets_its_status_and_a_valid_submission_still_works
             assert payload["error"]["code"] == code
             assert words in payload["error"]["message"], payload
 
-        got, _, payload = await post(s, f"{url}/v1/runs", b'{"agent": "echo", "input": 1}', token="wrong")
+        got, _, payload = await post(
+            s, f"{url}/v1/runs", b'{"agent": "echo", "input": 1}', token="wrong"
+        )
         assert got == 401 and "token" in payload["error"]["message"]
-        got, _, payload = await post(s, f"{url}/v1/runs", b'{"agent": "echo", "input": 1}', token=None)
+        got, _, payload = await post(
+            s, f"{url}/v1/runs", b'{"agent": "echo", "input": 1}', token=None
+        )
         assert got == 401
 
         async with s.post(
@@ -56,10 +77,18 @@ async def test_each_bad_input_gets_its_status_and_a_valid_submission_still_works
         async with s.get(f"{url}/v1/runs?status=weird", headers=auth) as resp:
             assert resp.status == 400
 
-        got, _, payload = await post(s, f"{url}/v1/runs", b'{"agent": "echo", "input": {"ok": true}, "idempotency_key": "k1"}')
+        got, _, payload = await post(
+            s,
+            f"{url}/v1/runs",
+            b'{"agent": "echo", "input": {"ok": true}, "idempotency_key": "k1"}',
+        )
         assert got == 202, payload
         run_id = payload["id"]
-        got, _, again = await post(s, f"{url}/v1/runs", b'{"agent": "echo", "input": {"ok": true}, "idempotency_key": "k1"}')
+        got, _, again = await post(
+            s,
+            f"{url}/v1/runs",
+            b'{"agent": "echo", "input": {"ok": true}, "idempotency_key": "k1"}',
+        )
         assert got == 200 and again["id"] == run_id
 
         async def finished() -> dict | None:

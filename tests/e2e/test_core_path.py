@@ -29,7 +29,9 @@ async def close_all(cs: dict[str, MeshClient]) -> None:
     await asyncio.gather(*(c.close() for c in cs.values()))
 
 
-async def owners_with_progress(store: Any, runs: dict[str, dict[str, Any]], min_steps: int) -> dict[str, list[str]]:
+async def owners_with_progress(
+    store: Any, runs: dict[str, dict[str, Any]], min_steps: int
+) -> dict[str, list[str]]:
     """peer id → runs it owns that already checkpointed at least ``min_steps`` steps."""
     out: dict[str, list[str]] = {}
     for run_id, run in runs.items():
@@ -64,12 +66,16 @@ async def test_runs_submitted_to_any_peer_all_succeed(make_mesh, backend):
         await close_all(cs)
 
 
-async def test_kill_owner_resumes_elsewhere_without_repeating_steps(make_mesh, backend, open_mesh_store):
+async def test_kill_owner_resumes_elsewhere_without_repeating_steps(
+    make_mesh, backend, open_mesh_store
+):
     mesh = await make_mesh(backend)
     store = await open_mesh_store(mesh)
     cs = clients(mesh)
     try:
-        ids = [(await cs[p].submit("steps", STEPS))["id"] for p in ["peer-1", "peer-2", "peer-3"] * 2]
+        ids = [
+            (await cs[p].submit("steps", STEPS))["id"] for p in ["peer-1", "peer-2", "peer-3"] * 2
+        ]
 
         async def victim_with_progress() -> tuple[str, dict[str, int]] | None:
             runs = {i: await cs["peer-1"].get_run(i) for i in ids}
@@ -108,7 +114,9 @@ async def test_paused_former_owner_cannot_write(make_mesh, open_mesh_store):
     store = await open_mesh_store(mesh)
     cs = clients(mesh)
     try:
-        ids = [(await cs[p].submit("steps", STEPS))["id"] for p in ["peer-1", "peer-2", "peer-3"] * 2]
+        ids = [
+            (await cs[p].submit("steps", STEPS))["id"] for p in ["peer-1", "peer-2", "peer-3"] * 2
+        ]
 
         async def paused_target() -> tuple[str, list[str]] | None:
             runs = {i: await cs["peer-1"].get_run(i) for i in ids}
@@ -155,7 +163,9 @@ async def test_kill_leader_elects_new_leader_and_loses_nothing(make_mesh):
     mesh = await make_mesh("postgres")
     cs = clients(mesh)
     try:
-        before = [(await cs[p].submit("steps", {"steps": 4, "step_seconds": 0.3}))["id"] for p in cs] * 1
+        before = [
+            (await cs[p].submit("steps", {"steps": 4, "step_seconds": 0.3}))["id"] for p in cs
+        ] * 1
         leader = (await cs["peer-1"].cluster())["leader"]
         assert leader in cs
         killed = time.monotonic()
@@ -171,7 +181,10 @@ async def test_kill_leader_elects_new_leader_and_loses_nothing(make_mesh):
         election_s = time.monotonic() - killed
         assert elected in survivors
         assert election_s < 15
-        after = [(await submit_retrying(c, "echo", {"n": i}))["id"] for i, c in enumerate(survivors.values())]
+        after = [
+            (await submit_retrying(c, "echo", {"n": i}))["id"]
+            for i, c in enumerate(survivors.values())
+        ]
         runs = await wait_all_terminal(probe, before + after, timeout_s=90)
         assert {r["status"] for r in runs.values()} == {"succeeded"}
     finally:
@@ -182,7 +195,10 @@ async def test_full_restart_finishes_queued_and_running_runs(make_mesh):
     mesh = await make_mesh("postgres", slots=1)
     cs = clients(mesh)
     try:
-        ids = [(await cs[p].submit("steps", {"steps": 6, "step_seconds": 0.3}))["id"] for p in list(cs) * 3]
+        ids = [
+            (await cs[p].submit("steps", {"steps": 6, "step_seconds": 0.3}))["id"]
+            for p in list(cs) * 3
+        ]
 
         async def some_running() -> bool:
             statuses = [(await cs["peer-1"].get_run(i))["status"] for i in ids]
@@ -196,7 +212,9 @@ async def test_full_restart_finishes_queued_and_running_runs(make_mesh):
         await mesh.wait_ready(timeout_s=60)
         runs = await wait_all_terminal(cs["peer-2"], ids, timeout_s=120)
         assert {r["status"] for r in runs.values()} == {"succeeded"}
-        assert any(r["epoch"] >= 2 for r in runs.values()), "runs interrupted by the restart resumed"
+        assert any(r["epoch"] >= 2 for r in runs.values()), (
+            "runs interrupted by the restart resumed"
+        )
     finally:
         await close_all(cs)
 
@@ -242,7 +260,10 @@ async def test_peer_cut_off_from_the_leader_stops_its_runs_itself(make_mesh, ope
     store = await open_mesh_store(mesh)
     cs = clients(mesh)
     try:
-        ids = [(await cs[p].submit("steps", {"steps": 40, "step_seconds": 0.3}))["id"] for p in list(cs) * 2]
+        ids = [
+            (await cs[p].submit("steps", {"steps": 40, "step_seconds": 0.3}))["id"]
+            for p in list(cs) * 2
+        ]
 
         async def busy_peer() -> str | None:
             runs = {i: await cs["peer-1"].get_run(i) for i in ids}
