@@ -8,7 +8,10 @@ change never takes down healthy peers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from consensus.state import PEER_UP, Peer
 
 
 @dataclass
@@ -79,7 +82,14 @@ class LeaderContact:
             and now - self.confirmed_at > self.ttl_s * self.fence_after_fraction
         )
 
-    def heard_majority(self, liveness: Liveness, peers: int, now: float) -> bool:
-        """For the leader: did more than half of the mesh report recently?"""
-        recent = sum(1 for _, at in liveness.last_heard.values() if now - at <= self.ttl_s / 2)
-        return recent > peers / 2
+    def heard_majority(self, liveness: Liveness, peers: Iterable[Peer], now: float) -> bool:
+        """For the leader: did more than half of the peers that are up report
+        recently? Peers that left or are down do not count: a mesh that has
+        shrunk would otherwise leave its leader forever "cut off"."""
+        up = {p.id for p in peers if p.status == PEER_UP}
+        recent = sum(
+            1
+            for peer_id, (_, at) in liveness.last_heard.items()
+            if peer_id in up and now - at <= self.ttl_s / 2
+        )
+        return recent > len(up) / 2

@@ -601,8 +601,10 @@ class Peer:
             now = time.monotonic()
             self.liveness.heard(self.id, self.incarnation, now)
             with raft.lock:
-                peers = len(raft.state.peers)
-            if self.contact.heard_majority(self.liveness, peers, now):
+                in_contact = self.contact.heard_majority(
+                    self.liveness, raft.state.peers.values(), now
+                )
+            if in_contact:
                 self.contact.confirmed(now)
             return
         with raft.lock:

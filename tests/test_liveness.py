@@ -6,7 +6,8 @@ it was marked down only after the grace period *plus* a full TTL.
 
 from __future__ import annotations
 
-from mesh.liveness import Liveness
+from consensus.state import PEER_LEFT, Peer
+from mesh.liveness import LeaderContact, Liveness
 
 UP = {"a": "i1", "b": "i1"}
 
@@ -38,3 +39,33 @@ def test_a_new_incarnation_restarts_the_clock() -> None:
     live.heard("a", "i1", 5.0)
     assert live.suspects({"a": "i2"}, 6.0) == []
     assert live.suspects({"a": "i2"}, 8.1) == [("a", "i2")]
+
+
+def peers(up: list[str], left: int = 0) -> list[Peer]:
+    return [Peer(id=p, incarnation="i1", raft="", http="", slots=1) for p in up] + [
+        Peer(id=f"gone-{i}", incarnation="i1", raft="", http="", slots=1, status=PEER_LEFT)
+        for i in range(left)
+    ]
+
+
+def test_a_leader_of_a_shrunk_mesh_is_in_contact_when_the_up_peers_report() -> None:
+    """Peers that left stay in the state; counting them made the leader of a
+    mesh that had lost many members judge itself cut off forever, so it
+    stopped (self-fenced) its own runs and never started new ones (found by
+    the chaos soak with join/leave faults: acknowledged runs never finished)."""
+    contact = LeaderContact(ttl_s=2.0)
+    live = Liveness(ttl_s=2.0)
+    for peer in ("a", "b", "c"):
+        live.heard(peer, "i1", 10.0)
+    assert contact.heard_majority(live, peers(["a", "b", "c"], left=9), 10.5)
+
+
+def test_a_partitioned_leader_hearing_only_itself_is_not_in_contact() -> None:
+    contact = LeaderContact(ttl_s=2.0)
+    live = Liveness(ttl_s=2.0)
+    for peer in ("a", "b", "c"):
+        live.heard(peer, "i1", 10.0)
+    live.heard("a", "i1", 12.0)  # the leader itself keeps ticking
+    assert not contact.heard_majority(live, peers(["a", "b", "c"], left=9), 12.0)
+    contact.confirmed(10.0)
+    assert contact.cut_off(12.0)
