@@ -28,6 +28,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cli import membership, run_control
+from cli.peer_options import peer_settings_options
 from cli.remote import DEFAULT_PEER_URL, call, peer_option, token_option
 from cli.watch import agents, follow_run, print_end, watch
 from mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
@@ -55,12 +56,7 @@ for _command in membership.COMMANDS:
 @click.option("--raft", help="Raft bind address HOST:PORT (env MESH_RAFT).")
 @click.option("--http", help="HTTP API bind address HOST:PORT (env MESH_HTTP).")
 @click.option("--peers", help="The other peers' Raft addresses, comma separated (env MESH_PEERS).")
-@click.option("--storage", help="postgresql://... or sqlite:///path (env MESH_STORAGE).")
-@click.option("--data-dir", help="Raft journal and snapshots (env MESH_DATA_DIR).")
-@click.option("--slots", type=int, help="Concurrent runs on this peer (env MESH_SLOTS).")
-@click.option("--secret", help="Cluster secret for Raft traffic (env MESH_SECRET).")
-@click.option("--labels", help="Slot labels k=v,k=v (env MESH_LABELS).")
-@click.option("--api-token", help="Require this bearer token on the API (env MESH_API_TOKEN).")
+@peer_settings_options
 @click.option(
     "--role",
     type=click.Choice(["voter", "executor"]),

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from cli.peer_options import peer_settings_options
 from cli.remote import call, peer_option, token_option
 from consensus.raft import persisted_voters
 from mesh.client import MeshClient
@@ -33,12 +34,7 @@ def _print(answer: dict[str, Any], as_json: bool, line: str) -> None:
 @click.option(
     "--executor", is_flag=True, help="Join as a non-voting executor (runs work, no vote)."
 )
-@click.option("--storage", help="postgresql://... or sqlite:///path (env MESH_STORAGE).")
-@click.option("--data-dir", help="Raft journal and snapshots (env MESH_DATA_DIR).")
-@click.option("--slots", type=int, help="Concurrent runs on this peer (env MESH_SLOTS).")
-@click.option("--secret", help="Cluster secret for Raft traffic (env MESH_SECRET).")
-@click.option("--labels", help="Slot labels k=v,k=v (env MESH_LABELS).")
-@click.option("--api-token", help="Require this bearer token on the API (env MESH_API_TOKEN).")
+@peer_settings_options
 @click.option(
     "--config", type=click.Path(dir_okay=False), envvar="MESH_CONFIG", help="TOML settings file."
 )
