@@ -19,9 +19,9 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from mesh.client import MeshClient, MeshHTTPError
-from mesh.devmesh import DevMesh
-from storage import open_store
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
+from raftmesh.mesh.devmesh import DevMesh
+from raftmesh.storage import open_store
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 console = Console()

@@ -22,8 +22,8 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from mesh.client import MeshClient
-from mesh.devmesh import DevMesh
+from raftmesh.mesh.client import MeshClient
+from raftmesh.mesh.devmesh import DevMesh
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 console = Console()

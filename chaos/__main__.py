@@ -1,5 +1,5 @@
-"""``python -m chaos run ...``: the same commands as ``mesh chaos``."""
+"""``python -m raftmesh.chaos run ...``: the same commands as ``mesh chaos``."""
 
-from cli.chaos import chaos
+from raftmesh.cli.chaos import chaos
 
-chaos(prog_name="python -m chaos")
+chaos(prog_name="python -m raftmesh.chaos")

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from chaos.ledger import (
+from raftmesh.chaos.ledger import (
     ATTEMPT_END,
     ATTEMPT_START,
     LEDGER_DIR_ENV,
@@ -23,8 +23,8 @@ from chaos.ledger import (
     LedgerEntry,
     LedgerWriter,
 )
-from runner.context import RunContext
-from runner.registry import agent
+from raftmesh.runner.context import RunContext
+from raftmesh.runner.registry import agent
 
 
 def _now_ms() -> int:

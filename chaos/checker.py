@@ -23,8 +23,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from chaos.history import FAIL, INFO, OK, History, StorageSnapshot
-from chaos.ledger import ATTEMPT_END, ATTEMPT_START, STEP_START, LedgerEntry
+from raftmesh.chaos.history import FAIL, INFO, OK, History, StorageSnapshot
+from raftmesh.chaos.ledger import ATTEMPT_END, ATTEMPT_START, STEP_START, LedgerEntry
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 MAX_EXAMPLES = 10

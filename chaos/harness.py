@@ -28,19 +28,19 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
-from chaos.checker import Verdict, check
-from chaos.history import History, StorageSnapshot, StoredRun, StoredWrite
-from chaos.ledger import LEDGER_DIR_ENV, read_ledger
-from chaos.nemesis import ALL_KINDS, DB, Nemesis, now_ms, plan
-from chaos.pgcluster import PrivatePostgres
-from chaos.proxy import Proxies
-from chaos.report import text_report, timeline_png
-from chaos.workload import TENANT_CAPS, Workload, WorkloadSpec, canonical
-from mesh.client import MeshClient, MeshHTTPError
-from mesh.devmesh import DevMesh
-from mesh.settings import UNSAFE_FENCING_ACK, UNSAFE_FENCING_ACK_ENV
-from runner.context import unpack
-from storage import open_store
+from raftmesh.chaos.checker import Verdict, check
+from raftmesh.chaos.history import History, StorageSnapshot, StoredRun, StoredWrite
+from raftmesh.chaos.ledger import LEDGER_DIR_ENV, read_ledger
+from raftmesh.chaos.nemesis import ALL_KINDS, DB, Nemesis, now_ms, plan
+from raftmesh.chaos.pgcluster import PrivatePostgres
+from raftmesh.chaos.proxy import Proxies
+from raftmesh.chaos.report import text_report, timeline_png
+from raftmesh.chaos.workload import TENANT_CAPS, Workload, WorkloadSpec, canonical
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
+from raftmesh.mesh.devmesh import DevMesh
+from raftmesh.mesh.settings import UNSAFE_FENCING_ACK, UNSAFE_FENCING_ACK_ENV
+from raftmesh.runner.context import unpack
+from raftmesh.storage import open_store
 
 log = logging.getLogger("chaos")
 
@@ -283,7 +283,7 @@ async def run(config: ChaosConfig) -> Outcome:
     storage = _absolute_sqlite(storage)
 
     env = {
-        "MESH_AGENT_MODULES": "chaos.agents",
+        "MESH_AGENT_MODULES": "raftmesh.chaos.agents",
         LEDGER_DIR_ENV: str(ledger_dir),
         "MESH_LOG_LEVEL": "info",
         "MESH_TENANT_CAPS": TENANT_CAPS,
@@ -359,7 +359,7 @@ async def run(config: ChaosConfig) -> Outcome:
             else ""
         ),
         "fencing: " + ("DISABLED (unsafe debug mode)" if config.unsafe_disable_fencing else "on"),
-        f"replay: python -m chaos run --peers {config.peers} --duration {config.duration_s:g}"
+        f"replay: python -m raftmesh.chaos run --peers {config.peers} --duration {config.duration_s:g}"
         f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR",
         f"ledger entries {len(ledger)}; peer logs in {mesh.dir}",
         *(f"NEMESIS ERROR: {e}" for e in nemesis.errors),

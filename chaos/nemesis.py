@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from chaos.history import Fault
-from chaos.proxy import DROPPED, REFUSED, UP
+from raftmesh.chaos.history import Fault
+from raftmesh.chaos.proxy import DROPPED, REFUSED, UP
 
 log = logging.getLogger("chaos.nemesis")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from chaos.checker import MAX_EXAMPLES, Verdict, percentiles
-from chaos.history import OK, History, StorageSnapshot
+from raftmesh.chaos.checker import MAX_EXAMPLES, Verdict, percentiles
+from raftmesh.chaos.history import OK, History, StorageSnapshot
 
 FAILOVER_TARGET_MS = 3000
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from chaos.history import (
+from raftmesh.chaos.history import (
     FAIL,
     INFO,
     OK,
@@ -29,7 +29,7 @@ from chaos.history import (
     PeerLoad,
     SubmitOp,
 )
-from mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
+from raftmesh.mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
 
 TENANTS = ("alpha", "beta", "gamma")
 # In-flight caps the harness gives the mesh, so invariant 6 checks them too;

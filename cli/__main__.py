@@ -1,5 +1,5 @@
-"""``python -m cli``: how `mesh dev` starts its peers without relying on PATH."""
+"""``python -m raftmesh.cli``: how `mesh dev` starts its peers without relying on PATH."""
 
-from cli.main import main
+from raftmesh.cli.main import main
 
 main(prog_name="mesh")

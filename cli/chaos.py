@@ -76,8 +76,8 @@ def run_cmd(
     Exits 1 if any invariant was violated, 2 if the run could not be set up,
     3 if a planned fault could not be inflicted.
     """
-    from chaos.harness import ChaosConfig, ChaosError, run
-    from chaos.workload import WorkloadSpec
+    from raftmesh.chaos.harness import ChaosConfig, ChaosError, run
+    from raftmesh.chaos.workload import WorkloadSpec
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -110,7 +110,7 @@ def run_cmd(
 )
 def check_cmd(out: Path, failover_bound: float) -> None:
     """Judge a finished run's saved history, ledger and storage snapshot again."""
-    from chaos.harness import recheck
+    from raftmesh.chaos.harness import recheck
 
     outcome = recheck(out, failover_bound)
     click.echo(outcome.report)

@@ -27,13 +27,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cli import membership, run_control
-from cli.peer_options import peer_settings_options
-from cli.remote import DEFAULT_PEER_URL, call, peer_option, token_option
-from cli.watch import agents, follow_run, print_end, watch
-from mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
-from mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET, DevMesh, DevMeshError
-from mesh.settings import Settings, SettingsError
+from raftmesh.cli import membership, run_control
+from raftmesh.cli.peer_options import peer_settings_options
+from raftmesh.cli.remote import DEFAULT_PEER_URL, call, peer_option, token_option
+from raftmesh.cli.watch import agents, follow_run, print_end, watch
+from raftmesh.mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
+from raftmesh.mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET, DevMesh, DevMeshError
+from raftmesh.mesh.settings import Settings, SettingsError
 
 
 class ConfigError(click.ClickException):
@@ -80,7 +80,7 @@ def up(config: str | None, **flags: Any) -> None:
         raise ConfigError(str(exc)) from exc
     # Imported here: the peer pulls in Raft and storage, which the client
     # commands do not need.
-    from mesh.peer import run
+    from raftmesh.mesh.peer import run
 
     raise SystemExit(run(settings))
 
@@ -549,6 +549,6 @@ main.add_command(agents)
 main.add_command(run_control.cancel)
 main.add_command(run_control.retry)
 
-from cli.chaos import chaos  # noqa: E402
+from raftmesh.cli.chaos import chaos  # noqa: E402
 
 main.add_command(chaos)

@@ -13,11 +13,11 @@ from typing import Any
 
 import click
 
-from cli.peer_options import peer_settings_options
-from cli.remote import call, peer_option, token_option
-from consensus.raft import persisted_voters
-from mesh.client import MeshClient
-from mesh.settings import Settings, SettingsError
+from raftmesh.cli.peer_options import peer_settings_options
+from raftmesh.cli.remote import call, peer_option, token_option
+from raftmesh.consensus.raft import persisted_voters
+from raftmesh.mesh.client import MeshClient
+from raftmesh.mesh.settings import Settings, SettingsError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
 
@@ -69,7 +69,7 @@ def join(seed_url: str, id_: str, executor: bool, config: str | None, **flags: A
     settings = Settings.load(
         {**flags, "id": id_, "role": role, "peers": ",".join(partners)}, config
     )
-    from mesh.peer import run
+    from raftmesh.mesh.peer import run
 
     raise SystemExit(run(settings))
 

@@ -10,8 +10,8 @@ from typing import TypeVar
 import aiohttp
 import click
 
-from mesh.client import MeshClient, MeshHTTPError
-from mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
+from raftmesh.mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.remote import call, peer_option, token_option
+from raftmesh.cli.remote import call, peer_option, token_option
 
 
 @click.command()

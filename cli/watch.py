@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import click
 
-from cli.remote import call, peer_option, token_option
-from mesh.client import MeshClient, MeshHTTPError
+from raftmesh.cli.remote import call, peer_option, token_option
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
 
 RECONNECT_S = 0.5
 

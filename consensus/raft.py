@@ -39,9 +39,9 @@ import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.node import TCPNode
 
-from consensus.commands import Command, CommandDecodeError, decode_entry, encode_entry
-from consensus.errors import NoQuorum, ProposalFailed
-from consensus.state import MeshState
+from raftmesh.consensus.commands import Command, CommandDecodeError, decode_entry, encode_entry
+from raftmesh.consensus.errors import NoQuorum, ProposalFailed
+from raftmesh.consensus.state import MeshState
 
 log = logging.getLogger("raftmesh.raft")
 

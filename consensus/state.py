@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from consensus import commands as c
+from raftmesh.consensus import commands as c
 
 QUEUED = "queued"
 RUNNING = "running"

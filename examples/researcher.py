@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from runner.agents.chat import chat
-from runner.sdk import RunContext, agent
+from raftmesh.runner.agents.chat import chat
+from raftmesh.runner.sdk import RunContext, agent
 
 MAX_SUBQUESTIONS = 3
 CALLS_PER_CHILD = 2

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.agents.chat import chat, tool
-from runner.sdk import RunContext, agent
+from raftmesh.runner.agents.chat import chat, tool
+from raftmesh.runner.sdk import RunContext, agent
 
 # Stands in for the order database a real deployment would query.
 ORDERS = {

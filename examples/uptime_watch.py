@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from runner.sdk import RunContext, agent
+from raftmesh.runner.sdk import RunContext, agent
 
 
 async def probe(url: str, timeout_s: float) -> dict[str, Any]:

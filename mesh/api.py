@@ -11,11 +11,11 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mesh.errors import BadRequest, MalformedJSON, MeshError, PayloadTooLarge, Unauthorized
-from mesh.events import Frame, encode
-from mesh.scheduler import PLACEMENTS
-from runner.context import BUDGET_KEYS
-from runner.isolation import ISOLATION_MODES
+from raftmesh.mesh.errors import BadRequest, MalformedJSON, MeshError, PayloadTooLarge, Unauthorized
+from raftmesh.mesh.events import Frame, encode
+from raftmesh.mesh.scheduler import PLACEMENTS
+from raftmesh.runner.context import BUDGET_KEYS
+from raftmesh.runner.isolation import ISOLATION_MODES
 
 log = logging.getLogger("raftmesh.api")
 

@@ -1,6 +1,6 @@
 """A mesh of real peer processes on one machine: `mesh dev`, the demo and tests.
 
-Peers run as separate processes (``python -m cli up``), not in-process, so
+Peers run as separate processes (``python -m raftmesh.cli up``), not in-process, so
 that kill -9, SIGSTOP and restarts exercise exactly what happens in
 production. Each child gets its own session so that a Ctrl-C in the terminal
 reaches only the controlling process, which then stops the peers in order.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from mesh.client import MeshClient
+from raftmesh.mesh.client import MeshClient
 
 DEFAULT_BASE_PORT = 8001
 HTTP_PORT_OFFSET = 100
@@ -245,7 +245,7 @@ class DevMesh:
 
     def _launch(self, peer: DevPeer, args: list[str]) -> None:
         peer.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "cli", *args]
+        argv = [sys.executable, "-m", "raftmesh.cli", *args]
         # The secret travels in the environment, not argv, so `ps` does not show it.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_SECRET": self.secret}
         env.update(self._env)

@@ -25,8 +25,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runner.context import event_data
-from storage.base import TERMINAL_STATUSES, StorageUnavailable, Store
+from raftmesh.runner.context import event_data
+from raftmesh.storage.base import TERMINAL_STATUSES, StorageUnavailable, Store
 
 log = logging.getLogger("raftmesh.events")
 

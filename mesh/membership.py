@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from consensus import commands
-from consensus.errors import NoQuorum, ProposalFailed
-from consensus.state import (
+from raftmesh.consensus import commands
+from raftmesh.consensus.errors import NoQuorum, ProposalFailed
+from raftmesh.consensus.state import (
     DRAIN_FINISH,
     DRAIN_RELEASE,
     EXECUTOR,
@@ -36,10 +36,17 @@ from consensus.state import (
     VOTER,
     MeshState,
 )
-from mesh.errors import BadRequest, Conflict, MeshError, NoQuorumError, PeerNotFound, Unavailable
+from raftmesh.mesh.errors import (
+    BadRequest,
+    Conflict,
+    MeshError,
+    NoQuorumError,
+    PeerNotFound,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
-    from mesh.peer import Peer
+    from raftmesh.mesh.peer import Peer
 
 log = logging.getLogger("raftmesh.membership")
 

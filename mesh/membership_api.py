@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from mesh.api import _check_token, _json_body
-from mesh.errors import BadRequest
+from raftmesh.mesh.api import _check_token, _json_body
+from raftmesh.mesh.errors import BadRequest
 
 
 class MembershipOps(Protocol):

@@ -24,13 +24,13 @@ import uvloop
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from consensus import commands
-from consensus.errors import NoQuorum, ProposalFailed
-from consensus.raft import RaftNode, persisted_voters
-from consensus.state import DRAIN_RELEASE, PEER_UP, QUEUED, RUNNING, SETTLING, VOTER, Run
-from mesh import logs
-from mesh.api import SUBMIT_FIELDS, build_app, validate_submission
-from mesh.errors import (
+from raftmesh.consensus import commands
+from raftmesh.consensus.errors import NoQuorum, ProposalFailed
+from raftmesh.consensus.raft import RaftNode, persisted_voters
+from raftmesh.consensus.state import DRAIN_RELEASE, PEER_UP, QUEUED, RUNNING, SETTLING, VOTER, Run
+from raftmesh.mesh import logs
+from raftmesh.mesh.api import SUBMIT_FIELDS, build_app, validate_submission
+from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
     NoQuorumError,
@@ -41,20 +41,25 @@ from mesh.errors import (
     Unavailable,
     UnknownAgentError,
 )
-from mesh.events import EventHub, Frame
-from mesh.liveness import LeaderContact, Liveness
-from mesh.membership import Membership, check_not_left
-from mesh.membership_api import add_membership_routes
-from mesh.metrics import Metrics
-from mesh.queue_view import queue_summary, slot_use
-from mesh.scheduler import Scheduler
-from mesh.settings import Settings
-from runner.attempt import FENCED, RELEASED, RETRY, Assignment, Outcome, run_attempt
-from runner.context import Limits, RunContext, pack, unpack
-from runner.registry import default_registry
-from runner.slots import Slots
-from storage import open_store
-from storage.base import DEAD_LETTER_STATUSES, TERMINAL_STATUSES, RunRow, StorageUnavailable
+from raftmesh.mesh.events import EventHub, Frame
+from raftmesh.mesh.liveness import LeaderContact, Liveness
+from raftmesh.mesh.membership import Membership, check_not_left
+from raftmesh.mesh.membership_api import add_membership_routes
+from raftmesh.mesh.metrics import Metrics
+from raftmesh.mesh.queue_view import queue_summary, slot_use
+from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.settings import Settings
+from raftmesh.runner.attempt import FENCED, RELEASED, RETRY, Assignment, Outcome, run_attempt
+from raftmesh.runner.context import Limits, RunContext, pack, unpack
+from raftmesh.runner.registry import default_registry
+from raftmesh.runner.slots import Slots
+from raftmesh.storage import open_store
+from raftmesh.storage.base import (
+    DEAD_LETTER_STATUSES,
+    TERMINAL_STATUSES,
+    RunRow,
+    StorageUnavailable,
+)
 
 log = logging.getLogger("raftmesh.peer")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from consensus.state import PEER_UP, QUEUED, RUNNING, MeshState
-from mesh.scheduler import Scheduler
+from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, MeshState
+from raftmesh.mesh.scheduler import Scheduler
 
 
 def queue_summary(state: MeshState, scheduler: Scheduler, now_ms: int) -> dict[str, Any]:

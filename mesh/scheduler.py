@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from consensus.state import QUEUED, MeshState, Peer, Run
+from raftmesh.consensus.state import QUEUED, MeshState, Peer, Run
 
 LEAST_LOADED = "least-loaded"
 ROUND_ROBIN = "round-robin"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from runner.context import (
+from raftmesh.runner.context import (
     Fenced,
     Limits,
     MeshLink,
@@ -25,10 +25,10 @@ from runner.context import (
     event_place,
     pack,
 )
-from runner.isolation import PROCESS, run_isolated
-from runner.outages import retry_unavailable
-from runner.registry import Registry, UnknownAgent
-from storage.base import RunRow, StaleEpoch, Store
+from raftmesh.runner.isolation import PROCESS, run_isolated
+from raftmesh.runner.outages import retry_unavailable
+from raftmesh.runner.registry import Registry, UnknownAgent
+from raftmesh.storage.base import RunRow, StaleEpoch, Store
 
 log = logging.getLogger("raftmesh.runner")
 

@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 import msgpack
 
-from runner.outages import retry_unavailable
-from storage.base import TERMINAL_STATUSES, StaleEpoch, Step, StorageUnavailable, Store
+from raftmesh.runner.outages import retry_unavailable
+from raftmesh.storage.base import TERMINAL_STATUSES, StaleEpoch, Step, StorageUnavailable, Store
 
 BUDGET_KEYS = ("model_calls", "tokens")
 CHILD_POLL_S = 0.2

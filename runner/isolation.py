@@ -2,7 +2,7 @@
 
 An agent that allocates without bound or crashes the interpreter must fail its
 own attempt, not take the peer (and every other run on it) down. With
-``isolation: "process"`` the agent runs in ``python -m runner.isolation``,
+``isolation: "process"`` the agent runs in ``python -m raftmesh.runner.isolation``,
 whose address space is capped with RLIMIT_AS before it loads any agent code.
 It gets the same ctx API; each call travels as a msgpack message over its
 stdin/stdout pipes to the real RunContext in the peer, which keeps journaling,
@@ -26,7 +26,7 @@ from typing import Any
 
 import msgpack
 
-from runner.context import ChildFailed, RunContext
+from raftmesh.runner.context import ChildFailed, RunContext
 
 PROCESS = "process"
 TASK = "task"
@@ -53,7 +53,7 @@ async def run_isolated(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "runner.isolation",
+        "raftmesh.runner.isolation",
         str(memory_mb),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -306,7 +306,7 @@ async def _child_main(memory_mb: int) -> None:
     if not batch or batch[0]["t"] != "start":
         raise IsolatedAgentError("isolated agent got no start message")
     start, rest = batch[0], batch[1:]
-    from runner.registry import default_registry
+    from raftmesh.runner.registry import default_registry
 
     registry = default_registry(tuple(start["refs"]))
     ctx = IsolatedContext(link, start["ctx"])

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from storage import StorageUnavailable
+from raftmesh.storage import StorageUnavailable
 
 log = logging.getLogger("raftmesh.runner")
 

@@ -81,8 +81,8 @@ def agent(name: str) -> Callable[[AgentFn], AgentFn]:
 
 
 def default_registry(references: tuple[str, ...] = ()) -> Registry:
-    importlib.import_module("runner.agents.builtin")
-    importlib.import_module("runner.agents.chat")
+    importlib.import_module("raftmesh.runner.agents.builtin")
+    importlib.import_module("raftmesh.runner.agents.chat")
     REGISTRY.load_entry_points()
     for ref in references:
         REGISTRY.load(ref)

@@ -1,7 +1,7 @@
 """What agent authors import."""
 
-from runner.agents.chat import tool
-from runner.context import (
+from raftmesh.runner.agents.chat import tool
+from raftmesh.runner.context import (
     BudgetExhausted,
     ChildFailed,
     ChildRun,
@@ -13,7 +13,7 @@ from runner.context import (
     RunContext,
     RunError,
 )
-from runner.registry import agent
+from raftmesh.runner.registry import agent
 
 __all__ = [
     "BudgetExhausted",

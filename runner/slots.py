@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from runner.attempt import Assignment, Outcome
+from raftmesh.runner.attempt import Assignment, Outcome
 
 log = logging.getLogger("raftmesh.runner")
 

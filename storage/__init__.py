@@ -6,7 +6,7 @@ store.open()`` and talk to the ``Store`` protocol only.
 
 from __future__ import annotations
 
-from storage.base import (
+from raftmesh.storage.base import (
     TERMINAL_STATUSES,
     AlreadyFinished,
     Claim,
@@ -51,7 +51,7 @@ def open_store(url: str, *, unsafe_disable_fencing: bool = False) -> Store:
     """
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
-        from storage.postgres import PostgresStore
+        from raftmesh.storage.postgres import PostgresStore
 
         return PostgresStore(url, fencing=not unsafe_disable_fencing)
     if scheme == "sqlite":
@@ -60,7 +60,7 @@ def open_store(url: str, *, unsafe_disable_fencing: bool = False) -> Store:
             raise ValueError(
                 f"SQLite URL {url!r} has no path: use sqlite:///relative.db or sqlite:////abs/path.db"
             )
-        from storage.sqlite import SqliteStore
+        from raftmesh.storage.sqlite import SqliteStore
 
         return SqliteStore(path, fencing=not unsafe_disable_fencing)
     raise ValueError(

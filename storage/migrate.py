@@ -50,7 +50,7 @@ def load_migrations(dialect: Dialect) -> list[Migration]:
     Read through importlib.resources so they are found in a wheel as well as
     in a source checkout.
     """
-    folder = resources.files("storage").joinpath("migrations", dialect)
+    folder = resources.files("raftmesh.storage").joinpath("migrations", dialect)
     migrations = []
     for entry in folder.iterdir():
         if not entry.name.endswith(".sql"):

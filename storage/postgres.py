@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from storage._common import (
+from raftmesh.storage._common import (
     RUN_COLUMNS,
     encode_labels,
     fence,
@@ -25,7 +25,7 @@ from storage._common import (
     require_terminal,
     run_from_row,
 )
-from storage.base import (
+from raftmesh.storage.base import (
     DEAD_LETTER_STATUSES,
     TERMINAL_STATUSES,
     Claim,
@@ -35,7 +35,7 @@ from storage.base import (
     Step,
     StorageUnavailable,
 )
-from storage.migrate import migrate_postgres, quote_ident
+from raftmesh.storage.migrate import migrate_postgres, quote_ident
 
 log = logging.getLogger(__name__)
 

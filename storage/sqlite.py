@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from storage._common import (
+from raftmesh.storage._common import (
     RUN_COLUMNS,
     encode_labels,
     fence,
@@ -29,7 +29,7 @@ from storage._common import (
     require_terminal,
     run_from_row,
 )
-from storage.base import (
+from raftmesh.storage.base import (
     DEAD_LETTER_STATUSES,
     TERMINAL_STATUSES,
     Claim,
@@ -39,7 +39,7 @@ from storage.base import (
     Step,
     StorageUnavailable,
 )
-from storage.migrate import migrate_sqlite
+from raftmesh.storage.migrate import migrate_sqlite
 
 T = TypeVar("T")
 

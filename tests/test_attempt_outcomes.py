@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from consensus import commands as c
-from consensus.state import QUEUED, SETTLING, MeshState
-from runner.attempt import CANCELLED, RETRY, Assignment, Outcome, run_attempt
-from runner.context import RunContext
-from runner.registry import Registry
-from storage import Store, open_store
+from raftmesh.consensus import commands as c
+from raftmesh.consensus.state import QUEUED, SETTLING, MeshState
+from raftmesh.runner.attempt import CANCELLED, RETRY, Assignment, Outcome, run_attempt
+from raftmesh.runner.context import RunContext
+from raftmesh.runner.registry import Registry
+from raftmesh.storage import Store, open_store
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from consensus import commands as c
-from consensus.state import MeshState
+from raftmesh.consensus import commands as c
+from raftmesh.consensus.state import MeshState
 
 
 def submit(state: MeshState, run_id: str, parent: str | None = None) -> None:

@@ -24,9 +24,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from click.testing import CliRunner
 
-from cli.main import main
-from mesh.client import MeshClient, MeshHTTPError
-from mesh.settings import Settings
+from raftmesh.cli.main import main
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
+from raftmesh.mesh.settings import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -46,9 +46,9 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
         seen.append(settings)
         return 3
 
-    fake = types.ModuleType("mesh.peer")
+    fake = types.ModuleType("raftmesh.mesh.peer")
     fake.run = run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mesh.peer", fake)
+    monkeypatch.setitem(sys.modules, "raftmesh.mesh.peer", fake)
     return seen
 
 
@@ -260,7 +260,7 @@ async def test_client_wait_times_out_and_probes_report_unreachable() -> None:
 @pytest.mark.slow
 def test_demo_kills_a_peer_and_every_run_finishes(tmp_path: Path) -> None:
     demo = subprocess.run(
-        [sys.executable, "-m", "cli", "demo", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "raftmesh.cli", "demo", "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -276,14 +276,18 @@ def test_demo_kills_a_peer_and_every_run_finishes(tmp_path: Path) -> None:
 
 def _mesh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "raftmesh.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
 @pytest.mark.slow
 def test_dev_mesh_serves_the_client_commands_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     dev = subprocess.Popen(
-        [sys.executable, "-m", "cli", "dev", "--nodes", "3", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "raftmesh.cli", "dev", "--nodes", "3", "--dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.settings import Settings
+from raftmesh.mesh.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

@@ -8,8 +8,8 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consensus import commands as c
-from consensus.state import MeshState
+from raftmesh.consensus import commands as c
+from raftmesh.consensus.state import MeshState
 
 _cids = (f"c{i}" for i in itertools.count())
 

@@ -13,9 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
-from consensus import commands
-from consensus.errors import NoQuorum
-from consensus.raft import RaftNode, RaftTimers
+from raftmesh.consensus import commands
+from raftmesh.consensus.errors import NoQuorum
+from raftmesh.consensus.raft import RaftNode, RaftTimers
 
 
 def free_ports(n: int) -> list[int]:

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from consensus import commands as c
-from consensus.state import MeshState, backoff_ms
-from mesh.scheduler import CONSISTENT_HASH, ROUND_ROBIN, Scheduler
-from mesh.settings import Settings, SettingsError
+from raftmesh.consensus import commands as c
+from raftmesh.consensus.state import MeshState, backoff_ms
+from raftmesh.mesh.scheduler import CONSISTENT_HASH, ROUND_ROBIN, Scheduler
+from raftmesh.mesh.settings import Settings, SettingsError
 
 T0 = 1_000_000
 

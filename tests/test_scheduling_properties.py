@@ -33,9 +33,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from consensus import commands as c
-from consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING, MeshState, backoff_ms
-from mesh.scheduler import PLACEMENTS, Scheduler
+from raftmesh.consensus import commands as c
+from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING, MeshState, backoff_ms
+from raftmesh.mesh.scheduler import PLACEMENTS, Scheduler
 
 PEERS = ["p0", "p1", "p2"]
 TENANTS = ["t0", "t1", "t2"]

@@ -35,8 +35,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from consensus import commands as c
-from consensus.state import (
+from raftmesh.consensus import commands as c
+from raftmesh.consensus.state import (
     COMMAND_TTL_MS,
     FINISH_STATUSES,
     IDEMPOTENCY_TTL_MS,

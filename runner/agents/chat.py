@@ -28,8 +28,8 @@ from typing import Any
 
 import aiohttp
 
-from runner.context import RunContext, RunError
-from runner.registry import agent
+from raftmesh.runner.context import RunContext, RunError
+from raftmesh.runner.registry import agent
 
 MAX_TURNS = 8
 MAX_RETRIES = 6

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from chaos.checker import check, percentiles, submission_outages
-from chaos.history import (
+from raftmesh.chaos.checker import check, percentiles, submission_outages
+from raftmesh.chaos.history import (
     FAIL,
     INFO,
     OK,
@@ -27,7 +27,7 @@ from chaos.history import (
     StoredWrite,
     SubmitOp,
 )
-from chaos.ledger import (
+from raftmesh.chaos.ledger import (
     ATTEMPT_END,
     ATTEMPT_START,
     STEP_END,

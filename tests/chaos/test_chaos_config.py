@@ -10,11 +10,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from chaos.harness import ChaosConfig, ChaosError
-from chaos.nemesis import ALL_KINDS, plan
-from cli.main import main
-from consensus.raft import _DialNode
-from mesh.settings import UNSAFE_FENCING_ACK, UNSAFE_FENCING_ACK_ENV, Settings, SettingsError
+from raftmesh.chaos.harness import ChaosConfig, ChaosError
+from raftmesh.chaos.nemesis import ALL_KINDS, plan
+from raftmesh.cli.main import main
+from raftmesh.consensus.raft import _DialNode
+from raftmesh.mesh.settings import (
+    UNSAFE_FENCING_ACK,
+    UNSAFE_FENCING_ACK_ENV,
+    Settings,
+    SettingsError,
+)
 
 KINDS = ALL_KINDS
 

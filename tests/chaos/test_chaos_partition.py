@@ -18,9 +18,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from chaos.harness import MeshControl, proxied_mesh
-from chaos.proxy import DROPPED, UP
-from mesh.client import MeshClient, MeshHTTPError
+from raftmesh.chaos.harness import MeshControl, proxied_mesh
+from raftmesh.chaos.proxy import DROPPED, UP
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
 
 pytestmark = pytest.mark.slow
 

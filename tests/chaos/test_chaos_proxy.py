@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from chaos.proxy import DROPPED, REFUSED, UP, Link
+from raftmesh.chaos.proxy import DROPPED, REFUSED, UP, Link
 
 
 @pytest.fixture

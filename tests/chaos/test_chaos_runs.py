@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from chaos.harness import PRIVATE, ChaosConfig, run
-from chaos.nemesis import ALL_KINDS, PAUSE
-from chaos.workload import WorkloadSpec
+from raftmesh.chaos.harness import PRIVATE, ChaosConfig, run
+from raftmesh.chaos.nemesis import ALL_KINDS, PAUSE
+from raftmesh.chaos.workload import WorkloadSpec
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +86,6 @@ async def test_with_fencing_switched_off_the_checker_reports_stale_writes(tmp_pa
 
 
 def outcome_faults(out: Path):
-    from chaos.history import History
+    from raftmesh.chaos.history import History
 
     return History.load(out / "history.jsonl").faults

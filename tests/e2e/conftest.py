@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from mesh.devmesh import DevMesh
-from storage import Store, open_store
+from raftmesh.mesh.devmesh import DevMesh
+from raftmesh.storage import Store, open_store
 
 PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -11,8 +11,8 @@ import asyncio
 import os
 from typing import Any
 
-from runner.context import RunContext
-from runner.registry import agent
+from raftmesh.runner.context import RunContext
+from raftmesh.runner.registry import agent
 
 
 def _witness(path: str, line: str) -> None:

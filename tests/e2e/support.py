@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from mesh.client import MeshClient, MeshHTTPError
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
 
 T = TypeVar("T")
 

@@ -14,9 +14,9 @@ import pytest
 from chat_stub import MODEL, ChatStub
 from support import eventually, wait_all_terminal
 
-from mesh.client import MeshClient, SSEMessage
-from mesh.devmesh import DevMesh
-from runner.context import event_data, unpack
+from raftmesh.mesh.client import MeshClient, SSEMessage
+from raftmesh.mesh.devmesh import DevMesh
+from raftmesh.runner.context import event_data, unpack
 
 pytestmark = pytest.mark.slow
 
@@ -295,7 +295,13 @@ async def test_agent_discovery_and_submission_options(make_mesh, tmp_path):
         assert runs[shout]["result"] == "QUIET", "module:function agents load in isolation too"
 
         cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", "agents", "--peer", url, stdout=asyncio.subprocess.PIPE
+            sys.executable,
+            "-m",
+            "raftmesh.cli",
+            "agents",
+            "--peer",
+            url,
+            stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await cli.communicate()
         lines = dict(line.split(maxsplit=2)[::2] for line in out.decode().splitlines())
@@ -337,7 +343,7 @@ async def test_examples_load_and_the_uptime_watch_runs(make_mesh):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "cli",
+                "raftmesh.cli",
                 *args,
                 "--peer",
                 peer.url,

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from support import eventually, submit_retrying, wait_all_terminal
 
-from mesh.client import MeshClient, MeshHTTPError
-from mesh.devmesh import DevMesh
-from runner.context import unpack
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
+from raftmesh.mesh.devmesh import DevMesh
+from raftmesh.runner.context import unpack
 
 pytestmark = pytest.mark.slow
 

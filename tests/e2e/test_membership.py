@@ -22,8 +22,8 @@ import pytest
 from probe_agents import read_witness
 from support import eventually, submit_retrying, wait_all_terminal
 
-from mesh.client import MeshClient
-from mesh.devmesh import DevMesh
+from raftmesh.mesh.client import MeshClient
+from raftmesh.mesh.devmesh import DevMesh
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ async def mesh_cli(*args: str, timeout_s: float = 120) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "cli",
+        "raftmesh.cli",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

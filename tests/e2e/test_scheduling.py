@@ -19,9 +19,9 @@ import pytest
 import pytest_asyncio
 from support import eventually, wait_all_terminal
 
-from mesh.client import MeshClient, MeshHTTPError
-from mesh.devmesh import DevMesh
-from storage import Store, open_store
+from raftmesh.mesh.client import MeshClient, MeshHTTPError
+from raftmesh.mesh.devmesh import DevMesh
+from raftmesh.storage import Store, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from runner.attempt import FAILED, SUCCEEDED, Assignment, run_attempt
-from runner.context import RunContext, event_data, unpack
-from runner.registry import Registry
-from storage import Store, open_store
+from raftmesh.runner.attempt import FAILED, SUCCEEDED, Assignment, run_attempt
+from raftmesh.runner.context import RunContext, event_data, unpack
+from raftmesh.runner.registry import Registry
+from raftmesh.storage import Store, open_store
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ async def test_concurrent_steps_keep_positions_across_replay(store):
 async def test_isolated_agent_uses_the_ctx_over_a_pipe_and_replays(store):
     """``durable`` in a subprocess: steps, sleep and emits go through the pipe to
     the real context, and a second attempt replays the journal there too."""
-    from runner.registry import default_registry
+    from raftmesh.runner.registry import default_registry
 
     registry = default_registry()
     spec = {"steps": 4, "step_seconds": 0.01, "sleep_after": 2, "sleep_seconds": 0.2}
@@ -213,7 +213,7 @@ async def test_isolated_agent_uses_the_ctx_over_a_pipe_and_replays(store):
 
 
 async def test_isolated_agent_past_its_memory_limit_fails_its_attempt(store):
-    from runner.registry import default_registry
+    from raftmesh.runner.registry import default_registry
 
     registry = default_registry()
     kw = {"isolation": "process", "memory_limit_mb": 300}
@@ -229,7 +229,7 @@ async def test_isolated_agent_past_its_memory_limit_fails_its_attempt(store):
 
 
 async def test_isolated_agent_is_held_to_its_budget_by_the_peer(store):
-    from runner.registry import default_registry
+    from raftmesh.runner.registry import default_registry
 
     registry = default_registry()
     spec = {"children": 0, "spend": {"model_calls": 6}}

@@ -17,11 +17,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from chaos.proxy import REFUSED, UP, Link
-from runner.attempt import SUCCEEDED, Assignment, run_attempt
-from runner.context import RunContext
-from runner.registry import Registry
-from storage import Store, open_store
+from raftmesh.chaos.proxy import REFUSED, UP, Link
+from raftmesh.runner.attempt import SUCCEEDED, Assignment, run_attempt
+from raftmesh.runner.context import RunContext
+from raftmesh.runner.registry import Registry
+from raftmesh.storage import Store, open_store
 
 PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 STEPS = 12

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from storage_support import PG_URL, MakeStore, Target
 
-from storage import Store, open_store
+from raftmesh.storage import Store, open_store
 
 
 @pytest.fixture

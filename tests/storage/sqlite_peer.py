@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from storage import RunRow, StaleEpoch
-from storage.sqlite import SqliteStore
+from raftmesh.storage import RunRow, StaleEpoch
+from raftmesh.storage.sqlite import SqliteStore
 
 PEERS = 2
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asyncpg
 
-from storage import Store
+from raftmesh.storage import Store
 
 PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from storage_support import MakeStore, Target
 
-from storage import AlreadyFinished, RunRow, StaleEpoch, Step, StorageUnavailable, Store
+from raftmesh.storage import AlreadyFinished, RunRow, StaleEpoch, Step, StorageUnavailable, Store
 
 
 def make_run(run_id: str = "r1", **fields: Any) -> RunRow:

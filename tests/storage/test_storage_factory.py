@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from storage import open_store
-from storage.postgres import PostgresStore
-from storage.sqlite import SqliteStore
+from raftmesh.storage import open_store
+from raftmesh.storage.postgres import PostgresStore
+from raftmesh.storage.sqlite import SqliteStore
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 from storage_support import PG_URL, MakeStore, Target
 
-from storage import RunRow, StorageUnavailable
-from storage.postgres import PostgresStore
+from raftmesh.storage import RunRow, StorageUnavailable
+from raftmesh.storage.postgres import PostgresStore
 
 NOTIFY_TIMEOUT_S = 5.0
 

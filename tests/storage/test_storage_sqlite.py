@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import StorageUnavailable
-from storage.sqlite import SqliteStore
+from raftmesh.storage import StorageUnavailable
+from raftmesh.storage.sqlite import SqliteStore
 
 PEER_SCRIPT = Path(__file__).with_name("sqlite_peer.py")
 WRITES_PER_PEER = 150
