@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from raftmesh.storage.base import StorageUnavailable
+
+T = TypeVar("T")
+
 
 class MeshError(Exception):
     status = 500
@@ -82,3 +89,11 @@ class NoQuorumError(Unavailable):
 
 class StorageDown(Unavailable):
     code = "storage_unavailable"
+
+
+async def from_storage(op: Awaitable[T]) -> T:
+    """Await a storage call; an unreachable database becomes a 503 the caller can retry."""
+    try:
+        return await op
+    except StorageUnavailable as exc:
+        raise StorageDown(f"storage is unreachable: {exc}") from exc

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from raftmesh.consensus.state import Run
 from raftmesh.runner.context import (
     Fenced,
     Limits,
@@ -76,6 +77,30 @@ class Assignment:
     isolation: str = "task"
     memory_limit_mb: int | None = None
     cancel_requested: bool = False
+
+    @classmethod
+    def of(cls, run: Run) -> Assignment:
+        """The run as the replicated state holds it, under its current epoch."""
+        return cls(
+            run_id=run.id,
+            epoch=run.epoch,
+            attempt=run.attempts,
+            agent=run.agent,
+            input=run.input,
+            tenant=run.tenant,
+            priority=run.priority,
+            labels=dict(run.labels),
+            timeout_s=run.timeout_s,
+            max_attempts=run.max_attempts,
+            idempotency_key=run.idempotency_key,
+            parent_id=run.parent_id,
+            submitted_at_ms=run.submitted_at_ms,
+            depth=run.depth,
+            budget=dict(run.budget) if run.budget is not None else None,
+            isolation=run.isolation,
+            memory_limit_mb=run.memory_limit_mb,
+            cancel_requested=run.cancel_requested,
+        )
 
     def row(self) -> RunRow:
         return RunRow(
