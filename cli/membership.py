@@ -15,7 +15,7 @@ import click
 
 from raftmesh.cli.peer_options import peer_settings_options
 from raftmesh.cli.remote import call, peer_option, token_option
-from raftmesh.consensus.raft import persisted_voters
+from raftmesh.consensus.voters import persisted_voters
 from raftmesh.mesh.client import MeshClient
 from raftmesh.mesh.settings import Settings, SettingsError
 

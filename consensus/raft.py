@@ -42,6 +42,7 @@ from pysyncobj.node import TCPNode
 from raftmesh.consensus.commands import Command, CommandDecodeError, decode_entry, encode_entry
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
 from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.voters import VOTERS_FILE, persisted_voters
 
 log = logging.getLogger("raftmesh.raft")
 
@@ -196,21 +197,6 @@ class _Entry:
     def __init__(self, futures: list[asyncio.Future[dict[str, Any]]]) -> None:
         self.futures = futures
         self.settled = False
-
-
-VOTERS_FILE = "voters.json"
-
-
-def persisted_voters(data_dir: str) -> list[str] | None:
-    """The voter set this data dir last saw, or None for a fresh data dir."""
-    try:
-        with open(os.path.join(data_dir, VOTERS_FILE)) as fh:
-            voters = json.load(fh)["voters"]
-    except FileNotFoundError:
-        return None
-    if not isinstance(voters, list) or not all(isinstance(v, str) for v in voters):
-        raise ValueError(f"{VOTERS_FILE} in {data_dir} is not a list of addresses")
-    return voters
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -521,4 +507,4 @@ class RaftNode:
         self.journal.sync()
 
 
-__all__ = ["RaftNode", "RaftTimers"]
+__all__ = ["VOTERS_FILE", "RaftNode", "RaftTimers", "persisted_voters"]

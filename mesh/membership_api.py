@@ -25,7 +25,9 @@ class MembershipOps(Protocol):
 class MembershipPeer(Protocol):
     api_token: str
     internal_token: str
-    membership: MembershipOps
+
+    @property
+    def membership(self) -> MembershipOps: ...
 
 
 async def _release_flag(request: web.Request) -> bool:

@@ -117,7 +117,7 @@ class MeshService:
         self.metrics.submissions.labels("created" if outcome["created"] else "existing").inc()
         if outcome["created"]:
             self._detach(self._record_submitted(run, now_ms()))
-        return outcome["id"], outcome["created"]
+        return str(outcome["id"]), bool(outcome["created"])
 
     def _new_run(self, spec: dict[str, Any]) -> dict[str, Any]:
         known = self.known_agents()

@@ -310,6 +310,7 @@ class SqliteStore:
 
     async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
         order = "ORDER BY submitted_at_ms DESC, id DESC"
+        params: tuple[str | int, ...]
         if status is None:
             sql, params = f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT ?", (limit,)
         else:
