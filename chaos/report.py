@@ -108,8 +108,16 @@ def text_report(
     return "\n".join(lines) + "\n"
 
 
-def timeline_png(verdict: Verdict, history: History, storage: StorageSnapshot, path: Path) -> None:
-    import matplotlib
+CHAOS_EXTRA_HINT = "timeline.png skipped: matplotlib is missing; pip install 'raftmesh[chaos]'"
+
+
+def timeline_png(verdict: Verdict, history: History, storage: StorageSnapshot, path: Path) -> bool:
+    """Draws the timeline; False when the optional ``chaos`` extra is missing.
+    The text report never depends on it, and is written before this runs."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,3 +187,4 @@ def timeline_png(verdict: Verdict, history: History, storage: StorageSnapshot, p
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
