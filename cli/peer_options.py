@@ -17,6 +17,12 @@ _OPTIONS = [
     click.option("--secret", help="Cluster secret for Raft traffic (env MESH_SECRET)."),
     click.option("--labels", help="Slot labels k=v,k=v (env MESH_LABELS)."),
     click.option("--api-token", help="Require this bearer token on the API (env MESH_API_TOKEN)."),
+    click.option(
+        "--demo-agents",
+        is_flag=True,
+        default=None,
+        help="Also run the demo agents: steps, fail, fanout, hog, ... (env MESH_DEMO_AGENTS).",
+    ),
 ]
 
 

@@ -247,7 +247,9 @@ class DevMesh:
         peer.data_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "raftmesh.cli", *args]
         # The secret travels in the environment, not argv, so `ps` does not show it.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_SECRET": self.secret}
+        # A dev mesh is for trying things out: the demo agents come with it.
+        env = {"MESH_DEMO_AGENTS": "true", **os.environ}
+        env.update({"PYTHONUNBUFFERED": "1", "MESH_SECRET": self.secret})
         env.update(self._env)
         env.update(self._peer_env.get(peer.id, {}))
         with open(peer.log_path, "ab") as log:

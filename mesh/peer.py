@@ -45,7 +45,7 @@ from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
-from raftmesh.runner.registry import default_registry
+from raftmesh.runner.registry import build_registry
 from raftmesh.runner.slots import Slots
 from raftmesh.storage import open_store
 from raftmesh.storage.base import StorageUnavailable
@@ -71,7 +71,7 @@ class Peer:
         self.api_token = settings.api_token
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
-        self.registry = default_registry(settings.agent_modules)
+        self.registry = build_registry(settings.agent_modules, demo=settings.demo_agents)
         if settings.unsafe_disable_fencing:
             log.warning("UNSAFE: fencing is disabled; stale owners can overwrite runs")
         self.store = open_store(

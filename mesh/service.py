@@ -36,7 +36,7 @@ from raftmesh.mesh.queue_view import queue_summary, slot_use
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.views import active_view, view_from_row, view_from_state
-from raftmesh.runner.context import pack, unpack
+from raftmesh.runner.payload import pack, unpack
 from raftmesh.runner.registry import Registry
 from raftmesh.storage.base import (
     DEAD_LETTER_STATUSES,

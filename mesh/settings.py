@@ -45,6 +45,9 @@ class Settings:
     scheduler_tick_s: float = 0.2
     commit_timeout_s: float = 5.0
     agent_modules: tuple[str, ...] = ()
+    # The demo agents (steps, fail, fanout, hog, ...): on in `mesh dev` and the
+    # test meshes, off on a production peer.
+    demo_agents: bool = False
     max_children: int = 16
     max_depth: int = 3
     isolation_memory_mb: int = 512

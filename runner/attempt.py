@@ -23,11 +23,10 @@ from raftmesh.runner.context import (
     Released,
     RunContext,
     RunError,
-    event_place,
-    pack,
 )
 from raftmesh.runner.isolation import PROCESS, run_isolated
 from raftmesh.runner.outages import retry_unavailable
+from raftmesh.runner.payload import event_place, pack
 from raftmesh.runner.registry import Registry, UnknownAgent
 from raftmesh.storage.base import RunRow, StaleEpoch, Store
 

@@ -306,9 +306,9 @@ async def _child_main(memory_mb: int) -> None:
     if not batch or batch[0]["t"] != "start":
         raise IsolatedAgentError("isolated agent got no start message")
     start, rest = batch[0], batch[1:]
-    from raftmesh.runner.registry import default_registry
+    from raftmesh.runner.registry import build_registry
 
-    registry = default_registry(tuple(start["refs"]))
+    registry = build_registry(tuple(start["refs"]))
     ctx = IsolatedContext(link, start["ctx"])
     for msg in rest:
         link.answer(msg)
