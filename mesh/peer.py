@@ -51,7 +51,7 @@ from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
 from raftmesh.runner.attempt import FENCED, RELEASED, RETRY, Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext, pack, unpack
-from raftmesh.runner.registry import default_registry
+from raftmesh.runner.registry import InvalidInput, default_registry
 from raftmesh.runner.slots import Slots
 from raftmesh.storage import open_store
 from raftmesh.storage.base import (
@@ -271,6 +271,10 @@ class Peer:
                 f"unknown agent {spec['agent']!r}: no peer of this mesh has it; "
                 f"agents available: {', '.join(sorted(known))}"
             )
+        try:
+            self.registry.check_input(spec["agent"], spec["input"], self.settings.models)
+        except InvalidInput as exc:
+            raise BadRequest(str(exc)) from None
         return {
             "id": _new_id(),
             "agent": spec["agent"],
@@ -811,6 +815,7 @@ class Peer:
             default_memory_limit_mb=s.isolation_memory_mb,
             on_context=track,
             release=release,
+            models=s.models,
         )
 
     async def _on_outcome(self, job: Assignment, outcome: Outcome) -> None:

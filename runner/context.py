@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import msgpack
 
+from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.outages import retry_unavailable
 from raftmesh.storage.base import TERMINAL_STATUSES, StaleEpoch, Step, StorageUnavailable, Store
 
@@ -133,8 +134,11 @@ class RunContext:
         limits: Limits = Limits(),
         mesh: MeshLink | None = None,
         release: asyncio.Event | None = None,
+        models: Mapping[str, ModelEndpoint] | None = None,
     ) -> None:
         self.run_id = run_id
+        # The peer's configured model endpoints: the only ones an agent may call.
+        self.models: dict[str, ModelEndpoint] = dict(models or {})
         self._release = release
         self.epoch = epoch
         self.attempt = attempt

@@ -10,11 +10,15 @@ distributions that declare entry points in the ``raftmesh.agents`` group
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from raftmesh.runner.models import ModelEndpoint
+
 AgentFn = Callable[..., Awaitable[Any]]
+# Refuses (InvalidInput) an input its agent would refuse anyway, at submission.
+InputCheck = Callable[[Any, Mapping[str, ModelEndpoint]], None]
 
 ENTRY_POINT_GROUP = "raftmesh.agents"
 
@@ -23,6 +27,10 @@ class UnknownAgent(LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown agent {name!r}; this mesh runs: {', '.join(known) or 'none'}")
         self.name = name
+
+
+class InvalidInput(ValueError):
+    """The agent can never run this input on this mesh."""
 
 
 class Registry:
@@ -41,6 +49,13 @@ class Registry:
             return self._agents[name]
         except KeyError:
             raise UnknownAgent(name, self.names()) from None
+
+    def check_input(self, name: str, input: Any, models: Mapping[str, ModelEndpoint]) -> None:
+        """Run the agent's own input check, if it declares one, so a submission
+        that could only fail is refused before it is queued."""
+        check: InputCheck | None = getattr(self._agents.get(name), "input_check", None)
+        if check is not None:
+            check(input, models)
 
     def __contains__(self, name: object) -> bool:
         return name in self._agents
@@ -69,11 +84,14 @@ class Registry:
 REGISTRY = Registry()
 
 
-def agent(name: str) -> Callable[[AgentFn], AgentFn]:
-    """Register an async function ``fn(ctx, input)`` as agent ``name``."""
+def agent(name: str, check: InputCheck | None = None) -> Callable[[AgentFn], AgentFn]:
+    """Register an async function ``fn(ctx, input)`` as agent ``name``;
+    ``check(input, models)`` raises InvalidInput for inputs it can never run."""
 
     def register(fn: AgentFn) -> AgentFn:
         fn.agent_name = name  # type: ignore[attr-defined]
+        if check is not None:
+            fn.input_check = check  # type: ignore[attr-defined]
         REGISTRY.add(name, fn)
         return fn
 
