@@ -136,14 +136,19 @@ def choose_endpoint(input: Any, models: Mapping[str, ModelEndpoint]) -> ModelEnd
     return models[name]
 
 
+def chosen_tools(input: dict[str, Any]) -> list[Tool]:
+    unknown = [name for name in input.get("tools", []) if name not in TOOLS]
+    if unknown:
+        raise ChatConfigError(f"unknown tools {unknown}; registered: {sorted(TOOLS)}")
+    return [TOOLS[name] for name in input.get("tools", [])]
+
+
 def check_chat_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
     try:
         choose_endpoint(input, models)
+        chosen_tools(input)
     except ChatConfigError as exc:
         raise InvalidInput(str(exc)) from None
-    unknown = [n for n in input.get("tools", []) if n not in TOOLS]
-    if unknown:
-        raise InvalidInput(f"unknown tools {unknown}; registered: {sorted(TOOLS)}")
 
 
 @agent("chat", check=check_chat_input)
@@ -158,10 +163,7 @@ async def chat(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]:
         messages.insert(0, {"role": "system", "content": input["system"]})
     if input.get("prompt"):
         messages.append({"role": "user", "content": input["prompt"]})
-    unknown = [name for name in input.get("tools", []) if name not in TOOLS]
-    if unknown:
-        raise ChatConfigError(f"unknown tools {unknown}; registered: {sorted(TOOLS)}")
-    tools = [TOOLS[name] for name in input.get("tools", [])]
+    tools = chosen_tools(input)
     options = {"temperature": input["temperature"]} if "temperature" in input else {}
     for turn in range(int(input.get("max_turns", MAX_TURNS))):
         ctx.require(model_calls=1)
