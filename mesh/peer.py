@@ -268,6 +268,7 @@ class Peer:
             default_memory_limit_mb=s.isolation_memory_mb,
             on_context=on_context,
             release=release,
+            models=s.models,
         )
 
     # -- what membership still reaches through the peer -------------------

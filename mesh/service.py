@@ -37,7 +37,7 @@ from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.views import active_view, view_from_row, view_from_state
 from raftmesh.runner.payload import pack, unpack
-from raftmesh.runner.registry import Registry
+from raftmesh.runner.registry import InvalidInput, Registry
 from raftmesh.storage.base import (
     DEAD_LETTER_STATUSES,
     TERMINAL_STATUSES,
@@ -126,6 +126,10 @@ class MeshService:
                 f"unknown agent {spec['agent']!r}: no peer of this mesh has it; "
                 f"agents available: {', '.join(sorted(known))}"
             )
+        try:
+            self.registry.check_input(spec["agent"], spec["input"], self.settings.models)
+        except InvalidInput as exc:
+            raise BadRequest(str(exc)) from None
         return {
             "id": new_id(),
             "agent": spec["agent"],

@@ -14,6 +14,14 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from raftmesh.runner.models import (
+    DEFAULT_MODEL,
+    ModelConfigError,
+    ModelEndpoint,
+    env_default_model,
+    parse_models,
+)
+
 DEV_SECRET = "raftmesh-insecure-development-secret"
 
 # unsafe_disable_fencing is refused unless this environment variable holds
@@ -48,6 +56,9 @@ class Settings:
     # The demo agents (steps, fail, fanout, hog, ...): on in `mesh dev` and the
     # test meshes, off on a production peer.
     demo_agents: bool = False
+    # Model endpoints the chat agent may call, by name ([models.NAME] tables,
+    # MESH_MODELS as JSON, or MESH_CHAT_* as "default"); a run chooses a name.
+    models: dict[str, ModelEndpoint] = field(default_factory=dict)
     max_children: int = 16
     max_depth: int = 3
     isolation_memory_mb: int = 512
@@ -109,6 +120,8 @@ class Settings:
             raise SettingsError("need 0 <= retry_backoff_base_s <= retry_backoff_max_s")
         if self.priority_aging_s < 0:
             raise SettingsError("priority_aging_s must be >= 0 (0 turns aging off)")
+        if not all(isinstance(m, ModelEndpoint) for m in self.models.values()):
+            raise SettingsError("models must map names to ModelEndpoint (see parse_models)")
         for advertised, target in self.dial.items():
             for addr in (advertised, target):
                 host, _, port = addr.rpartition(":")
@@ -183,7 +196,14 @@ class Settings:
         if unknown:
             raise SettingsError(f"unknown settings: {sorted(unknown)}")
         merged.update({k: v for k, v in flags.items() if v is not None})
-        return cls(**{k: _coerce(names[k], v) for k, v in merged.items()})
+        values = {k: _coerce(names[k], v) for k, v in merged.items()}
+        try:
+            chat_env = env_default_model(os.environ)
+        except ModelConfigError as exc:
+            raise SettingsError(str(exc)) from exc
+        if chat_env is not None:
+            values["models"] = {**values.get("models", {}), DEFAULT_MODEL: chat_env}
+        return cls(**values)
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
@@ -200,6 +220,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         if kind == "dict[str, int]":
             pairs = _parse_labels(value) if isinstance(value, str) else dict(value)
             return {str(k): int(v) for k, v in pairs.items()}
+        if kind == "dict[str, ModelEndpoint]":
+            return parse_models(value)
         if kind == "int":
             return int(value)
         if kind == "float":
@@ -213,6 +235,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
                 return _parse_labels(value)
             return {str(k): str(v) for k, v in dict(value).items()}
         return str(value)
+    except ModelConfigError as exc:  # the value may hold a misplaced key: not echoed
+        raise SettingsError(f"setting {f.name}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"setting {f.name}: cannot use {value!r}: {exc}") from exc
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from raftmesh.runner.context import (
     RunError,
 )
 from raftmesh.runner.isolation import PROCESS, run_isolated
+from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.outages import retry_unavailable
 from raftmesh.runner.payload import event_place, pack
 from raftmesh.runner.registry import Registry, UnknownAgent
@@ -129,10 +130,12 @@ async def run_attempt(
     default_memory_limit_mb: int = 512,
     on_context: Callable[[RunContext | None], None] | None = None,
     release: asyncio.Event | None = None,
+    models: Mapping[str, ModelEndpoint] | None = None,
 ) -> Outcome:
     """``on_context`` is told the attempt's context once the agent is about to
     start, and None when it has ended, so the peer can cancel it meanwhile.
-    ``release``, once set, stops the agent before its next new step."""
+    ``release``, once set, stops the agent before its next new step.
+    ``models`` are the endpoints the peer's settings name (``ctx.models``)."""
     extra = {"run_id": job.run_id, "epoch": job.epoch}
     try:
         claim = await retry_unavailable(
@@ -169,6 +172,7 @@ async def run_attempt(
         limits=limits or Limits(),
         mesh=mesh,
         release=release,
+        models=models,
     )
     if job.cancel_requested:
         ctx.cancel()

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.outages import retry_unavailable
 from raftmesh.runner.payload import pack, unpack
 from raftmesh.storage.base import TERMINAL_STATUSES, StaleEpoch, Step, StorageUnavailable, Store
@@ -113,8 +114,11 @@ class RunContext:
         limits: Limits = Limits(),
         mesh: MeshLink | None = None,
         release: asyncio.Event | None = None,
+        models: Mapping[str, ModelEndpoint] | None = None,
     ) -> None:
         self.run_id = run_id
+        # The peer's configured model endpoints: the only ones an agent may call.
+        self.models: dict[str, ModelEndpoint] = dict(models or {})
         self._release = release
         self.epoch = epoch
         self.attempt = attempt

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 
 from raftmesh.runner.context import ChildFailed, RunContext
+from raftmesh.runner.models import ModelEndpoint
 
 PROCESS = "process"
 TASK = "task"
@@ -133,6 +134,7 @@ async def run_isolated(
             "tenant": ctx.tenant,
             "depth": ctx.depth,
             "budget": ctx.budget,
+            "models": {name: m.as_dict() for name, m in ctx.models.items()},
         },
     }
     messages = _MessageReader(proc.stdout)
@@ -239,6 +241,7 @@ class IsolatedContext:
         self.tenant: str = info["tenant"]
         self.depth: int = info["depth"]
         self.budget: dict[str, int] | None = info["budget"]
+        self.models = {name: ModelEndpoint(**m) for name, m in info["models"].items()}
         self.state: dict[str, Any] = {}
         self.cancelled = False
 

@@ -11,11 +11,15 @@ test, an isolated child) cannot see each other's agents.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from raftmesh.runner.models import ModelEndpoint
+
 AgentFn = Callable[..., Awaitable[Any]]
+# Refuses (InvalidInput) an input its agent would refuse anyway, at submission.
+InputCheck = Callable[[Any, Mapping[str, ModelEndpoint]], None]
 
 ENTRY_POINT_GROUP = "raftmesh.agents"
 
@@ -24,6 +28,10 @@ class UnknownAgent(LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown agent {name!r}; this mesh runs: {', '.join(known) or 'none'}")
         self.name = name
+
+
+class InvalidInput(ValueError):
+    """The agent can never run this input on this mesh."""
 
 
 class Registry:
@@ -42,6 +50,13 @@ class Registry:
             return self._agents[name]
         except KeyError:
             raise UnknownAgent(name, self.names()) from None
+
+    def check_input(self, name: str, input: Any, models: Mapping[str, ModelEndpoint]) -> None:
+        """Run the agent's own input check, if it declares one, so a submission
+        that could only fail is refused before it is queued."""
+        check: InputCheck | None = getattr(self._agents.get(name), "input_check", None)
+        if check is not None:
+            check(input, models)
 
     def __contains__(self, name: object) -> bool:
         return name in self._agents
@@ -76,12 +91,15 @@ BUILTIN_AGENTS = ("raftmesh.runner.agents.builtin", "raftmesh.runner.agents.chat
 DEMO_AGENTS = "raftmesh.runner.agents.demo"
 
 
-def agent(name: str) -> Callable[[AgentFn], AgentFn]:
+def agent(name: str, check: InputCheck | None = None) -> Callable[[AgentFn], AgentFn]:
     """Name an async function ``fn(ctx, input)`` as agent ``name``; a registry
-    that loads its module (or the ``module:function`` reference) runs it."""
+    that loads its module (or the ``module:function`` reference) runs it.
+    ``check(input, models)`` raises InvalidInput for inputs it can never run."""
 
     def name_it(fn: AgentFn) -> AgentFn:
         fn.agent_name = name  # type: ignore[attr-defined]
+        if check is not None:
+            fn.input_check = check  # type: ignore[attr-defined]
         return fn
 
     return name_it

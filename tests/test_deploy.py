@@ -20,6 +20,8 @@ def test_example_toml_loads_with_every_key_known():
     assert settings.effective_secret() == ("s", False)
     assert settings.tenant_caps == {"free": 2, "pro": 10} and settings.default_tenant_cap == 4
     assert settings.replicated_policy()["tenant_max_queued"] == {"free": 100}
+    assert sorted(settings.models) == ["default", "hosted"]
+    assert settings.models["hosted"].api_key_env == "OPENAI_API_KEY"
 
 
 def test_example_toml_without_secret_is_refused_on_real_addresses():
