@@ -30,6 +30,7 @@ from raftmesh.consensus.raft import RaftNode, persisted_voters
 from raftmesh.consensus.state import DRAIN_RELEASE, PEER_UP, QUEUED, RUNNING, SETTLING, VOTER, Run
 from raftmesh.mesh import logs
 from raftmesh.mesh.api import SUBMIT_FIELDS, build_app, validate_submission
+from raftmesh.mesh.credentials import cluster_secret, secure_data_dir
 from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
@@ -89,7 +90,8 @@ class Peer:
         self.settings = settings
         self.id = settings.id
         self.incarnation = _new_id()
-        secret, self.dev_secret = settings.effective_secret()
+        secure_data_dir(settings)
+        secret, self.local_secret = cluster_secret(settings)
         self._secret = secret
         self.internal_token = hmac.new(
             secret.encode(), b"raftmesh-internal-v1", hashlib.sha256
@@ -130,8 +132,12 @@ class Peer:
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
-        if self.dev_secret:
-            log.warning("no --secret given: using the development secret (loopback only)")
+        if self.local_secret:
+            log.warning(
+                "no cluster secret configured: using %s (loopback only); another peer "
+                "joins this one with MESH_SECRET_FILE set to that file",
+                self.local_secret,
+            )
         check_not_left(self.settings.data_dir)
         # The voters this data dir last saw beat the command line, which may
         # predate joins and leaves (or, for a joined peer, name only the seed).
@@ -809,6 +815,7 @@ class Peer:
             limits=Limits(max_children=s.max_children, max_depth=s.max_depth),
             mesh=self,
             default_memory_limit_mb=s.isolation_memory_mb,
+            isolation_env=s.isolation_env,
             on_context=track,
             release=release,
         )

@@ -84,7 +84,7 @@ def test_up_passes_flags_to_the_peer(started: list[Settings], tmp_path: Path) ->
     assert settings.peers == ("127.0.0.1:7102", "127.0.0.1:7103")
     assert settings.slots == 2
     assert settings.labels == {"gpu": "a100", "pool": "batch"}
-    assert settings.effective_secret() == ("s3cret", False)
+    assert settings.secret == "s3cret"
 
 
 def test_up_slots_must_be_an_integer(started: list[Settings]) -> None:
@@ -112,7 +112,7 @@ def test_up_refuses_non_loopback_without_secret(started: list[Settings]) -> None
     result = invoke("up", "--raft", "10.1.2.3:7001", "--http", "0.0.0.0:8001")
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("Error: ") and "--secret" in line
+    assert line.startswith("Error: ") and "MESH_SECRET_FILE" in line
     assert started == []
     assert invoke("up", "--raft", "10.1.2.3:7001", env={"MESH_SECRET": "x"}).exit_code == 3
 
