@@ -69,7 +69,7 @@ class DevMesh:
     from ``base_port + 100``.
 
     Every peer reads the Raft secret from one file, ``dir/cluster.secret``
-    (0600, made on the first start): Raft traffic is pickle, so even a local
+    (0600, made when the mesh is first built): Raft traffic is pickle, so even a local
     mesh must not accept frames from whoever can reach its ports. Secrets and
     the storage URL (which may hold a password) travel in the environment,
     never in argv, which ``ps`` shows to every user.
