@@ -48,7 +48,7 @@ def join(seed_url: str, id_: str, executor: bool, config: str | None, **flags: A
     role = "executor" if executor else "voter"
     try:
         settings = Settings.load({**flags, "id": id_, "role": role}, config)
-        settings.effective_secret()
+        settings.check_secret()
     except (SettingsError, OSError, tomllib.TOMLDecodeError) as exc:
         raise click.UsageError(str(exc)) from exc
     if role == "voter" and not flags.get("raft") and not os.environ.get("MESH_RAFT"):

@@ -1,6 +1,6 @@
 """The pysyncobj binding: the only module that imports pysyncobj.
 
-It owns three concerns pysyncobj leaves to its user (see
+It owns the concerns pysyncobj leaves to its user (see
 shared/notes/pysyncobj.md):
 
 * Durability. pysyncobj writes its journal through mmap and never syncs it.
@@ -22,6 +22,9 @@ shared/notes/pysyncobj.md):
   only the seed it joined through. A node with no address of its own is an
   executor: pysyncobj's read-only node, which receives the log and can
   propose, but never votes.
+* The port. pysyncobj unpickles every frame that passes its Fernet check, and
+  before that check buffers frames of any length from anyone: the transport
+  comes from ``raft_port``, which bounds both.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pysyncobj.node import TCPNode
 
 from raftmesh.consensus.commands import Command, CommandDecodeError, decode_entry, encode_entry
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
+from raftmesh.consensus.raft_port import GuardedTransport
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.voters import VOTERS_FILE, persisted_voters
 
@@ -266,7 +270,13 @@ class RaftNode:
         self._replica = _Replica(self)
         dial = dial or {}
         others = [_DialNode(p, dial[p]) if p in dial else p for p in partners if p != self_addr]
-        self._syncobj = SyncObj(self_addr, others, conf=conf, consumers=[self._replica])
+        self._syncobj = SyncObj(
+            self_addr,
+            others,
+            conf=conf,
+            consumers=[self._replica],
+            transportClass=GuardedTransport,
+        )
         self.journal = _DurableJournal(self._syncobj._SyncObj__raftLog, journal_path, dump_path)
         self._syncobj._SyncObj__raftLog = self.journal
         transport = self._syncobj._SyncObj__transport

@@ -29,6 +29,7 @@ from raftmesh.consensus.raft import RaftNode, persisted_voters
 from raftmesh.consensus.state import VOTER
 from raftmesh.mesh import logs
 from raftmesh.mesh.api import build_app
+from raftmesh.mesh.credentials import cluster_secret, secure_data_dir
 from raftmesh.mesh.errors import Unavailable
 from raftmesh.mesh.events import EventHub
 from raftmesh.mesh.leader import Leader, LeaderDuty
@@ -63,7 +64,8 @@ class Peer:
         self.settings = settings
         self.id = settings.id
         self.incarnation = new_id()
-        secret, self.dev_secret = settings.effective_secret()
+        secure_data_dir(settings)
+        secret, self.local_secret = cluster_secret(settings)
         self._secret = secret
         self.internal_token = hmac.new(
             secret.encode(), b"raftmesh-internal-v1", hashlib.sha256
@@ -94,8 +96,12 @@ class Peer:
 
     async def start(self) -> None:
         s = self.settings
-        if self.dev_secret:
-            log.warning("no --secret given: using the development secret (loopback only)")
+        if self.local_secret:
+            log.warning(
+                "no cluster secret configured: using %s (loopback only); another peer "
+                "joins this one with MESH_SECRET_FILE set to that file",
+                self.local_secret,
+            )
         check_not_left(s.data_dir)
         # The voters this data dir last saw beat the command line, which may
         # predate joins and leaves (or, for a joined peer, name only the seed).
@@ -266,6 +272,7 @@ class Peer:
             limits=Limits(max_children=s.max_children, max_depth=s.max_depth),
             mesh=self.service,
             default_memory_limit_mb=s.isolation_memory_mb,
+            isolation_env=s.isolation_env,
             on_context=on_context,
             release=release,
             models=s.models,

@@ -22,8 +22,6 @@ from raftmesh.runner.models import (
     parse_models,
 )
 
-DEV_SECRET = "raftmesh-insecure-development-secret"
-
 # unsafe_disable_fencing is refused unless this environment variable holds
 # exactly this value: a debug switch that corrupts runs must not be one typo
 # away from production.
@@ -45,8 +43,13 @@ class Settings:
     data_dir: str = "./raftmesh-data"
     slots: int = 4
     labels: dict[str, str] = field(default_factory=dict)
-    secret: str = ""
-    api_token: str = ""
+    # Secrets: from MESH_SECRET / MESH_API_TOKEN or, better, from the files
+    # MESH_SECRET_FILE / MESH_API_TOKEN_FILE name (read by ``load``). The
+    # --secret and --api-token flags still work, deprecated: argv shows in ps.
+    secret: str = field(default="", repr=False)
+    secret_file: str = ""
+    api_token: str = field(default="", repr=False)
+    api_token_file: str = ""
     max_body_bytes: int = 1024 * 1024
     heartbeat_interval_s: float = 0.5
     peer_ttl_s: float = 2.0
@@ -62,6 +65,10 @@ class Settings:
     max_children: int = 16
     max_depth: int = 3
     isolation_memory_mb: int = 512
+    # Environment variables a process-isolated agent gets besides the minimal
+    # set (PATH, HOME, locale, PYTHONPATH...): never the peer's secrets unless
+    # named here (e.g. MESH_CHAT_API_KEY for the chat agent).
+    isolation_env: tuple[str, ...] = ("MESH_CHAT_BASE_URL", "MESH_CHAT_MODEL")
     events_poll_s: float = 1.0
     log_level: str = "info"
     # Scheduling policy. The leader replicates the caps and the retry policy
@@ -158,23 +165,23 @@ class Settings:
 
     @property
     def all_loopback(self) -> bool:
-        return all(_is_loopback(addr) for addr in (self.raft, self.http, *self.peers))
+        """Whether every address this peer binds, names or dials is loopback."""
+        addrs = (self.raft, self.http, *self.peers, *self.dial, *self.dial.values())
+        return all(_is_loopback(addr) for addr in addrs)
 
-    def effective_secret(self) -> tuple[str, bool]:
-        """The Raft cluster secret, and whether it is the insecure dev default.
+    def check_secret(self) -> None:
+        """Refuse to run without a cluster secret unless everything is loopback.
 
-        Raft traffic is pickle: without a secret anyone reaching the port runs
-        code in the peer. The development default is allowed only when every
-        address is loopback.
+        Raft traffic is pickle: whoever can produce a frame under the secret
+        runs code in the peer. Only a peer that nobody else can reach may make
+        up its own secret (mesh/credentials.py).
         """
-        if self.secret:
-            return self.secret, False
-        if self.all_loopback:
-            return DEV_SECRET, True
-        raise SettingsError(
-            "--secret (MESH_SECRET) is required when any address is not loopback: "
-            "Raft traffic must be encrypted with a cluster secret"
-        )
+        if not self.secret and not self.all_loopback:
+            raise SettingsError(
+                "a cluster secret is required when any address (own, peer or dial target) "
+                "is not loopback: set MESH_SECRET_FILE to a file holding it (or MESH_SECRET); "
+                "Raft traffic must be encrypted with it"
+            )
 
     @classmethod
     def load(cls, flags: dict[str, Any], config_file: str | None = None) -> Settings:
@@ -203,7 +210,35 @@ class Settings:
             raise SettingsError(str(exc)) from exc
         if chat_env is not None:
             values["models"] = {**values.get("models", {}), DEFAULT_MODEL: chat_env}
-        return cls(**values)
+        return cls(**values)._with_secret_files()
+
+    def _with_secret_files(self) -> Settings:
+        """Read ``secret_file`` and ``api_token_file`` into their values."""
+        found = {}
+        for value, path, env in (
+            ("secret", self.secret_file, "MESH_SECRET"),
+            ("api_token", self.api_token_file, "MESH_API_TOKEN"),
+        ):
+            if not path:
+                continue
+            if getattr(self, value):
+                raise SettingsError(
+                    f"both {env} (or its flag) and {env}_FILE are set: keep only {env}_FILE"
+                )
+            found[value] = read_secret_file(path, value.replace("_", " "))
+        return dataclasses.replace(self, **found) if found else self
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The secret a file holds, without surrounding whitespace."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read the {what} from {path}: {exc}") from exc
+    if not value:
+        raise SettingsError(f"{path} is empty: it must hold the {what}")
+    return value
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:

@@ -128,6 +128,7 @@ async def run_attempt(
     limits: Limits | None = None,
     mesh: MeshLink | None = None,
     default_memory_limit_mb: int = 512,
+    isolation_env: tuple[str, ...] = (),
     on_context: Callable[[RunContext | None], None] | None = None,
     release: asyncio.Event | None = None,
     models: Mapping[str, ModelEndpoint] | None = None,
@@ -181,7 +182,9 @@ async def run_attempt(
     try:
         if job.isolation == PROCESS:
             memory_mb = job.memory_limit_mb or default_memory_limit_mb
-            agent_run = run_isolated(ctx, job.agent, job.input, memory_mb, registry)
+            agent_run = run_isolated(
+                ctx, job.agent, job.input, memory_mb, registry, extra_env=isolation_env
+            )
         else:
             agent_run = fn(ctx, job.input)
         outcome, result = await _run_agent(agent_run, ctx, job)

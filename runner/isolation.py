@@ -7,7 +7,10 @@ whose address space is capped with RLIMIT_AS before it loads any agent code.
 It gets the same ctx API; each call travels as a msgpack message over its
 stdin/stdout pipes to the real RunContext in the peer, which keeps journaling,
 fencing and budgets where they are for in-process agents. The child has no
-storage connection and no Raft: it can only ask.
+storage connection and no Raft: it can only ask. Nor does it get the peer's
+environment, which holds the cluster secret, the API token and model keys:
+only what running Python needs (``child_env``) and what the peer's
+``isolation_env`` setting names.
 
 Calls that must keep the agent's order (step positions, emits, spawns) are
 handled in the order the messages arrive; calls that wait (a step's write, a
@@ -21,7 +24,7 @@ import inspect
 import os
 import resource
 import sys
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 import msgpack
@@ -35,6 +38,9 @@ ISOLATION_MODES = (TASK, PROCESS)
 
 _READ_CHUNK = 1 << 16
 
+# What the child needs to run Python and import the agent, and nothing else.
+_BASE_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+
 
 class IsolatedAgentError(Exception):
     """The isolated agent raised, ran out of memory, or its process died."""
@@ -47,8 +53,20 @@ def _pack(msg: dict[str, Any]) -> bytes:
 # -- the peer's side -------------------------------------------------------
 
 
+def child_env(environ: Mapping[str, str], extra: Iterable[str] = ()) -> dict[str, str]:
+    """The isolated agent's environment: the base variables, the locale
+    (``LC_*``) and the ``extra`` names the operator chose, from ``environ``."""
+    wanted = set(_BASE_ENV) | set(extra)
+    return {k: v for k, v in environ.items() if k in wanted or k.startswith("LC_")}
+
+
 async def run_isolated(
-    ctx: RunContext, agent: str, input: Any, memory_mb: int, registry: Any
+    ctx: RunContext,
+    agent: str,
+    input: Any,
+    memory_mb: int,
+    registry: Any,
+    extra_env: Iterable[str] = (),
 ) -> Any:
     """Run ``agent`` in a subprocess limited to ``memory_mb`` of address space."""
     proc = await asyncio.create_subprocess_exec(
@@ -58,6 +76,7 @@ async def run_isolated(
         str(memory_mb),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        env=child_env(os.environ, extra_env),
     )
     assert proc.stdin is not None and proc.stdout is not None
     stdin = proc.stdin

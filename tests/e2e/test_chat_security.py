@@ -24,8 +24,8 @@ from support import eventually
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 from raftmesh.runner.agents.chat import EXCERPT_CHARS, _run_tool, tool
 from raftmesh.runner.attempt import FAILED, RETRY, SUCCEEDED, Assignment, Outcome, run_attempt
-from raftmesh.runner.payload import event_data, unpack
 from raftmesh.runner.models import ModelEndpoint
+from raftmesh.runner.payload import event_data, unpack
 from raftmesh.runner.registry import InvalidInput, build_registry
 from raftmesh.storage import Store, open_store
 
