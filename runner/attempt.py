@@ -247,6 +247,11 @@ async def _run_agent(
         if ctx.cancelled:
             return Outcome(CANCELLED, "cancelled by request"), None
         return Outcome(RETRY, f"{type(exc).__name__}: {exc}", "error"), None
+    finally:
+        # However the attempt ends (the timeout itself can fail to arm: uvloop
+        # refuses NaN), the agent does not outlive it.
+        if not task.done():
+            task.cancel()
     if ctx.cancelled:
         return Outcome(CANCELLED, "cancelled by request"), None
     return Outcome(SUCCEEDED), result

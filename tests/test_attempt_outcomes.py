@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import uvloop
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus.state import QUEUED, SETTLING, MeshState
@@ -189,3 +190,31 @@ async def test_attempts_whose_machinery_crashes_end_as_a_dead_letter(any_store: 
     run = state.runs["r"]
     assert (run.status, run.outcome, run.errors) == (SETTLING, "failed", 3)
     assert run.last_error == outcome.error
+
+
+def test_an_attempt_that_ends_without_its_agent_cancels_the_agent(tmp_path: Path) -> None:
+    """uvloop (the peers' loop) refuses a NaN timeout with ValueError once the
+    agent task exists. The attempt fails, and its agent must not live on."""
+
+    async def scenario() -> tuple[Outcome, list[int], list[asyncio.Task[Any]]]:
+        s = open_store(f"sqlite:///{tmp_path / 'runs.db'}")
+        await s.open()
+        try:
+            calls: list[int] = []
+
+            async def waits(ctx: RunContext, _: Any) -> None:
+                calls.append(1)
+                await asyncio.sleep(60)
+
+            registry = Registry()
+            registry.add("waits", waits)
+            outcome = await attempt(s, registry, job("waits", timeout_s=float("nan")))
+            await asyncio.sleep(0.1)
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            return outcome, calls, left
+        finally:
+            await s.close()
+
+    outcome, calls, left = uvloop.run(scenario())
+    assert (outcome.status, outcome.kind) == (RETRY, "error"), outcome
+    assert left == [] and calls == [], "the agent task was cancelled, not left running"
