@@ -187,7 +187,10 @@ def build_app(peer: PeerAPI) -> web.Application:
 
     async def heartbeat(request: web.Request) -> web.Response:
         _check_token(request, peer.internal_token, "internal")
-        peer.heartbeat(await _json_body(request))
+        report = await _json_body(request)
+        if not isinstance(report, dict):
+            raise BadRequest("heartbeat body must be a JSON object")
+        peer.heartbeat(report)
         return web.json_response({"ok": True})
 
     async def events(request: web.Request) -> web.StreamResponse:
