@@ -127,7 +127,7 @@ _SUBMIT_HINTS = {
 
 
 def _event_seq(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_EVENT_SEQ:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or int(raw) > MAX_EVENT_SEQ:
         raise BadRequest(
             f"Last-Event-ID (or ?after=) must be an event sequence number from 0 to "
             f"{MAX_EVENT_SEQ}, got {raw[:40]!r}"

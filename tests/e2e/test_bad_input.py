@@ -287,6 +287,14 @@ async def test_hostile_values_get_400_reserve_nothing_and_leave_the_mesh_serving
                 "Last-Event-ID",
             ),
             (
+                "Last-Event-ID of 5000 digits",
+                "GET",
+                events,
+                None,
+                {"Last-Event-ID": "9" * 5000},
+                "Last-Event-ID",
+            ),
+            (
                 "Last-Event-ID 2**31",
                 "GET",
                 events,
@@ -361,6 +369,10 @@ async def test_an_unencodable_priority_neither_wedges_a_peer_nor_the_leader(make
                     s, "POST", f"{peer.url}/v1/runs", submission(priority=priority)
                 )
                 assert status == 400 and "'priority'" in text, (peer.id, priority, status, text)
+            # The input may be any JSON, but Raft carries it as msgpack: the
+            # proposal itself fails, as a 400, and only for this caller.
+            status, text = await call(s, "POST", f"{peer.url}/v1/runs", submission(input=2**64))
+            assert status == 400 and "cannot be replicated" in text, (peer.id, status, text)
             await echo_succeeds(s, peer.url, f"after the bad priority on {peer.id}")
 
 
