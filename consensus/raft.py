@@ -42,7 +42,13 @@ import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.node import TCPNode
 
-from raftmesh.consensus.commands import Command, CommandDecodeError, decode_entry, encode_entry
+from raftmesh.consensus.commands import (
+    Command,
+    CommandDecodeError,
+    decode_entry,
+    encode_command,
+    join_entry,
+)
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
 from raftmesh.consensus.raft_port import GuardedTransport
 from raftmesh.consensus.state import MeshState
@@ -201,6 +207,12 @@ class _Entry:
     def __init__(self, futures: list[asyncio.Future[dict[str, Any]]]) -> None:
         self.futures = futures
         self.settled = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _expire(fut: asyncio.Future[dict[str, Any]]) -> None:
+    if not fut.done():
+        fut.set_exception(NoQuorum("no commit: timeout"))
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -235,7 +247,7 @@ class RaftNode:
         self._loop = loop
         self._on_change = on_change
         self._commit_timeout_s = commit_timeout_s
-        self._pending: list[tuple[Command, asyncio.Future[dict[str, Any]]]] = []
+        self._pending: list[tuple[bytes, asyncio.Future[dict[str, Any]]]] = []
         self._in_flight = 0
         self._flush_scheduled = False
         timers = timers or RaftTimers()
@@ -344,13 +356,21 @@ class RaftNode:
     async def propose(self, command: Command) -> dict[str, Any]:
         """Commit one command (grouped with others) and return its result.
 
-        Raises NoQuorum when nothing committed within the timeout; the outcome
-        is then unknown, and retrying with the same ``cid`` is safe.
+        Raises UnencodableCommand at once, before anything is queued, for a
+        command msgpack cannot encode: only this caller fails. Raises NoQuorum
+        when nothing committed within the timeout; the outcome is then
+        unknown, and retrying with the same ``cid`` is safe.
         """
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._pending.append((command, fut))
-        self._schedule_flush()
-        return await fut
+        # Armed before anything can fail, so no caller waits past the timeout
+        # whatever happens to the entry its command travels in.
+        timer = self._loop.call_later(self._commit_timeout_s, _expire, fut)
+        try:
+            self._pending.append((encode_command(command), fut))
+            self._schedule_flush()
+            return await fut
+        finally:
+            timer.cancel()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._in_flight < MAX_IN_FLIGHT and self._pending:
@@ -358,17 +378,25 @@ class RaftNode:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Pack waiting commands into entries. Every command is encoded
+        already, so nothing here depends on what one caller proposed."""
         self._flush_scheduled = False
+        # A caller that timed out or went away has its answer: drop its command.
+        self._pending = [(enc, fut) for enc, fut in self._pending if not fut.done()]
         while self._pending and self._in_flight < MAX_IN_FLIGHT:
-            take = min(len(self._pending), MAX_COMMANDS_PER_ENTRY)
-            payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
-            while len(payload) > MAX_ENTRY_BYTES and take > 1:
-                take //= 2
-                payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
+            take, size = 0, 0
+            for encoded, _ in self._pending[:MAX_COMMANDS_PER_ENTRY]:
+                if take and size + len(encoded) > MAX_ENTRY_BYTES:
+                    break
+                take += 1
+                size += len(encoded)
             batch = self._pending[:take]
             del self._pending[:take]
             entry = _Entry([fut for _, fut in batch])
             self._in_flight += 1
+            entry.timer = self._loop.call_later(
+                self._commit_timeout_s, self._settle, entry, None, -1
+            )
 
             def done(result: Any, err: int, entry: _Entry = entry) -> None:
                 try:
@@ -376,32 +404,44 @@ class RaftNode:
                 except RuntimeError:
                     pass
 
-            self._replica.apply_entry(payload, callback=done)
-            self._loop.call_later(self._commit_timeout_s, self._settle, entry, None, -1)
+            try:
+                self._replica.apply_entry(join_entry([enc for enc, _ in batch]), callback=done)
+            except Exception as exc:  # pysyncobj refused to queue it: fail this entry only
+                log.exception("could not queue a log entry")
+                self._finish(entry, ProposalFailed(f"proposal failed: {exc}"))
 
     def _settle(self, entry: _Entry, result: Any, err: int) -> None:
-        if entry.settled:
-            return
-        entry.settled = True
-        self._in_flight -= 1
         if (
             err == FAIL_REASON.SUCCESS
             and isinstance(result, list)
             and len(result) == len(entry.futures)
         ):
-            for fut, res in zip(entry.futures, result, strict=True):
-                if not fut.done():
-                    fut.set_result(res)
+            self._finish(entry, None, result)
+            return
+        reason = "timeout" if err == -1 else _FAIL_NAMES.get(err, str(err))
+        if err == -1 or err in AMBIGUOUS or err == FAIL_REASON.MISSING_LEADER:
+            self._finish(entry, NoQuorum(f"no commit: {reason}"))
         else:
-            reason = "timeout" if err == -1 else _FAIL_NAMES.get(err, str(err))
-            exc: Exception
-            if err == -1 or err in AMBIGUOUS or err == FAIL_REASON.MISSING_LEADER:
-                exc = NoQuorum(f"no commit: {reason}")
+            self._finish(entry, ProposalFailed(f"proposal failed: {reason}"))
+
+    def _finish(
+        self, entry: _Entry, exc: Exception | None, results: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Answer every caller of ``entry`` once, and let the next entry go."""
+        if entry.settled:
+            return
+        entry.settled = True
+        if entry.timer is not None:
+            entry.timer.cancel()
+        self._in_flight -= 1
+        for i, fut in enumerate(entry.futures):
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
             else:
-                exc = ProposalFailed(f"proposal failed: {reason}")
-            for fut in entry.futures:
-                if not fut.done():
-                    fut.set_exception(exc)
+                assert results is not None
+                fut.set_result(results[i])
         self._schedule_flush()
 
     # -- membership (loop side) -------------------------------------------

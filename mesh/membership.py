@@ -29,10 +29,8 @@ from raftmesh.consensus.errors import NoQuorum, ProposalFailed
 from raftmesh.consensus.state import (
     DRAIN_FINISH,
     DRAIN_RELEASE,
-    EXECUTOR,
     PEER_LEFT,
     PEER_UP,
-    ROLES,
     VOTER,
     MeshState,
 )
@@ -44,6 +42,7 @@ from raftmesh.mesh.errors import (
     PeerNotFound,
     Unavailable,
 )
+from raftmesh.mesh.schemas import JoinRequest, parse_request
 
 if TYPE_CHECKING:
     from raftmesh.mesh.peer import Peer
@@ -86,21 +85,10 @@ class Membership:
     async def join(self, body: Any) -> dict[str, Any]:
         """Admit a new peer: reserve its id, make it a voter if it is one, and
         answer with the voter set it must start with."""
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        peer_id, http = body.get("id"), body.get("http")
-        role = body.get("role") or VOTER
-        raft = body.get("raft") or ""
-        if not isinstance(peer_id, str) or not peer_id:
-            raise BadRequest("field 'id' must be a non-empty string: the new peer's id")
-        if not isinstance(http, str) or ":" not in http:
-            raise BadRequest("field 'http' must be HOST:PORT: the new peer's API address")
-        if role not in ROLES:
-            raise BadRequest(f"field 'role' must be one of {', '.join(sorted(ROLES))}")
-        if role == VOTER and (not isinstance(raft, str) or ":" not in raft):
-            raise BadRequest("field 'raft' must be HOST:PORT: a voter needs a Raft address")
-        if role == EXECUTOR:
-            raft = ""
+        request = parse_request(body, JoinRequest)
+        peer_id, http = request.id, request.http
+        role = request.role or VOTER
+        raft = (request.raft or "") if role == VOTER else ""
         peer = self._peer
         result = await peer._propose(
             commands.peer_join(_cid(), _now_ms(), peer_id, raft, http, role)

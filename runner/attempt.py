@@ -136,7 +136,49 @@ async def run_attempt(
     """``on_context`` is told the attempt's context once the agent is about to
     start, and None when it has ended, so the peer can cancel it meanwhile.
     ``release``, once set, stops the agent before its next new step.
-    ``models`` are the endpoints the peer's settings name (``ctx.models``)."""
+    ``models`` are the endpoints the peer's settings name (``ctx.models``).
+
+    A crash of the attempt machinery itself (anything but a storage outage,
+    which is waited out, or a newer epoch) is a failed attempt like an agent
+    error: counted against max_attempts, so a run whose attempts keep crashing
+    ends as a dead letter with the crash as its error instead of being handed
+    from peer to peer forever."""
+    try:
+        return await _attempt(
+            job,
+            peer_id=peer_id,
+            store=store,
+            registry=registry,
+            clock_ms=clock_ms,
+            limits=limits,
+            mesh=mesh,
+            default_memory_limit_mb=default_memory_limit_mb,
+            isolation_env=isolation_env,
+            on_context=on_context,
+            release=release,
+            models=models,
+        )
+    except Exception as exc:
+        extra = {"run_id": job.run_id, "epoch": job.epoch}
+        log.exception("attempt crashed", extra=extra)
+        return Outcome(RETRY, f"attempt crashed: {type(exc).__name__}: {exc}", "error")
+
+
+async def _attempt(
+    job: Assignment,
+    *,
+    peer_id: str,
+    store: Store,
+    registry: Registry,
+    clock_ms: Callable[[], int],
+    limits: Limits | None,
+    mesh: MeshLink | None,
+    default_memory_limit_mb: int,
+    isolation_env: tuple[str, ...],
+    on_context: Callable[[RunContext | None], None] | None,
+    release: asyncio.Event | None,
+    models: Mapping[str, ModelEndpoint] | None,
+) -> Outcome:
     extra = {"run_id": job.run_id, "epoch": job.epoch}
     try:
         claim = await retry_unavailable(
@@ -240,6 +282,11 @@ async def _run_agent(
         if ctx.cancelled:
             return Outcome(CANCELLED, "cancelled by request"), None
         return Outcome(RETRY, f"{type(exc).__name__}: {exc}", "error"), None
+    finally:
+        # However the attempt ends (the timeout itself can fail to arm: uvloop
+        # refuses NaN), the agent does not outlive it.
+        if not task.done():
+            task.cancel()
     if ctx.cancelled:
         return Outcome(CANCELLED, "cancelled by request"), None
     return Outcome(SUCCEEDED), result
