@@ -88,6 +88,7 @@ class _GuardedConnection(TcpConnection):
     _rejections: _Rejections
     _remote: str
     authenticated: bool
+    recvLastTimestamp: float  # noqa: N815 - pysyncobj's name
     opened_at: float
 
     @classmethod
@@ -99,7 +100,7 @@ class _GuardedConnection(TcpConnection):
         conn.authenticated = False
         conn.opened_at = time.monotonic()
         try:
-            host, port = conn._TcpConnection__socket.getpeername()[:2]  # type: ignore[attr-defined]
+            host, port = conn._TcpConnection__socket.getpeername()[:2]
             conn._remote = f"{host}:{port}"
         except (AttributeError, OSError):  # an outgoing connection, not connected yet
             conn._remote = "a partner"
@@ -135,9 +136,9 @@ class _GuardedConnection(TcpConnection):
         return True
 
     def _TcpConnection__processRead(self) -> bool:  # noqa: N802 - pysyncobj's (mangled) name
-        sock: socket.socket = self._TcpConnection__socket  # type: ignore[attr-defined]
+        sock: socket.socket = self._TcpConnection__socket
         try:
-            incoming = sock.recv(self._TcpConnection__recvBufferSize)  # type: ignore[attr-defined]
+            incoming = sock.recv(self._TcpConnection__recvBufferSize)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 self.disconnect()

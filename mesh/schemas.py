@@ -76,13 +76,17 @@ LabelValue = Annotated[str, Meta(max_length=256)]
 Labels = Annotated[dict[LabelKey, LabelValue], _rule("labels", max_length=MAX_LABELS)]
 TimeoutS = Annotated[float, _rule("timeout_s", gt=0, le=MAX_TIMEOUT_S)]
 MaxAttempts = Annotated[int, _rule("max_attempts", ge=1, le=INT32_MAX)]
-Budget = Annotated[
-    dict[Literal[BUDGET_KEYS], Annotated[int, Meta(ge=0, le=INT64_MAX)]], _rule("budget")
-]
-Isolation = Annotated[Literal[ISOLATION_MODES], _rule("isolation")]
+# Spelled out for the type checker; tests/test_schemas.py holds them equal to
+# the runtime's own tuples.
+BudgetKey = Literal["model_calls", "tokens"]
+IsolationMode = Literal["task", "process"]
+PlacementName = Literal["least-loaded", "round-robin", "consistent-hash"]
+RoleName = Literal["voter", "executor"]
+Budget = Annotated[dict[BudgetKey, Annotated[int, Meta(ge=0, le=INT64_MAX)]], _rule("budget")]
+Isolation = Annotated[IsolationMode, _rule("isolation")]
 MemoryLimitMb = Annotated[int, _rule("memory_limit_mb", ge=16, le=INT32_MAX)]
 Session = Annotated[str, _rule("session", max_length=256)]
-Placement = Annotated[Literal[PLACEMENTS], _rule("placement")]
+Placement = Annotated[PlacementName, _rule("placement")]
 
 
 class SubmitRequest(Struct, forbid_unknown_fields=True):
@@ -111,7 +115,7 @@ class SubmitRequest(Struct, forbid_unknown_fields=True):
 PeerId = Annotated[str, _rule("id", min_length=1, max_length=128)]
 HttpAddress = Annotated[str, _rule("http", pattern=_ADDRESS)]
 RaftAddress = Annotated[str, _rule("raft", pattern=_ADDRESS)]
-Role = Annotated[Literal[VOTER, EXECUTOR], _rule("role")]
+Role = Annotated[RoleName, _rule("role")]
 
 
 class JoinRequest(Struct, forbid_unknown_fields=True):

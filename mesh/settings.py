@@ -119,7 +119,7 @@ class Settings:
         placements = ("least-loaded", "round-robin", "consistent-hash")
         if self.placement not in placements:
             raise SettingsError(f"placement must be one of {', '.join(placements)}")
-        limits = [*self.tenant_caps.values(), *self.tenant_max_queued.values()]
+        limits: list[int | None] = [*self.tenant_caps.values(), *self.tenant_max_queued.values()]
         limits += [self.default_tenant_cap, self.default_tenant_max_queued]
         if any(v is not None and v < 0 for v in limits):
             raise SettingsError("tenant caps and queued maximums must be >= 0")
@@ -214,7 +214,7 @@ class Settings:
 
     def _with_secret_files(self) -> Settings:
         """Read ``secret_file`` and ``api_token_file`` into their values."""
-        found = {}
+        found: dict[str, str] = {}
         for value, path, env in (
             ("secret", self.secret_file, "MESH_SECRET"),
             ("api_token", self.api_token_file, "MESH_API_TOKEN"),
@@ -226,7 +226,13 @@ class Settings:
                     f"both {env} (or its flag) and {env}_FILE are set: keep only {env}_FILE"
                 )
             found[value] = read_secret_file(path, value.replace("_", " "))
-        return dataclasses.replace(self, **found) if found else self
+        if not found:
+            return self
+        return dataclasses.replace(
+            self,
+            secret=found.get("secret", self.secret),
+            api_token=found.get("api_token", self.api_token),
+        )
 
 
 def read_secret_file(path: str, what: str) -> str:

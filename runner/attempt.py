@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +221,7 @@ async def _attempt(
         ctx.cancel()
     if on_context is not None:
         on_context(ctx)
+    agent_run: Awaitable[Any]
     try:
         if job.isolation == PROCESS:
             memory_mb = job.memory_limit_mb or default_memory_limit_mb
@@ -255,7 +256,7 @@ async def _attempt(
 
 
 async def _run_agent(
-    agent_run: Coroutine[Any, Any, Any], ctx: RunContext, job: Assignment
+    agent_run: Awaitable[Any], ctx: RunContext, job: Assignment
 ) -> tuple[Outcome, Any]:
     """Run the agent as its own task (so ``ctx.cancel`` can stop it) under the
     run's timeout. Fenced, Released and RunError propagate; every other ending

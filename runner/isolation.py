@@ -162,7 +162,8 @@ async def run_isolated(
         stdin.write(_pack(start))
         await stdin.drain()
         while True:
-            done, _ = await asyncio.wait({reader, failure}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {reader, failure}
+            done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if failure in done:
                 raise failure.result()
             batch = reader.result()

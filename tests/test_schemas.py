@@ -120,3 +120,18 @@ def test_openapi_document_is_valid_json_with_every_given_route() -> None:
     assert doc["paths"]["/v1/runs/{id}"]["get"]["parameters"][0]["name"] == "id"
     msgspec.json.decode(msgspec.json.encode(doc))
     assert "SubmitRequest" in doc["components"]["schemas"]
+
+
+def test_the_spelled_out_literals_match_the_runtime_tuples() -> None:
+    from typing import get_args
+
+    from raftmesh.consensus.state import ROLES
+    from raftmesh.mesh import schemas
+    from raftmesh.mesh.scheduler import PLACEMENTS
+    from raftmesh.runner.context import BUDGET_KEYS
+    from raftmesh.runner.isolation import ISOLATION_MODES
+
+    assert get_args(schemas.BudgetKey) == tuple(BUDGET_KEYS)
+    assert get_args(schemas.IsolationMode) == tuple(ISOLATION_MODES)
+    assert get_args(schemas.PlacementName) == tuple(PLACEMENTS)
+    assert set(get_args(schemas.RoleName)) == set(ROLES)

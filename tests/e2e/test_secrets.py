@@ -281,6 +281,7 @@ async def test_isolated_agents_do_not_inherit_the_peers_secrets(make_mesh, tmp_p
         "MESH_CHAT_API_KEY": "sk-chat",
         "OPENAI_API_KEY": "sk-openai",
         "MESH_CHAT_MODEL": "local-model",
+        "MESH_CHAT_BASE_URL": "http://127.0.0.1:9/v1",
     }
     mesh = await make_mesh("sqlite", nodes=1, env=env)
     async with MeshClient(mesh.url("peer-1"), "the-api-token") as c:
