@@ -136,7 +136,7 @@ class Peer:
         # The voters this data dir last saw beat the command line, which may
         # predate joins and leaves (or, for a joined peer, name only the seed).
         partners = persisted_voters(self.settings.data_dir) or list(self.settings.peers)
-        voter = self.settings.role == VOTER
+        voter = self.settings.role == VOTER and not self.membership.learning
         if not voter and not partners:
             raise SystemExit("an executor needs --peers: the voters' Raft addresses")
         await self._open_store()
@@ -158,7 +158,8 @@ class Peer:
         await self._http.setup()
         host, port = _host_port(self.settings.http)
         await web.TCPSite(self._http, host, port, reuse_address=True).start()
-        for loop_fn in (self._heartbeat_loop, self._leader_loop, self._reconcile_loop):
+        loops = (self._heartbeat_loop, self._leader_loop, self._reconcile_loop)
+        for loop_fn in (*loops, self.membership.promotion_loop):
             self._background.append(asyncio.create_task(loop_fn(), name=loop_fn.__name__))
         log.info(
             "peer started: raft %s, http %s, %d slots, storage %s",
@@ -572,7 +573,7 @@ class Peer:
                 and me.agents == self.registry.names()
                 and me.role == s.role
             )
-        busy = self.membership.shutting_down or self.membership.leaving
+        busy = self.membership.shutting_down or self.membership.leaving or self.membership.learning
         if current or busy or raft.leader_addr is None:
             return
         cmd = commands.peer_up(
@@ -678,6 +679,7 @@ class Peer:
             )
             if result.get("ok"):
                 self.metrics.peers_down.inc()
+        await self.membership.tend()
         await self._configure_if_needed()
         with raft.lock:
             plan = self.scheduler.plan(raft.state, now_ms())
@@ -927,7 +929,7 @@ async def _serve(settings: Settings) -> int:
             {graceful, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
         )
     await peer.stop()
-    return 0
+    return peer.membership.exit_status
 
 
 def run(settings: Settings) -> int:
