@@ -83,7 +83,18 @@ async def test_joins_to_made_up_addresses_never_cost_the_quorum(make_mesh):
         assert len(info["voters"]) == 3
         after = await submit_retrying(admin, "echo", {"after": "bogus joins"})
         assert (await admin.wait(after["id"], 30))["status"] == "succeeded"
-        for peer in mesh.peers:
+
+        # A real `mesh join` that cannot connect (a wrong cluster secret) stays a
+        # learner, never votes, and exits 1 with the reason once its join expires.
+        originals = list(mesh.peers)
+        mesh.set_peer_env("peer-4", {"MESH_SECRET": "not-the-mesh-secret"})
+        joiner = mesh.join("peer-1", peer_id="peer-4")
+        assert joiner.process is not None
+        assert await asyncio.to_thread(joiner.process.wait, 40) == 1
+        assert "join failed: not promoted within 8 s" in joiner.log_path.read_text()
+        info = await admin.cluster()
+        assert sorted(info["voters"]) == sorted(p.raft for p in originals)
+        for peer in originals:
             async with MeshClient(peer.url) as c:
                 assert await c.readyz(), peer.id
     finally:
@@ -106,15 +117,20 @@ async def test_a_mesh_that_lost_its_majority_is_rebuilt_from_the_survivors(make_
 
         dying = {p.id for p in doomed}
 
-        async def spread() -> list[str] | None:
+        async def running_owners() -> dict[str, str]:
             runs = [await client.get_run(i) for i in acked]
-            busy = [r for r in runs if r["status"] == "running" and r["owner"] in dying]
-            return [r["id"] for r in busy] if {r["owner"] for r in busy} == dying else None
+            return {r["id"]: r["owner"] for r in runs if r["status"] == "running"}
 
-        orphaned = await eventually(spread, 20, "runs running on the peers about to die")
+        async def spread() -> bool:
+            return set((await running_owners()).values()) >= dying
+
+        await eventually(spread, 20, "runs running on the peers about to die")
         # The leader and two followers die for good: 2 of 5 voters are left.
         for peer in doomed:
             mesh.kill(peer.id)
+        # As the survivors saw it when the others died.
+        orphaned = [i for i, owner in (await running_owners()).items() if owner in dying]
+        assert orphaned, "no run was left running on the dead peers"
         with pytest.raises(MeshHTTPError) as stuck:
             await client.submit("echo", {"n": "no quorum"})
         assert stuck.value.status == 503
