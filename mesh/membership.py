@@ -115,8 +115,9 @@ class Membership:
     # -- join -------------------------------------------------------------
 
     async def join(self, body: Any) -> dict[str, Any]:
-        """Admit a new peer: reserve its id, make it a voter if it is one, and
-        answer with the voter set it must start with."""
+        """Admit a new peer: reserve its id and answer with the voter set it
+        must start with. A voter starts as a learner (``learner`` in the
+        answer): it becomes a voter only through ``promote``."""
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         peer_id, http = body.get("id"), body.get("http")
@@ -223,7 +224,7 @@ class Membership:
                 break
             except PromotionRefused as exc:
                 return self._give_up(str(exc))
-            except (aiohttp.ClientError, TimeoutError, MeshError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError, MeshError) as exc:
                 if time.monotonic() >= deadline:
                     return self._give_up(
                         f"not promoted within {peer.settings.join_timeout_s:g} s ({exc}): "
@@ -231,7 +232,13 @@ class Membership:
                     )
                 log.debug("not promoted yet: %s", exc)
             await asyncio.sleep(PROMOTE_RETRY_S)
-        await peer._raft().become_voter(peer.settings.raft, voters)
+        try:
+            await peer._raft().become_voter(peer.settings.raft, voters)
+        except Exception as exc:  # a task boundary: the process must not hang as a zombie learner
+            log.exception("could not restart as a voter")
+            return self._give_up(
+                f"promoted, but could not start as voter {peer.settings.raft}: {exc}"
+            )
         (Path(peer.settings.data_dir) / LEARNER_MARKER).unlink(missing_ok=True)
         self.learning = False
         log.info("promoted: a voter now (voters %s)", ", ".join(voters))
@@ -367,7 +374,8 @@ class Membership:
         if not result.get("ok"):
             self.leaving = False
             raise Conflict(f"cannot remove {peer_id}: {result.get('error')}")
-        if member.role == VOTER:
+        # A voter's pending join (a learner) never was a Raft voter.
+        if member.role == VOTER and member.raft in raft.voters():
             await self._remove_voter(member.raft, own=peer_id == peer.id)
         log.info("peer %s left the mesh (%d runs requeued)", peer_id, result.get("requeued", 0))
         if peer_id == peer.id:
@@ -417,7 +425,7 @@ class Membership:
             try:
                 await self._ask_leader_to_remove(addr)
                 return
-            except (aiohttp.ClientError, TimeoutError, MeshError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError, MeshError) as exc:
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"the leader did not remove voter {addr}: {exc}") from exc
                 await asyncio.sleep(0.3)
