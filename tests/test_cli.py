@@ -338,3 +338,19 @@ def test_dev_mesh_serves_the_client_commands_and_stops_cleanly_on_ctrl_c(tmp_pat
         ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True
     ).stdout.split()
     assert leftovers == [], "Ctrl-C left peer processes behind"
+
+
+def test_recover_refuses_what_is_not_a_surviving_voters_data_dir(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["recover", "--data-dir", str(empty), "--voters", "a:1"])
+    assert result.exit_code == 1 and "not a voter's data dir" in result.output, result.output
+    voter = tmp_path / "voter"
+    voter.mkdir()
+    (voter / "voters.json").write_text(json.dumps({"voters": ["a:1", "b:1", "c:1"]}))
+    stranger = ["recover", "--data-dir", str(voter), "--voters", "a:1,z:9"]
+    result = CliRunner().invoke(main, stranger)
+    assert result.exit_code == 1 and "z:9 never was a voter" in result.output, result.output
+    result = CliRunner().invoke(main, ["recover", "--data-dir", str(voter), "--voters", "a:1"])
+    assert result.exit_code == 1 and "has no Raft journal" in result.output, result.output
+    assert not (voter / "recovery.json").exists()
