@@ -21,7 +21,10 @@ shared/notes/pysyncobj.md):
   partners before it can read anything: a joined node's command line names
   only the seed it joined through. A node with no address of its own is an
   executor: pysyncobj's read-only node, which receives the log and can
-  propose, but never votes.
+  propose, but never votes. A joining voter is such a node first (a learner)
+  and is rebuilt as a voter in-process once promoted (``become_voter``).
+  After ``mesh recover`` the voter set is pinned (``_PinnedSyncObj``) until a
+  snapshot has dropped the old membership changes from the journal.
 """
 
 from __future__ import annotations
@@ -223,13 +226,13 @@ class _PinnedSyncObj(SyncObj):
     def _SyncObj__doChangeCluster(self, request: Any, reverse: bool = False) -> bool:  # noqa: N802
         if self._pinned is not None:
             return False
-        return bool(SyncObj._SyncObj__doChangeCluster(self, request, reverse))  # type: ignore[attr-defined]
+        return bool(SyncObj._SyncObj__doChangeCluster(self, request, reverse))
 
     def _SyncObj__updateClusterConfiguration(self, new_nodes: Any) -> None:  # noqa: N802
         if self._pinned is not None:
             me = self.selfNode.id if self.selfNode is not None else None
             new_nodes = [n for n in self._pinned if n != me]
-        SyncObj._SyncObj__updateClusterConfiguration(self, new_nodes)  # type: ignore[attr-defined]
+        SyncObj._SyncObj__updateClusterConfiguration(self, new_nodes)
 
 
 def journal_end(data_dir: str) -> tuple[int, int]:
