@@ -38,6 +38,7 @@ from raftmesh.consensus.state import (
     DRAIN_FINISH,
     DRAIN_RELEASE,
     EXECUTOR,
+    PEER_DOWN,
     PEER_JOINING,
     PEER_LEFT,
     PEER_UP,
@@ -301,7 +302,7 @@ class Membership:
             elif (
                 kept is not None
                 and member.role == VOTER
-                and member.status != PEER_LEFT
+                and member.status in (PEER_UP, PEER_DOWN)
                 and member.raft not in kept
                 and member.raft not in voters
             ):

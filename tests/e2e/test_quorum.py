@@ -137,10 +137,10 @@ async def test_a_mesh_that_lost_its_majority_is_rebuilt_from_the_survivors(make_
         # The procedure (README, "Recovering a mesh that lost its majority").
         for peer in survivors:
             mesh.kill(peer.id)
-        voters = ",".join(p.raft for p in survivors)
+        surviving = ",".join(p.raft for p in survivors)
         for peer in survivors:
             code, out, err = await mesh_cli(
-                "recover", "--data-dir", str(peer.data_dir), "--voters", voters
+                "recover", "--data-dir", str(peer.data_dir), "--voters", surviving
             )
             assert code == 0 and "voters pinned" in out, (code, out, err)
         for peer in survivors:
@@ -158,11 +158,16 @@ async def test_a_mesh_that_lost_its_majority_is_rebuilt_from_the_survivors(make_
             return all(peers[p.id] == "left" for p in doomed)
 
         await eventually(lost_ones_left, 30, "the lost voters to be removed")
-        # The recovered mesh is an ordinary mesh: it restarts as two voters.
+        # The recovered mesh is an ordinary mesh: a replacement voter joins (with
+        # a fresh data dir), and a restarted survivor keeps the new voter set.
+        replacement = mesh.join(survivors[0].id, peer_id="peer-6")
+        await mesh.wait_ready(60, ["peer-6"])
+        voters = sorted([*(p.raft for p in survivors), replacement.raft])
+        assert sorted((await client.cluster())["voters"]) == voters
         mesh.restart(survivors[1].id)
         await mesh.wait_ready(60, [survivors[1].id])
         async with MeshClient(survivors[1].url) as other:
-            assert sorted((await other.cluster())["voters"]) == sorted(p.raft for p in survivors)
+            assert sorted((await other.cluster())["voters"]) == voters
         after = await submit_retrying(client, "echo", {"after": "recovery"})
         assert (await client.wait(after["id"], 30))["status"] == "succeeded"
         assert not any((p.data_dir / "recovery.json").exists() for p in survivors), "not sealed"
