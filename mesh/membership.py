@@ -291,13 +291,15 @@ class Membership:
                         lambda a=member.raft: raft.remove_voter(a), f"removing voter {member.raft}"
                     )
                 result = await peer._propose(commands.peer_leave(_cid(), now, member.id))
+                if not result.get("ok"):
+                    log.debug("expired join of %s not removed yet: %s", member.id, result)
+                    continue
                 log.warning(
                     "join of %s (%s) expired: it did not connect, catch up and come up within "
-                    "%g s; reservation removed (%s)",
+                    "%g s; reservation removed",
                     member.id,
                     member.raft or member.http,
                     peer.settings.join_timeout_s,
-                    result,
                 )
             elif (
                 kept is not None
