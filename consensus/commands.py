@@ -242,5 +242,10 @@ def peer_stopping(cid: str, at_ms: int, peer_id: str, incarnation: str) -> Comma
     }
 
 
-def peer_leave(cid: str, at_ms: int, peer_id: str) -> Command:
-    return {"op": PEER_LEAVE, "cid": cid, "at_ms": at_ms, "peer": peer_id}
+def peer_leave(cid: str, at_ms: int, peer_id: str, force: bool = False) -> Command:
+    """``force`` skips the majority guard: only for voters a recovery removed
+    from Raft (``mesh recover``)."""
+    cmd: Command = {"op": PEER_LEAVE, "cid": cid, "at_ms": at_ms, "peer": peer_id}
+    if force:
+        cmd["force"] = True
+    return cmd

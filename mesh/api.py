@@ -96,6 +96,14 @@ def _check_token(request: web.Request, expected: str, what: str) -> None:
         raise Unauthorized(f"missing or wrong {what} token: send 'Authorization: Bearer <token>'")
 
 
+def require_admin(request: web.Request, api_token: str) -> None:
+    """Membership changes (join, leave, drain) can cost the mesh its quorum, so
+    they take the admin scope. The one place that decides it: today the single
+    API token is the admin token (and, with no token configured, the API is
+    open as everywhere else); a tokens file with scopes plugs in here."""
+    _check_token(request, api_token, "admin")
+
+
 async def _json_body(request: web.Request) -> Any:
     """The decoded body, refused with a 400 if it is not JSON or nests deeper
     than MAX_NESTING (every route reads its body here)."""

@@ -106,7 +106,7 @@ class Peer:
         # The voters this data dir last saw beat the command line, which may
         # predate joins and leaves (or, for a joined peer, name only the seed).
         partners = persisted_voters(s.data_dir) or list(s.peers)
-        voter = s.role == VOTER
+        voter = s.role == VOTER and not self.membership.learning
         if not voter and not partners:
             raise SystemExit("an executor needs --peers: the voters' Raft addresses")
         await self._open_store()
@@ -160,7 +160,9 @@ class Peer:
             self.liveness,
             self.contact,
             lambda: self.reconciler.slots.busy,
-            lambda: self.membership.shutting_down or self.membership.leaving,
+            lambda: (
+                self.membership.shutting_down or self.membership.leaving or self.membership.learning
+            ),
         )
         app = build_app(self.service)
         add_membership_routes(app, self)
@@ -171,12 +173,13 @@ class Peer:
         self._background = [
             asyncio.create_task(self._every(s.heartbeat_interval_s, None, self._beat), name="beat"),
             asyncio.create_task(
-                self._every(s.scheduler_tick_s, self._leader_wake, self.leader_duty.run_once),
+                self._every(s.scheduler_tick_s, self._leader_wake, self._lead),
                 name="leader",
             ),
             asyncio.create_task(
                 self._every(0.5, self._reconcile_wake, self._reconcile), name="rec"
             ),
+            asyncio.create_task(self.membership.promotion_loop(), name="promotion"),
         ]
         log.info(
             "peer started: raft %s, http %s, %d slots, storage %s",
@@ -249,6 +252,11 @@ class Peer:
                     await wake.wait()
             wake.clear()
 
+    async def _lead(self) -> None:
+        await self.leader_duty.run_once()
+        if self.proposer.raft.is_leader:
+            await self.membership.tend()
+
     async def _beat(self) -> None:
         await self.presence.beat()
         self.reconciler.self_fence_if_cut_off()
@@ -317,7 +325,7 @@ async def _serve(settings: Settings) -> int:
             {graceful, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
         )
     await peer.stop()
-    return 0
+    return peer.membership.exit_status
 
 
 def run(settings: Settings) -> int:

@@ -88,6 +88,9 @@ class Settings:
     # SIGTERM: runs are released at their next step boundary (or finish)
     # within this time; what is left is then stopped and released anyway.
     shutdown_grace_s: float = 30.0
+    # A join reservation whose peer has not connected, caught up and come up
+    # within this time is removed by the leader (a made-up address never votes).
+    join_timeout_s: float = 60.0
     # Advertised address (Raft or HTTP, of another peer) -> the address to
     # connect to instead: for peers reached through NAT or a proxy (the chaos
     # harness routes every link through its own proxy to cut it at will).
@@ -112,6 +115,8 @@ class Settings:
             raise SettingsError("events_poll_s must be positive")
         if self.role not in ("voter", "executor"):
             raise SettingsError(f"--role must be voter or executor, got {self.role!r}")
+        if self.join_timeout_s <= 0:
+            raise SettingsError("join_timeout_s must be positive")
         if self.shutdown_grace_s < 0:
             raise SettingsError("shutdown_grace_s must be >= 0")
         if self.peer_ttl_s <= self.heartbeat_interval_s:

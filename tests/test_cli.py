@@ -431,3 +431,19 @@ def test_client_token_flag_is_deprecated_and_the_file_is_read(tmp_path: Path) ->
     assert "--token is deprecated" in flag.stderr and "MESH_API_TOKEN_FILE" in flag.stderr
     assert "deprecated" not in from_file.stderr
     assert seen == ["Bearer argv-token", "Bearer file-token"], (flag.output, from_file.output)
+
+
+def test_recover_refuses_what_is_not_a_surviving_voters_data_dir(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["recover", "--data-dir", str(empty), "--voters", "a:1"])
+    assert result.exit_code == 1 and "not a voter's data dir" in result.output, result.output
+    voter = tmp_path / "voter"
+    voter.mkdir()
+    (voter / "voters.json").write_text(json.dumps({"voters": ["a:1", "b:1", "c:1"]}))
+    stranger = ["recover", "--data-dir", str(voter), "--voters", "a:1,z:9"]
+    result = CliRunner().invoke(main, stranger)
+    assert result.exit_code == 1 and "z:9 never was a voter" in result.output, result.output
+    result = CliRunner().invoke(main, ["recover", "--data-dir", str(voter), "--voters", "a:1"])
+    assert result.exit_code == 1 and "has no Raft journal" in result.output, result.output
+    assert not (voter / "recovery.json").exists()
