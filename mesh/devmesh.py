@@ -257,9 +257,10 @@ class DevMesh:
         env = {"MESH_DEMO_AGENTS": "true"}
         env.update({k: v for k, v in os.environ.items() if k not in _SET_BY_DEVMESH})
         env["PYTHONUNBUFFERED"] = "1"
+        env.update({"MESH_SECRET_FILE": str(self.secret_file), "MESH_STORAGE": self.storage})
+        # Last, so a test can give one peer another secret on purpose.
         env.update(self._env)
         env.update(self._peer_env.get(peer.id, {}))
-        env.update({"MESH_SECRET_FILE": str(self.secret_file), "MESH_STORAGE": self.storage})
         with open(peer.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {peer.id}\n".encode())
             log.flush()
