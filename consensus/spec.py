@@ -79,7 +79,8 @@ def _int(lo: int, hi: int = INT64_MAX) -> Any:
 
 
 def _text(v: Any) -> bool:
-    return isinstance(v, str)
+    """PostgreSQL text cannot hold NUL: refused here so both backends agree."""
+    return isinstance(v, str) and "\x00" not in v
 
 
 def _str_map(v: Any) -> bool:
@@ -98,7 +99,7 @@ def _timeout(v: Any) -> bool:
 
 _CHECKS = {
     "agent": lambda v: _text(v) and v != "",
-    "tenant": _text,
+    "tenant": lambda v: _text(v) and v != "",
     "priority": _int(-INT64_MAX),
     "labels": _str_map,
     "timeout_s": _timeout,

@@ -252,10 +252,7 @@ class MeshService:
             raise Conflict(
                 f"run {run_id} is {status}; only failed or timed_out runs can be retried"
             )
-        # Exactly as it was submitted: every field of the spec, and the epoch
-        # and attempts storage knows, so the next owner claims epoch + 1.
-        spec = dataclasses.replace(row.spec, input=unpack(row.spec.input))
-        wire = {"id": row.id, **spec.to_wire(), "epoch": row.epoch, "attempts": row.attempts}
+        wire = resubmission(row)
         result = await self._proposer.propose(commands.submit(new_id(), now_ms(), [wire]))
         outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
         if "error" in outcome:
@@ -356,3 +353,11 @@ class MeshService:
             slots = slot_use(state)
         self.metrics.set_queue(queue, slots)
         return generate_latest(self.metrics.registry)
+
+
+def resubmission(row: RunRow) -> dict[str, Any]:
+    """A stored run as a ``submit`` entry again, exactly as it was submitted:
+    every field of its spec, and the epoch and attempts storage knows, so its
+    next owner claims epoch + 1 and its attempts keep counting."""
+    spec = dataclasses.replace(row.spec, input=unpack(row.spec.input))
+    return {"id": row.id, **spec.to_wire(), "epoch": row.epoch, "attempts": row.attempts}
