@@ -65,7 +65,11 @@ async def probe_limits(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]
     it ran: its process id and its address-space limit."""
     import resource
 
-    if os.path.exists(str(input["fail_while"])):
+    if _exists(str(input["fail_while"])):
         raise RuntimeError("asked to fail while the file exists")
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     return {"pid": os.getpid(), "rlimit_as": soft}
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
