@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus.spec import SPEC_FIELDS, RunSpec
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -82,6 +83,10 @@ class Run:
     last_error: str | None = None
     cancel_requested: bool = False
     outcome: str | None = None
+
+    def spec(self) -> RunSpec:
+        """What the run was submitted as (every field a retry needs)."""
+        return RunSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
 
     def public(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -8,6 +8,7 @@ storage once it has ended.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -16,6 +17,7 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from raftmesh.consensus import commands
+from raftmesh.consensus.spec import RunSpec, SpecError
 from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING
 from raftmesh.mesh.api import SUBMIT_FIELDS, validate_submission
 from raftmesh.mesh.errors import (
@@ -101,9 +103,10 @@ class MeshService:
         await asyncio.gather(*self._detached, return_exceptions=True)
 
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
-        run = self._new_run(spec)
+        run_id, run = self._new_run(spec)
         started = time.monotonic()
-        result = await self._proposer.propose(commands.submit(new_id(), now_ms(), [run]))
+        cmd = commands.submit(new_id(), now_ms(), [{"id": run_id, **run.to_wire()}])
+        result = await self._proposer.propose(cmd)
         self.metrics.commit_seconds.observe(time.monotonic() - started)
         outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
         if "error" in outcome:
@@ -111,15 +114,17 @@ class MeshService:
             if outcome.get("code") == "tenant_queue_full":
                 raise TooManyRequests(
                     f"{outcome['error']}; nothing was accepted: retry after the queue drains",
-                    retry_after_s=self._retry_after_s(run["tenant"]),
+                    retry_after_s=self._retry_after_s(run.tenant),
                 )
             raise BadRequest(f"submission rejected: {outcome['error']}")
         self.metrics.submissions.labels("created" if outcome["created"] else "existing").inc()
         if outcome["created"]:
-            self._detach(self._record_submitted(run, now_ms()))
+            self._detach(self._record_submitted(run_id, run, now_ms()))
         return str(outcome["id"]), bool(outcome["created"])
 
-    def _new_run(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def _new_run(self, spec: dict[str, Any]) -> tuple[str, RunSpec]:
+        """A new run id and the spec, from a validated request (absent and null
+        fields take the spec's defaults)."""
         known = self.known_agents()
         if spec["agent"] not in known:
             raise UnknownAgentError(
@@ -130,24 +135,10 @@ class MeshService:
             self.registry.check_input(spec["agent"], spec["input"], self.settings.models)
         except InvalidInput as exc:
             raise BadRequest(str(exc)) from None
-        return {
-            "id": new_id(),
-            "agent": spec["agent"],
-            "input": spec["input"],
-            "tenant": spec.get("tenant") or "default",
-            "priority": spec.get("priority") or 0,
-            "labels": spec.get("labels") or {},
-            "timeout_s": spec.get("timeout_s"),
-            "max_attempts": spec.get("max_attempts") or 1,
-            "idempotency_key": spec.get("idempotency_key"),
-            "parent_id": spec.get("parent_id"),
-            "depth": spec.get("depth") or 0,
-            "budget": spec.get("budget"),
-            "isolation": spec.get("isolation") or "task",
-            "memory_limit_mb": spec.get("memory_limit_mb"),
-            "session": spec.get("session"),
-            "placement": spec.get("placement"),
-        }
+        try:
+            return new_id(), RunSpec.from_wire(spec)
+        except SpecError as exc:
+            raise BadRequest(str(exc)) from None
 
     async def spawn(self, spec: dict[str, Any]) -> str:
         """A child run for ``ctx.spawn`` (runner.context.MeshLink): validated like a
@@ -172,26 +163,15 @@ class MeshService:
             cap = state.tenant_cap(tenant) or 1
         return max(1, min(60, -(-queued // max(1, cap))))
 
-    async def _record_submitted(self, run: dict[str, Any], at_ms: int) -> None:
+    async def _record_submitted(self, run_id: str, run: RunSpec, at_ms: int) -> None:
         """History for queued runs; best effort, since the owner's claim
         inserts the row anyway."""
-        row = RunRow(
-            id=run["id"],
-            agent=run["agent"],
-            input=pack(run["input"]),
-            tenant=run["tenant"],
-            priority=run["priority"],
-            labels=run["labels"],
-            timeout_s=run["timeout_s"],
-            max_attempts=run["max_attempts"],
-            idempotency_key=run["idempotency_key"],
-            parent_id=run["parent_id"],
-            submitted_at_ms=at_ms,
-        )
+        packed = dataclasses.replace(run, input=pack(run.input))
+        row = RunRow(id=run_id, spec=packed, submitted_at_ms=at_ms)
         try:
             await self.store.record_runs([row])
         except Exception as exc:  # history is advisory here; the claim writes it for real
-            log.warning("could not record run history: %s", exc, extra={"run_id": run["id"]})
+            log.warning("could not record run history: %s", exc, extra={"run_id": run_id})
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
         view, _ = await self._settled_view(run_id)
@@ -272,26 +252,14 @@ class MeshService:
             raise Conflict(
                 f"run {run_id} is {status}; only failed or timed_out runs can be retried"
             )
-        spec = {
-            "id": row.id,
-            "agent": row.agent,
-            "input": unpack(row.input),
-            "tenant": row.tenant,
-            "priority": row.priority,
-            "labels": dict(row.labels),
-            "timeout_s": row.timeout_s,
-            "max_attempts": row.max_attempts,
-            "parent_id": row.parent_id,
-            "epoch": row.epoch,
-            "attempts": row.attempts,
-        }
-        result = await self._proposer.propose(commands.submit(new_id(), now_ms(), [spec]))
+        wire = resubmission(row)
+        result = await self._proposer.propose(commands.submit(new_id(), now_ms(), [wire]))
         outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
         if "error" in outcome:
             if outcome.get("code") == "tenant_queue_full":
                 raise TooManyRequests(
                     f"{outcome['error']}; retry after the queue drains",
-                    retry_after_s=self._retry_after_s(row.tenant),
+                    retry_after_s=self._retry_after_s(row.spec.tenant),
                 )
             raise Conflict(f"run {run_id} could not be re-queued: {outcome['error']}")
         log.info("dead letter re-queued", extra={"run_id": run_id, "epoch": row.epoch})
@@ -385,3 +353,11 @@ class MeshService:
             slots = slot_use(state)
         self.metrics.set_queue(queue, slots)
         return generate_latest(self.metrics.registry)
+
+
+def resubmission(row: RunRow) -> dict[str, Any]:
+    """A stored run as a ``submit`` entry again, exactly as it was submitted:
+    every field of its spec, and the epoch and attempts storage knows, so its
+    next owner claims epoch + 1 and its attempts keep counting."""
+    spec = dataclasses.replace(row.spec, input=unpack(row.spec.input))
+    return {"id": row.id, **spec.to_wire(), "epoch": row.epoch, "attempts": row.attempts}

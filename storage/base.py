@@ -13,8 +13,10 @@ runner encodes them with msgpack before they arrive.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from raftmesh.consensus.spec import RunSpec
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 # Terminal outcomes an operator may re-queue (POST /v1/runs/{id}/retry).
@@ -61,15 +63,8 @@ class RunRow:
     """A run as storage remembers it, also long after it left Raft state."""
 
     id: str
-    agent: str
-    input: bytes
-    tenant: str = "default"
-    priority: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    timeout_s: float | None = None
-    max_attempts: int = 1
-    idempotency_key: str | None = None
-    parent_id: str | None = None
+    # Everything a retry needs to run the run again; ``spec.input`` is packed.
+    spec: RunSpec
     submitted_at_ms: int = 0
     status: str = "queued"
     owner: str | None = None

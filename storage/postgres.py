@@ -19,11 +19,11 @@ import asyncpg
 
 from raftmesh.storage._common import (
     RUN_COLUMNS,
-    encode_labels,
     fence,
     fence_result,
     require_terminal,
     run_from_row,
+    spec_values,
 )
 from raftmesh.storage.base import (
     DEAD_LETTER_STATUSES,
@@ -66,8 +66,8 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 _INSERT_QUEUED = """
 INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
-                  idempotency_key, parent_id, submitted_at_ms, status, epoch, attempts)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, 'queued', 0, 0)
+                  idempotency_key, parent_id, options, submitted_at_ms, status, epoch, attempts)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11::jsonb, $12, 'queued', 0, 0)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -75,16 +75,17 @@ ON CONFLICT (id) DO NOTHING
 # the new epoch and owner, so the epoch that wrote the result is fenced too.
 _CLAIM = f"""
 INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
-                  idempotency_key, parent_id, submitted_at_ms, status, owner, epoch,
+                  idempotency_key, parent_id, options, submitted_at_ms, status, owner, epoch,
                   attempts, started_at_ms)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, 'running', $12, $13, 1, $14)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11::jsonb, $12, 'running', $13, $14, 1,
+        $15)
 ON CONFLICT (id) DO UPDATE SET
     epoch = excluded.epoch,
     owner = excluded.owner,
-    status = CASE WHEN runs.status = ANY($15::text[]) THEN runs.status ELSE 'running' END,
-    attempts = CASE WHEN runs.status = ANY($15::text[])
+    status = CASE WHEN runs.status = ANY($16::text[]) THEN runs.status ELSE 'running' END,
+    attempts = CASE WHEN runs.status = ANY($16::text[])
                     THEN runs.attempts ELSE runs.attempts + 1 END,
-    started_at_ms = CASE WHEN runs.status = ANY($15::text[])
+    started_at_ms = CASE WHEN runs.status = ANY($16::text[])
                          THEN runs.started_at_ms ELSE excluded.started_at_ms END
 WHERE runs.epoch < excluded.epoch
 RETURNING {RUN_COLUMNS}
@@ -179,22 +180,7 @@ class PostgresStore:
         async with self._connection() as conn:
             await conn.executemany(
                 _INSERT_QUEUED,
-                [
-                    (
-                        run.id,
-                        run.agent,
-                        run.input,
-                        run.tenant,
-                        run.priority,
-                        encode_labels(run.labels),
-                        run.timeout_s,
-                        run.max_attempts,
-                        run.idempotency_key,
-                        run.parent_id,
-                        run.submitted_at_ms,
-                    )
-                    for run in runs
-                ],
+                [(run.id, *spec_values(run.spec), run.submitted_at_ms) for run in runs],
             )
 
     async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
@@ -202,15 +188,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 _CLAIM,
                 run.id,
-                run.agent,
-                run.input,
-                run.tenant,
-                run.priority,
-                encode_labels(run.labels),
-                run.timeout_s,
-                run.max_attempts,
-                run.idempotency_key,
-                run.parent_id,
+                *spec_values(run.spec),
                 run.submitted_at_ms,
                 peer,
                 epoch,

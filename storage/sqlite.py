@@ -23,11 +23,11 @@ from typing import TypeVar
 
 from raftmesh.storage._common import (
     RUN_COLUMNS,
-    encode_labels,
     fence,
     fence_result,
     require_terminal,
     run_from_row,
+    spec_values,
 )
 from raftmesh.storage.base import (
     DEAD_LETTER_STATUSES,
@@ -63,9 +63,9 @@ _UNAVAILABLE_CODES = frozenset(
 
 _INSERT_RUN = """
 INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
-                  idempotency_key, parent_id, submitted_at_ms, status, owner, epoch,
+                  idempotency_key, parent_id, options, submitted_at_ms, status, owner, epoch,
                   attempts, started_at_ms)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -142,24 +142,7 @@ class SqliteStore:
         if not runs:
             return
         rows = [
-            (
-                run.id,
-                run.agent,
-                run.input,
-                run.tenant,
-                run.priority,
-                encode_labels(run.labels),
-                run.timeout_s,
-                run.max_attempts,
-                run.idempotency_key,
-                run.parent_id,
-                run.submitted_at_ms,
-                "queued",
-                None,
-                0,
-                0,
-                None,
-            )
+            (run.id, *spec_values(run.spec), run.submitted_at_ms, "queued", None, 0, 0, None)
             for run in runs
         ]
         await self._write(lambda conn: conn.executemany(_INSERT_RUN, rows))
@@ -174,15 +157,7 @@ class SqliteStore:
                     _INSERT_RUN,
                     (
                         run.id,
-                        run.agent,
-                        run.input,
-                        run.tenant,
-                        run.priority,
-                        encode_labels(run.labels),
-                        run.timeout_s,
-                        run.max_attempts,
-                        run.idempotency_key,
-                        run.parent_id,
+                        *spec_values(run.spec),
                         run.submitted_at_ms,
                         "running",
                         peer,
