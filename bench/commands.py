@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 
 from raftmesh.bench.env import DEFAULT_PG_URL, BenchSetupError
-from raftmesh.bench.extra import HINT, missing
+from raftmesh.bench.extra import ExtraMissing, missing
 from raftmesh.bench.peers import NEEDS
 from raftmesh.bench.report import emit
 from raftmesh.bench.scenarios import SCENARIOS, Params
@@ -84,11 +84,9 @@ def bench(
     needed = {s for name in chosen for s in USES.get(name, ()) if s in wanted}
     absent = sorted({pkg for s in needed for pkg in missing(NEEDS[s])})
     if absent:
-        raise click.ClickException(
-            f"{', '.join(absent)} not installed (the bench extra): {HINT}, "
-            "or leave those systems out with --systems raftmesh"
-        )
-    console = Console()
+        raise ExtraMissing(absent, ", or leave those systems out with --systems raftmesh")
+    # A table piped into a file or a CI log keeps its columns readable.
+    console = Console() if Console().is_terminal else Console(width=150)
     with tempfile.TemporaryDirectory(prefix="raftmesh-bench-") as tmp:
         params = Params(pg_url, Path(tmp), smoke=smoke, scale=scale, n=n, systems=wanted)
         for name in chosen:

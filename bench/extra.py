@@ -20,16 +20,17 @@ class ExtraMissing(click.ClickException):
 
     exit_code = 2
 
-    def __init__(self, module: str) -> None:
-        super().__init__(f"{module} is not installed; it comes with the bench extra: {HINT}")
-        self.module = module
+    def __init__(self, modules: list[str], advice: str = "") -> None:
+        names = ", ".join(modules)
+        verb = "is" if len(modules) == 1 else "are"
+        super().__init__(f"{names} {verb} not installed (the bench extra): {HINT}{advice}")
 
 
 def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ExtraMissing(module.split(".")[0]) from exc
+        raise ExtraMissing([module.split(".")[0]]) from exc
 
 
 def missing(modules: tuple[str, ...]) -> list[str]:

@@ -77,6 +77,9 @@ class Result:
     figures: list[Figure] = field(default_factory=list)
     # name -> (x label, y label, points); one line each in the plot
     series: dict[str, tuple[str, str, list[tuple[float, float]]]] = field(default_factory=dict)
+    # label -> value; one bar each, side by side (systems compared in one run)
+    bars: dict[str, float] = field(default_factory=dict)
+    bars_label: str = ""
     notes: list[str] = field(default_factory=list)
 
     def add(self, *figures: Figure) -> None:
@@ -93,6 +96,7 @@ class Result:
                 name: {"x": x, "y": y, "points": points}
                 for name, (x, y, points) in self.series.items()
             },
+            "bars": {"label": self.bars_label, "values": self.bars},
             "notes": self.notes,
         }
 
@@ -161,14 +165,17 @@ def plot(result: Result, out_dir: Path) -> Path | None:
     except ImportError:
         return None
     judged = [f for f in result.figures if f.ratio is not None and math.isfinite(f.ratio)]
-    panels = int(bool(judged)) + int(bool(result.series))
+    by_x: dict[str, list[tuple[str, str, list[tuple[float, float]]]]] = {}
+    for name, (xlabel, ylabel, points) in result.series.items():
+        if points:
+            by_x.setdefault(xlabel, []).append((name, ylabel, points))
+    panels = int(bool(judged)) + int(bool(result.bars)) + len(by_x)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
-    column = 0
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    free = iter(axes[0])
     if judged:
-        ax = axes[0][column]
-        column += 1
+        ax = next(free)
         ratios = [f.ratio or 0.0 for f in judged]
         colours = ["tab:green" if r >= 1 else "tab:red" for r in ratios]
         ax.barh([f.name for f in judged], ratios, color=colours)
@@ -176,14 +183,18 @@ def plot(result: Result, out_dir: Path) -> Path | None:
         ax.set_xlabel("measured / target (≥ 1 meets the target)")
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=8)
-    if result.series:
-        ax = axes[0][column]
-        for name, (xlabel, ylabel, points) in result.series.items():
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker=".", label=name)
-                ax.set_xlabel(xlabel)
-                ax.set_ylabel(ylabel)
+    if result.bars:
+        ax = next(free)
+        ax.bar(list(result.bars), list(result.bars.values()), color="tab:blue")
+        ax.set_ylabel(result.bars_label)
+        ax.grid(axis="y", alpha=0.3)
+    for xlabel, lines in by_x.items():
+        ax = next(free)
+        for name, ylabel, points in lines:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker=".", label=name)
+            ax.set_ylabel(ylabel)
+        ax.set_xlabel(xlabel)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"mesh bench {result.scenario}")

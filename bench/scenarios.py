@@ -190,8 +190,8 @@ async def short_runs(p: Params) -> Result:
                 note="the physical limit: one durable write per run outcome",
             )
         )
-    result.series["runs/s"] = ("system (index)", "runs/s", list(enumerate(rates.values())))
-    result.notes.append("series order: " + ", ".join(rates))
+    result.bars = {system: rate for system, rate in rates.items()}
+    result.bars_label = "runs/s end to end"
     result.notes.append(SHARED_NOTE)
     return result
 
@@ -449,12 +449,12 @@ async def _kill_leader(m: BenchMesh, leader: str) -> tuple[float, float]:
 
 async def footprint(p: Params) -> Result:
     """Idle RSS, RSS per 1,000 in-flight runs, Raft state as finished runs pile up."""
-    in_flight = p.size(9000, 150)
-    finished = p.size(100_000, 300)
+    in_flight = p.size(9000, 60)
+    finished = p.size(100_000, 150)
     result = Result("footprint", p.describe(in_flight=in_flight, finished=finished, peers=PEERS))
     per_peer = math.ceil(in_flight / PEERS)
     async with bench_mesh(p.pg_url, peers=PEERS, slots=per_peer + 1) as m:
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(p.seconds(5.0, 1.0))
         idle = max(m.rss_mb().values())
         levels: list[tuple[float, float]] = [(0.0, idle)]
         spec = {"seconds": 3600}
