@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ class Params:
         return {"smoke": self.smoke, "scale": self.scale, "n": self.n, **sizes}
 
 
-Scenario = Callable[[Params], Awaitable[Result]]
+Scenario = Callable[[Params], Coroutine[Any, Any, Result]]
 
 
 def _ms(seconds: float) -> float:
@@ -482,7 +482,7 @@ async def footprint(p: Params) -> Result:
     )
     result.series["peer RSS (MB)"] = ("in-flight runs per peer", "MB", levels)
 
-    sizes: list[tuple[int, dict[str, float]]] = []
+    sizes: list[tuple[int, dict[str, float | None]]] = []
     async with bench_mesh(p.pg_url, peers=PEERS, slots=SLOTS) as m:
         chunk = max(1, finished // 10)
         done = 0
@@ -492,10 +492,9 @@ async def footprint(p: Params) -> Result:
             done += count
             await m.wait_finished(done, 120 + count)
             sizes.append((done, _raft_files_kb(m)))
-    snapshot = [(float(d), s["snapshot"]) for d, s in sizes if s["snapshot"] is not None]
-    journal = [(float(d), s["journal"]) for d, s in sizes]
-    result.series["snapshot (KB)"] = ("finished runs", "KB", snapshot)
-    result.series["journal (KB)"] = ("finished runs", "KB", journal)
+    for key in ("snapshot", "journal"):
+        points = [(float(d), kb) for d, s in sizes if (kb := s[key]) is not None]
+        result.series[f"{key} (KB)"] = ("finished runs", "KB", points)
     first, last = sizes[0][1], sizes[-1][1]
     result.add(
         Figure("Raft journal after all finished", last["journal"], "KB", note=f"{finished:,} runs"),
