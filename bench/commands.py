@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from raftmesh.bench.env import DEFAULT_PG_URL, BenchSetupError
+from raftmesh.bench.env import DEFAULT_PG_URL, DEFAULT_REDIS, BenchSetupError
 from raftmesh.bench.extra import ExtraMissing, missing
 from raftmesh.bench.peers import NEEDS
 from raftmesh.bench.report import emit
@@ -62,6 +62,13 @@ USES = {"short-runs": ("celery", "procrastinate", "dbos"), "steps": ("dbos",)}
     show_default=True,
     help="comma separated, which systems short-runs and steps compare",
 )
+@click.option(
+    "--redis",
+    default=DEFAULT_REDIS,
+    show_default=True,
+    help="HOST:PORT of the Redis Celery uses; when none answers there, "
+    "a redis-server of the run's own is started (and installed with apt-get if missing)",
+)
 def bench(
     scenarios: tuple[str, ...],
     out: Path,
@@ -70,6 +77,7 @@ def bench(
     scale: float,
     n: int | None,
     systems: str,
+    redis: str,
 ) -> None:
     """Measure raftmesh beside its targets and its peers: acceptance, short-runs,
     steps, many-agents, failover, footprint (or all). Measures, never asserts."""
@@ -88,7 +96,9 @@ def bench(
     # A table piped into a file or a CI log keeps its columns readable.
     console = Console() if Console().is_terminal else Console(width=150)
     with tempfile.TemporaryDirectory(prefix="raftmesh-bench-") as tmp:
-        params = Params(pg_url, Path(tmp), smoke=smoke, scale=scale, n=n, systems=wanted)
+        params = Params(
+            pg_url, Path(tmp), smoke=smoke, scale=scale, n=n, systems=wanted, redis=redis
+        )
         for name in chosen:
             console.rule(f"[bold]{name}")
             try:

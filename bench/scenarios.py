@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from raftmesh.bench import peers
-from raftmesh.bench.env import RedisServer, raw_commit_rate
+from raftmesh.bench.env import DEFAULT_REDIS, RedisServer, raw_commit_rate
 from raftmesh.bench.mesh import (
     BenchMesh,
     bench_mesh,
@@ -47,6 +47,7 @@ class Params:
     scale: float = 1.0
     n: int | None = None
     systems: tuple[str, ...] = ("raftmesh", "celery", "procrastinate", "dbos")
+    redis: str = DEFAULT_REDIS
 
     def size(self, full: int, smoke: int) -> int:
         if self.n is not None:
@@ -146,12 +147,13 @@ async def short_runs(p: Params) -> Result:
             )
         )
     workdir = p.workdir
+    redis = RedisServer(p.redis)
     comparisons: list[tuple[str, str, float, Callable[[], Awaitable[peers.Outcome]]]] = [
         (
             "celery",
             "Celery+Redis",
             1.5,
-            lambda: peers.celery(RedisServer(), workdir, n, timeout_s),
+            lambda: peers.celery(redis, workdir, n, timeout_s),
         ),
         (
             "procrastinate",
@@ -161,7 +163,6 @@ async def short_runs(p: Params) -> Result:
         ),
         ("dbos", "DBOS", 3.0, lambda: peers.dbos(p.pg_url, workdir, n, 0, IN_FLIGHT, timeout_s)),
     ]
-    redis = RedisServer()
     try:
         for key, label, factor, run in comparisons:
             if key not in p.systems:
