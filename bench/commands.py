@@ -19,6 +19,7 @@ from raftmesh.bench.extra import ExtraMissing, missing
 from raftmesh.bench.peers import NEEDS
 from raftmesh.bench.report import emit
 from raftmesh.bench.scenarios import SCENARIOS, Params
+from raftmesh.mesh.client import MeshHTTPError
 from raftmesh.mesh.devmesh import DevMeshError
 
 SYSTEMS = ("raftmesh", "celery", "procrastinate", "dbos")
@@ -103,6 +104,6 @@ def bench(
             console.rule(f"[bold]{name}")
             try:
                 result = asyncio.run(SCENARIOS[name](params))
-            except (BenchSetupError, DevMeshError, TimeoutError) as exc:
+            except (BenchSetupError, DevMeshError, MeshHTTPError, TimeoutError) as exc:
                 raise click.ClickException(f"{name}: {exc}") from exc
             emit(result, out, console)

@@ -1,6 +1,6 @@
 """Core-path figures on a local 3-peer mesh: submissions/s, election and failover time.
 
-    python bench/core_figures.py [--storage sqlite|postgres] [--submissions 2000] [--concurrency 64]
+    python -m raftmesh.bench.core_figures [--storage sqlite|postgres] [--submissions 2000] [--concurrency 64]
 
 Measured, not asserted: prints a table. Failover is measured from the kill to
 (a) the new owner's claim and (b) the first step checkpointed by the new owner.

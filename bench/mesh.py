@@ -172,13 +172,17 @@ async def submit_open_loop(
     return latencies, errors
 
 
-async def _submit(client: MeshClient, agent: str, payload: Any) -> dict[str, Any]:
-    """One submission, waiting out backpressure (429/503 with Retry-After) as a client should."""
+async def _submit(
+    client: MeshClient, agent: str, payload: Any, give_up_s: float = 60.0
+) -> dict[str, Any]:
+    """One submission, waiting out backpressure (429/503 with Retry-After) as a
+    client should, for at most ``give_up_s``."""
+    deadline = time.monotonic() + give_up_s
     while True:
         try:
             return await client.submit(agent, payload)
         except MeshHTTPError as exc:
-            if exc.status not in (429, 503):
+            if exc.status not in (429, 503) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(exc.retry_after or 0.05)
 

@@ -310,7 +310,7 @@ async def failover(p: Params) -> Result:
     """kill -9 a follower owning R running runs, then the leader."""
     per_peer = p.size(100, 5)
     step_s = 0.5 if not p.smoke else 0.2
-    steps_n = 80 if not p.smoke else 60
+    steps_n = 120 if not p.smoke else 60
     result = Result(
         "failover", p.describe(runs_per_peer=per_peer, step_s=step_s, steps=steps_n, peers=PEERS)
     )
@@ -381,14 +381,14 @@ def _resume_figures(who: str, delays_s: list[float], bound: float, text: str) ->
 
 
 async def _wait_all_running(m: BenchMesh, ids: list[str], timeout_s: float) -> dict[str, str]:
-    """Run id -> owner, once every run in ``ids`` is running."""
+    """Run id -> owner of the running ones, once none of ``ids`` is still queued."""
 
     async def check() -> dict[str, str] | None:
         rows = await m.sql(
             f"SELECT id, owner, status FROM {m.table} WHERE id = ANY($1::text[])", ids
         )
-        if len(rows) == len(ids) and all(r["status"] == "running" for r in rows):
-            return {r["id"]: r["owner"] for r in rows}
+        if len(rows) == len(ids) and all(r["status"] != "queued" for r in rows):
+            return {r["id"]: r["owner"] for r in rows if r["status"] == "running"}
         return None
 
     found: dict[str, str] = await poll(check, timeout_s, 0.1)
