@@ -148,28 +148,36 @@ async def short_runs(p: Params) -> Result:
         )
     workdir = p.workdir
     redis = RedisServer(p.redis)
-    comparisons: list[tuple[str, str, float, Callable[[], Awaitable[peers.Outcome]]]] = [
+    comparisons: list[tuple[str, str, float, str, Callable[[], Awaitable[peers.Outcome]]]] = [
         (
             "celery",
             "Celery+Redis",
             1.5,
+            "acks_late, prefork × 3; sent from one thread",
             lambda: peers.celery(redis, workdir, n, timeout_s),
         ),
         (
             "procrastinate",
             "procrastinate",
             2.0,
+            f"one worker, concurrency 3; {IN_FLIGHT} deferring at once",
             lambda: peers.procrastinate(p.pg_url, workdir, n, IN_FLIGHT, timeout_s),
         ),
-        ("dbos", "DBOS", 3.0, lambda: peers.dbos(p.pg_url, workdir, n, 0, IN_FLIGHT, timeout_s)),
+        (
+            "dbos",
+            "DBOS",
+            3.0,
+            f"one process, {IN_FLIGHT} threads each start_workflow and wait",
+            lambda: peers.dbos(p.pg_url, workdir, n, 0, IN_FLIGHT, timeout_s),
+        ),
     ]
     try:
-        for key, label, factor, run in comparisons:
+        for key, label, factor, how, run in comparisons:
             if key not in p.systems:
                 continue
             outcome = await run()
             rates[key] = outcome.per_s
-            result.add(Figure(f"{label} runs/s end to end", outcome.per_s, "/s"))
+            result.add(Figure(f"{label} runs/s end to end", outcome.per_s, "/s", note=how))
             if "raftmesh" in rates:
                 result.add(
                     Figure(
@@ -519,7 +527,8 @@ async def footprint(p: Params) -> Result:
         ),
     )
     result.notes.append(
-        "Raft sizes: the largest raft.journal and raft.dump among the peers' data dirs; "
+        "Raft sizes: the largest raft.journal and raft.dump among the peers' data dirs (the "
+        "journal file grows by doubling: its size is the disk it holds, not its live entries); "
         "pysyncobj compacts (writes the snapshot) after 5,000 entries or 300 s"
     )
     result.notes.append(SHARED_NOTE)
