@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 PLOT_HINT = "matplotlib is not installed: no plot (pip install 'raftmesh[bench]')"
@@ -132,12 +133,12 @@ def table(result: Result) -> Table:
         ratio = fig.ratio
         mark = {True: "[green]✓", False: "[red]✗", None: ""}[fig.verdict]
         out.add_row(
-            fig.name,
-            _fmt(fig.value, fig.unit),
-            fig.target.text if fig.target else "",
+            escape(fig.name),
+            escape(_fmt(fig.value, fig.unit)),
+            escape(fig.target.text) if fig.target else "",
             "" if ratio is None else f"{ratio:.2f}",
             mark,
-            fig.note,
+            escape(fig.note),
         )
     return out
 
@@ -146,12 +147,14 @@ def emit(result: Result, out_dir: Path, console: Console) -> Path:
     """Print the table, write the JSON, draw the plot; returns the JSON's path."""
     console.print(table(result))
     for note in result.notes:
-        console.print(f"  [dim]{note}")
+        console.print(f"  {note}", style="dim", markup=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{result.scenario}.json"
     path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     png = plot(result, out_dir)
-    console.print(f"  [dim]{path}" + (f", {png}" if png else f"; {PLOT_HINT}"))
+    console.print(
+        f"  {path}" + (f", {png}" if png else f"; {PLOT_HINT}"), style="dim", markup=False
+    )
     return path
 
 

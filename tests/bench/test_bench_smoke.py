@@ -11,11 +11,13 @@ import math
 import os
 import subprocess
 import sys
+from io import StringIO
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from raftmesh.bench.report import Figure, at_least, at_most
+from raftmesh.bench.report import Figure, Result, at_least, at_most, emit
 
 PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SCENARIOS = ("acceptance", "short-runs", "steps", "many-agents", "failover", "footprint")
@@ -88,3 +90,16 @@ def test_a_figure_is_judged_in_the_direction_its_target_points() -> None:
     assert slow.ratio == 0.5 and slow.verdict is False
     assert Figure("untargeted", 3).verdict is None
     assert Figure("unmeasured", None, target=at_least(1, "")).ratio is None
+
+
+def test_without_matplotlib_the_json_is_saved_and_the_hint_printed_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = StringIO()
+    result = Result("x", {}, [Figure("[odd] name", 2.0, target=at_least(1, "≥ 1"))])
+    emit(result, tmp_path, Console(file=out, width=200))
+    assert json.loads((tmp_path / "x.json").read_text())["figures"][0]["met"] is True
+    assert not (tmp_path / "x.png").exists()
+    assert "pip install 'raftmesh[bench]'" in out.getvalue()
+    assert "[odd] name" in out.getvalue()
