@@ -459,7 +459,7 @@ async def _kill_leader(m: BenchMesh, leader: str) -> tuple[float, float]:
 async def footprint(p: Params) -> Result:
     """Idle RSS, RSS per 1,000 in-flight runs, Raft state as finished runs pile up."""
     in_flight = p.size(9000, 60)
-    finished = p.size(100_000, 150)
+    finished = p.size(100_000, 90)
     result = Result("footprint", p.describe(in_flight=in_flight, finished=finished, peers=PEERS))
     per_peer = math.ceil(in_flight / PEERS)
     async with bench_mesh(p.pg_url, peers=PEERS, slots=per_peer + 1) as m:
