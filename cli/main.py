@@ -44,11 +44,11 @@ class ConfigError(click.ClickException):
 
 
 class _MeshGroup(click.Group):
-    """Loads ``mesh chaos`` from raftmesh.chaos only when it is asked for: the
-    harness sits above the CLI in the import layers, and ``mesh up`` must not
-    load it."""
+    """Loads ``mesh chaos`` and ``mesh bench`` only when they are asked for:
+    both harnesses sit above the CLI in the import layers, and ``mesh up``
+    must not load them."""
 
-    _lazy = {"chaos": "raftmesh.chaos.commands"}
+    _lazy = {"chaos": "raftmesh.chaos.commands", "bench": "raftmesh.bench.commands"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self._lazy])

@@ -89,7 +89,7 @@ ensure_test_database() {
 typecheck() {
   local tree=.venv/typecheck
   mkdir -p "$tree/raftmesh"
-  for pkg in consensus storage runner mesh cli chaos; do
+  for pkg in consensus storage runner mesh cli chaos bench; do
     ln -sfn "../../../$pkg" "$tree/raftmesh/$pkg"
   done
   (cd "$tree" && ../bin/mypy --config-file ../../pyproject.toml -p raftmesh)
