@@ -108,7 +108,7 @@ def evaluate(obs: Observation, sla_s: float) -> list[Check]:
         else Check("leader", FAIL, f"{cluster.get('self')} knows no leader (term {term})")
     )
     checks.append(_quorum(obs))
-    checks.extend(_peer_check(p) for p in obs.peers if p.status != "left")
+    checks.extend(_peer_check(p) for p in obs.peers)
     checks.append(_storage(obs.peers))
     checks.append(_queue(cluster.get("queue") or {}, sla_s))
     checks.append(_churn(obs))
@@ -136,7 +136,7 @@ def _quorum(obs: Observation) -> Check:
 
 def _peer_check(peer: PeerProbe) -> Check:
     name = f"peer {peer.id} ({peer.role})"
-    if peer.healthy is None or not peer.healthy:
+    if not peer.healthy:
         why = peer.error or "/healthz did not answer 200"
         return Check(name, FAIL, f"{peer.http}: {why}; the mesh sees it {peer.status}")
     if peer.status != "up":
@@ -197,7 +197,8 @@ async def observe(
         except (aiohttp.ClientError, TimeoutError) as exc:
             obs.error = f"cannot reach it: {exc or type(exc).__name__}"
             return obs
-    members = [
+    # Members that left are history, not peers to check.
+    obs.peers = [
         PeerProbe(
             id=p["id"],
             role=p.get("role", "voter"),
@@ -207,15 +208,16 @@ async def observe(
             drain=p.get("drain"),
         )
         for p in obs.cluster.get("peers", [])
+        if p["status"] != "left"
     ]
-    obs.peers = [p for p in members if p.status != "left"]
     clients = {p.id: MeshClient(f"http://{p.http}", token, timeout_s=timeout_s) for p in obs.peers}
     try:
         await asyncio.gather(*(_probe(p, clients[p.id]) for p in obs.peers))
         if window_s > 0:
             obs.churn_before = _summed(obs.peers)
             await asyncio.sleep(window_s)
-            await asyncio.gather(*(_sample_churn(p, clients[p.id]) for p in obs.peers))
+            sampled = [p for p in obs.peers if p.churn is not None]
+            await asyncio.gather(*(_sample_churn(p, clients[p.id]) for p in sampled))
     finally:
         await asyncio.gather(*(c.close() for c in clients.values()))
     return obs

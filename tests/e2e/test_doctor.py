@@ -16,12 +16,15 @@ async def test_doctor_passes_on_a_healthy_mesh_and_fails_when_a_peer_is_killed(m
     mesh = await make_mesh("sqlite")
     async with MeshClient(mesh.url("peer-1")) as client:
         leader = (await client.cluster())["leader"]
-    code, out, err = await mesh_cli("doctor", "--peer", mesh.url("peer-1"), "--json")
+    code, out, err = await mesh_cli(
+        "doctor", "--peer", mesh.url("peer-1"), "--json", "--window", "1"
+    )
     assert code == 0, (out, err)
     checks = {c["name"]: c for c in json.loads(out)}
     assert {c["status"] for c in checks.values()} == {"pass"}, checks
     assert checks["leader"]["detail"].startswith(f"{leader} leads")
     assert {f"peer peer-{i} (voter)" for i in (1, 2, 3)} <= set(checks)
+    assert checks["lease churn"]["detail"] == "no owner changed in the last 1 s"
 
     victim = next(p.id for p in mesh.peers if p.id not in (leader, "peer-1"))
     mesh.kill(victim)
