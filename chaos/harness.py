@@ -39,7 +39,7 @@ from raftmesh.chaos.workload import TENANT_CAPS, Workload, WorkloadSpec, canonic
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 from raftmesh.mesh.devmesh import DevMesh
 from raftmesh.mesh.settings import UNSAFE_FENCING_ACK, UNSAFE_FENCING_ACK_ENV
-from raftmesh.runner.context import unpack
+from raftmesh.runner.payload import unpack
 from raftmesh.storage import open_store
 
 log = logging.getLogger("chaos")

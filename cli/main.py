@@ -92,9 +92,8 @@ def up(config: str | None, **flags: Any) -> None:
     try:
         settings = Settings.load(flags, config)
         # Checked here too so a missing secret is a usage error before anything
-        # starts; the peer itself logs the warning when it falls back to the
-        # development secret.
-        settings.effective_secret()
+        # starts; the peer itself makes up a secret of its own on loopback.
+        settings.check_secret()
     except (SettingsError, OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(str(exc)) from exc
     # Imported here: the peer pulls in Raft and storage, which the client

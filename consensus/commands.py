@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from raftmesh.consensus.errors import UnencodableCommand
+
 ENTRY_VERSION = 1
 
 SUBMIT = "submit"
@@ -58,8 +60,24 @@ class CommandDecodeError(ValueError):
     """A log entry that is not a version-1 list of commands."""
 
 
+def encode_command(command: Command) -> bytes:
+    """One command's msgpack form, as it sits inside an entry."""
+    try:
+        return msgpack.packb(command, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnencodableCommand(f"command {command.get('op')!r} cannot be encoded: {exc}") from exc
+
+
+def join_entry(encoded: list[bytes]) -> bytes:
+    """The entry holding commands already encoded one by one: the same bytes
+    ``encode_entry`` gives for them, so nothing is encoded twice."""
+    packer = msgpack.Packer(use_bin_type=True)
+    head = packer.pack_array_header(2) + packer.pack(ENTRY_VERSION)
+    return head + packer.pack_array_header(len(encoded)) + b"".join(encoded)
+
+
 def encode_entry(commands: list[Command]) -> bytes:
-    return msgpack.packb([ENTRY_VERSION, commands], use_bin_type=True)
+    return join_entry([encode_command(cmd) for cmd in commands])
 
 
 def decode_entry(payload: bytes) -> list[Command]:
@@ -224,5 +242,10 @@ def peer_stopping(cid: str, at_ms: int, peer_id: str, incarnation: str) -> Comma
     }
 
 
-def peer_leave(cid: str, at_ms: int, peer_id: str) -> Command:
-    return {"op": PEER_LEAVE, "cid": cid, "at_ms": at_ms, "peer": peer_id}
+def peer_leave(cid: str, at_ms: int, peer_id: str, force: bool = False) -> Command:
+    """``force`` skips the majority guard: only for voters a recovery removed
+    from Raft (``mesh recover``)."""
+    cmd: Command = {"op": PEER_LEAVE, "cid": cid, "at_ms": at_ms, "peer": peer_id}
+    if force:
+        cmd["force"] = True
+    return cmd

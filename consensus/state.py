@@ -501,6 +501,22 @@ class MeshState:
                 f"peer id {peer_id!r} is already in use (status {known.status}); "
                 "choose another id, or make the old peer leave first"
             )
+        if role == VOTER:
+            # The joiner counts as down until it has caught up and is promoted:
+            # a join (or a pile of joins to made-up addresses) must never make
+            # the voters that are up a minority.
+            voters = [
+                p
+                for p in self.peers.values()
+                if p.role == VOTER and p.status != PEER_LEFT and p.id != peer_id
+            ]
+            up = sum(1 for p in voters if p.status == PEER_UP)
+            if up <= (len(voters) + 1) / 2:
+                raise Rejected(
+                    f"joining voter {peer_id} would make {len(voters) + 1} voters (pending joins "
+                    f"included) of which only {up} are up until it has caught up: they could not "
+                    "form a majority; bring voters back or let pending joins finish or expire first"
+                )
         for other in self.peers.values():
             if other.status == PEER_LEFT or other.id == peer_id:
                 continue
@@ -537,9 +553,11 @@ class MeshState:
 
     def _peer_leave(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         """Remove a peer for good. A voter may go only if the voters that remain
-        and are up still form a majority of the voters that remain."""
+        and are up still form a majority of the voters that remain, unless
+        ``force``: a recovered mesh drops the voters it lost for good, which
+        are no longer Raft voters, so no majority depends on them."""
         peer = self._member(cmd["peer"])
-        if peer.role == VOTER:
+        if peer.role == VOTER and not cmd.get("force"):
             remaining = [
                 p
                 for p in self.peers.values()

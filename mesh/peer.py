@@ -29,6 +29,7 @@ from raftmesh.consensus.raft import RaftNode, persisted_voters
 from raftmesh.consensus.state import VOTER
 from raftmesh.mesh import logs
 from raftmesh.mesh.api import build_app
+from raftmesh.mesh.credentials import cluster_secret, secure_data_dir
 from raftmesh.mesh.errors import Unavailable
 from raftmesh.mesh.events import EventHub
 from raftmesh.mesh.leader import Leader, LeaderDuty
@@ -45,7 +46,7 @@ from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
-from raftmesh.runner.registry import default_registry
+from raftmesh.runner.registry import build_registry
 from raftmesh.runner.slots import Slots
 from raftmesh.storage import open_store
 from raftmesh.storage.base import StorageUnavailable
@@ -63,7 +64,8 @@ class Peer:
         self.settings = settings
         self.id = settings.id
         self.incarnation = new_id()
-        secret, self.dev_secret = settings.effective_secret()
+        secure_data_dir(settings)
+        secret, self.local_secret = cluster_secret(settings)
         self._secret = secret
         self.internal_token = hmac.new(
             secret.encode(), b"raftmesh-internal-v1", hashlib.sha256
@@ -71,7 +73,7 @@ class Peer:
         self.api_token = settings.api_token
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
-        self.registry = default_registry(settings.agent_modules)
+        self.registry = build_registry(settings.agent_modules, demo=settings.demo_agents)
         if settings.unsafe_disable_fencing:
             log.warning("UNSAFE: fencing is disabled; stale owners can overwrite runs")
         self.store = open_store(
@@ -94,13 +96,17 @@ class Peer:
 
     async def start(self) -> None:
         s = self.settings
-        if self.dev_secret:
-            log.warning("no --secret given: using the development secret (loopback only)")
+        if self.local_secret:
+            log.warning(
+                "no cluster secret configured: using %s (loopback only); another peer "
+                "joins this one with MESH_SECRET_FILE set to that file",
+                self.local_secret,
+            )
         check_not_left(s.data_dir)
         # The voters this data dir last saw beat the command line, which may
         # predate joins and leaves (or, for a joined peer, name only the seed).
         partners = persisted_voters(s.data_dir) or list(s.peers)
-        voter = s.role == VOTER
+        voter = s.role == VOTER and not self.membership.learning
         if not voter and not partners:
             raise SystemExit("an executor needs --peers: the voters' Raft addresses")
         await self._open_store()
@@ -154,7 +160,9 @@ class Peer:
             self.liveness,
             self.contact,
             lambda: self.reconciler.slots.busy,
-            lambda: self.membership.shutting_down or self.membership.leaving,
+            lambda: (
+                self.membership.shutting_down or self.membership.leaving or self.membership.learning
+            ),
         )
         app = build_app(self.service)
         add_membership_routes(app, self)
@@ -165,12 +173,13 @@ class Peer:
         self._background = [
             asyncio.create_task(self._every(s.heartbeat_interval_s, None, self._beat), name="beat"),
             asyncio.create_task(
-                self._every(s.scheduler_tick_s, self._leader_wake, self.leader_duty.run_once),
+                self._every(s.scheduler_tick_s, self._leader_wake, self._lead),
                 name="leader",
             ),
             asyncio.create_task(
                 self._every(0.5, self._reconcile_wake, self._reconcile), name="rec"
             ),
+            asyncio.create_task(self.membership.promotion_loop(), name="promotion"),
         ]
         log.info(
             "peer started: raft %s, http %s, %d slots, storage %s",
@@ -243,6 +252,11 @@ class Peer:
                     await wake.wait()
             wake.clear()
 
+    async def _lead(self) -> None:
+        await self.leader_duty.run_once()
+        if self.proposer.raft.is_leader:
+            await self.membership.tend()
+
     async def _beat(self) -> None:
         await self.presence.beat()
         self.reconciler.self_fence_if_cut_off()
@@ -266,8 +280,10 @@ class Peer:
             limits=Limits(max_children=s.max_children, max_depth=s.max_depth),
             mesh=self.service,
             default_memory_limit_mb=s.isolation_memory_mb,
+            isolation_env=s.isolation_env,
             on_context=on_context,
             release=release,
+            models=s.models,
         )
 
     # -- what membership still reaches through the peer -------------------
@@ -309,7 +325,7 @@ async def _serve(settings: Settings) -> int:
             {graceful, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
         )
     await peer.stop()
-    return 0
+    return peer.membership.exit_status
 
 
 def run(settings: Settings) -> int:

@@ -36,8 +36,8 @@ from raftmesh.mesh.queue_view import queue_summary, slot_use
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.views import active_view, view_from_row, view_from_state
-from raftmesh.runner.context import pack, unpack
-from raftmesh.runner.registry import Registry
+from raftmesh.runner.payload import pack, unpack
+from raftmesh.runner.registry import InvalidInput, Registry
 from raftmesh.storage.base import (
     DEAD_LETTER_STATUSES,
     TERMINAL_STATUSES,
@@ -126,6 +126,10 @@ class MeshService:
                 f"unknown agent {spec['agent']!r}: no peer of this mesh has it; "
                 f"agents available: {', '.join(sorted(known))}"
             )
+        try:
+            self.registry.check_input(spec["agent"], spec["input"], self.settings.models)
+        except InvalidInput as exc:
+            raise BadRequest(str(exc)) from None
         return {
             "id": new_id(),
             "agent": spec["agent"],
@@ -190,11 +194,7 @@ class MeshService:
             log.warning("could not record run history: %s", exc, extra={"run_id": run["id"]})
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
-        with self._proposer.read() as state:
-            active = state.runs.get(run_id)
-            view = (
-                active_view(state, active, self.scheduler, now_ms()) if active is not None else None
-            )
+        view, _ = await self._settled_view(run_id)
         if view is not None:
             return view
         row = await from_storage(self.store.get_run(run_id))
@@ -254,7 +254,9 @@ class MeshService:
         then the run re-enters Raft state at its stored epoch, so its next
         owner claims epoch + 1. Calling again after a failure in between is
         safe: a reopened run that never made it back into Raft is re-submitted."""
-        view = await self._settled_view(run_id)
+        view, settling = await self._settled_view(run_id)
+        if settling:
+            raise Unavailable(f"run {run_id}'s outcome is still being recorded; retry shortly")
         if view is not None:
             raise Conflict(
                 f"run {run_id} is {view['status']}; only failed or timed_out runs can be retried"
@@ -295,19 +297,21 @@ class MeshService:
         log.info("dead letter re-queued", extra={"run_id": run_id, "epoch": row.epoch})
         return {"id": run_id, "status": QUEUED}
 
-    async def _settled_view(self, run_id: str) -> dict[str, Any] | None:
-        """The run's view while it is active, after waiting out a settling
-        outcome (decided, not yet in storage) for up to the commit timeout."""
+    async def _settled_view(self, run_id: str) -> tuple[dict[str, Any] | None, bool]:
+        """The run's view while it is active (None once it has left the state),
+        and whether it is still settling. An outcome the mesh decided but has
+        not stored yet is waited out for up to the commit timeout, so that a
+        terminal status comes with what storage knows of it (finished_at, the
+        error); past that, the decided view is returned as it is."""
         deadline = time.monotonic() + self._proposer.commit_timeout_s
         while True:
             with self._proposer.read() as state:
                 active = state.runs.get(run_id)
-                view = view_from_state(active) if active is not None else None
-                settling = active is not None and active.status == SETTLING
-            if not settling:
-                return view
-            if time.monotonic() >= deadline:
-                raise Unavailable(f"run {run_id}'s outcome is still being recorded; retry shortly")
+                if active is None:
+                    return None, False
+                settling = active.status == SETTLING
+                if not settling or time.monotonic() >= deadline:
+                    return active_view(state, active, self.scheduler, now_ms()), settling
             self._wake_leader()
             await asyncio.sleep(0.05)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from raftmesh.consensus.state import SETTLING, MeshState, Run
 from raftmesh.mesh.scheduler import Scheduler
-from raftmesh.runner.context import unpack
+from raftmesh.runner.payload import unpack
 from raftmesh.storage.base import RunRow
 
 

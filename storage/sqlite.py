@@ -127,6 +127,10 @@ class SqliteStore:
         if conn is not None:
             conn.close()
 
+    def notifier(self) -> None:
+        """No notifications between processes: watchers re-read instead."""
+        return None
+
     async def ping(self) -> None:
         # SELECT 1 never touches the file; reading a table starts a real read
         # transaction, which fails if the file has become unreadable.
