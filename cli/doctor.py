@@ -139,6 +139,8 @@ def _peer_check(peer: PeerProbe) -> Check:
     if not peer.healthy:
         why = peer.error or "/healthz did not answer 200"
         return Check(name, FAIL, f"{peer.http}: {why}; the mesh sees it {peer.status}")
+    if peer.status == "joining":
+        return Check(name, WARN, "joining: admitted, not yet caught up and up")
     if peer.status != "up":
         return Check(name, FAIL, f"answers /healthz but the mesh sees it {peer.status}")
     if not peer.ready:

@@ -46,8 +46,14 @@ KUBERNETES_VERSION = "1.37.0"
 KEDA_CRD = Path(__file__).resolve().parent / "schemas" / "keda.sh_scaledobjects.yaml"
 
 SETTINGS_ENV = {f"MESH_{f.upper()}" for f in Settings.__dataclass_fields__}
-# Read by the mesh command itself rather than by Settings.
-CLI_ENV = {"MESH_PEER_URL", "MESH_CONFIG"}
+# Read by the mesh command itself or by the chat agent rather than by Settings.
+CLI_ENV = {
+    "MESH_PEER_URL",
+    "MESH_CONFIG",
+    "MESH_CHAT_API_KEY",
+    "MESH_CHAT_BASE_URL",
+    "MESH_CHAT_MODEL",
+}
 
 
 def test_example_toml_loads_with_every_key_known():
@@ -210,6 +216,7 @@ def test_entrypoint_turns_secret_files_into_variables_and_runs_mesh(tmp_path):
     secrets.mkdir()
     (secrets / "MESH_SECRET").write_text("from-a-file\n")
     (secrets / "MESH_STORAGE").write_text("postgresql://u:p@db/raftmesh")
+    (secrets / "MESH_API_TOKEN").write_text("not-this-one")
     (secrets / "unrelated").write_text("ignored")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -220,6 +227,7 @@ def test_entrypoint_turns_secret_files_into_variables_and_runs_mesh(tmp_path):
         "PATH": f"{bin_dir}:/usr/bin:/bin",
         "RAFTMESH_SECRETS_DIR": str(secrets),
         "MESH_STORAGE": "set-explicitly-wins",
+        "MESH_API_TOKEN_FILE": "/run/secrets/api_token",
     }
     out = subprocess.run(
         ["sh", str(DEPLOY / "image" / "entrypoint.sh"), "join", "--executor", "http://seed:8001"],
@@ -233,6 +241,7 @@ def test_entrypoint_turns_secret_files_into_variables_and_runs_mesh(tmp_path):
     got = dict(line.split("=", 1) for line in out[1:])
     assert got["MESH_SECRET"] == "from-a-file"
     assert got["MESH_STORAGE"] == "set-explicitly-wins"
+    assert "MESH_API_TOKEN" not in got, "its own _FILE setting reads it; both would be refused"
     assert got["MESH_ID"] == socket.gethostname()
     assert got["MESH_HTTP"].endswith(":8001") and not got["MESH_HTTP"].startswith("0.0.0.0")
 
@@ -267,7 +276,25 @@ def peer_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: s for n, s in compose["services"].items() if n.startswith("peer-")}
 
 
-def test_compose_voters_each_have_a_volume_and_settings_that_load():
+def secret_files_in(env: dict[str, str], mount: str, root: Path) -> dict[str, str]:
+    """``env`` with every path under ``mount`` moved to a file under ``root``
+    holding a stand-in secret, as the container would find it."""
+    out = dict(env)
+    for name, value in env.items():
+        if value.startswith(mount + "/"):
+            path = root / Path(value).name
+            path.write_text(f"stand-in {Path(value).name}\n")
+            out[name] = str(path)
+    return out
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    """What a peer started with ``env`` (its MESH_* variables) would run with."""
+    mesh = {k: v for k, v in env.items() if k in SETTINGS_ENV}
+    return Settings.load({k.removeprefix("MESH_").lower(): v for k, v in mesh.items()})
+
+
+def test_compose_voters_each_have_a_volume_and_settings_that_load(tmp_path):
     compose = load_yaml(COMPOSE / "all-in-one.yml")
     peers = peer_services(compose)
     assert len(peers) == 3
@@ -277,12 +304,27 @@ def test_compose_voters_each_have_a_volume_and_settings_that_load():
     assert all(target == "/var/lib/raftmesh" for _, target in data_volumes)
     assert all(source in compose["volumes"] for source, _ in data_volumes)
     for name, service in peers.items():
-        env = {**service["environment"], "MESH_SECRET": "from /run/secrets"}
-        settings = Settings.load({k.removeprefix("MESH_").lower(): v for k, v in env.items()})
+        env = secret_files_in(service["environment"], "/run/secrets", tmp_path)
+        # What the entrypoint adds from /run/secrets/MESH_STORAGE.
+        env["MESH_STORAGE"] = "postgresql://raftmesh:pw@postgres:5432/raftmesh"
+        settings = settings_from_env(env)
         assert settings.id == name and settings.raft == f"{name}:7001"
         assert settings.http == f"{name}:8001", "advertise a reachable address, not 0.0.0.0"
         assert len(settings.peers) == 3 and settings.raft in settings.peers
-        settings.effective_secret()
+        assert settings.secret == "stand-in cluster_secret"
+        assert settings.api_token == "stand-in api_token"
+        settings.check_secret()
+
+
+def mounted_secrets(service: dict[str, Any]) -> dict[str, str]:
+    """Secret name -> the file it appears as under /run/secrets."""
+    out = {}
+    for entry in service.get("secrets", []):
+        if isinstance(entry, str):
+            out[entry] = entry
+        else:
+            out[entry["source"]] = entry.get("target", entry["source"])
+    return out
 
 
 def test_compose_secrets_come_from_files_never_from_the_environment():
@@ -297,10 +339,15 @@ def test_compose_secrets_come_from_files_never_from_the_environment():
         env = service.get("environment", {})
         assert not secret_env & set(env), f"{name} has a secret in its environment"
         assert not [k for k in env if "PASSWORD" in k and not k.endswith("FILE")], name
+        mounted = mounted_secrets(service)
+        files = {f"/run/secrets/{target}" for target in mounted.values()}
+        for key, value in env.items():
+            if key.endswith("_FILE"):
+                assert value in files, f"{name}: {key} names {value}, which is not mounted"
         if name.startswith("peer-") or name == "executor":
-            targets = {s["target"]: s["source"] for s in service["secrets"]}
-            assert set(targets) == secret_env, name
-            assert set(targets.values()) <= set(compose["secrets"]), name
+            assert set(mounted) <= set(compose["secrets"]), name
+            assert mounted["storage_url"] == "MESH_STORAGE", "the entrypoint's name for it"
+            assert {"MESH_SECRET_FILE", "MESH_API_TOKEN_FILE"} <= set(env), name
 
 
 def test_compose_executors_join_the_mesh_as_executors():
@@ -452,23 +499,39 @@ def substitute(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
 
 
-def container_env(pod: dict[str, Any], fields: dict[str, str]) -> dict[str, str]:
-    """The container's literal variables with $(VAR) expanded, as the kubelet does."""
+def container_env(
+    pod: dict[str, Any], fields: dict[str, str], secrets: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The container's variables with $(VAR) expanded, as the kubelet does;
+    ``secrets`` stands in for the Secret's keys."""
     env: dict[str, str] = {}
     for entry in pod["containers"][0]["env"]:
-        if "valueFrom" in entry:
-            env[entry["name"]] = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
-        else:
+        source = entry.get("valueFrom")
+        if source is None:
             env[entry["name"]] = substitute(entry["value"], env)
+        elif "fieldRef" in source:
+            env[entry["name"]] = fields[source["fieldRef"]["fieldPath"]]
+        else:
+            env[entry["name"]] = (secrets or {})[source["secretKeyRef"]["key"]]
     return env
 
 
 def secret_keys() -> set[str]:
     (generator,) = load_yaml(K8S / "base" / "kustomization.yaml")["secretGenerator"]
-    return {f.split("=")[0] for f in generator["files"]}
+    return {Path(f.split("=")[-1]).name for f in generator["files"]}
 
 
-def test_voters_are_a_statefulset_with_stable_raft_addresses():
+def secret_mount(pod: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Where the raftmesh Secret is mounted, and its volume."""
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    return mount["mountPath"], volume
+
+
+STAND_IN_SECRETS = {"storage_url": "postgresql://raftmesh:pw@db.example:5432/raftmesh"}
+
+
+def test_voters_are_a_statefulset_with_stable_raft_addresses(tmp_path):
     sts = one("StatefulSet", "raftmesh-voter")
     headless = one("Service", sts["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"]
@@ -478,23 +541,23 @@ def test_voters_are_a_statefulset_with_stable_raft_addresses():
     pod = sts["spec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]] == "/var/lib/raftmesh"
-    assert (
-        headless["spec"]["selector"].items()
-        <= sts["spec"]["template"]["metadata"]["labels"].items()
-    )
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["selector"].items() <= labels.items()
     voters = [f"{sts['metadata']['name']}-{i}" for i in range(3)]
+    mount, _ = secret_mount(pod)
     for name in voters:
-        env = container_env(pod, {"metadata.name": name, "status.podIP": "10.1.2.3"})
-        flags = {k.removeprefix("MESH_").lower(): v for k, v in env.items() if k in SETTINGS_ENV}
-        flags.update({k.removeprefix("MESH_").lower(): "s" for k in secret_keys()})
-        settings = Settings.load(flags)
+        fields = {"metadata.name": name, "status.podIP": "10.1.2.3"}
+        env = container_env(pod, fields, STAND_IN_SECRETS)
+        settings = settings_from_env(secret_files_in(env, mount, tmp_path))
         assert settings.id == name
         assert settings.raft == f"{name}.{headless['metadata']['name']}:7001"
         assert sorted(settings.peers) == sorted(
             f"{v}.{headless['metadata']['name']}:7001" for v in voters
         )
         assert settings.http == "10.1.2.3:8001"
-        settings.effective_secret()
+        assert settings.secret == "stand-in cluster_secret"
+        assert settings.storage == STAND_IN_SECRETS["storage_url"]
+        settings.check_secret()
 
 
 def pod_specs() -> dict[str, dict[str, Any]]:
@@ -514,10 +577,16 @@ def test_peers_have_probes_resources_and_no_privileges(name):
         assert set(container["resources"][kind]) == {"cpu", "memory"}, kind
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["envFrom"] == [{"secretRef": {"name": "raftmesh"}}]
-    assert not [e for e in container["env"] if e["name"] in secret_keys()], (
-        "secrets in the manifest"
-    )
+    mount, volume = secret_mount(pod)
+    assert volume["secret"]["secretName"] == "raftmesh"
+    assert {i["key"] for i in volume["secret"]["items"]} <= secret_keys()
+    assert [m for m in container["volumeMounts"] if m["mountPath"] == mount][0]["readOnly"]
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("MESH_SECRET_FILE", "MESH_API_TOKEN_FILE"):
+        assert Path(env[name]["value"]).parent == Path(mount), name
+    storage = env["MESH_STORAGE"]["valueFrom"]["secretKeyRef"]
+    assert storage == {"name": "raftmesh", "key": "storage_url"}
+    assert not {"MESH_SECRET", "MESH_API_TOKEN"} & set(env), "secrets come from files"
     assert pod["terminationGracePeriodSeconds"] > 30, "longer than MESH_SHUTDOWN_GRACE_S"
 
 
@@ -535,7 +604,9 @@ def test_executors_join_at_start_and_leave_in_prestop():
     grace = pod_specs()["raftmesh-executor"]["terminationGracePeriodSeconds"]
     assert leave_timeout < grace
     env = container_env(
-        pod_specs()["raftmesh-executor"], {"metadata.name": "x", "status.podIP": "10.9.8.7"}
+        pod_specs()["raftmesh-executor"],
+        {"metadata.name": "x", "status.podIP": "10.9.8.7"},
+        STAND_IN_SECRETS,
     )
     assert env["MESH_PEER_URL"] == "http://10.9.8.7:8001", "mesh leave asks this very pod"
 
@@ -584,10 +655,19 @@ def test_autoscalers_scale_executors_on_the_queue_with_a_floor_of_one():
     assert all(known_metric(m) for m in metrics)
 
 
-def test_secret_holds_exactly_the_variables_the_peers_read():
-    assert secret_keys() == {"MESH_SECRET", "MESH_API_TOKEN", "MESH_STORAGE"}
+def test_secret_holds_exactly_what_the_peers_read():
+    assert secret_keys() == {"cluster_secret", "api_token", "storage_url"}
     (example,) = by_kind("Secret")
     assert set(example["stringData"]) == secret_keys()
+    used = set()
+    for pod in pod_specs().values():
+        used |= {i["key"] for i in secret_mount(pod)[1]["secret"]["items"]}
+        used |= {
+            e["valueFrom"]["secretKeyRef"]["key"]
+            for e in pod["containers"][0]["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+    assert used == secret_keys()
 
 
 def test_kustomizations_list_files_that_exist_and_miss_none():

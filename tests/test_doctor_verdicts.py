@@ -78,6 +78,11 @@ def test_peer_marked_down_that_still_answers_fails():
     assert verdicts(observation([peer(1), peer(2, status="down")]))["peer peer-2 (voter)"] == FAIL
 
 
+def test_joining_peer_warns():
+    got = verdicts(observation([peer(1), peer(2), peer(3), peer(4, status="joining")]))
+    assert got["peer peer-4 (voter)"] == WARN
+
+
 def test_not_ready_or_draining_peer_warns():
     got = verdicts(
         observation(

@@ -2,8 +2,10 @@
 # The image's entrypoint: runs `mesh ARGS` (default `mesh up`).
 #
 # Secrets arrive as files, never as literals in a compose file or a manifest:
-# a file /run/secrets/MESH_<NAME> (a compose secret whose target is the
-# variable's name) sets MESH_<NAME> unless that is already set.
+# settings with a file variant (MESH_SECRET_FILE, MESH_API_TOKEN_FILE) read
+# their files themselves; for the others (the storage URL) a file
+# /run/secrets/MESH_<NAME> (a compose secret whose target is the variable's
+# name) sets MESH_<NAME> unless that or MESH_<NAME>_FILE is already set.
 #
 # A peer given no MESH_ID or MESH_HTTP (an executor of a scaled compose
 # service) takes its container's hostname as its id and its container's IP as
@@ -14,7 +16,9 @@ set -eu
 for file in "${RAFTMESH_SECRETS_DIR:-/run/secrets}"/MESH_*; do
     [ -f "$file" ] || continue
     name=$(basename "$file")
-    if [ -z "$(printenv "$name" || true)" ]; then
+    # A variable already set, or read by the peer from a file of its own
+    # (its name with _FILE appended), wins.
+    if [ -z "$(printenv "$name" || true)" ] && [ -z "$(printenv "${name}_FILE" || true)" ]; then
         value=$(cat "$file")
         export "$name=$value"
     fi

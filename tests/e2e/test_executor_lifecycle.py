@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "executors.yaml"
 STEPS = 6
+SECRET_MOUNT = "/run/secrets/raftmesh"
 
 
 def _container() -> dict[str, Any]:
@@ -59,19 +60,29 @@ class Pod:
         self.http = f"127.0.0.1:{_free_port()}"
         ip = self.http.rsplit(":", 1)[0]
         fields = {"metadata.name": name, "status.podIP": ip}
+        # The Secret: its storage URL, and its files where the pod mounts them.
+        secret_dir = workdir / f"{name}-secret"
+        secret_dir.mkdir()
+        (secret_dir / "cluster_secret").write_text(mesh.secret_file.read_text())
+        (secret_dir / "api_token").write_text(f"token-of-{name}\n")
+        secret_keys = {"storage_url": mesh.storage}
         env: dict[str, str] = {}
         for entry in container["env"]:
-            if "valueFrom" in entry:
-                env[entry["name"]] = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+            source = entry.get("valueFrom")
+            if source is None:
+                value = _expand(entry["value"], env)
+                if value.startswith(SECRET_MOUNT + "/"):
+                    value = str(secret_dir / Path(value).name)
+                env[entry["name"]] = value
+            elif "fieldRef" in source:
+                env[entry["name"]] = fields[source["fieldRef"]["fieldPath"]]
             else:
-                env[entry["name"]] = _expand(entry["value"], env)
+                env[entry["name"]] = secret_keys[source["secretKeyRef"]["key"]]
         # The pod IP's port is the container port; here each pod needs its own.
         env["MESH_PEER_URL"] = f"http://{self.http}"
-        # What envFrom (the Secret) and the image (MESH_DATA_DIR) provide.
         env.update(
             {
-                "MESH_SECRET": mesh.secret,
-                "MESH_STORAGE": mesh.storage,
+                # What the image sets.
                 "MESH_DATA_DIR": str(workdir / name),
                 # Two slots, not the manifest's eight: enough to take runs
                 # from the stream, few enough that a leave interrupts some.

@@ -73,9 +73,19 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[
             check=True,
         )
         assert check.stdout.strip() == "None"
-        # -P: the working directory (this checkout, with its own cli/ folder)
-        # must not shadow the old release's packages.
-        yield [python, "-P", "-m", "cli"]
+        # The previous release takes the cluster secret from MESH_SECRET only;
+        # DevMesh hands it over as a file (MESH_SECRET_FILE). -P: the working
+        # directory (this checkout, with a cli/ folder of its own) must not
+        # shadow the old release's packages.
+        wrapper = root / "previous-peer"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            'MESH_SECRET=$(cat "$MESH_SECRET_FILE")\n'
+            "export MESH_SECRET\n"
+            f'exec {python} -P -m cli "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        yield [str(wrapper)]
     finally:
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
@@ -93,7 +103,7 @@ async def test_rolling_upgrade_from_the_previous_release_under_load(
     phases: list[str] = []
     try:
         for peer in mesh.peers:
-            assert peer.process is not None and peer.process.args[:4] == old
+            assert peer.process is not None and peer.process.args[:1] == old
         clients = {p.id: MeshClient(p.url, timeout_s=10) for p in mesh.peers}
         async with Stream(mesh, witness, steps=STEPS) as stream:
             await eventually(lambda: asyncio.sleep(0, len(stream.ids) >= 6), 30, "runs in flight")
