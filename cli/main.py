@@ -29,6 +29,7 @@ from rich.live import Live
 from rich.table import Table
 
 from raftmesh.cli import membership, run_control
+from raftmesh.cli.doctor import doctor
 from raftmesh.cli.peer_options import peer_settings_options
 from raftmesh.cli.remote import DEFAULT_PEER_URL, call, peer_option, token_option
 from raftmesh.cli.watch import agents, follow_run, print_end, watch
@@ -565,3 +566,4 @@ main.add_command(watch)
 main.add_command(agents)
 main.add_command(run_control.cancel)
 main.add_command(run_control.retry)
+main.add_command(doctor)

@@ -204,6 +204,23 @@ class MeshClient:
     async def readyz(self) -> bool:
         return await self._probe("/readyz")
 
+    async def readiness(self) -> tuple[bool, str]:
+        """/readyz's verdict with its reason (e.g. "storage unreachable: ...");
+        unlike ``readyz`` an unreachable peer raises, so callers can tell the two apart."""
+        async with self._http().get(self.base_url + "/readyz") as resp:
+            try:
+                reason = str((await resp.json(content_type=None)).get("reason", ""))
+            except (ValueError, AttributeError):
+                reason = (await resp.text()).strip()
+            return resp.status == 200, reason
+
+    async def metrics(self) -> str:
+        """The peer's Prometheus exposition text."""
+        async with self._http().get(self.base_url + "/metrics") as resp:
+            if resp.status >= 300:
+                raise await _error_from(resp)
+            return await resp.text()
+
     async def _probe(self, path: str) -> bool:
         """Probes answer a yes/no question, so an unreachable peer is a no."""
         try:
