@@ -47,7 +47,14 @@ class PeerAPI(Protocol):
 
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]: ...
     async def get_run(self, run_id: str) -> dict[str, Any]: ...
-    async def list_runs(self, status: str | None, limit: int) -> list[dict[str, Any]]: ...
+    async def list_runs(
+        self,
+        status: str | None,
+        limit: int,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]: ...
     async def cancel_run(self, run_id: str) -> dict[str, Any]: ...
     async def retry_run(self, run_id: str) -> dict[str, Any]: ...
     def cluster(self) -> dict[str, Any]: ...
@@ -182,7 +189,16 @@ def build_app(peer: PeerAPI) -> web.Application:
             raise BadRequest("query parameter 'limit' must be an integer") from None
         if not 1 <= limit <= 10_000:
             raise BadRequest("query parameter 'limit' must be between 1 and 10000")
-        runs = await peer.list_runs(request.query.get("status") or None, limit)
+        try:
+            offset = int(request.query.get("offset", "0"))
+        except ValueError:
+            raise BadRequest("query parameter 'offset' must be an integer") from None
+        if not 0 <= offset <= 1_000_000:
+            raise BadRequest("query parameter 'offset' must be between 0 and 1000000")
+        q = request.query
+        runs = await peer.list_runs(
+            q.get("status") or None, limit, q.get("tenant") or None, q.get("agent") or None, offset
+        )
         return web.json_response({"runs": runs})
 
     async def cancel_run(request: web.Request) -> web.Response:

@@ -37,12 +37,15 @@ from raftmesh.mesh.liveness import LeaderContact, Liveness
 from raftmesh.mesh.membership import Membership, check_not_left
 from raftmesh.mesh.membership_api import add_membership_routes
 from raftmesh.mesh.metrics import Metrics
+from raftmesh.mesh.observe import Observer
+from raftmesh.mesh.ops_api import add_ops_routes
 from raftmesh.mesh.presence import Presence
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.reconciler import Reconciler
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
+from raftmesh.mesh.timed_store import TimedStore
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
 from raftmesh.runner.registry import default_registry
@@ -78,6 +81,8 @@ class Peer:
             settings.storage, unsafe_disable_fencing=settings.unsafe_disable_fencing
         )
         self.events = EventHub(self.store, settings.events_poll_s)
+        self.observer = Observer(self.metrics)
+        self.attempt_store = TimedStore(self.store, self.metrics)
         self.liveness = Liveness(settings.peer_ttl_s)
         self.contact = LeaderContact(settings.peer_ttl_s)
         self.scheduler = Scheduler(settings.placement, settings.priority_aging_s)
@@ -115,7 +120,9 @@ class Peer:
             commit_timeout_s=s.commit_timeout_s,
             dial=dict(s.dial),
         )
-        self.proposer = Proposer(self.raft, s.commit_timeout_s, self._stopping)
+        self.proposer = Proposer(
+            self.raft, s.commit_timeout_s, self._stopping, self.metrics.raft_commit_seconds.observe
+        )
         self.link = LeaderLink(self.proposer, self.internal_token, dict(s.dial))
         self.reconciler = Reconciler(
             self.id,
@@ -140,6 +147,7 @@ class Peer:
             self.metrics,
             lambda: self.reconciler.slots.busy,
             self._leader_wake.set,
+            observer=self.observer,
         )
         leader = Leader(
             self.id, self.incarnation, self.scheduler, self.liveness, s.replicated_policy()
@@ -158,6 +166,7 @@ class Peer:
         )
         app = build_app(self.service)
         add_membership_routes(app, self)
+        add_ops_routes(app, self.service)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         host, port = _host_port(s.http)
@@ -202,6 +211,7 @@ class Peer:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.raft is not None:
             await self.service.close()
+            await self.observer.close()
             await self.reconciler.stop()
         if self._http is not None:
             await self._http.cleanup()
@@ -216,6 +226,7 @@ class Peer:
         asyncio.get_running_loop().call_later(0.2, self.exit_requested.set)
 
     def _on_raft_change(self, cmds: list[commands.Command], results: list[dict[str, Any]]) -> None:
+        self.observer.applied(cmds, results)
         self._leader_wake.set()
         self._reconcile_wake.set()
 
@@ -245,6 +256,7 @@ class Peer:
 
     async def _beat(self) -> None:
         await self.presence.beat()
+        self.observer.tick(self._raft().leader_addr, self.store)
         self.reconciler.self_fence_if_cut_off()
 
     async def _reconcile(self) -> None:
@@ -260,7 +272,7 @@ class Peer:
         return await run_attempt(
             job,
             peer_id=self.id,
-            store=self.store,
+            store=self.attempt_store,
             registry=self.registry,
             clock_ms=now_ms,
             limits=Limits(max_children=s.max_children, max_depth=s.max_depth),

@@ -107,7 +107,13 @@ class Presence:
             if in_contact:
                 self._contact.confirmed(now)
             return
-        report = {"id": self.peer_id, "incarnation": self.incarnation, "running": self._busy()}
+        report = {
+            "id": self.peer_id,
+            "incarnation": self.incarnation,
+            "running": self._busy(),
+            # The leader compares it with its own clock: the skew diagnostics show.
+            "wall_ms": now_ms(),
+        }
         try:
             if await self._link.heartbeat(report):
                 self._contact.confirmed(time.monotonic())

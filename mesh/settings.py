@@ -50,6 +50,8 @@ class Settings:
     isolation_memory_mb: int = 512
     events_poll_s: float = 1.0
     log_level: str = "info"
+    # Diagnostics warn when the oldest queued run waits half this, fail past it.
+    queue_sla_s: float = 60.0
     # Scheduling policy. The leader replicates the caps and the retry policy
     # (``configure``) so apply can enforce them; placement and aging are its own.
     placement: str = "least-loaded"
