@@ -31,6 +31,7 @@ from rich.table import Table
 from raftmesh.cli import membership, run_control
 from raftmesh.cli.peer_options import peer_settings_options
 from raftmesh.cli.remote import DEFAULT_PEER_URL, call, peer_option, token_option
+from raftmesh.cli.top import top
 from raftmesh.cli.watch import agents, follow_run, print_end, watch
 from raftmesh.mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
 from raftmesh.mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET, DevMesh, DevMeshError
@@ -67,6 +68,7 @@ def main() -> None:
 
 for _command in membership.COMMANDS:
     main.add_command(_command)
+main.add_command(top)
 
 
 @main.command()
@@ -236,6 +238,9 @@ def status(peer: str, token: str | None) -> None:
     queue = info.get("queue") or {}
     summary.add_row("queue depth", str(queue.get("depth")))
     summary.add_row("oldest queued", f"{queue.get('oldest_age_s') or 0:.1f} s")
+    runs = info.get("runs") or {}
+    summary.add_row("waiting", str(runs.get("waiting", 0)))
+    summary.add_row("paused", str(runs.get("paused", 0)))
     console.print(summary)
     summary.add_row("voters", ", ".join(info.get("voters") or []))
     peers = Table(title="Peers")

@@ -17,6 +17,16 @@ _OPTIONS = [
     click.option("--secret", help="Cluster secret for Raft traffic (env MESH_SECRET)."),
     click.option("--labels", help="Slot labels k=v,k=v (env MESH_LABELS)."),
     click.option("--api-token", help="Require this bearer token on the API (env MESH_API_TOKEN)."),
+    click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        help="Least severe level logged [default: info] (env MESH_LOG_LEVEL).",
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["auto", "json", "logfmt"]),
+        help="JSON lines, logfmt, or auto: logfmt at a terminal [default: auto] (env MESH_LOG_FORMAT).",
+    ),
 ]
 
 

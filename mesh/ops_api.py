@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from raftmesh.mesh import logs
 from raftmesh.mesh.api import _check_token
 
 UI_DIR = Path(__file__).with_name("ui")
@@ -20,7 +21,19 @@ class OpsAPI(Protocol):
     async def run_steps(self, run_id: str) -> dict[str, Any]: ...
 
 
+@web.middleware
+async def trace_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Log lines written while serving a request carry the caller's trace id."""
+    token = logs.trace_id.set(logs.trace_id_from(request.headers.get("traceparent")))
+    try:
+        return await handler(request)
+    finally:
+        logs.trace_id.reset(token)
+
+
 def add_ops_routes(app: web.Application, peer: OpsAPI) -> None:
+    app.middlewares.append(trace_middleware)
+
     async def diagnostics(request: web.Request) -> web.Response:
         _check_token(request, peer.api_token, "API")
         return web.json_response(await peer.diagnostics())

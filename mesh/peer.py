@@ -326,5 +326,5 @@ async def _serve(settings: Settings) -> int:
 
 def run(settings: Settings) -> int:
     """Run one peer in the foreground until SIGINT or SIGTERM."""
-    logs.configure(settings.id, settings.log_level)
+    logs.configure(settings.id, settings.log_level, settings.log_format)
     return uvloop.run(_serve(settings))

@@ -50,6 +50,8 @@ class Settings:
     isolation_memory_mb: int = 512
     events_poll_s: float = 1.0
     log_level: str = "info"
+    # auto: logfmt when stderr is a terminal, JSON lines otherwise.
+    log_format: str = "auto"
     # Diagnostics warn when the oldest queued run waits half this, fail past it.
     queue_sla_s: float = 60.0
     # Scheduling policy. The leader replicates the caps and the retry policy
@@ -106,6 +108,16 @@ class Settings:
             raise SettingsError("tenant caps and queued maximums must be >= 0")
         if not 0 <= self.retry_backoff_base_s <= self.retry_backoff_max_s:
             raise SettingsError("need 0 <= retry_backoff_base_s <= retry_backoff_max_s")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(
+                f"--log-level must be debug, info, warning, error or critical, got {self.log_level!r}"
+            )
+        if self.log_format not in ("auto", "json", "logfmt"):
+            raise SettingsError(
+                f"--log-format must be auto, json or logfmt, got {self.log_format!r}"
+            )
+        if self.queue_sla_s <= 0:
+            raise SettingsError("queue_sla_s must be positive")
         if self.priority_aging_s < 0:
             raise SettingsError("priority_aging_s must be >= 0 (0 turns aging off)")
         for advertised, target in self.dial.items():
