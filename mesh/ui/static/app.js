@@ -150,6 +150,7 @@ function route() {
   });
   view.replaceChildren(h("p", { class: "muted" }, "loading..."));
   if (tokenRequired() && !token()) { askToken(""); return; }
+  api("/v1/agents").then((a) => { document.getElementById("peer").textContent = "served by " + a.peer; }, () => {});
   const pages = { overview, runs, run: runDetail, diagnostics };
   const page = pages[parts[0]] || overview;
   page(parts.slice(1), query);
@@ -235,7 +236,7 @@ function overview() {
         h("section", {},
           h("h2", {}, "Why queued runs wait"),
           table(["runs", "reason"], waiting, ["runs"]),
-          h("h2", {}, "Tenants"),
+          h("h2", {}, "Tenants with active runs"),
           table(["tenant", "queued", "running", "oldest queued", "cap"], tenants, ["queued", "running", "oldest queued", "cap"]))));
   });
 }
@@ -301,7 +302,7 @@ function runDetail(parts) {
         h("div", { id: "events" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", { class: "num" }, "seq"), h("th", {}, "at"), h("th", {}, "kind"), h("th", { class: "num" }, "epoch"), h("th", {}, "data"))), events)))),
     outcome);
   followEvents(id, events, liveness);
-  every(2000, async (mine) => {
+  every(1000, async (mine) => {
     const [run, steps] = await Promise.all([api("/v1/runs/" + encodeURIComponent(id)), api("/v1/runs/" + encodeURIComponent(id) + "/steps")]);
     if (mine !== generation) return;
     const actions = [];
