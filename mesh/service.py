@@ -424,10 +424,10 @@ class MeshService:
         for status in PEER_STATUSES:
             self.metrics.peers.labels(status).set(peer_statuses.get(status, 0))
         self.metrics.has_leader.set(0 if raft.leader_addr is None else 1)
-        status = raft.status()
-        self.metrics.raft_commit_index.set(status["commit_idx"])
-        self.metrics.raft_apply_lag.set(max(0, status["commit_idx"] - status["last_applied"]))
-        self.metrics.raft_log_entries.set(status["log_len"])
+        progress = raft.status()
+        self.metrics.raft_commit_index.set(progress["commit_idx"])
+        self.metrics.raft_apply_lag.set(max(0, progress["commit_idx"] - progress["last_applied"]))
+        self.metrics.raft_log_entries.set(progress["log_len"])
         pool_in_use = getattr(self.store, "pool_in_use", None)
         if pool_in_use is not None:
             in_use, size = pool_in_use()
