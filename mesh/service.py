@@ -444,8 +444,11 @@ class MeshService:
             return {"id": run_id, "steps": [], "owners": []}
         steps = await from_storage(self.store.load_steps(run_id))
         out = []
-        previous = row.started_at_ms
-        for step in steps:
+        previous: int | None = None
+        for i, step in enumerate(steps):
+            if i == 0 or steps[i - 1].epoch != step.epoch:
+                # A stint's first step: only the latest claim's start is stored.
+                previous = row.started_at_ms if step.epoch == row.epoch else None
             took = None if previous is None else max(0, step.at_ms - previous) / 1000
             out.append(
                 {

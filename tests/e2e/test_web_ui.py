@@ -93,7 +93,7 @@ async def test_every_page_loads_without_console_errors(mesh: DevMesh, tab: Page)
 
     await page.goto(f"{url}/ui/#/run/{done['id']}")
     await page.get_by_text("Step journal").wait_for()
-    await page.locator("text=step-2").wait_for()
+    await page.get_by_role("cell", name="step-2", exact=True).wait_for()
     await tab.shot("run-detail-finished")
 
     await page.goto(f"{url}/ui/#/diagnostics")
@@ -133,24 +133,74 @@ async def test_run_detail_shows_events_arriving_live(mesh: DevMesh, tab: Page) -
 async def test_diagnostics_follow_a_peer_killed_and_back(mesh: DevMesh, tab: Page) -> None:
     url = mesh.url("peer-1")
     page = tab.page
-    await page.goto(f"{url}/ui/#/diagnostics")
-    row = "tr[data-check='liveness:peer-3']"
-    await page.locator(f"{row}[data-status='pass']").wait_for(timeout=10_000)
+    async with MeshClient(url) as client:
+        ids = [
+            (await client.submit("steps", {"steps": 12, "step_seconds": 0.3}))["id"]
+            for _ in range(6)
+        ]
 
-    mesh.kill("peer-3")
-    killed = time.monotonic()
-    await page.locator(f"{row}[data-status='fail']").wait_for(timeout=20_000)
-    took = time.monotonic() - killed
-    await tab.shot("diagnostics-peer-down")
-    assert took < 15, f"liveness turned to fail only after {took:.1f} s"
-    assert await page.locator("#overall").inner_text() == "FAIL"
+        async def on_peer_3_with_a_step() -> str | None:
+            for run_id in ids:
+                run = await client.get_run(run_id)
+                if run["owner"] == "peer-3" and run["status"] == "running":
+                    if (await client.steps(run_id))["steps"]:
+                        return run_id
+            return None
 
-    mesh.restart("peer-3")
-    await mesh.wait_ready(timeout_s=60, peer_ids=["peer-3"])
-    await page.locator(f"{row}[data-status='pass']").wait_for(timeout=20_000)
-    churn = await page.locator("tr[data-check='lease_churn']").inner_text()
-    assert "peer-3" in churn
-    await tab.shot("diagnostics-peer-back")
+        moved = await eventually(on_peer_3_with_a_step, 15, "a run on peer-3 with a checkpoint")
+        await page.goto(f"{url}/ui/#/diagnostics")
+        row = "tr[data-check='liveness:peer-3']"
+        await page.locator(f"{row}[data-status='pass']").wait_for(timeout=10_000)
+
+        mesh.kill("peer-3")
+        killed = time.monotonic()
+        await page.locator(f"{row}[data-status='fail']").wait_for(timeout=20_000)
+        took = time.monotonic() - killed
+        await tab.shot("diagnostics-peer-down")
+        assert took < 15, f"liveness turned to fail only after {took:.1f} s"
+        assert await page.locator("#overall").inner_text() == "FAIL"
+
+        mesh.restart("peer-3")
+        await mesh.wait_ready(timeout_s=60, peer_ids=["peer-3"])
+        await page.locator(f"{row}[data-status='pass']").wait_for(timeout=20_000)
+        churn = await page.locator("tr[data-check='lease_churn']").inner_text()
+        assert "peer-3" in churn
+        await tab.shot("diagnostics-peer-back")
+
+        # The run that was on peer-3 shows both owners, each under its epoch.
+        await client.wait(moved, timeout_s=60)
+        await page.goto(f"{url}/ui/#/run/{moved}")
+        owners = page.locator("section").first.locator("table").first.locator("tbody tr")
+        await page.get_by_role("cell", name="step-11", exact=True).wait_for(timeout=10_000)
+        rows = await owners.all_inner_texts()
+        assert len(rows) >= 2, rows
+        assert "peer-3" in rows[0] and rows[0].split()[0] == "1", rows
+        assert "peer-3" not in rows[-1] and int(rows[-1].split()[0]) >= 2, rows
+        await tab.shot("run-detail-after-failover")
+    assert tab.errors == []
+
+
+async def test_cancel_and_retry_buttons(mesh: DevMesh, tab: Page) -> None:
+    url = mesh.url("peer-2")
+    page = tab.page
+    async with MeshClient(url) as client:
+        sleeper = await client.submit("sleep", {"seconds": 60})
+        await page.goto(f"{url}/ui/#/run/{sleeper['id']}")
+        await page.get_by_role("button", name="cancel").click()
+        await page.locator("h2 >> text=cancelled").wait_for(timeout=15_000)
+        assert await page.get_by_role("button", name="cancel").count() == 0
+
+        failed = await client.submit("fail", {})
+        await client.wait(failed["id"], timeout_s=30)
+        await page.goto(f"{url}/ui/#/run/{failed['id']}")
+        await page.locator("pre.bad").wait_for()
+        await tab.shot("run-detail-failed")
+        await page.get_by_role("button", name="retry").click()
+
+        async def retried() -> bool:
+            return (await client.get_run(failed["id"]))["attempts"] >= 2
+
+        await eventually(retried, 20, "the retried run to run again")
     assert tab.errors == []
 
 

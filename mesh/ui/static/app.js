@@ -314,7 +314,7 @@ function runDetail(parts) {
       h("h2", {}, "Run ", id, " ", status(run.status), " ", ...actions),
       kv([["agent", run.agent], ["tenant", run.tenant], ["owner", run.owner || "-"], ["epoch", run.epoch],
           ["attempts", run.attempts], ["submitted", clock(run.submitted_at)], ["started", clock(run.started_at)],
-          ["finished", clock(run.finished_at)], ["duration", duration(run)], ["priority", run.priority]]));
+          ["finished", clock(run.finished_at)], ["last attempt", duration(run)], ["priority", run.priority]]));
     history.replaceChildren(
       table(["epoch", "peer", "steps", "seq"], steps.owners.map((o) => h("tr", {},
         td(o.epoch, "num"), td(o.peer), td(o.steps, "num"), td(o.first_seq === o.last_seq ? o.first_seq : `${o.first_seq}-${o.last_seq}`))), ["epoch", "steps"]),
