@@ -45,7 +45,16 @@ class StandIn:
         agent: str | None = None,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
-        return [{"id": "run-1", "status": status, "limit": limit}]
+        return [
+            {
+                "id": "run-1",
+                "status": status,
+                "limit": limit,
+                "tenant": tenant,
+                "agent": agent,
+                "offset": offset,
+            }
+        ]
 
     async def cancel_run(self, run_id: str) -> dict[str, Any]:
         return {"id": run_id, "status": "cancelling"}
