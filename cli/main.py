@@ -241,8 +241,8 @@ def status(peer: str, token: str | None) -> None:
     runs = info.get("runs") or {}
     summary.add_row("waiting", str(runs.get("waiting", 0)))
     summary.add_row("paused", str(runs.get("paused", 0)))
-    console.print(summary)
     summary.add_row("voters", ", ".join(info.get("voters") or []))
+    console.print(summary)
     peers = Table(title="Peers")
     for column in ("id", "role", "raft", "http", "status", "slots", "running"):
         peers.add_column(column)
