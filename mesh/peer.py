@@ -46,6 +46,7 @@ from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.timed_store import TimedStore
+from raftmesh.mesh.tracing import Tracing
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
 from raftmesh.runner.registry import default_registry
@@ -82,7 +83,8 @@ class Peer:
         )
         self.events = EventHub(self.store, settings.events_poll_s)
         self.observer = Observer(self.metrics)
-        self.attempt_store = TimedStore(self.store, self.metrics)
+        self.tracing = Tracing(settings.id)
+        self.attempt_store = TimedStore(self.store, self.metrics, self.tracing)
         self.liveness = Liveness(settings.peer_ttl_s)
         self.contact = LeaderContact(settings.peer_ttl_s)
         self.scheduler = Scheduler(settings.placement, settings.priority_aging_s)
@@ -148,6 +150,7 @@ class Peer:
             lambda: self.reconciler.slots.busy,
             self._leader_wake.set,
             observer=self.observer,
+            tracing=self.tracing,
         )
         leader = Leader(
             self.id, self.incarnation, self.scheduler, self.liveness, s.replicated_policy()
@@ -219,6 +222,7 @@ class Peer:
             await self.link.close()
             self.raft.close()
         await self.store.close()
+        self.tracing.close()
         log.info("peer stopped")
 
     def request_exit(self) -> None:

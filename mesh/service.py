@@ -40,6 +40,7 @@ from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.queue_view import queue_summary, slot_use
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
+from raftmesh.mesh.tracing import Tracing
 from raftmesh.mesh.views import active_view, view_from_row, view_from_state
 from raftmesh.runner.context import pack, unpack
 from raftmesh.runner.registry import Registry
@@ -75,6 +76,7 @@ class MeshService:
         busy: Callable[[], int],
         wake_leader: Callable[[], None],
         observer: Observer | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """``busy()`` counts this peer's running attempts; ``wake_leader()``
         asks the leader duty to run now (to settle an outcome being waited on)."""
@@ -94,6 +96,7 @@ class MeshService:
         self._busy = busy
         self._wake_leader = wake_leader
         self.observer = observer if observer is not None else Observer(metrics)
+        self.tracing = tracing if tracing is not None else Tracing(settings.id)
         # asyncio keeps only weak references to tasks: hold detached ones here.
         self._detached: set[asyncio.Task[None]] = set()
 
@@ -110,9 +113,20 @@ class MeshService:
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
         run = self._new_run(spec)
         started = time.monotonic()
+        began = time.time_ns()
         result = await self._proposer.propose(commands.submit(new_id(), now_ms(), [run]))
         self.metrics.commit_seconds.observe(time.monotonic() - started)
         outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
+        self.tracing.record(
+            "raftmesh.run.submit",
+            str(outcome.get("id") or run["id"]),
+            began,
+            time.time_ns(),
+            outcome.get("error"),
+            agent=run["agent"],
+            tenant=run["tenant"],
+            created=outcome.get("created"),
+        )
         if "error" in outcome:
             self.metrics.submissions.labels("rejected").inc()
             if outcome.get("code") == "tenant_queue_full":
