@@ -148,6 +148,15 @@ async def test_diagnostics_follow_a_peer_killed_and_back(mesh: DevMesh, tab: Pag
             return None
 
         moved = await eventually(on_peer_3_with_a_step, 15, "a run on peer-3 with a checkpoint")
+        await page.goto(f"{url}/ui/#/overview")
+        await page.locator("td", has_text="peer-3").first.wait_for()
+        busy = page.locator(".kv div", has_text="slots used / offered").locator("b")
+
+        async def slots_in_use() -> bool:
+            return not (await busy.inner_text()).startswith("0 ")
+
+        await eventually(slots_in_use, 10, "the Overview to show slots in use", poll_s=0.2)
+        await tab.shot("overview-busy")
         await page.goto(f"{url}/ui/#/diagnostics")
         row = "tr[data-check='liveness:peer-3']"
         await page.locator(f"{row}[data-status='pass']").wait_for(timeout=10_000)
