@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -226,7 +227,8 @@ def build_app(peer: PeerAPI) -> web.Application:
     async def heartbeat(request: web.Request) -> web.Response:
         _check_token(request, peer.internal_token, "internal")
         peer.heartbeat(await _json_body(request))
-        return web.json_response({"ok": True})
+        # The leader's clock, so the reporting peer can tell its own skew.
+        return web.json_response({"ok": True, "wall_ms": int(time.time() * 1000)})
 
     async def events(request: web.Request) -> web.StreamResponse:
         _check_token(request, peer.api_token, "API")

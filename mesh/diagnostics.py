@@ -47,7 +47,8 @@ class Vitals:
     downs_recent: list[tuple[int, str]]
     oldest_queued_s: float
     queue_sla_s: float
-    # Only the leader hears every peer's clock; None elsewhere.
+    # Peer id -> its clock minus the leader's: every peer on the leader, this
+    # one on a follower; None when not measured at all.
     clock_skews_ms: dict[str, float] | None
     disk_free_bytes: int
     disk_total_bytes: int
@@ -132,7 +133,7 @@ def clock_skew(v: Vitals) -> dict[str, Any] | None:
         return check("clock_skew", WARN, "no recent heartbeats to compare clocks with")
     worst_peer, worst = max(v.clock_skews_ms.items(), key=lambda kv: abs(kv[1]))
     skew = round(worst, 1)
-    detail = f"largest skew {skew} ms ({worst_peer} against {v.self_id})"
+    detail = f"largest skew {skew} ms ({worst_peer} against the leader, {v.leader})"
     status = FAIL if abs(worst) > SKEW_FAIL_MS else WARN if abs(worst) > SKEW_WARN_MS else PASS
     return check("clock_skew", status, detail, skew_ms=skew, peer=worst_peer)
 
@@ -168,10 +169,7 @@ def diagnose(v: Vitals) -> dict[str, Any]:
     skew = clock_skew(v)
     notes = list(v.notes)
     if skew is None:
-        notes.append(
-            f"clock skew is measured by the leader ({v.leader or 'none'}) from heartbeats: "
-            "see its diagnostics"
-        )
+        notes.append("clock skew not measured: no heartbeats to compare clocks with")
     else:
         checks.append(skew)
     checks += [disk(v), raft_size(v)]

@@ -40,6 +40,7 @@ class Observer:
     downs: deque[tuple[int, str]] = field(default_factory=deque)
     # peer id -> (sender wall clock minus ours at receipt, in ms; when, monotonic)
     skews_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
+    own_skew_ms: tuple[float, float] | None = None
     storage: StorageProbe = field(default_factory=StorageProbe)
     # bucket start (ms) -> [submitted, finished], mesh-wide: every peer applies
     # every command, so every peer can draw the same chart.
@@ -101,6 +102,15 @@ class Observer:
         """The leader's view of a follower's clock, from its heartbeat; one-way
         network delay is counted as skew, which on a LAN is well under a ms."""
         self.skews_ms[peer_id] = (sender_wall_ms - our_wall_ms, time.monotonic())
+
+    def own_skew(self, skew_ms: float) -> None:
+        """A follower's own clock against the leader's (from its heartbeat ack)."""
+        self.own_skew_ms = (skew_ms, time.monotonic())
+
+    def fresh_own_skew(self, max_age_s: float) -> float | None:
+        if self.own_skew_ms is None or time.monotonic() - self.own_skew_ms[1] > max_age_s:
+            return None
+        return self.own_skew_ms[0]
 
     def fresh_skews(self, max_age_s: float) -> dict[str, float]:
         now = time.monotonic()

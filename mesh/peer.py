@@ -166,6 +166,7 @@ class Peer:
             self.contact,
             lambda: self.reconciler.slots.busy,
             lambda: self.membership.shutting_down or self.membership.leaving,
+            on_leader_clock=self.observer.own_skew,
         )
         app = build_app(self.service)
         add_membership_routes(app, self)

@@ -512,17 +512,22 @@ class MeshService:
             downs_recent=self.observer.recent_downs(now),
             oldest_queued_s=queue["oldest_age_s"],
             queue_sla_s=self.settings.queue_sla_s,
-            clock_skews_ms=(
-                self.observer.fresh_skews(max_age_s=10 * self.settings.peer_ttl_s)
-                if leading
-                else None
-            ),
+            clock_skews_ms=self._clock_skews(leading),
             disk_free_bytes=disk.free,
             disk_total_bytes=disk.total,
             raft_log_entries=int(status["log_len"]),
             raft_files_bytes=_files_bytes(self.settings.data_dir, RAFT_FILES),
         )
         return diagnostics.diagnose(vitals)
+
+    def _clock_skews(self, leading: bool) -> dict[str, float]:
+        """The leader hears every peer's clock; a follower knows its own, from
+        the leader's acknowledgements."""
+        max_age_s = 10 * self.settings.peer_ttl_s
+        if leading:
+            return self.observer.fresh_skews(max_age_s)
+        own = self.observer.fresh_own_skew(max_age_s)
+        return {} if own is None else {self.id: own}
 
     def _heard_ago(self, peer_id: str, now_s: float) -> float | None:
         heard = self.liveness.last_heard.get(peer_id)

@@ -98,7 +98,17 @@ async def test_every_page_loads_without_console_errors(mesh: DevMesh, tab: Page)
 
     await page.goto(f"{url}/ui/#/diagnostics")
     await page.locator("tr[data-check='quorum'][data-status='pass']").wait_for()
+    # Leader or follower, a peer knows clock skew from heartbeats (the
+    # follower its own, from the leader's acknowledgement).
+    await page.locator("tr[data-check='clock_skew'][data-status='pass']").wait_for()
     await tab.shot("diagnostics")
+    async with MeshClient(url) as client:
+        leader = (await client.cluster())["leader"]
+    follower = next(p.id for p in mesh.peers if p.id != leader)
+    await page.goto(f"{mesh.url(follower)}/ui/#/diagnostics")
+    skew = page.locator("tr[data-check='clock_skew'][data-status='pass']")
+    await skew.wait_for()
+    assert f"against the leader, {leader}" in await skew.inner_text()
     assert tab.errors == []
 
 

@@ -84,6 +84,13 @@ def test_followers_do_not_judge_report_ages() -> None:
     assert "clock_skew" not in checks
 
 
+def test_a_follower_judges_its_own_clock_against_the_leader() -> None:
+    check = diagnostics.clock_skew(healthy(self_id="p2", clock_skews_ms={"p2": 400.0}))
+    assert check is not None
+    assert check["status"] == WARN
+    assert check["detail"] == "largest skew 400.0 ms (p2 against the leader, p1)"
+
+
 def test_storage_unreachable_fails_and_unprobed_warns() -> None:
     failed = diagnostics.storage(healthy(storage_error="connection refused"))
     assert failed["status"] == FAIL and "connection refused" in failed["detail"]
