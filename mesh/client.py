@@ -108,10 +108,36 @@ class MeshClient:
         return await self._request("GET", f"/v1/runs/{id}")
 
     async def list_runs(
-        self, status: str | None = None, limit: int | None = None
+        self,
+        status: str | None = None,
+        limit: int | None = None,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int | None = None,
     ) -> dict[str, Any]:
-        params = {k: str(v) for k, v in (("status", status), ("limit", limit)) if v is not None}
+        given = (
+            ("status", status),
+            ("limit", limit),
+            ("tenant", tenant),
+            ("agent", agent),
+            ("offset", offset),
+        )
+        params = {k: str(v) for k, v in given if v is not None}
         return await self._request("GET", "/v1/runs", params=params)
+
+    async def steps(self, id: str) -> dict[str, Any]:
+        """The run's step journal and its owners by epoch: {"steps", "owners"}."""
+        return await self._request("GET", f"/v1/runs/{id}/steps")
+
+    async def diagnostics(self) -> dict[str, Any]:
+        """This peer's pass/warn/fail checks: {"peer", "status", "checks", "notes"}."""
+        return await self._request("GET", "/v1/diagnostics")
+
+    async def metrics_text(self) -> str:
+        async with self._http().get(self.base_url + "/metrics") as resp:
+            if resp.status >= 300:
+                raise await _error_from(resp)
+            return await resp.text()
 
     async def cancel(self, id: str) -> dict[str, Any]:
         """Cancel a run; {"id", "status": "cancelled" | "cancelling"}. 409 if it already ended."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from raftmesh.consensus.spec import RunSpec
@@ -99,3 +99,20 @@ def fence_result(run_id: str, epoch: int, stored: Row | None, enforce: bool = Tr
 def require_terminal(status: str) -> None:
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"{status!r} is not a terminal status {sorted(TERMINAL_STATUSES)}")
+
+
+def run_filters(
+    status: str | None,
+    tenant: str | None,
+    agent: str | None,
+    placeholder: Callable[[int], str],
+) -> tuple[str, list[str]]:
+    """The WHERE clause list_runs shares between backends; ``placeholder(i)``
+    spells the i-th (1-based) parameter in the backend's dialect."""
+    clauses: list[str] = []
+    params: list[str] = []
+    for column, value in (("status", status), ("tenant", tenant), ("agent", agent)):
+        if value is not None:
+            params.append(value)
+            clauses.append(f"{column} = {placeholder(len(params))}")
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params

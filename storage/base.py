@@ -204,5 +204,13 @@ class Store(Protocol):
 
     async def get_run(self, run_id: str) -> RunRow | None: ...
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
-        """Newest first."""
+    async def list_runs(
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
+    ) -> list[RunRow]:
+        """Newest first; each filter given narrows the list; ``offset`` pages."""

@@ -22,6 +22,7 @@ from raftmesh.storage._common import (
     fence,
     fence_result,
     require_terminal,
+    run_filters,
     run_from_row,
     spec_values,
 )
@@ -305,18 +306,32 @@ class PostgresStore:
             row = await conn.fetchrow(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
         return None if row is None else run_from_row(row)
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
-        order = "ORDER BY submitted_at_ms DESC, id DESC"
+    async def list_runs(
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
+    ) -> list[RunRow]:
+        where, params = run_filters(status, tenant, agent, lambda i: f"${i}")
+        n = len(params)
+        sql = (
+            f"SELECT {RUN_COLUMNS} FROM runs {where} "
+            f"ORDER BY submitted_at_ms DESC, id DESC LIMIT ${n + 1} OFFSET ${n + 2}"
+        )
         async with self._connection() as conn:
-            if status is None:
-                rows = await conn.fetch(f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT $1", limit)
-            else:
-                rows = await conn.fetch(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE status = $1 {order} LIMIT $2",
-                    status,
-                    limit,
-                )
+            rows = await conn.fetch(sql, *params, limit, offset)
         return [run_from_row(row) for row in rows]
+
+    def pool_in_use(self) -> tuple[int, int]:
+        """(connections in use, pool size), for the storage pool gauge."""
+        pool = self._pool
+        if pool is None:
+            return 0, 0
+        size = pool.get_size()
+        return size - pool.get_idle_size(), size
 
     async def listen(self, callback: NotifyCallback) -> None:
         """Call ``callback(run_id)`` whenever any peer appends an event to a run here.
