@@ -19,15 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
-QUEUED = "queued"
-RUNNING = "running"
-# A terminal outcome decided by the mesh (cancelled while queued, retries
-# exhausted, owner lost too often): the run waits here until the leader has
-# written the outcome to storage and proposed ``settle``, so it is never
-# dropped from Raft before storage knows how it ended.
-SETTLING = "settling"
-FINISH_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 FAILURE_KINDS = frozenset({"error", "timeout"})
 
 PEER_UP = "up"
@@ -68,7 +61,7 @@ class Run:
     budget: dict[str, int] | None = None
     isolation: str = "task"
     memory_limit_mb: int | None = None
-    status: str = QUEUED
+    status: RunStatus = RunStatus.QUEUED
     owner: str | None = None
     epoch: int = 0
     attempts: int = 0
@@ -81,7 +74,13 @@ class Run:
     losses: int = 0
     last_error: str | None = None
     cancel_requested: bool = False
-    outcome: str | None = None
+    outcome: RunStatus | None = None
+
+    def __post_init__(self) -> None:
+        # A snapshot carries plain text; equal either way, typed from here on.
+        self.status = RunStatus(self.status)
+        if self.outcome is not None:
+            self.outcome = RunStatus(self.outcome)
 
     def public(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -325,7 +324,7 @@ class MeshState:
                 rejected[str(run_id)] = str(exc)
                 continue
             run = self.runs[run_id]
-            run.status = RUNNING
+            run.status = RunStatus.RUNNING
             run.owner = peer_id
             run.epoch = epoch
             run.attempts += 1
@@ -340,7 +339,7 @@ class MeshState:
         run = self.runs.get(run_id) if isinstance(run_id, str) else None
         if run is None:
             raise Rejected("unknown run")
-        if run.status != QUEUED:
+        if run.status != RunStatus.QUEUED:
             raise Rejected(f"run is {run.status}")
         if not isinstance(epoch, int) or epoch != run.epoch + 1:
             raise Rejected(f"epoch {epoch} is not {run.epoch + 1}")
@@ -363,7 +362,7 @@ class MeshState:
 
     def _finish(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         run = self._owned_run(cmd["run"], cmd["epoch"])
-        if cmd["status"] not in FINISH_STATUSES:
+        if cmd["status"] not in TERMINAL_STATUSES:
             raise Rejected(f"not a terminal status: {cmd['status']!r}")
         self._evict(run)
         return {"ok": True}
@@ -371,7 +370,7 @@ class MeshState:
     def _release(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         run = self._owned_run(cmd["run"], cmd["epoch"])
         if run.cancel_requested:
-            self._settle_as(run, "cancelled")
+            self._settle_as(run, RunStatus.CANCELLED)
         else:
             self._requeue(run)
         return {"ok": True}
@@ -391,7 +390,7 @@ class MeshState:
         run.last_error = error
         retryable = kind == "error" or self.retry.retry_timeouts
         if run.cancel_requested:
-            self._settle_as(run, "cancelled")
+            self._settle_as(run, RunStatus.CANCELLED)
         elif retryable and self.retry.used(run) < run.max_attempts:
             self._requeue(run)
             policy = self.retry
@@ -401,7 +400,7 @@ class MeshState:
             run.not_before_ms = at_ms + delay
             return {"ok": True, "retry": True, "not_before_ms": run.not_before_ms}
         else:
-            self._settle_as(run, "timed_out" if kind == "timeout" else "failed")
+            self._settle_as(run, RunStatus.TIMED_OUT if kind == "timeout" else RunStatus.FAILED)
         return {"ok": True, "retry": False}
 
     def _cancel(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
@@ -412,23 +411,23 @@ class MeshState:
         run = self.runs.get(cmd["run"])
         if run is None:
             raise Rejected("run is not active")
-        if run.status == SETTLING and run.outcome != "cancelled":
+        if run.status == RunStatus.SETTLING and run.outcome != RunStatus.CANCELLED:
             raise Rejected(f"run is already ending as {run.outcome}")
         doomed = [run.id]
         for parent in doomed:  # grows while walking: breadth-first over descendants
             doomed.extend(r.id for r in self.runs.values() if r.parent_id == parent)
         for victim in (self.runs[i] for i in doomed):
-            if victim.status == SETTLING:
+            if victim.status == RunStatus.SETTLING:
                 continue
             victim.cancel_requested = True
-            if victim.status == QUEUED:
-                self._settle_as(victim, "cancelled")
-        return {"ok": True, "status": run.status, "cancelled": doomed}
+            if victim.status == RunStatus.QUEUED:
+                self._settle_as(victim, RunStatus.CANCELLED)
+        return {"ok": True, "status": run.status, RunStatus.CANCELLED: doomed}
 
     def _settle(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         """Storage holds the mesh-decided outcome now: forget the run."""
         run = self.runs.get(cmd["run"])
-        if run is None or run.status != SETTLING:
+        if run is None or run.status != RunStatus.SETTLING:
             raise Rejected("run is not settling")
         del self.runs[run.id]
         return {"ok": True, "outcome": run.outcome}
@@ -437,7 +436,7 @@ class MeshState:
         run = self.runs.get(run_id)
         if run is None:
             raise Rejected("unknown run")
-        if run.status != RUNNING or run.epoch != epoch:
+        if run.status != RunStatus.RUNNING or run.epoch != epoch:
             raise Rejected(f"stale epoch {epoch}: run is {run.status} at epoch {run.epoch}")
         return run
 
@@ -610,7 +609,7 @@ class MeshState:
     # -- transitions shared by handlers -----------------------------------
 
     def _stop_running(self, run: Run) -> None:
-        if run.status != RUNNING or run.owner is None:
+        if run.status != RunStatus.RUNNING or run.owner is None:
             return
         self.by_owner.get(run.owner, set()).discard(run.id)
         left = self.tenant_running.get(run.tenant, 0) - 1
@@ -622,9 +621,9 @@ class MeshState:
     def _requeue(self, run: Run) -> None:
         """Back to the queue; the epoch stays, so the next owner gets epoch + 1."""
         self._stop_running(run)
-        if run.status != QUEUED:
+        if run.status != RunStatus.QUEUED:
             self._count_queued(run.tenant, 1)
-        run.status = QUEUED
+        run.status = RunStatus.QUEUED
         run.owner = None
         run.assigned_at_ms = None
 
@@ -636,26 +635,26 @@ class MeshState:
             run = self.runs[run_id]
             run.losses += 1
             if run.cancel_requested:
-                self._settle_as(run, "cancelled")
+                self._settle_as(run, RunStatus.CANCELLED)
             elif self.retry.count_lost_owner and self.retry.used(run) >= run.max_attempts:
                 run.last_error = f"owner lost {run.losses} times"
-                self._settle_as(run, "failed")
+                self._settle_as(run, RunStatus.FAILED)
             else:
                 self._requeue(run)
         return len(owned)
 
-    def _settle_as(self, run: Run, outcome: str) -> None:
+    def _settle_as(self, run: Run, outcome: RunStatus) -> None:
         self._stop_running(run)
-        if run.status == QUEUED:
+        if run.status == RunStatus.QUEUED:
             self._count_queued(run.tenant, -1)
-        run.status = SETTLING
+        run.status = RunStatus.SETTLING
         run.outcome = outcome
         run.owner = None
         run.assigned_at_ms = None
 
     def _evict(self, run: Run) -> None:
         self._stop_running(run)
-        if run.status == QUEUED:
+        if run.status == RunStatus.QUEUED:
             self._count_queued(run.tenant, -1)
         del self.runs[run.id]
 
@@ -684,14 +683,14 @@ class MeshState:
         return self.tenant_queued.get(tenant, 0)
 
     def settling(self) -> list[Run]:
-        return [r for r in self.runs.values() if r.status == SETTLING]
+        return [r for r in self.runs.values() if r.status == RunStatus.SETTLING]
 
     def cancelling(self, peer_id: str) -> list[Run]:
         return [r for r in self.owned_by(peer_id) if r.cancel_requested]
 
     def queued(self) -> list[Run]:
         """Queued runs in scheduling order: priority first, then age."""
-        waiting = [r for r in self.runs.values() if r.status == QUEUED]
+        waiting = [r for r in self.runs.values() if r.status == RunStatus.QUEUED]
         waiting.sort(key=lambda r: (-r.priority, r.submitted_at_ms, r.id))
         return waiting
 
@@ -735,9 +734,9 @@ class MeshState:
         state.retry = RetryPolicy(**(data.get("retry") or {}))
         state.applied = data["applied"]
         for run in state.runs.values():
-            if run.status == QUEUED:
+            if run.status == RunStatus.QUEUED:
                 state._count_queued(run.tenant, 1)
-            if run.status == RUNNING and run.owner is not None:
+            if run.status == RunStatus.RUNNING and run.owner is not None:
                 state.by_owner.setdefault(run.owner, set()).add(run.id)
                 state.tenant_running[run.tenant] = state.tenant_running.get(run.tenant, 0) + 1
         return state

@@ -27,7 +27,8 @@ from prometheus_client import generate_latest
 from raftmesh.consensus import commands
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
 from raftmesh.consensus.raft import RaftNode, persisted_voters
-from raftmesh.consensus.state import DRAIN_RELEASE, PEER_UP, QUEUED, RUNNING, SETTLING, VOTER, Run
+from raftmesh.consensus.state import DRAIN_RELEASE, PEER_UP, VOTER, Run
+from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES, RunStatus
 from raftmesh.mesh import logs
 from raftmesh.mesh.api import SUBMIT_FIELDS, build_app, validate_submission
 from raftmesh.mesh.errors import (
@@ -54,16 +55,11 @@ from raftmesh.runner.context import Limits, RunContext, pack, unpack
 from raftmesh.runner.registry import default_registry
 from raftmesh.runner.slots import Slots
 from raftmesh.storage import open_store
-from raftmesh.storage.base import (
-    DEAD_LETTER_STATUSES,
-    TERMINAL_STATUSES,
-    RunRow,
-    StorageUnavailable,
-)
+from raftmesh.storage.base import RunRow, StorageUnavailable
 
 log = logging.getLogger("raftmesh.peer")
 
-ACTIVE_STATUSES = frozenset({QUEUED, RUNNING})
+ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 ALL_STATUSES = ACTIVE_STATUSES | TERMINAL_STATUSES
 
 
@@ -388,7 +384,7 @@ class Peer:
         """Queued runs end at once; a running one is stopped by its owner."""
         result = await self._propose(commands.cancel(_new_id(), now_ms(), run_id))
         if result.get("ok"):
-            status = "cancelled" if result["status"] == SETTLING else "cancelling"
+            status = "cancelled" if result["status"] == RunStatus.SETTLING else "cancelling"
             return {"id": run_id, "status": status}
         with self._raft().lock:
             active = self._raft().state.runs.get(run_id)
@@ -416,7 +412,7 @@ class Peer:
         if row.status in DEAD_LETTER_STATUSES:
             await self._storage(self.store.reopen(run_id))
             row = await self._storage(self.store.get_run(run_id))
-        if row is None or row.status != QUEUED:
+        if row is None or row.status != RunStatus.QUEUED:
             status = row.status if row is not None else "gone"
             raise Conflict(
                 f"run {run_id} is {status}; only failed or timed_out runs can be retried"
@@ -444,7 +440,7 @@ class Peer:
                 )
             raise Conflict(f"run {run_id} could not be re-queued: {outcome['error']}")
         log.info("dead letter re-queued", extra={"run_id": run_id, "epoch": row.epoch})
-        return {"id": run_id, "status": QUEUED}
+        return {"id": run_id, "status": RunStatus.QUEUED}
 
     async def _settled_view(self, run_id: str) -> dict[str, Any] | None:
         """The run's view while it is active, after waiting out a settling
@@ -454,7 +450,7 @@ class Peer:
             with self._raft().lock:
                 active = self._raft().state.runs.get(run_id)
                 view = _view_from_state(active) if active is not None else None
-                settling = active is not None and active.status == SETTLING
+                settling = active is not None and active.status == RunStatus.SETTLING
             if not settling:
                 return view
             if time.monotonic() >= deadline:
@@ -712,7 +708,7 @@ class Peer:
             settling = [
                 (_assignment(r).row(), r.outcome or "failed", r.last_error)
                 for r in self._raft().state.runs.values()
-                if r.status == SETTLING
+                if r.status == RunStatus.SETTLING
             ]
         for row, outcome, error in settling:
             extra = {"run_id": row.id, "epoch": row.epoch}
@@ -869,7 +865,7 @@ def _view_from_state(run: Run) -> dict[str, Any]:
         "id": run.id,
         "agent": run.agent,
         # A settling run's outcome is decided; only its storage write is pending.
-        "status": run.outcome if run.status == SETTLING and run.outcome else run.status,
+        "status": run.outcome if run.status == RunStatus.SETTLING and run.outcome else run.status,
         "owner": run.owner,
         "epoch": run.epoch,
         "attempts": run.attempts,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from raftmesh.consensus.state import QUEUED, MeshState, Peer, Run
+from raftmesh.consensus.state import MeshState, Peer, Run
+from raftmesh.consensus.status import RunStatus
 
 LEAST_LOADED = "least-loaded"
 ROUND_ROBIN = "round-robin"
@@ -131,7 +132,7 @@ class Scheduler:
 
     def waiting_for(self, state: MeshState, run: Run, now_ms: int) -> Waiting | None:
         """The first thing a queued run waits for, as an operator should read it."""
-        if run.status != QUEUED:
+        if run.status != RunStatus.QUEUED:
             return None
         if run.not_before_ms > now_ms:
             return Waiting("backoff", "retry backoff after a failed attempt")

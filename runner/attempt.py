@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from raftmesh.consensus.status import RunStatus
 from raftmesh.runner.context import (
     Fenced,
     Limits,
@@ -32,10 +33,10 @@ from raftmesh.storage.base import RunRow, StaleEpoch, Store
 
 log = logging.getLogger("raftmesh.runner")
 
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-TIMED_OUT = "timed_out"
-CANCELLED = "cancelled"
+SUCCEEDED = RunStatus.SUCCEEDED
+FAILED = RunStatus.FAILED
+TIMED_OUT = RunStatus.TIMED_OUT
+CANCELLED = RunStatus.CANCELLED
 RETRY = "retry"
 FENCED = "fenced"
 RELEASED = "released"

@@ -31,8 +31,9 @@ from typing import Any, Protocol
 
 import msgpack
 
+from raftmesh.consensus.status import TERMINAL_STATUSES
 from raftmesh.runner.outages import retry_unavailable
-from raftmesh.storage.base import TERMINAL_STATUSES, StaleEpoch, Step, StorageUnavailable, Store
+from raftmesh.storage.base import StaleEpoch, Step, StorageUnavailable, Store
 
 BUDGET_KEYS = ("model_calls", "tokens")
 CHILD_POLL_S = 0.2

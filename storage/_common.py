@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from raftmesh.storage.base import TERMINAL_STATUSES, AlreadyFinished, RunRow, StaleEpoch
+from raftmesh.consensus.status import TERMINAL_STATUSES
+from raftmesh.storage.base import AlreadyFinished, RunRow, StaleEpoch
 
 # Column order of every full-row SELECT; run_from_row reads columns by name.
 RUN_COLUMNS = (

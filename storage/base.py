@@ -15,10 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
-# Terminal outcomes an operator may re-queue (POST /v1/runs/{id}/retry).
-DEAD_LETTER_STATUSES = frozenset({"failed", "timed_out"})
-
 
 class StorageError(Exception):
     """Root of every storage error."""

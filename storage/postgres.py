@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES
 from raftmesh.storage._common import (
     RUN_COLUMNS,
     encode_labels,
@@ -26,8 +27,6 @@ from raftmesh.storage._common import (
     run_from_row,
 )
 from raftmesh.storage.base import (
-    DEAD_LETTER_STATUSES,
-    TERMINAL_STATUSES,
     Claim,
     Event,
     RunRow,

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from raftmesh.consensus import commands as c
-from raftmesh.consensus.state import QUEUED, SETTLING, MeshState
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 from raftmesh.runner.attempt import CANCELLED, RETRY, Assignment, Outcome, run_attempt
 from raftmesh.runner.context import RunContext
 from raftmesh.runner.registry import Registry
@@ -124,7 +125,7 @@ def _running(policy: dict[str, Any], max_attempts: int) -> MeshState:
 def test_timeouts_end_the_run_at_once_unless_configured_to_retry() -> None:
     state = _running({"retry_timeouts": False}, max_attempts=3)
     assert state.apply(c.fail("c4", 2, "r", 1, "timeout", "slow"))["retry"] is False
-    assert (state.runs["r"].status, state.runs["r"].outcome) == (SETTLING, "timed_out")
+    assert (state.runs["r"].status, state.runs["r"].outcome) == (RunStatus.SETTLING, "timed_out")
     state = _running({"retry_timeouts": True}, max_attempts=3)
     assert state.apply(c.fail("c4", 2, "r", 1, "timeout", "slow"))["retry"] is True
 
@@ -132,8 +133,12 @@ def test_timeouts_end_the_run_at_once_unless_configured_to_retry() -> None:
 def test_lost_owners_use_attempts_only_when_configured() -> None:
     state = _running({"count_lost_owner": False}, max_attempts=1)
     assert state.apply(c.peer_down("c4", 2, "p", "i1"))["ok"]
-    assert (state.runs["r"].status, state.runs["r"].losses) == (QUEUED, 1)
+    assert (state.runs["r"].status, state.runs["r"].losses) == (RunStatus.QUEUED, 1)
     state = _running({"count_lost_owner": True}, max_attempts=1)
     assert state.apply(c.peer_down("c4", 2, "p", "i1"))["ok"]
     run = state.runs["r"]
-    assert (run.status, run.outcome, run.last_error) == (SETTLING, "failed", "owner lost 1 times")
+    assert (run.status, run.outcome, run.last_error) == (
+        RunStatus.SETTLING,
+        "failed",
+        "owner lost 1 times",
+    )

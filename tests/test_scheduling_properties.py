@@ -34,7 +34,8 @@ from hypothesis.stateful import (
 )
 
 from raftmesh.consensus import commands as c
-from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING, MeshState, backoff_ms
+from raftmesh.consensus.state import PEER_UP, MeshState, backoff_ms
+from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.scheduler import PLACEMENTS, Scheduler
 
 PEERS = ["p0", "p1", "p2"]
@@ -53,10 +54,10 @@ def recount(state: MeshState) -> tuple[Counter[str], Counter[str], Counter[str]]
     tenant_running: Counter[str] = Counter()
     tenant_queued: Counter[str] = Counter()
     for run in state.runs.values():
-        if run.status == RUNNING:
+        if run.status == RunStatus.RUNNING:
             on_peer[run.owner] += 1
             tenant_running[run.tenant] += 1
-        elif run.status == QUEUED:
+        elif run.status == RunStatus.QUEUED:
             tenant_queued[run.tenant] += 1
     return on_peer, tenant_running, tenant_queued
 
@@ -102,7 +103,7 @@ class SchedulingMachine(RuleBasedStateMachine):
             assert on_peer[run.owner] <= peer.slots, "assign took a peer above its slots"
             cap = pre.tenant_cap(run.tenant)
             assert cap is None or tenant_running[run.tenant] <= cap, "assign broke a tenant cap"
-            assert old.status == QUEUED and not old.cancel_requested
+            assert old.status == RunStatus.QUEUED and not old.cancel_requested
             assert old.not_before_ms <= cmd["at_ms"], "a run in backoff was assigned"
             assert run_id not in self.ended and run_id not in self.cancelled
             assert peer.status == PEER_UP
@@ -259,7 +260,7 @@ class SchedulingMachine(RuleBasedStateMachine):
         self.clock += delta
 
     def _owned(self, data: st.DataObject) -> tuple[str, int] | None:
-        running = sorted(r.id for r in self.state.runs.values() if r.status == RUNNING)
+        running = sorted(r.id for r in self.state.runs.values() if r.status == RunStatus.RUNNING)
         if not running:
             return None
         run_id = data.draw(st.sampled_from(running))
@@ -289,10 +290,10 @@ class SchedulingMachine(RuleBasedStateMachine):
             used = self.state.retry.used(run)
             policy = self.state.retry
             expected = backoff_ms(run_id, used, policy.backoff_base_ms, policy.backoff_max_ms)
-            assert run.status == QUEUED and run.not_before_ms == self.clock + expected
+            assert run.status == RunStatus.QUEUED and run.not_before_ms == self.clock + expected
             assert used < run.max_attempts
         else:
-            assert run.status == SETTLING and run.owner is None
+            assert run.status == RunStatus.SETTLING and run.owner is None
             assert run.outcome in ("failed", "timed_out", "cancelled")
 
     @rule(data=st.data(), status=st.sampled_from(["succeeded", "cancelled"]))
@@ -321,7 +322,11 @@ class SchedulingMachine(RuleBasedStateMachine):
             self.cancelled.add(run_id)
             run = self.state.runs[run_id]
             assert run.cancel_requested
-            assert run.status == (SETTLING if before in (QUEUED, SETTLING) else RUNNING)
+            assert run.status == (
+                RunStatus.SETTLING
+                if before in (RunStatus.QUEUED, RunStatus.SETTLING)
+                else RunStatus.RUNNING
+            )
 
     @rule(data=st.data())
     def settle(self, data: st.DataObject) -> None:
@@ -329,7 +334,7 @@ class SchedulingMachine(RuleBasedStateMachine):
         if not runs:
             return
         run_id = data.draw(st.sampled_from(runs))
-        settling = self.state.runs[run_id].status == SETTLING
+        settling = self.state.runs[run_id].status == RunStatus.SETTLING
         result = self.execute(c.settle(self._cid(), self.clock, run_id))
         assert result["ok"] == settling
         if settling:
@@ -358,9 +363,9 @@ class SchedulingMachine(RuleBasedStateMachine):
                 raise AssertionError(f"{tenant} runs {running[tenant]} > cap {cap}")
         for run in state.runs.values():
             assert run.id not in self.ended
-            if run.status == SETTLING:
+            if run.status == RunStatus.SETTLING:
                 assert run.owner is None and run.outcome is not None
-            if run.status == RUNNING:
+            if run.status == RunStatus.RUNNING:
                 assert state.peers[run.owner].status == PEER_UP
 
     @invariant()

@@ -38,21 +38,19 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus.state import (
     COMMAND_TTL_MS,
-    FINISH_STATUSES,
     IDEMPOTENCY_TTL_MS,
     PEER_DOWN,
     PEER_UP,
-    QUEUED,
-    RUNNING,
     MeshState,
 )
+from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
 PEERS = ["p0", "p1", "p2", "p3"]
 TENANTS = ["default", "t0", "t1"]
 PEER_LABELS = [{}, {"gpu": "a100"}, {"gpu": "h100"}, {"gpu": "a100", "zone": "eu"}]
 RUN_LABELS = [{}, {}, {"gpu": "a100"}, {"gpu": "h100"}, {"zone": "eu"}]
 KEYS = ["k0", "k1", "k2", "k3"]
-STATUSES = sorted(FINISH_STATUSES)
+STATUSES = sorted(TERMINAL_STATUSES)
 SKEW = st.sampled_from([0, 0, 0, 700])  # proposers' clocks disagree a little
 
 # Garbage is msgpack-native (it has to survive the wire) and its text cannot
@@ -116,7 +114,7 @@ def recomputed_indexes(state: MeshState) -> tuple[dict[str, set[str]], dict[str,
     by_owner: dict[str, set[str]] = {}
     tenants: Counter[str] = Counter()
     for run in state.runs.values():
-        if run.status == RUNNING:
+        if run.status == RunStatus.RUNNING:
             by_owner.setdefault(run.owner, set()).add(run.id)
             tenants[run.tenant] += 1
     return by_owner, dict(tenants)
@@ -144,7 +142,7 @@ def plan_assignments(state: MeshState, peer_order: list[str], limit: int) -> lis
     running = Counter({pid: len(ids) for pid, ids in by_owner.items()})
     tenant_load = Counter(tenants)
     queued = sorted(
-        (r for r in state.runs.values() if r.status == QUEUED),
+        (r for r in state.runs.values() if r.status == RunStatus.QUEUED),
         key=lambda r: (-r.priority, r.submitted_at_ms, r.id),
     )
     batch: list[list[Any]] = []
@@ -277,7 +275,12 @@ class MeshMachine(RuleBasedStateMachine):
             assert post.runs[rid].public() == run.public(), "submit touched an existing run"
         for rid in new_ids:
             run = post.runs[rid]
-            assert (run.status, run.owner, run.epoch, run.attempts) == (QUEUED, None, 0, 0)
+            assert (run.status, run.owner, run.epoch, run.attempts) == (
+                RunStatus.QUEUED,
+                None,
+                0,
+                0,
+            )
             assert run.submitted_at_ms == now
         assert set(post.peers) == set(pre.peers)
         for spec, entry in zip(specs, entries, strict=True):
@@ -321,7 +324,7 @@ class MeshMachine(RuleBasedStateMachine):
             if (
                 run is None
                 or rid in expected
-                or run.status != QUEUED
+                or run.status != RunStatus.QUEUED
                 or not isinstance(epoch, int)
                 or epoch != run.epoch + 1
                 or peer is None
@@ -350,7 +353,7 @@ class MeshMachine(RuleBasedStateMachine):
             cap = cap_of(pre, run.tenant)
             assert cap is None or tenant_load[run.tenant] <= cap, "assign exceeded a tenant cap"
             # invariant 2: epochs move forward by one; the owner is an up peer
-            assert old.status == QUEUED and run.status == RUNNING
+            assert old.status == RunStatus.QUEUED and run.status == RunStatus.RUNNING
             assert run.epoch == old.epoch + 1 and run.attempts == old.attempts + 1
             assert peer.status == PEER_UP and labels_fit(peer.labels, run.labels)
             assert run.assigned_at_ms == now
@@ -372,11 +375,11 @@ class MeshMachine(RuleBasedStateMachine):
         expect_ok = (
             "epoch" in cmd
             and run is not None
-            and run.status == RUNNING
+            and run.status == RunStatus.RUNNING
             and run.epoch == epoch
             and (
                 op == c.RELEASE
-                or ("status" in cmd and isinstance(status, str) and status in FINISH_STATUSES)
+                or ("status" in cmd and isinstance(status, str) and status in TERMINAL_STATUSES)
             )
         )
         if isinstance(rid, str) and rid in self.finished:
@@ -395,7 +398,7 @@ class MeshMachine(RuleBasedStateMachine):
             self.finished.add(rid)
         else:
             after = post.runs[rid]
-            assert (after.status, after.owner, after.epoch) == (QUEUED, None, run.epoch)
+            assert (after.status, after.owner, after.epoch) == (RunStatus.QUEUED, None, run.epoch)
             assert after.attempts == run.attempts
         for other, old in pre.runs.items():
             if other != rid:
@@ -423,10 +426,14 @@ class MeshMachine(RuleBasedStateMachine):
         requeued = 0
         for rid, run in pre.runs.items():
             after = post.runs[rid]
-            if restarted and run.status == RUNNING and run.owner == pid:
+            if restarted and run.status == RunStatus.RUNNING and run.owner == pid:
                 # the new process has none of the old one's runs
                 requeued += 1
-                assert (after.status, after.owner, after.epoch) == (QUEUED, None, run.epoch)
+                assert (after.status, after.owner, after.epoch) == (
+                    RunStatus.QUEUED,
+                    None,
+                    run.epoch,
+                )
             else:
                 assert after.public() == run.public()
         assert result["requeued"] == requeued
@@ -449,9 +456,13 @@ class MeshMachine(RuleBasedStateMachine):
         requeued = 0
         for rid, run in pre.runs.items():
             after = post.runs[rid]
-            if run.status == RUNNING and run.owner == pid:
+            if run.status == RunStatus.RUNNING and run.owner == pid:
                 requeued += 1
-                assert (after.status, after.owner, after.epoch) == (QUEUED, None, run.epoch)
+                assert (after.status, after.owner, after.epoch) == (
+                    RunStatus.QUEUED,
+                    None,
+                    run.epoch,
+                )
             else:
                 assert after.public() == run.public()
         assert result["requeued"] == requeued
@@ -579,16 +590,16 @@ class MeshMachine(RuleBasedStateMachine):
     # -- ends of runs ---------------------------------------------------------
 
     def _running(self) -> list[str]:
-        return sorted(r.id for r in self.state.runs.values() if r.status == RUNNING)
+        return sorted(r.id for r in self.state.runs.values() if r.status == RunStatus.RUNNING)
 
-    @precondition(lambda self: any(r.status == RUNNING for r in self.state.runs.values()))
+    @precondition(lambda self: any(r.status == RunStatus.RUNNING for r in self.state.runs.values()))
     @rule(data=st.data(), status=st.sampled_from(STATUSES), skew=SKEW)
     def owner_finishes(self, data, status, skew):
         run = self.state.runs[data.draw(st.sampled_from(self._running()))]
         cmd = c.finish(self._next("c"), self._at(skew), run.id, run.epoch, status, None)
         assert self.execute(cmd, issuer=run.owner) == {"ok": True}
 
-    @precondition(lambda self: any(r.status == RUNNING for r in self.state.runs.values()))
+    @precondition(lambda self: any(r.status == RunStatus.RUNNING for r in self.state.runs.values()))
     @rule(data=st.data(), skew=SKEW)
     def owner_releases(self, data, skew):
         run = self.state.runs[data.draw(st.sampled_from(self._running()))]
@@ -874,12 +885,12 @@ class MeshMachine(RuleBasedStateMachine):
             assert run.id not in self.finished, "a finished run is back in state"
             assert run.epoch >= self.last_epoch.get(run.id, 0), "an epoch went backwards"
             self.last_epoch[run.id] = run.epoch
-            if run.status == RUNNING:
+            if run.status == RunStatus.RUNNING:
                 # owned by the very incarnation it was assigned to
                 peer = self.state.peers[run.owner]
                 assert self.assigned[(run.id, run.epoch)] == (run.owner, peer.incarnation)
             else:
-                assert run.status == QUEUED and run.owner is None
+                assert run.status == RunStatus.QUEUED and run.owner is None
         for _op, rid, epoch, issuer, owner, current in self.ends:
             assert epoch == current and (issuer is None or issuer == owner), (rid, epoch)
         assert all(n == 1 for n in self.finishes.values())
