@@ -15,104 +15,28 @@ growing with history.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus.eligibility import why_not
+from raftmesh.consensus.model import (
+    DRAIN_MODES,
+    PEER_DOWN,
+    PEER_JOINING,
+    PEER_LEFT,
+    PEER_UP,
+    ROLES,
+    VOTER,
+    Peer,
+    Run,
+)
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
 FAILURE_KINDS = frozenset({"error", "timeout"})
 
-PEER_UP = "up"
-PEER_DOWN = "down"
-# Reserved by a join, not announced by a process yet.
-PEER_JOINING = "joining"
-# Removed from the mesh for good; its id may join again.
-PEER_LEFT = "left"
-
-VOTER = "voter"
-EXECUTOR = "executor"
-ROLES = frozenset({VOTER, EXECUTOR})
-
-# Drain modes: runs already there finish there, or are released at their next
-# step boundary and run elsewhere.
-DRAIN_FINISH = "finish"
-DRAIN_RELEASE = "release"
-DRAIN_MODES = frozenset({"", DRAIN_FINISH, DRAIN_RELEASE})
-
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 COMMAND_TTL_MS = 10 * 60 * 1000
-
-
-@dataclass
-class Run:
-    id: str
-    agent: str
-    input: Any
-    tenant: str = "default"
-    priority: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    timeout_s: float | None = None
-    max_attempts: int = 1
-    idempotency_key: str | None = None
-    parent_id: str | None = None
-    submitted_at_ms: int = 0
-    depth: int = 0
-    budget: dict[str, int] | None = None
-    isolation: str = "task"
-    memory_limit_mb: int | None = None
-    status: RunStatus = RunStatus.QUEUED
-    owner: str | None = None
-    epoch: int = 0
-    attempts: int = 0
-    assigned_at_ms: int | None = None
-    session: str | None = None
-    placement: str | None = None
-    not_before_ms: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    losses: int = 0
-    last_error: str | None = None
-    cancel_requested: bool = False
-    outcome: RunStatus | None = None
-
-    def __post_init__(self) -> None:
-        # A snapshot carries plain text; equal either way, typed from here on.
-        self.status = RunStatus(self.status)
-        if self.outcome is not None:
-            self.outcome = RunStatus(self.outcome)
-
-    def public(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Peer:
-    id: str
-    incarnation: str
-    raft: str
-    http: str
-    slots: int
-    labels: dict[str, str] = field(default_factory=dict)
-    status: str = PEER_UP
-    since_ms: int = 0
-    agents: list[str] | None = None
-    role: str = VOTER
-    # Operator intent, kept across restarts of the peer: "" or a drain mode.
-    drain: str = ""
-    # This incarnation is shutting down (SIGTERM): it gets nothing new.
-    stopping: bool = False
-
-    def public(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @property
-    def schedulable(self) -> bool:
-        return self.status == PEER_UP and not self.drain and not self.stopping
-
-    def can_run(self, agent: str) -> bool:
-        """Peers that announced no agent list (older peers) are assumed to run any."""
-        return self.agents is None or agent in self.agents
 
 
 def _agent_list(agents: Any) -> list[str] | None:
@@ -339,26 +263,14 @@ class MeshState:
         run = self.runs.get(run_id) if isinstance(run_id, str) else None
         if run is None:
             raise Rejected("unknown run")
-        if run.status != RunStatus.QUEUED:
-            raise Rejected(f"run is {run.status}")
+        peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
+        if peer is None:
+            raise Rejected("peer is not up")
+        reason = why_not(run, peer, self, at_ms)
+        if reason is not None:
+            raise Rejected(reason.message)
         if not isinstance(epoch, int) or epoch != run.epoch + 1:
             raise Rejected(f"epoch {epoch} is not {run.epoch + 1}")
-        if run.not_before_ms > at_ms:
-            raise Rejected("run is backing off before its next attempt")
-        peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
-        if peer is None or peer.status != PEER_UP:
-            raise Rejected("peer is not up")
-        if not peer.schedulable:
-            raise Rejected("peer is draining or stopping")
-        if self.running_on(peer_id) >= peer.slots:
-            raise Rejected("peer has no free slot")
-        if any(peer.labels.get(k) != v for k, v in run.labels.items()):
-            raise Rejected("peer labels do not match")
-        if not peer.can_run(run.agent):
-            raise Rejected("peer does not have the agent")
-        cap = self.tenant_cap(run.tenant)
-        if cap is not None and self.running_for_tenant(run.tenant) >= cap:
-            raise Rejected("tenant at its in-flight cap")
 
     def _finish(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         run = self._owned_run(cmd["run"], cmd["epoch"])
@@ -538,20 +450,9 @@ class MeshState:
         """Remove a peer for good. A voter may go only if the voters that remain
         and are up still form a majority of the voters that remain."""
         peer = self._member(cmd["peer"])
-        if peer.role == VOTER:
-            remaining = [
-                p
-                for p in self.peers.values()
-                if p.role == VOTER and p.status != PEER_LEFT and p.id != peer.id
-            ]
-            up = [p for p in remaining if p.status == PEER_UP]
-            if not remaining:
-                raise Rejected(f"{peer.id} is the last voter: the mesh cannot lose it")
-            if len(up) <= len(remaining) / 2:
-                raise Rejected(
-                    f"removing voter {peer.id} would leave {len(remaining)} voters of which only "
-                    f"{len(up)} are up: they could not form a majority; bring voters back first"
-                )
+        refusal = leave_refusal(self, peer)
+        if refusal is not None:
+            raise Rejected(refusal)
         requeued = self._requeue_owned_by(peer.id)
         peer.status = PEER_LEFT
         peer.since_ms = at_ms
@@ -740,6 +641,28 @@ class MeshState:
                 state.by_owner.setdefault(run.owner, set()).add(run.id)
                 state.tenant_running[run.tenant] = state.tenant_running.get(run.tenant, 0) + 1
         return state
+
+
+def leave_refusal(state: MeshState, peer: Peer) -> str | None:
+    """Why ``peer_leave`` of this member would be refused, or None: a voter may
+    go only if the voters that remain and are up still form a majority of the
+    voters that remain. A query, so the API can ask before it touches Raft."""
+    if peer.role != VOTER:
+        return None
+    remaining = [
+        p
+        for p in state.peers.values()
+        if p.role == VOTER and p.status != PEER_LEFT and p.id != peer.id
+    ]
+    up = [p for p in remaining if p.status == PEER_UP]
+    if not remaining:
+        return f"{peer.id} is the last voter: the mesh cannot lose it"
+    if len(up) <= len(remaining) / 2:
+        return (
+            f"removing voter {peer.id} would leave {len(remaining)} voters of which only "
+            f"{len(up)} are up: they could not form a majority; bring voters back first"
+        )
+    return None
 
 
 def _limit(value: Any, what: str) -> int | None:

@@ -26,7 +26,7 @@ import aiohttp
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
-from raftmesh.consensus.state import (
+from raftmesh.consensus.model import (
     DRAIN_FINISH,
     DRAIN_RELEASE,
     EXECUTOR,
@@ -34,8 +34,8 @@ from raftmesh.consensus.state import (
     PEER_UP,
     ROLES,
     VOTER,
-    MeshState,
 )
+from raftmesh.consensus.state import leave_refusal
 from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
@@ -66,13 +66,6 @@ def _now_ms() -> int:
 
 def left_marker(data_dir: str) -> Path:
     return Path(data_dir) / LEFT_MARKER
-
-
-def leave_refusal(state: MeshState, peer_id: str) -> str | None:
-    """Why the state machine would refuse ``peer_leave(peer_id)``, or None."""
-    probe = MeshState.from_dict(state.to_dict())
-    result = probe.apply(commands.peer_leave("probe", 0, peer_id))
-    return None if result.get("ok") else str(result.get("error"))
 
 
 class Membership:
@@ -156,7 +149,7 @@ class Membership:
         raft = peer._raft()
         with raft.lock:
             member = raft.state.peers.get(peer_id)
-            refusal = leave_refusal(raft.state, peer_id)
+            refusal = None if member is None else leave_refusal(raft.state, member)
         if member is None or member.status == PEER_LEFT:
             raise PeerNotFound(f"no peer {peer_id!r} in this mesh")
         if refusal is not None:
@@ -324,4 +317,4 @@ def check_not_left(data_dir: str) -> None:
         )
 
 
-__all__ = ["Membership", "check_not_left", "leave_refusal"]
+__all__ = ["Membership", "check_not_left"]

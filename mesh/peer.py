@@ -26,8 +26,8 @@ from prometheus_client import generate_latest
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
+from raftmesh.consensus.model import DRAIN_RELEASE, PEER_UP, VOTER, Run
 from raftmesh.consensus.raft import RaftNode, persisted_voters
-from raftmesh.consensus.state import DRAIN_RELEASE, PEER_UP, VOTER, Run
 from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES, RunStatus
 from raftmesh.mesh import logs
 from raftmesh.mesh.api import SUBMIT_FIELDS, build_app, validate_submission

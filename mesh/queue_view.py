@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from raftmesh.consensus.state import PEER_UP, MeshState
+from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.scheduler import Scheduler
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus.eligibility import accepts_work
 from raftmesh.consensus.state import MeshState
 
 _cids = (f"c{i}" for i in itertools.count())
@@ -45,7 +46,7 @@ def test_join_reserves_an_id_once_and_refuses_addresses_in_use():
     assert not other["ok"] and "'d' is already in use" in other["error"]
     taken = apply(state, c.peer_join, "e", "a:7000", "e:8000", "voter")
     assert not taken["ok"] and "already used by peer 'a'" in taken["error"]
-    assert state.peers["d"].status == "joining" and not state.peers["d"].schedulable
+    assert state.peers["d"].status == "joining" and not accepts_work(state.peers["d"])
     assert apply(state, c.peer_up, "d", "d-i1", "d:7000", "d:8000", 2, {})["ok"]
     assert state.peers["d"].status == "up"
 
@@ -63,7 +64,7 @@ def test_drained_and_stopping_peers_get_nothing_new():
     assert apply(state, c.peer_up, "b", "b-i2", "b:7000", "b:8000", 2, {})["ok"]
     assert state.peers["a"].drain == "finish" and not state.peers["b"].stopping
     assert apply(state, c.assign, 1, [("r1", "b", 1)])["accepted"] == ["r1"]
-    assert apply(state, c.peer_drain, "a", "")["ok"] and state.peers["a"].schedulable
+    assert apply(state, c.peer_drain, "a", "")["ok"] and accepts_work(state.peers["a"])
     assert not apply(state, c.peer_drain, "a", "sideways")["ok"]
     assert not apply(state, c.peer_stopping, "a", "a-i1")["ok"], "a stale incarnation"
 
@@ -142,7 +143,9 @@ def test_membership_histories_keep_owners_schedulable_and_a_voter_majority(ops):
             peer = state.peers.get(args[1])
             result = apply(state, c.assign, 1, [(args[0], args[1], epoch)])
             if args[0] in result["accepted"]:
-                assert peer is not None and peer.schedulable, "work went to a peer that takes none"
+                assert peer is not None and accepts_work(peer), (
+                    "work went to a peer that takes none"
+                )
             continue
         pid, extra = args
         role = "executor" if pid in EXECUTORS else "voter"

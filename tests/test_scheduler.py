@@ -103,7 +103,7 @@ def test_consistent_hash_waits_for_its_peer_instead_of_spilling() -> None:
     mesh.assign(plan)
     assert sched.plan(mesh.state, T0) == []
     waiting = sched.waiting_for(mesh.state, mesh.state.runs[second], T0)
-    assert waiting is not None and waiting.reason == "slot" and plan[0][1] in waiting.message
+    assert waiting is not None and waiting.code == "slot" and plan[0][1] in waiting.message
 
 
 def test_waiting_for_names_labels_caps_and_backoff() -> None:
@@ -118,14 +118,14 @@ def test_waiting_for_names_labels_caps_and_backoff() -> None:
     assert sched.waiting_for(state, state.runs[gpu], T0).message == (  # type: ignore[union-attr]
         "no up peer offers labels gpu=a100"
     )
-    assert sched.waiting_for(state, state.runs[capped[1]], T0).reason == "tenant_cap"  # type: ignore[union-attr]
+    assert sched.waiting_for(state, state.runs[capped[1]], T0).code == "tenant_cap"  # type: ignore[union-attr]
     result = mesh.apply(c.fail(mesh.cid(), T0, capped[0], 1, "error", "boom"))
     assert result["retry"] is False  # max_attempts 1: a dead letter
     retried = mesh.submit(max_attempts=3)
     mesh.assign(sched.plan(mesh.state, T0))
     result = mesh.apply(c.fail(mesh.cid(), T0, retried, 1, "timeout", "slow"))
     assert result["retry"] and result["not_before_ms"] > T0
-    assert sched.waiting_for(state, state.runs[retried], T0).reason == "backoff"  # type: ignore[union-attr]
+    assert sched.waiting_for(state, state.runs[retried], T0).code == "backoff"  # type: ignore[union-attr]
     assert retried not in [r for r, _, _ in sched.plan(state, T0)]
     assert retried in [r for r, _, _ in sched.plan(state, result["not_before_ms"])]
 

@@ -34,7 +34,8 @@ from hypothesis.stateful import (
 )
 
 from raftmesh.consensus import commands as c
-from raftmesh.consensus.state import PEER_UP, MeshState, backoff_ms
+from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.state import MeshState, backoff_ms
 from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.scheduler import PLACEMENTS, Scheduler
 

@@ -36,11 +36,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus.model import PEER_DOWN, PEER_UP
 from raftmesh.consensus.state import (
     COMMAND_TTL_MS,
     IDEMPOTENCY_TTL_MS,
-    PEER_DOWN,
-    PEER_UP,
     MeshState,
 )
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
