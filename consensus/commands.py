@@ -15,6 +15,8 @@ from typing import Any
 
 import msgpack
 
+from raftmesh.consensus.errors import ConsensusError
+
 ENTRY_VERSION = 1
 
 SUBMIT = "submit"
@@ -54,12 +56,20 @@ OPS = frozenset(
 Command = dict[str, Any]
 
 
-class CommandDecodeError(ValueError):
+class CommandDecodeError(ConsensusError, ValueError):
     """A log entry that is not a version-1 list of commands."""
 
 
+class CommandEncodeError(ConsensusError, ValueError):
+    """A command holds a value msgpack cannot carry (an int wider than 64 bits,
+    an object): refused before it reaches the log."""
+
+
 def encode_entry(commands: list[Command]) -> bytes:
-    return msgpack.packb([ENTRY_VERSION, commands], use_bin_type=True)
+    try:
+        return msgpack.packb([ENTRY_VERSION, commands], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CommandEncodeError(f"a command cannot be encoded: {exc}") from exc
 
 
 def decode_entry(payload: bytes) -> list[Command]:

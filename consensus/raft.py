@@ -39,7 +39,13 @@ import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.node import TCPNode
 
-from raftmesh.consensus.commands import Command, CommandDecodeError, decode_entry, encode_entry
+from raftmesh.consensus.commands import (
+    Command,
+    CommandDecodeError,
+    CommandEncodeError,
+    decode_entry,
+    encode_entry,
+)
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
 from raftmesh.consensus.state import MeshState
 
@@ -365,7 +371,11 @@ class RaftNode:
         self._flush_scheduled = False
         while self._pending and self._in_flight < MAX_IN_FLIGHT:
             take = min(len(self._pending), MAX_COMMANDS_PER_ENTRY)
-            payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
+            try:
+                payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
+            except CommandEncodeError as exc:
+                self._refuse_unencodable(exc)
+                continue
             while len(payload) > MAX_ENTRY_BYTES and take > 1:
                 take //= 2
                 payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
@@ -382,6 +392,26 @@ class RaftNode:
 
             self._replica.apply_entry(payload, callback=done)
             self._loop.call_later(self._commit_timeout_s, self._settle, entry, None, -1)
+
+    def _refuse_unencodable(self, batch_error: CommandEncodeError) -> None:
+        """Fail the futures of the commands msgpack cannot carry, keep the rest:
+        one bad command must not block every proposal queued behind it."""
+        keep = []
+        for cmd, fut in self._pending:
+            try:
+                encode_entry([cmd])
+            except CommandEncodeError as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                keep.append((cmd, fut))
+        if len(keep) == len(self._pending):
+            # Each encodes alone but not together (nesting limits): refuse the
+            # first, so the loop always makes progress.
+            _, fut = keep.pop(0)
+            if not fut.done():
+                fut.set_exception(batch_error)
+        self._pending = keep
 
     def _settle(self, entry: _Entry, result: Any, err: int) -> None:
         if entry.settled:

@@ -15,6 +15,8 @@ growing with history.
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,8 @@ from raftmesh.consensus.model import (
     Run,
 )
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
+
+log = logging.getLogger("raftmesh.state")
 
 FAILURE_KINDS = frozenset({"error", "timeout"})
 
@@ -59,16 +63,40 @@ class QueueFull(Rejected):
     code = "tenant_queue_full"
 
 
-_RUN_FIELDS = {
-    "id": str,
-    "agent": str,
-    "tenant": str,
-    "priority": int,
-    "max_attempts": int,
-    "epoch": int,
-    "attempts": int,
-}
-_OPTIONAL_TEXT = ("session", "placement")
+_RUN_TEXT = ("id", "agent", "tenant")
+_OPTIONAL_TEXT = ("session", "placement", "idempotency_key", "parent_id", "isolation")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Clock readings and delays in ms: far beyond any real clock, and small enough
+# that adding a TTL or a backoff to one stays an int64.
+MAX_MS = 2**53
+MAX_TIMEOUT_S = 10 * 365 * 24 * 3600.0
+
+
+def _int(value: Any, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    """An integer the snapshot (msgpack, int64) can carry; ``True`` is not a number here."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise Rejected(f"{what} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _plain(value: Any, what: str, depth: int = 0) -> Any:
+    """A value msgpack carries and that equals itself: no nan, no inf, no int
+    wider than 64 bits, nested no deeper than a snapshot can hold."""
+    if depth > 32:
+        raise Rejected(f"{what} is nested too deeply")
+    if value is None or isinstance(value, bool | str | bytes):
+        return value
+    if isinstance(value, int):
+        return _int(value, what, INT64_MIN, 2**64 - 1)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Rejected(f"{what} must be a finite number, not {value!r}")
+        return value
+    if isinstance(value, list):
+        return [_plain(v, what, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k, what, depth + 1): _plain(v, what, depth + 1) for k, v in value.items()}
+    raise Rejected(f"{what} holds a {type(value).__name__}")
 
 
 @dataclass
@@ -124,8 +152,10 @@ class MeshState:
             return {"ok": False, "error": "command is not a map"}
         cid = command.get("cid")
         at_ms = command.get("at_ms")
-        if not isinstance(cid, str) or not isinstance(at_ms, int):
+        if not isinstance(cid, str) or not isinstance(at_ms, int) or isinstance(at_ms, bool):
             return {"ok": False, "error": "command lacks cid or at_ms"}
+        if not 0 <= at_ms <= MAX_MS:
+            return {"ok": False, "error": f"at_ms {at_ms} is not a clock reading"}
         if cid in self.seen:
             return self.seen[cid][0]
         self._expire(at_ms)
@@ -140,6 +170,11 @@ class MeshState:
                 result = {"ok": False, "error": str(exc)}
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 result = {"ok": False, "error": f"malformed {op}: {exc!r}"}
+            except Exception as exc:
+                # The last guard: pysyncobj would retry a raising apply forever
+                # and wedge every peer. Every replica takes this same path.
+                log.exception("apply of %s %s raised; refusing the command", op, cid)
+                result = {"ok": False, "error": f"{op} refused: {exc!r}"}
         self.seen[cid] = (result, at_ms + COMMAND_TTL_MS)
         return result
 
@@ -162,19 +197,34 @@ class MeshState:
             try:
                 out.append(self._submit_one(spec, at_ms))
             except Rejected as exc:
-                run_id = spec.get("id") if isinstance(spec, dict) else None
-                out.append({"id": run_id, "error": str(exc), "code": exc.code})
+                out.append({"id": _spec_id(spec), "error": str(exc), "code": exc.code})
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # _submit_one mutates nothing before it can fail
-                out.append({"id": spec.get("id"), "error": f"malformed run spec: {exc!r}"})
+                out.append({"id": _spec_id(spec), "error": f"malformed run spec: {exc!r}"})
         return {"ok": True, "runs": out}
 
     def _submit_one(self, spec: Any, at_ms: int) -> dict[str, Any]:
         if not isinstance(spec, dict):
             raise Rejected("run spec is not a map")
-        for name, kind in _RUN_FIELDS.items():
-            if name in spec and not isinstance(spec[name], kind):
-                raise Rejected(f"field {name} must be {kind.__name__}")
+        for name in _RUN_TEXT:
+            if name in spec and not isinstance(spec[name], str):
+                raise Rejected(f"field {name} must be str")
+        for name in _OPTIONAL_TEXT:
+            if spec.get(name) is not None and not isinstance(spec[name], str):
+                raise Rejected(f"field {name} must be str")
+        lows = {"priority": INT64_MIN, "max_attempts": INT64_MIN, "epoch": INT64_MIN}
+        lows |= {"attempts": INT64_MIN, "depth": 0}
+        numbers = {
+            name: _int(spec.get(name) or 0, f"field {name}", low) for name, low in lows.items()
+        }
+        timeout_s = spec.get("timeout_s")
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 < timeout_s <= MAX_TIMEOUT_S
+        ):
+            raise Rejected(f"timeout_s must be a number of seconds up to {MAX_TIMEOUT_S:.0f}")
+        run_input = _plain(spec.get("input"), "input")
         key = spec.get("idempotency_key")
         if key is not None:
             known = self.idempotency.get(key)
@@ -192,16 +242,13 @@ class MeshState:
         if not isinstance(labels, dict):
             raise Rejected("labels must be a map")
         budget = spec.get("budget")
-        if budget is not None and not (
-            isinstance(budget, dict) and all(isinstance(v, int) and v >= 0 for v in budget.values())
-        ):
-            raise Rejected("budget must map names to non-negative integers")
+        if budget is not None:
+            if not isinstance(budget, dict):
+                raise Rejected("budget must map names to non-negative integers")
+            budget = {str(k): _int(v, "a budget", 0) for k, v in budget.items()}
         memory_mb = spec.get("memory_limit_mb")
-        if memory_mb is not None and (not isinstance(memory_mb, int) or memory_mb <= 0):
-            raise Rejected("memory_limit_mb must be a positive integer")
-        for name in _OPTIONAL_TEXT:
-            if spec.get(name) is not None and not isinstance(spec[name], str):
-                raise Rejected(f"field {name} must be str")
+        if memory_mb is not None:
+            _int(memory_mb, "memory_limit_mb", 1)
         tenant = spec.get("tenant") or "default"
         limit = self.tenant_queue_limit(tenant)
         if limit is not None and self.queued_for_tenant(tenant) >= limit:
@@ -209,23 +256,23 @@ class MeshState:
         run = Run(
             id=run_id,
             agent=spec["agent"],
-            input=spec.get("input"),
+            input=run_input,
             tenant=tenant,
-            priority=int(spec.get("priority") or 0),
+            priority=numbers["priority"],
             labels={str(k): str(v) for k, v in labels.items()},
-            timeout_s=spec.get("timeout_s"),
-            max_attempts=max(1, int(spec.get("max_attempts") or 1)),
+            timeout_s=timeout_s,
+            max_attempts=max(1, numbers["max_attempts"]),
             idempotency_key=key,
             parent_id=spec.get("parent_id"),
             submitted_at_ms=at_ms,
-            depth=int(spec.get("depth") or 0),
-            budget=None if budget is None else {str(k): v for k, v in budget.items()},
+            depth=numbers["depth"],
+            budget=budget,
             isolation=str(spec.get("isolation") or "task"),
             memory_limit_mb=memory_mb,
             session=spec.get("session"),
             placement=spec.get("placement"),
-            epoch=max(0, spec.get("epoch") or 0),
-            attempts=max(0, spec.get("attempts") or 0),
+            epoch=max(0, numbers["epoch"]),
+            attempts=max(0, numbers["attempts"]),
         )
         self.runs[run_id] = run
         self._count_queued(run.tenant, 1)
@@ -354,9 +401,9 @@ class MeshState:
 
     def _peer_up(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
         peer_id = cmd["peer"]
-        slots = cmd["slots"]
-        if not isinstance(peer_id, str) or not isinstance(slots, int) or slots < 0:
-            raise Rejected("peer_up needs a peer id and a slot count")
+        if not all(isinstance(cmd[k], str) for k in ("peer", "incarnation", "raft", "http")):
+            raise Rejected("peer_up needs a peer id, an incarnation and its addresses as text")
+        slots = _int(cmd["slots"], "slots", 0)
         role = cmd.get("role") or VOTER
         if role not in ROLES:
             raise Rejected(f"unknown role {role!r}")
@@ -475,12 +522,10 @@ class MeshState:
         if not isinstance(retry, dict):
             raise Rejected("retry policy must be a map")
         policy = RetryPolicy(**retry)
+        _int(policy.backoff_max_ms, "backoff_max_ms", 0, MAX_MS)
+        _int(policy.backoff_base_ms, "backoff_base_ms", 0, policy.backoff_max_ms)
         if not (
-            isinstance(policy.backoff_base_ms, int)
-            and isinstance(policy.backoff_max_ms, int)
-            and 0 <= policy.backoff_base_ms <= policy.backoff_max_ms
-            and isinstance(policy.retry_timeouts, bool)
-            and isinstance(policy.count_lost_owner, bool)
+            isinstance(policy.retry_timeouts, bool) and isinstance(policy.count_lost_owner, bool)
         ):
             raise Rejected("retry policy needs 0 <= backoff_base_ms <= backoff_max_ms and booleans")
         self.tenant_caps = caps
@@ -665,15 +710,17 @@ def leave_refusal(state: MeshState, peer: Peer) -> str | None:
     return None
 
 
+def _spec_id(spec: Any) -> str | None:
+    """The id to answer a refused run spec with: only text is echoed back."""
+    run_id = spec.get("id") if isinstance(spec, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
 def _limit(value: Any, what: str) -> int | None:
-    if value is not None and (not isinstance(value, int) or value < 0):
-        raise Rejected(f"{what} must be a non-negative integer")
-    return value
+    return None if value is None else _int(value, what, 0)
 
 
 def _limits(values: Any, what: str) -> dict[str, int]:
-    if not isinstance(values, dict) or not all(
-        isinstance(v, int) and v >= 0 for v in values.values()
-    ):
+    if not isinstance(values, dict):
         raise Rejected(f"{what} must map tenants to non-negative integers")
-    return {str(k): v for k, v in values.items()}
+    return {str(k): _int(v, what, 0) for k, v in values.items()}
