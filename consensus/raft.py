@@ -47,6 +47,7 @@ from raftmesh.consensus.commands import (
     encode_entry,
 )
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
+from raftmesh.consensus.results import Result
 from raftmesh.consensus.state import MeshState
 
 log = logging.getLogger("raftmesh.raft")
@@ -148,7 +149,7 @@ class _Replica(SyncObjConsumer):
         self._node = node
 
     @replicated
-    def apply_entry(self, payload: bytes) -> list[dict[str, Any]]:
+    def apply_entry(self, payload: bytes) -> list[Result]:
         node = self._node
         try:
             cmds = decode_entry(payload)
@@ -199,7 +200,7 @@ class _DialNode(TCPNode):
 class _Entry:
     """One log entry in flight and the futures waiting on its commands."""
 
-    def __init__(self, futures: list[asyncio.Future[dict[str, Any]]]) -> None:
+    def __init__(self, futures: list[asyncio.Future[Result]]) -> None:
         self.futures = futures
         self.settled = False
 
@@ -240,7 +241,7 @@ class RaftNode:
         data_dir: str,
         secret: str,
         loop: asyncio.AbstractEventLoop,
-        on_change: Callable[[list[Command], list[dict[str, Any]]], None],
+        on_change: Callable[[list[Any], list[Result]], None],
         timers: RaftTimers | None = None,
         commit_timeout_s: float = 5.0,
         dial: dict[str, str] | None = None,
@@ -251,7 +252,7 @@ class RaftNode:
         self._loop = loop
         self._on_change = on_change
         self._commit_timeout_s = commit_timeout_s
-        self._pending: list[tuple[Command, asyncio.Future[dict[str, Any]]]] = []
+        self._pending: list[tuple[Command, asyncio.Future[Result]]] = []
         self._in_flight = 0
         self._flush_scheduled = False
         timers = timers or RaftTimers()
@@ -339,7 +340,7 @@ class RaftNode:
 
     # -- thread seam ------------------------------------------------------
 
-    def _notify(self, cmds: list[Command], results: list[dict[str, Any]]) -> None:
+    def _notify(self, cmds: list[Any], results: list[Result]) -> None:
         """Tick thread → loop. Must not raise: pysyncobj would re-apply."""
         try:
             self._loop.call_soon_threadsafe(self._on_change, cmds, results)
@@ -351,13 +352,13 @@ class RaftNode:
 
     # -- proposing (loop side) --------------------------------------------
 
-    async def propose(self, command: Command) -> dict[str, Any]:
+    async def propose(self, command: Command) -> Result:
         """Commit one command (grouped with others) and return its result.
 
         Raises NoQuorum when nothing committed within the timeout; the outcome
         is then unknown, and retrying with the same ``cid`` is safe.
         """
-        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        fut: asyncio.Future[Result] = self._loop.create_future()
         self._pending.append((command, fut))
         self._schedule_flush()
         return await fut

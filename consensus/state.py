@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus import results as res
 from raftmesh.consensus.eligibility import why_not
 from raftmesh.consensus.model import (
     DRAIN_MODES,
@@ -33,6 +34,7 @@ from raftmesh.consensus.model import (
     Peer,
     Run,
 )
+from raftmesh.consensus.results import Rejected, Rejection, Result
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
 log = logging.getLogger("raftmesh.state")
@@ -47,20 +49,16 @@ def _agent_list(agents: Any) -> list[str] | None:
     if agents is None:
         return None
     if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
-        raise Rejected("agents must be a list of names")
+        raise Refused("agents must be a list of names")
     return sorted(agents)
 
 
-class Rejected(Exception):
+class Refused(Exception):
     """Internal control flow: a command (or one item of a batch) is refused."""
 
-    code = "rejected"
-
-
-class QueueFull(Rejected):
-    """The tenant's queued-run maximum is reached: backpressure, not an error."""
-
-    code = "tenant_queue_full"
+    def __init__(self, message: str, reason: Rejection = Rejection.INVALID) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 _RUN_TEXT = ("id", "agent", "tenant")
@@ -75,7 +73,7 @@ MAX_TIMEOUT_S = 10 * 365 * 24 * 3600.0
 def _int(value: Any, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
     """An integer the snapshot (msgpack, int64) can carry; ``True`` is not a number here."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise Rejected(f"{what} must be an integer from {low} to {high}, not {value!r}")
+        raise Refused(f"{what} must be an integer from {low} to {high}, not {value!r}")
     return value
 
 
@@ -83,20 +81,20 @@ def _plain(value: Any, what: str, depth: int = 0) -> Any:
     """A value msgpack carries and that equals itself: no nan, no inf, no int
     wider than 64 bits, nested no deeper than a snapshot can hold."""
     if depth > 32:
-        raise Rejected(f"{what} is nested too deeply")
+        raise Refused(f"{what} is nested too deeply")
     if value is None or isinstance(value, bool | str | bytes):
         return value
     if isinstance(value, int):
         return _int(value, what, INT64_MIN, 2**64 - 1)
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise Rejected(f"{what} must be a finite number, not {value!r}")
+            raise Refused(f"{what} must be a finite number, not {value!r}")
         return value
     if isinstance(value, list):
         return [_plain(v, what, depth + 1) for v in value]
     if isinstance(value, dict):
         return {_plain(k, what, depth + 1): _plain(v, what, depth + 1) for k, v in value.items()}
-    raise Rejected(f"{what} holds a {type(value).__name__}")
+    raise Refused(f"{what} holds a {type(value).__name__}")
 
 
 @dataclass
@@ -145,36 +143,41 @@ class MeshState:
 
     # -- applying ---------------------------------------------------------
 
-    def apply(self, command: Any) -> dict[str, Any]:
-        """Apply one command; return its result. Never raises."""
+    def apply(self, command: c.Command | Any) -> Result:
+        """Apply one command, typed or in wire form; return its result.
+
+        Never raises: pysyncobj would retry a raising apply forever, on every
+        peer, and no later command would apply. This is the last guard: every
+        replica applies the same command to the same state, so every replica
+        takes the same path through it and they stay alike. The checks in the
+        handlers come before their changes, so a refusal changes nothing.
+        """
         self.applied += 1
-        if not isinstance(command, dict):
-            return {"ok": False, "error": "command is not a map"}
-        cid = command.get("cid")
-        at_ms = command.get("at_ms")
-        if not isinstance(cid, str) or not isinstance(at_ms, int) or isinstance(at_ms, bool):
-            return {"ok": False, "error": "command lacks cid or at_ms"}
+        try:
+            return self._apply(command)
+        except Exception as exc:
+            op, cid = (getattr(command, k, None) for k in ("op", "cid"))
+            log.exception("apply of %s %s raised; refusing the command", op, cid)
+            return Rejected(Rejection.INTERNAL, f"the command failed on apply: {exc!r}")
+
+    def _apply(self, command: c.Command | Any) -> Result:
+        typed = isinstance(command, c.Command)
+        try:
+            cid, at_ms = (command.cid, command.at_ms) if typed else c.decode_header(command)
+        except c.CommandDecodeError as exc:
+            return Rejected(Rejection.MALFORMED, str(exc))
         if not 0 <= at_ms <= MAX_MS:
-            return {"ok": False, "error": f"at_ms {at_ms} is not a clock reading"}
+            return Rejected(Rejection.MALFORMED, f"at_ms {at_ms} is not a clock reading")
         if cid in self.seen:
             return self.seen[cid][0]
         self._expire(at_ms)
-        op = command.get("op")
-        handler = self._handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
-            result: dict[str, Any] = {"ok": False, "error": f"unknown op {op!r}"}
-        else:
-            try:
-                result = handler(self, command, at_ms)
-            except Rejected as exc:
-                result = {"ok": False, "error": str(exc)}
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                result = {"ok": False, "error": f"malformed {op}: {exc!r}"}
-            except Exception as exc:
-                # The last guard: pysyncobj would retry a raising apply forever
-                # and wedge every peer. Every replica takes this same path.
-                log.exception("apply of %s %s raised; refusing the command", op, cid)
-                result = {"ok": False, "error": f"{op} refused: {exc!r}"}
+        try:
+            cmd = command if typed else c.decode(command)
+            result = self._handlers[cmd.op](self, cmd, at_ms)
+        except c.CommandDecodeError as exc:
+            result = Rejected(Rejection.MALFORMED, str(exc))
+        except Refused as exc:
+            result = Rejected(exc.reason, str(exc))
         self.seen[cid] = (result, at_ms + COMMAND_TTL_MS)
         return result
 
@@ -191,27 +194,30 @@ class MeshState:
                     break
                 del table[key]
 
-    def _submit(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _submit(self, cmd: c.Submit, at_ms: int) -> res.Submitted:
         out = []
-        for spec in cmd["runs"]:
+        for spec in cmd.runs:
             try:
                 out.append(self._submit_one(spec, at_ms))
-            except Rejected as exc:
-                out.append({"id": _spec_id(spec), "error": str(exc), "code": exc.code})
+            except Refused as exc:
+                out.append(res.RunOutcome(_spec_id(spec), rejection=exc.reason, message=str(exc)))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # _submit_one mutates nothing before it can fail
-                out.append({"id": _spec_id(spec), "error": f"malformed run spec: {exc!r}"})
-        return {"ok": True, "runs": out}
+                message = f"malformed run spec: {exc!r}"
+                out.append(
+                    res.RunOutcome(_spec_id(spec), rejection=Rejection.MALFORMED, message=message)
+                )
+        return res.Submitted(out)
 
-    def _submit_one(self, spec: Any, at_ms: int) -> dict[str, Any]:
+    def _submit_one(self, spec: Any, at_ms: int) -> res.RunOutcome:
         if not isinstance(spec, dict):
-            raise Rejected("run spec is not a map")
+            raise Refused("run spec is not a map")
         for name in _RUN_TEXT:
             if name in spec and not isinstance(spec[name], str):
-                raise Rejected(f"field {name} must be str")
+                raise Refused(f"field {name} must be str")
         for name in _OPTIONAL_TEXT:
             if spec.get(name) is not None and not isinstance(spec[name], str):
-                raise Rejected(f"field {name} must be str")
+                raise Refused(f"field {name} must be str")
         lows = {"priority": INT64_MIN, "max_attempts": INT64_MIN, "epoch": INT64_MIN}
         lows |= {"attempts": INT64_MIN, "depth": 0}
         numbers = {
@@ -223,28 +229,31 @@ class MeshState:
             or not isinstance(timeout_s, int | float)
             or not 0 < timeout_s <= MAX_TIMEOUT_S
         ):
-            raise Rejected(f"timeout_s must be a number of seconds up to {MAX_TIMEOUT_S:.0f}")
+            raise Refused(f"timeout_s must be a number of seconds up to {MAX_TIMEOUT_S:.0f}")
         run_input = _plain(spec.get("input"), "input")
         key = spec.get("idempotency_key")
         if key is not None:
             known = self.idempotency.get(key)
             if known is not None:
-                return {"id": known[0], "created": False}
+                return res.RunOutcome(known[0])
         run_id = spec["id"]
         existing = self.runs.get(run_id)
         if existing is not None:
             # A replay of the same submission; a different key under the same
             # id would answer one key with two runs.
             if existing.idempotency_key != key:
-                raise Rejected(f"run id {run_id} is taken by a run with another idempotency key")
-            return {"id": run_id, "created": False}
+                raise Refused(
+                    f"run id {run_id} is taken by a run with another idempotency key",
+                    Rejection.CONFLICT,
+                )
+            return res.RunOutcome(run_id)
         labels = spec.get("labels") or {}
         if not isinstance(labels, dict):
-            raise Rejected("labels must be a map")
+            raise Refused("labels must be a map")
         budget = spec.get("budget")
         if budget is not None:
             if not isinstance(budget, dict):
-                raise Rejected("budget must map names to non-negative integers")
+                raise Refused("budget must map names to non-negative integers")
             budget = {str(k): _int(v, "a budget", 0) for k, v in budget.items()}
         memory_mb = spec.get("memory_limit_mb")
         if memory_mb is not None:
@@ -252,7 +261,10 @@ class MeshState:
         tenant = spec.get("tenant") or "default"
         limit = self.tenant_queue_limit(tenant)
         if limit is not None and self.queued_for_tenant(tenant) >= limit:
-            raise QueueFull(f"tenant {tenant!r} already has {limit} queued runs (its maximum)")
+            raise Refused(
+                f"tenant {tenant!r} already has {limit} queued runs (its maximum)",
+                Rejection.TENANT_QUEUE_FULL,
+            )
         run = Run(
             id=run_id,
             agent=spec["agent"],
@@ -278,12 +290,12 @@ class MeshState:
         self._count_queued(run.tenant, 1)
         if key is not None:
             self.idempotency[key] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
-        return {"id": run_id, "created": True}
+        return res.RunOutcome(run_id, created=True)
 
-    def _assign(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _assign(self, cmd: c.Assign, at_ms: int) -> res.Assigned:
         accepted: list[str] = []
         rejected: dict[str, str] = {}
-        for item in cmd["batch"]:
+        for item in cmd.batch:
             try:
                 run_id, peer_id, epoch = item
             except (TypeError, ValueError):
@@ -291,7 +303,7 @@ class MeshState:
                 continue
             try:
                 self._check_assignable(run_id, peer_id, epoch, at_ms)
-            except Rejected as exc:
+            except Refused as exc:
                 rejected[str(run_id)] = str(exc)
                 continue
             run = self.runs[run_id]
@@ -304,44 +316,44 @@ class MeshState:
             self.by_owner.setdefault(peer_id, set()).add(run_id)
             self.tenant_running[run.tenant] = self.tenant_running.get(run.tenant, 0) + 1
             accepted.append(run_id)
-        return {"ok": True, "accepted": accepted, "rejected": rejected}
+        return res.Assigned(accepted, rejected)
 
     def _check_assignable(self, run_id: Any, peer_id: Any, epoch: Any, at_ms: int) -> None:
         run = self.runs.get(run_id) if isinstance(run_id, str) else None
         if run is None:
-            raise Rejected("unknown run")
+            raise Refused("unknown run", Rejection.UNKNOWN_RUN)
         peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
         if peer is None:
-            raise Rejected("peer is not up")
+            raise Refused("peer is not up")
         reason = why_not(run, peer, self, at_ms)
         if reason is not None:
-            raise Rejected(reason.message)
+            raise Refused(reason.message)
         if not isinstance(epoch, int) or epoch != run.epoch + 1:
-            raise Rejected(f"epoch {epoch} is not {run.epoch + 1}")
+            raise Refused(f"epoch {epoch} is not {run.epoch + 1}")
 
-    def _finish(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        run = self._owned_run(cmd["run"], cmd["epoch"])
-        if cmd["status"] not in TERMINAL_STATUSES:
-            raise Rejected(f"not a terminal status: {cmd['status']!r}")
+    def _finish(self, cmd: c.Finish, at_ms: int) -> Result:
+        run = self._owned_run(cmd.run, cmd.epoch)
+        if cmd.status not in TERMINAL_STATUSES:
+            raise Refused(f"not a terminal status: {cmd.status!r}")
         self._evict(run)
-        return {"ok": True}
+        return res.Done()
 
-    def _release(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        run = self._owned_run(cmd["run"], cmd["epoch"])
+    def _release(self, cmd: c.Release, at_ms: int) -> Result:
+        run = self._owned_run(cmd.run, cmd.epoch)
         if run.cancel_requested:
             self._settle_as(run, RunStatus.CANCELLED)
         else:
             self._requeue(run)
-        return {"ok": True}
+        return res.Done()
 
-    def _fail(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _fail(self, cmd: c.Fail, at_ms: int) -> Result:
         """An attempt failed on its owner: retry after a backoff, or settle."""
-        run = self._owned_run(cmd["run"], cmd["epoch"])
-        kind, error = cmd["kind"], cmd["error"]
+        run = self._owned_run(cmd.run, cmd.epoch)
+        kind, error = cmd.kind, cmd.error
         if kind not in FAILURE_KINDS:
-            raise Rejected(f"unknown failure kind {kind!r}")
+            raise Refused(f"unknown failure kind {kind!r}")
         if error is not None and not isinstance(error, str):
-            raise Rejected("error must be text")
+            raise Refused("error must be text")
         if kind == "timeout":
             run.timeouts += 1
         else:
@@ -357,21 +369,21 @@ class MeshState:
                 run.id, self.retry.used(run), policy.backoff_base_ms, policy.backoff_max_ms
             )
             run.not_before_ms = at_ms + delay
-            return {"ok": True, "retry": True, "not_before_ms": run.not_before_ms}
+            return res.AttemptFailed(retry=True, not_before_ms=run.not_before_ms)
         else:
             self._settle_as(run, RunStatus.TIMED_OUT if kind == "timeout" else RunStatus.FAILED)
-        return {"ok": True, "retry": False}
+        return res.AttemptFailed(retry=False)
 
-    def _cancel(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _cancel(self, cmd: c.Cancel, at_ms: int) -> Result:
         """Cancel a run and every active run it spawned (children of a
         cancelled parent are of no use). Queued: settle as cancelled. Running:
         flag it; the owner stops the attempt and finishes it as cancelled (its
         own write is fenced). A run already ending otherwise is left alone."""
-        run = self.runs.get(cmd["run"])
+        run = self.runs.get(cmd.run)
         if run is None:
-            raise Rejected("run is not active")
+            raise Refused("run is not active", Rejection.UNKNOWN_RUN)
         if run.status == RunStatus.SETTLING and run.outcome != RunStatus.CANCELLED:
-            raise Rejected(f"run is already ending as {run.outcome}")
+            raise Refused(f"run is already ending as {run.outcome}", Rejection.CONFLICT)
         doomed = [run.id]
         for parent in doomed:  # grows while walking: breadth-first over descendants
             doomed.extend(r.id for r in self.runs.values() if r.parent_id == parent)
@@ -381,45 +393,48 @@ class MeshState:
             victim.cancel_requested = True
             if victim.status == RunStatus.QUEUED:
                 self._settle_as(victim, RunStatus.CANCELLED)
-        return {"ok": True, "status": run.status, RunStatus.CANCELLED: doomed}
+        return res.CancelRequested(run.status, doomed)
 
-    def _settle(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _settle(self, cmd: c.Settle, at_ms: int) -> Result:
         """Storage holds the mesh-decided outcome now: forget the run."""
-        run = self.runs.get(cmd["run"])
+        run = self.runs.get(cmd.run)
         if run is None or run.status != RunStatus.SETTLING:
-            raise Rejected("run is not settling")
+            raise Refused("run is not settling", Rejection.CONFLICT)
         del self.runs[run.id]
-        return {"ok": True, "outcome": run.outcome}
+        return res.Settled(run.outcome)
 
     def _owned_run(self, run_id: str, epoch: int) -> Run:
         run = self.runs.get(run_id)
         if run is None:
-            raise Rejected("unknown run")
+            raise Refused("unknown run", Rejection.UNKNOWN_RUN)
         if run.status != RunStatus.RUNNING or run.epoch != epoch:
-            raise Rejected(f"stale epoch {epoch}: run is {run.status} at epoch {run.epoch}")
+            raise Refused(
+                f"stale epoch {epoch}: run is {run.status} at epoch {run.epoch}",
+                Rejection.STALE_EPOCH,
+            )
         return run
 
-    def _peer_up(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        peer_id = cmd["peer"]
-        if not all(isinstance(cmd[k], str) for k in ("peer", "incarnation", "raft", "http")):
-            raise Rejected("peer_up needs a peer id, an incarnation and its addresses as text")
-        slots = _int(cmd["slots"], "slots", 0)
-        role = cmd.get("role") or VOTER
+    def _peer_up(self, cmd: c.PeerUp, at_ms: int) -> Result:
+        peer_id = cmd.peer
+        slots = _int(cmd.slots, "slots", 0)
+        role = cmd.role or VOTER
         if role not in ROLES:
-            raise Rejected(f"unknown role {role!r}")
+            raise Refused(f"unknown role {role!r}")
         known = self.peers.get(peer_id)
         if known is not None and known.status == PEER_LEFT:
-            raise Rejected(f"peer {peer_id} has left the mesh; it must join again")
+            raise Refused(
+                f"peer {peer_id} has left the mesh; it must join again", Rejection.CONFLICT
+            )
         peer = Peer(
             id=peer_id,
-            incarnation=cmd["incarnation"],
-            raft=cmd["raft"],
-            http=cmd["http"],
+            incarnation=cmd.incarnation,
+            raft=cmd.raft,
+            http=cmd.http,
             slots=slots,
-            labels={str(k): str(v) for k, v in (cmd.get("labels") or {}).items()},
+            labels={str(k): str(v) for k, v in (cmd.labels or {}).items()},
             status=PEER_UP,
             since_ms=at_ms,
-            agents=_agent_list(cmd.get("agents")),
+            agents=_agent_list(cmd.agents),
             role=role,
             drain=known.drain if known is not None else "",
         )
@@ -427,45 +442,50 @@ class MeshState:
         if known is not None and known.incarnation != peer.incarnation:
             requeued = self._requeue_owned_by(peer_id)
         self.peers[peer_id] = peer
-        return {"ok": True, "requeued": requeued}
+        return res.Requeued(requeued)
 
-    def _peer_down(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        peer = self.peers.get(cmd["peer"])
+    def _peer_down(self, cmd: c.PeerDown, at_ms: int) -> Result:
+        peer = self.peers.get(cmd.peer)
         if peer is None:
-            raise Rejected("unknown peer")
-        if peer.incarnation != cmd["incarnation"]:
-            raise Rejected("peer has restarted since it was judged")
+            raise Refused("unknown peer", Rejection.UNKNOWN_PEER)
+        if peer.incarnation != cmd.incarnation:
+            raise Refused("peer has restarted since it was judged", Rejection.CONFLICT)
         if peer.status in (PEER_DOWN, PEER_LEFT):
-            return {"ok": True, "requeued": 0}
+            return res.Requeued(0)
         peer.status = PEER_DOWN
         peer.since_ms = at_ms
-        return {"ok": True, "requeued": self._requeue_owned_by(peer.id)}
+        return res.Requeued(self._requeue_owned_by(peer.id))
 
-    def _peer_join(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _peer_join(self, cmd: c.PeerJoin, at_ms: int) -> Result:
         """Reserve an id (and a Raft address) before the joining process starts,
         so two joins with one id cannot both succeed. Repeating the same join
         is harmless, so a join interrupted half-way can be retried."""
-        peer_id, raft, http, role = cmd["peer"], cmd["raft"], cmd["http"], cmd["role"]
+        peer_id, raft, http, role = cmd.peer, cmd.raft, cmd.http, cmd.role
         if not all(isinstance(v, str) and v for v in (peer_id, http)) or not isinstance(raft, str):
-            raise Rejected("peer_join needs a peer id, a raft address and an http address")
+            raise Refused("peer_join needs a peer id, a raft address and an http address")
         if role not in ROLES or (role == VOTER and not raft):
-            raise Rejected(f"role must be one of {sorted(ROLES)}; a voter needs a raft address")
+            raise Refused(f"role must be one of {sorted(ROLES)}; a voter needs a raft address")
         known = self.peers.get(peer_id)
         if known is not None and known.status != PEER_LEFT:
             retry = (PEER_JOINING, raft, http, role)
             if (known.status, known.raft, known.http, known.role) == retry:
-                return {"ok": True, "created": False}
-            raise Rejected(
+                return res.Joined(created=False)
+            raise Refused(
                 f"peer id {peer_id!r} is already in use (status {known.status}); "
-                "choose another id, or make the old peer leave first"
+                "choose another id, or make the old peer leave first",
+                Rejection.CONFLICT,
             )
         for other in self.peers.values():
             if other.status == PEER_LEFT or other.id == peer_id:
                 continue
             if raft and other.raft == raft:
-                raise Rejected(f"raft address {raft} is already used by peer {other.id!r}")
+                raise Refused(
+                    f"raft address {raft} is already used by peer {other.id!r}", Rejection.CONFLICT
+                )
             if other.http == http:
-                raise Rejected(f"http address {http} is already used by peer {other.id!r}")
+                raise Refused(
+                    f"http address {http} is already used by peer {other.id!r}", Rejection.CONFLICT
+                )
         self.peers[peer_id] = Peer(
             id=peer_id,
             incarnation="",
@@ -476,80 +496,81 @@ class MeshState:
             since_ms=at_ms,
             role=role,
         )
-        return {"ok": True, "created": True}
+        return res.Joined(created=True)
 
-    def _peer_drain(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        peer = self._member(cmd["peer"])
-        mode = cmd["mode"]
+    def _peer_drain(self, cmd: c.PeerDrain, at_ms: int) -> Result:
+        peer = self._member(cmd.peer)
+        mode = cmd.mode
         if mode not in DRAIN_MODES:
-            raise Rejected(f"drain mode must be one of {sorted(DRAIN_MODES)}")
+            raise Refused(f"drain mode must be one of {sorted(DRAIN_MODES)}")
         peer.drain = mode
-        return {"ok": True}
+        return res.Done()
 
-    def _peer_stopping(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        peer = self._member(cmd["peer"])
-        if peer.incarnation != cmd["incarnation"]:
-            raise Rejected("peer has restarted since it asked to stop")
+    def _peer_stopping(self, cmd: c.PeerStopping, at_ms: int) -> Result:
+        peer = self._member(cmd.peer)
+        if peer.incarnation != cmd.incarnation:
+            raise Refused("peer has restarted since it asked to stop", Rejection.CONFLICT)
         peer.stopping = True
-        return {"ok": True}
+        return res.Done()
 
-    def _peer_leave(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _peer_leave(self, cmd: c.PeerLeave, at_ms: int) -> Result:
         """Remove a peer for good. A voter may go only if the voters that remain
         and are up still form a majority of the voters that remain."""
-        peer = self._member(cmd["peer"])
+        peer = self._member(cmd.peer)
         refusal = leave_refusal(self, peer)
         if refusal is not None:
-            raise Rejected(refusal)
+            raise Refused(refusal, Rejection.CONFLICT)
         requeued = self._requeue_owned_by(peer.id)
         peer.status = PEER_LEFT
         peer.since_ms = at_ms
         peer.stopping = False
-        return {"ok": True, "requeued": requeued}
+        return res.Requeued(requeued)
 
     def _member(self, peer_id: Any) -> Peer:
         peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
         if peer is None or peer.status == PEER_LEFT:
-            raise Rejected(f"no peer {peer_id!r} in this mesh")
+            raise Refused(f"no peer {peer_id!r} in this mesh", Rejection.UNKNOWN_PEER)
         return peer
 
-    def _configure(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        caps = _limits(cmd["tenant_caps"], "tenant caps")
-        default = _limit(cmd["default_tenant_cap"], "default tenant cap")
+    def _configure(self, cmd: c.Configure, at_ms: int) -> Result:
+        caps = _limits(cmd.tenant_caps, "tenant caps")
+        default = _limit(cmd.default_tenant_cap, "default tenant cap")
         # Newer keys are optional, so an older proposer's configure still applies.
-        max_queued = _limits(cmd.get("tenant_max_queued") or {}, "tenant queued maximums")
-        default_max_queued = _limit(cmd.get("default_tenant_max_queued"), "default queued maximum")
-        retry = cmd.get("retry") or {}
-        if not isinstance(retry, dict):
-            raise Rejected("retry policy must be a map")
+        max_queued = _limits(cmd.tenant_max_queued or {}, "tenant queued maximums")
+        default_max_queued = _limit(cmd.default_tenant_max_queued, "default queued maximum")
+        retry = cmd.retry or {}
+        unknown = set(retry) - {f.name for f in fields(RetryPolicy)}
+        if unknown:
+            raise Refused(f"unknown retry settings {sorted(map(str, unknown))}")
         policy = RetryPolicy(**retry)
         _int(policy.backoff_max_ms, "backoff_max_ms", 0, MAX_MS)
         _int(policy.backoff_base_ms, "backoff_base_ms", 0, policy.backoff_max_ms)
         if not (
             isinstance(policy.retry_timeouts, bool) and isinstance(policy.count_lost_owner, bool)
         ):
-            raise Rejected("retry policy needs 0 <= backoff_base_ms <= backoff_max_ms and booleans")
+            raise Refused("retry policy needs 0 <= backoff_base_ms <= backoff_max_ms and booleans")
         self.tenant_caps = caps
         self.default_tenant_cap = default
         self.tenant_max_queued = max_queued
         self.default_tenant_max_queued = default_max_queued
         self.retry = policy
-        return {"ok": True}
+        return res.Done()
 
     _handlers = {
-        c.SUBMIT: _submit,
-        c.ASSIGN: _assign,
-        c.FINISH: _finish,
-        c.RELEASE: _release,
-        c.PEER_UP: _peer_up,
-        c.PEER_DOWN: _peer_down,
-        c.CONFIGURE: _configure,
-        c.FAIL: _fail,
-        c.CANCEL: _cancel,
-        c.SETTLE: _settle,
-        c.PEER_JOIN: _peer_join,
-        c.PEER_DRAIN: _peer_drain,
-        c.PEER_STOPPING: _peer_stopping,
-        c.PEER_LEAVE: _peer_leave,
+        c.Op.SUBMIT: _submit,
+        c.Op.ASSIGN: _assign,
+        c.Op.FINISH: _finish,
+        c.Op.RELEASE: _release,
+        c.Op.PEER_UP: _peer_up,
+        c.Op.PEER_DOWN: _peer_down,
+        c.Op.CONFIGURE: _configure,
+        c.Op.FAIL: _fail,
+        c.Op.CANCEL: _cancel,
+        c.Op.SETTLE: _settle,
+        c.Op.PEER_JOIN: _peer_join,
+        c.Op.PEER_DRAIN: _peer_drain,
+        c.Op.PEER_STOPPING: _peer_stopping,
+        c.Op.PEER_LEAVE: _peer_leave,
     }
 
     # -- transitions shared by handlers -----------------------------------
@@ -653,11 +674,12 @@ class MeshState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "v": 1,
+            # v2: remembered results are typed (results.to_wire), no longer maps.
+            "v": 2,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
             "idempotency": [[k, v[0], v[1]] for k, v in self.idempotency.items()],
-            "seen": [[k, v[0], v[1]] for k, v in self.seen.items()],
+            "seen": [[k, res.to_wire(v[0]), v[1]] for k, v in self.seen.items()],
             "tenant_caps": self.tenant_caps,
             "default_tenant_cap": self.default_tenant_cap,
             "tenant_max_queued": self.tenant_max_queued,
@@ -672,7 +694,8 @@ class MeshState:
         state.runs = {r["id"]: Run(**r) for r in data["runs"]}
         state.peers = {p["id"]: Peer(**p) for p in data["peers"]}
         state.idempotency = {k: (run_id, exp) for k, run_id, exp in data["idempotency"]}
-        state.seen = {k: (res, exp) for k, res, exp in data["seen"]}
+        read = res.from_wire if data.get("v", 1) >= 2 else res.from_legacy
+        state.seen = {k: (read(result), exp) for k, result, exp in data["seen"]}
         state.tenant_caps = dict(data["tenant_caps"])
         state.default_tenant_cap = data["default_tenant_cap"]
         state.tenant_max_queued = dict(data.get("tenant_max_queued") or {})
@@ -722,5 +745,5 @@ def _limit(value: Any, what: str) -> int | None:
 
 def _limits(values: Any, what: str) -> dict[str, int]:
     if not isinstance(values, dict):
-        raise Rejected(f"{what} must map tenants to non-negative integers")
+        raise Refused(f"{what} must map tenants to non-negative integers")
     return {str(k): _int(v, what, 0) for k, v in values.items()}

@@ -23,10 +23,12 @@ from test_raft_durability import free_ports, propose_retrying, start_nodes, wait
 from test_state_properties import recomputed_indexes, snapshot_roundtrip
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus import results as res
 from raftmesh.consensus.raft import RaftTimers
 from raftmesh.consensus.state import MeshState
 
 T0 = 1_000_000
+RESULTS = tuple(res.Result.__args__)
 NASTY_NUMBERS = [math.inf, -math.inf, math.nan, 2**70, -(2**70), 2**64, True, 1e308]
 # Anything a decoder could hand over, and the Python values msgpack cannot carry.
 SCALARS = (
@@ -71,9 +73,9 @@ RUN_FIELDS = [
 def a_mesh() -> MeshState:
     state = MeshState()
     for i, peer in enumerate(["p1", "p2"]):
-        state.apply(c.peer_up(f"up{i}", T0, peer, "i1", f"r{i}", f"h{i}", 2, {}))
-    state.apply(c.submit("s0", T0, [{"id": "r0", "agent": "echo", "input": 1}]))
-    state.apply(c.assign("a0", T0, 1, [("r0", "p1", 1)]))
+        state.apply(c.PeerUp(f"up{i}", T0, peer, "i1", f"r{i}", f"h{i}", 2, {}))
+    state.apply(c.Submit("s0", T0, [{"id": "r0", "agent": "echo", "input": 1}]))
+    state.apply(c.Assign("a0", T0, 1, [("r0", "p1", 1)]))
     return state
 
 
@@ -90,14 +92,14 @@ def consistent(state: MeshState) -> None:
 
 
 def refused(result: Any) -> bool:
-    return isinstance(result, dict) and result.get("ok") is False
+    return isinstance(result, res.Rejected)
 
 
 def run_refused(result: Any) -> bool:
     """A submit answers per run: the run carries an error and no run exists."""
     if refused(result):
         return True
-    return all("error" in outcome for outcome in result["runs"])
+    return all(outcome.rejection is not None for outcome in result.runs)
 
 
 @pytest.mark.parametrize("value", NASTY_NUMBERS, ids=repr)
@@ -105,15 +107,15 @@ def run_refused(result: Any) -> bool:
 def test_a_run_with_an_unrepresentable_number_is_refused(name: str, value: Any) -> None:
     state = a_mesh()
     before = state.to_dict()
-    result = state.apply(c.submit("bad", T0, [{"id": "x", "agent": "echo", name: value}]))
+    result = state.apply(c.Submit("bad", T0, [{"id": "x", "agent": "echo", name: value}]))
     assert run_refused(result), result
     assert "x" not in state.runs
     after = state.to_dict()
     assert (after["runs"], after["peers"]) == (before["runs"], before["peers"])
     consistent(state)
     # and the next command applies as always
-    ok = state.apply(c.submit("good", T0, [{"id": "y", "agent": "echo", "input": 2}]))
-    assert ok["ok"] and ok["runs"][0]["created"], ok
+    ok = state.apply(c.Submit("good", T0, [{"id": "y", "agent": "echo", "input": 2}]))
+    assert ok.ok and ok.runs[0].created, ok
 
 
 @settings(max_examples=400, deadline=None)
@@ -137,26 +139,26 @@ def _field_commands(data: st.DataObject, at: int) -> Any:
     base = data.draw(
         st.sampled_from(
             [
-                c.submit("x", at, [spec]),
-                c.assign("x", at, 1, [("r0", "p2", 2)]),
-                c.finish("x", at, "r0", 1, "succeeded", None),
-                c.fail("x", at, "r0", 1, "error", "boom"),
-                c.release("x", at, "r0", 1),
-                c.cancel("x", at, "r0"),
-                c.settle("x", at, "r0"),
-                c.peer_up("x", at, "p3", "i1", "r3", "h3", 1, {}),
-                c.peer_down("x", at, "p2", "i1"),
-                c.peer_join("x", at, "p4", "r4", "h4", "voter"),
-                c.peer_drain("x", at, "p2", "finish"),
-                c.peer_stopping("x", at, "p2", "i1"),
-                c.peer_leave("x", at, "p2"),
-                c.configure("x", at, {"t": 1}, 2, {}, None, {"backoff_base_ms": 10}),
+                c.Submit("x", at, [spec]),
+                c.Assign("x", at, 1, [("r0", "p2", 2)]),
+                c.Finish("x", at, "r0", 1, "succeeded", None),
+                c.Fail("x", at, "r0", 1, "error", "boom"),
+                c.Release("x", at, "r0", 1),
+                c.Cancel("x", at, "r0"),
+                c.Settle("x", at, "r0"),
+                c.PeerUp("x", at, "p3", "i1", "r3", "h3", 1, {}),
+                c.PeerDown("x", at, "p2", "i1"),
+                c.PeerJoin("x", at, "p4", "r4", "h4", "voter"),
+                c.PeerDrain("x", at, "p2", "finish"),
+                c.PeerStopping("x", at, "p2", "i1"),
+                c.PeerLeave("x", at, "p2"),
+                c.Configure("x", at, {"t": 1}, 2, {}, None, {"backoff_base_ms": 10}),
             ]
         ),
         label="command",
     )
-    cmd = dict(base)
-    fields = [k for k in cmd if k not in ("op",)]
+    cmd = base.to_wire()
+    fields = [k for k in cmd if k != "op"]
     for name in data.draw(st.lists(st.sampled_from(fields), min_size=0, max_size=3, unique=True)):
         cmd[name] = data.draw(VALUES, label=name)
     return cmd
@@ -170,7 +172,7 @@ def test_arbitrary_values_as_fields_of_real_commands(data: st.DataObject) -> Non
         cmd = _field_commands(data, T0 + i)
         cmd["cid"] = cmd["cid"] if not isinstance(cmd.get("cid"), str) else f"c{i}"
         result = state.apply(cmd)  # must not raise
-        assert isinstance(result, dict) and isinstance(result.get("ok"), bool), result
+        assert isinstance(result, RESULTS), result
         consistent(state)
     assert snapshot_roundtrip(state).to_dict() == state.to_dict()
 
@@ -189,12 +191,12 @@ async def test_every_peer_keeps_applying_after_a_bad_command(tmp_path: Path) -> 
         for i, (name, value) in enumerate(
             [("depth", math.inf), ("timeout_s", math.nan), ("priority", 2**70)]
         ):
-            bad = c.submit(uuid.uuid4().hex, T0, [{"id": f"bad{i}", "agent": "e", name: value}])
+            bad = c.Submit(uuid.uuid4().hex, T0, [{"id": f"bad{i}", "agent": "e", name: value}])
             result = await asyncio.wait_for(propose_or_refusal(follower, bad), 10)
             assert run_refused(result), result
-        good = c.submit(uuid.uuid4().hex, T0, [{"id": "good", "agent": "echo", "input": 1}])
+        good = c.Submit(uuid.uuid4().hex, T0, [{"id": "good", "agent": "echo", "input": 1}])
         result = await asyncio.wait_for(propose_retrying(leader, good), 10)
-        assert result["ok"] and result["runs"][0]["created"], result
+        assert result.ok and result.runs[0].created, result
         for _ in range(100):
             if all("good" in n.state.runs for n in nodes):
                 break
@@ -211,4 +213,30 @@ async def propose_or_refusal(node: Any, cmd: Any) -> Any:
     try:
         return await propose_retrying(node, cmd)
     except c.CommandEncodeError as exc:
-        return {"ok": False, "error": str(exc)}
+        return res.Rejected(res.Rejection.MALFORMED, str(exc))
+
+
+def test_the_last_guard_refuses_what_no_check_foresaw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler bug (here: a settle that raises) costs that one command, not
+    the log: it is refused as INTERNAL, remembered, and the next one applies."""
+    state = a_mesh()
+
+    def broken(self: MeshState, cmd: c.Settle, at_ms: int) -> res.Result:
+        raise OverflowError("no check foresaw this")
+
+    monkeypatch.setitem(MeshState._handlers, c.Op.SETTLE, broken)
+    result = state.apply(c.Settle("s", T0, "r0"))
+    assert isinstance(result, res.Rejected), result
+    assert result.reason == res.Rejection.INTERNAL and "no check foresaw" in result.message
+    assert state.apply(c.Settle("s", T0, "r0")) == result, "a retry gets the same answer"
+    assert state.apply(c.Cancel("c", T0, "r0")).ok
+    consistent(state)
+
+
+def test_a_decode_failure_is_typed_and_keeps_its_cause() -> None:
+    with pytest.raises(c.CommandDecodeError) as caught:
+        c.decode_bytes(b"\xc1")
+    assert caught.value.__cause__ is not None
+    with pytest.raises(c.CommandEncodeError) as too_wide:
+        c.Submit("x", T0, [{"id": "r", "agent": "a", "priority": 2**70}]).encode()
+    assert isinstance(too_wide.value.__cause__, OverflowError)

@@ -113,29 +113,29 @@ async def test_timeouts_and_errors_are_left_to_the_mesh_unstored(store: Store) -
 def _running(policy: dict[str, Any], max_attempts: int) -> MeshState:
     state = MeshState()
     for cmd in (
-        c.configure("c0", 1, {}, None, {}, None, policy),
-        c.peer_up("c1", 1, "p", "i1", "r", "h", 2, {}),
-        c.submit("c2", 1, [{"id": "r", "agent": "echo", "max_attempts": max_attempts}]),
-        c.assign("c3", 1, 1, [("r", "p", 1)]),
+        c.Configure("c0", 1, {}, None, {}, None, policy),
+        c.PeerUp("c1", 1, "p", "i1", "r", "h", 2, {}),
+        c.Submit("c2", 1, [{"id": "r", "agent": "echo", "max_attempts": max_attempts}]),
+        c.Assign("c3", 1, 1, [("r", "p", 1)]),
     ):
-        assert state.apply(cmd)["ok"]
+        assert state.apply(cmd).ok
     return state
 
 
 def test_timeouts_end_the_run_at_once_unless_configured_to_retry() -> None:
     state = _running({"retry_timeouts": False}, max_attempts=3)
-    assert state.apply(c.fail("c4", 2, "r", 1, "timeout", "slow"))["retry"] is False
+    assert state.apply(c.Fail("c4", 2, "r", 1, "timeout", "slow")).retry is False
     assert (state.runs["r"].status, state.runs["r"].outcome) == (RunStatus.SETTLING, "timed_out")
     state = _running({"retry_timeouts": True}, max_attempts=3)
-    assert state.apply(c.fail("c4", 2, "r", 1, "timeout", "slow"))["retry"] is True
+    assert state.apply(c.Fail("c4", 2, "r", 1, "timeout", "slow")).retry is True
 
 
 def test_lost_owners_use_attempts_only_when_configured() -> None:
     state = _running({"count_lost_owner": False}, max_attempts=1)
-    assert state.apply(c.peer_down("c4", 2, "p", "i1"))["ok"]
+    assert state.apply(c.PeerDown("c4", 2, "p", "i1")).ok
     assert (state.runs["r"].status, state.runs["r"].losses) == (RunStatus.QUEUED, 1)
     state = _running({"count_lost_owner": True}, max_attempts=1)
-    assert state.apply(c.peer_down("c4", 2, "p", "i1"))["ok"]
+    assert state.apply(c.PeerDown("c4", 2, "p", "i1")).ok
     run = state.runs["r"]
     assert (run.status, run.outcome, run.last_error) == (
         RunStatus.SETTLING,

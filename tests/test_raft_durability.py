@@ -8,6 +8,7 @@ restart, also after log compaction into a (msgpack) snapshot.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 from raftmesh.consensus import commands
 from raftmesh.consensus.errors import NoQuorum
 from raftmesh.consensus.raft import RaftNode, RaftTimers
+from raftmesh.consensus.results import Result
 
 
 def free_ports(n: int) -> list[int]:
@@ -49,12 +51,12 @@ async def wait_leader(nodes: list[RaftNode], timeout_s: float = 20) -> RaftNode:
 
 
 def submit(i: int) -> commands.Command:
-    return commands.submit(
+    return commands.Submit(
         uuid.uuid4().hex, 1_000 + i, [{"id": f"run-{i}", "agent": "echo", "input": i}]
     )
 
 
-async def propose_retrying(node: RaftNode, cmd: commands.Command) -> dict:
+async def propose_retrying(node: RaftNode, cmd: commands.Command) -> Result:
     for _ in range(20):
         try:
             return await node.propose(cmd)
@@ -70,13 +72,13 @@ async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path
     try:
         await wait_leader(nodes)
         results = [await propose_retrying(nodes[i % 3], submit(i)) for i in range(60)]
-        assert all(r["ok"] and r["runs"][0]["created"] for r in results)
+        assert all(r.ok and r.runs[0].created for r in results)
         # Acknowledged means synced: on the leader and on a majority nothing
         # is left only in the page cache.
         synced = [n for n in nodes if not n.journal._dirty and n.journal.syncs > 0]
         assert len(synced) >= 2
-        retry = await propose_retrying(nodes[1], {**submit(0), "cid": "same"})
-        again = await propose_retrying(nodes[2], {**submit(0), "cid": "same"})
+        retry = await propose_retrying(nodes[1], dataclasses.replace(submit(0), cid="same"))
+        again = await propose_retrying(nodes[2], dataclasses.replace(submit(0), cid="same"))
         assert retry == again, "a retried command id is applied once"
         await asyncio.sleep(1.0)
         assert all(len(n.state.runs) == 60 for n in nodes)
@@ -91,7 +93,7 @@ async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path
     try:
         await wait_leader(nodes)
         result = await propose_retrying(nodes[0], submit(999))
-        assert result["ok"]
+        assert result.ok
         for _ in range(200):
             if all(len(n.state.runs) == 61 for n in nodes):
                 break
@@ -117,7 +119,7 @@ async def test_concurrent_proposals_share_log_entries(tmp_path: Path) -> None:
         results = await asyncio.gather(
             *(propose_retrying(follower if i % 2 else leader, submit(i)) for i in range(400))
         )
-        assert all(r["ok"] and r["runs"][0]["created"] for r in results)
+        assert all(r.ok and r.runs[0].created for r in results)
         entries = leader.status()["log_len"] - before
         print(f"400 commands took {entries} log entries")
         assert 2 <= entries <= 60, f"400 commands took {entries} log entries"
