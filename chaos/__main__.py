@@ -1,5 +1,5 @@
 """``python -m raftmesh.chaos run ...``: the same commands as ``mesh chaos``."""
 
-from raftmesh.cli.chaos import chaos
+from raftmesh.chaos.commands import chaos
 
 chaos(prog_name="python -m raftmesh.chaos")

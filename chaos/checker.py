@@ -343,11 +343,11 @@ def measure_failovers(
                 if current.peer != peer or (end is not None and end <= t0):
                     continue
                 stored = storage.runs.get(run_id)
-                stored_finished = stored is not None and stored.finished_at_ms is not None
-                if stored_finished and stored.finished_at_ms <= t0:  # type: ignore[union-attr]
+                finished_ms = stored.finished_at_ms if stored is not None else None
+                if finished_ms is not None and finished_ms <= t0:
                     continue
                 later = [a for a in starts if a.epoch > current.epoch and a.at_ms > t0]
-                if not later and (end is not None or stored_finished):
+                if not later and (end is not None or finished_ms is not None):
                     # The owner came back in time and finished the attempt
                     # itself, or its outcome (e.g. a timeout) was already
                     # stored and a newer epoch only had to report it.

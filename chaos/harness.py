@@ -34,12 +34,12 @@ from raftmesh.chaos.ledger import LEDGER_DIR_ENV, read_ledger
 from raftmesh.chaos.nemesis import ALL_KINDS, DB, Nemesis, now_ms, plan
 from raftmesh.chaos.pgcluster import PrivatePostgres
 from raftmesh.chaos.proxy import Proxies
-from raftmesh.chaos.report import text_report, timeline_png
+from raftmesh.chaos.report import CHAOS_EXTRA_HINT, text_report, timeline_png
 from raftmesh.chaos.workload import TENANT_CAPS, Workload, WorkloadSpec, canonical
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 from raftmesh.mesh.devmesh import DevMesh
 from raftmesh.mesh.settings import UNSAFE_FENCING_ACK, UNSAFE_FENCING_ACK_ENV
-from raftmesh.runner.context import unpack
+from raftmesh.runner.payload import unpack
 from raftmesh.storage import open_store
 
 log = logging.getLogger("chaos")
@@ -88,6 +88,7 @@ class Outcome:
     report: str
     out: Path
     nemesis_errors: list[str] = field(default_factory=list)
+    timeline: Path | None = None
 
     @property
     def exit_code(self) -> int:
@@ -366,7 +367,6 @@ async def run(config: ChaosConfig) -> Outcome:
     ]
     report = text_report(verdict, history, snapshot, header)
     (out / "report.txt").write_text(report)
-    timeline_png(verdict, history, snapshot, out / "timeline.png")
     (out / "verdict.json").write_text(
         json.dumps(
             {
@@ -390,7 +390,11 @@ async def run(config: ChaosConfig) -> Outcome:
             indent=1,
         )
     )
-    return Outcome(verdict, report, out, nemesis.errors)
+    # Last: the report and the verdict are on disk whatever happens here.
+    timeline = out / "timeline.png"
+    if not timeline_png(verdict, history, snapshot, timeline):
+        log.warning(CHAOS_EXTRA_HINT)
+    return Outcome(verdict, report, out, nemesis.errors, timeline if timeline.exists() else None)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

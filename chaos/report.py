@@ -81,9 +81,10 @@ def text_report(
         f"  over the {FAILOVER_TARGET_MS / 1000:g} s target: {over}",
     ]
     by_kind: dict[str, list[int]] = {}
-    for f in verdict.failovers:
-        if f.duration_ms is not None:
-            by_kind.setdefault(f.fault.split(" ")[0], []).append(f.duration_ms)
+    for failover in verdict.failovers:
+        if failover.duration_ms is not None:
+            kind = failover.fault.split(" ")[0]
+            by_kind.setdefault(kind, []).append(failover.duration_ms)
     for kind, values in sorted(by_kind.items()):
         p = percentiles(values)
         lines.append(
@@ -107,8 +108,16 @@ def text_report(
     return "\n".join(lines) + "\n"
 
 
-def timeline_png(verdict: Verdict, history: History, storage: StorageSnapshot, path: Path) -> None:
-    import matplotlib
+CHAOS_EXTRA_HINT = "timeline.png skipped: matplotlib is missing; pip install 'raftmesh[chaos]'"
+
+
+def timeline_png(verdict: Verdict, history: History, storage: StorageSnapshot, path: Path) -> bool:
+    """Draws the timeline; False when the optional ``chaos`` extra is missing.
+    The text report never depends on it, and is written before this runs."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,10 +163,10 @@ def timeline_png(verdict: Verdict, history: History, storage: StorageSnapshot, p
     ax.set_ylabel("per second")
     ax.set_title("chaos timeline: faults as bands, red ticks at the bottom = submission outages")
     ax.legend(loc="upper right", fontsize=8, ncol=3)
-    done = [f for f in verdict.failovers if f.duration_ms is not None]
+    done = [(f.lost_ms, f.duration_ms) for f in verdict.failovers if f.duration_ms is not None]
     ax_fo.scatter(
-        [rel(f.lost_ms) for f in done],
-        [f.duration_ms / 1000 for f in done],
+        [rel(lost) for lost, _ in done],
+        [duration / 1000 for _, duration in done],
         s=12,
         color="black",
         label="failover duration (at owner loss)",
@@ -178,3 +187,4 @@ def timeline_png(verdict: Verdict, history: History, storage: StorageSnapshot, p
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True

@@ -15,8 +15,9 @@ import click
 
 from raftmesh.cli.peer_options import peer_settings_options
 from raftmesh.cli.remote import call, peer_option, token_option
-from raftmesh.consensus.raft import persisted_voters
+from raftmesh.consensus.voters import persisted_voters
 from raftmesh.mesh.client import MeshClient
+from raftmesh.mesh.membership import mark_learner
 from raftmesh.mesh.settings import Settings, SettingsError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
@@ -41,14 +42,16 @@ def _print(answer: dict[str, Any], as_json: bool, line: str) -> None:
 def join(seed_url: str, id_: str, executor: bool, config: str | None, **flags: Any) -> None:
     """Join the mesh that SEED_URL (any peer's API) belongs to, then run this peer.
 
-    The peer is admitted first (its id reserved, and as a voter added to Raft);
-    then it starts, receives the state and takes runs. Started again from the
-    same --data-dir, it comes back as the same member (use `mesh up` or this).
+    The peer is admitted first (its id reserved); a voter then starts as a
+    learner that receives the log without voting and is made a voter once it
+    has caught up (it exits 1 if that does not happen within join_timeout_s).
+    Started again from the same --data-dir, it comes back as the same member
+    (use `mesh up` or this).
     """
     role = "executor" if executor else "voter"
     try:
         settings = Settings.load({**flags, "id": id_, "role": role}, config)
-        settings.effective_secret()
+        settings.check_secret()
     except (SettingsError, OSError, tomllib.TOMLDecodeError) as exc:
         raise click.UsageError(str(exc)) from exc
     if role == "voter" and not flags.get("raft") and not os.environ.get("MESH_RAFT"):
@@ -62,7 +65,10 @@ def join(seed_url: str, id_: str, executor: bool, config: str | None, **flags: A
         token = settings.api_token or None
         answer = call(seed_url, token, lambda c: c.join(settings.id, settings.http, raft, role), 60)
         known = list(answer["voters"])
-        click.echo(f"joined as {role} {settings.id}; voters: {', '.join(known)}", err=True)
+        if answer.get("learner"):
+            mark_learner(settings.data_dir)
+        stage = "learner until caught up" if answer.get("learner") else role
+        click.echo(f"joined as {stage} {settings.id}; voters: {', '.join(known)}", err=True)
     else:
         click.echo(f"{settings.data_dir} is already a member: starting it", err=True)
     partners = tuple(v for v in known if v != settings.raft or role == "executor")
@@ -136,4 +142,45 @@ def undrain(peer_id: str, peer: str, token: str | None, as_json: bool) -> None:
     _print(answer, as_json, f"{peer_id} takes runs again")
 
 
-COMMANDS = [join, leave, drain, undrain]
+@click.command()
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="The data dir of a surviving voter (its peer stopped).",
+)
+@click.option(
+    "--voters",
+    required=True,
+    help="Raft addresses HOST:PORT of every surviving voter, comma-separated (the same on each).",
+)
+@json_option
+def recover(data_dir: str, voters: str, as_json: bool) -> None:
+    """Rebuild a mesh that lost its majority for good from its surviving voters.
+
+    Run it on the data dir of every surviving voter, with the same --voters,
+    while those peers are stopped; then start them as before. They form a mesh
+    of exactly these voters; of their logs the most up-to-date one wins, so
+    nothing any survivor holds is lost. The lost voters must never start again
+    from their old data dirs. See README, "Recovering a mesh that lost its
+    majority".
+    """
+    # Here, not at the top: it reads the Raft journal through pysyncobj, which
+    # no other client command loads.
+    from raftmesh.consensus.raft import recover_data_dir
+
+    addrs = [v.strip() for v in voters.split(",") if v.strip()]
+    try:
+        answer = recover_data_dir(data_dir, addrs)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print(
+        answer,
+        as_json,
+        f"{data_dir}: voters pinned to {', '.join(answer['voters'])} for its next start; "
+        f"log ends at term {answer['last_term']} index {answer['last_index']}; "
+        f"lost for good: {', '.join(answer['lost']) or 'none'}",
+    )
+
+
+COMMANDS = [join, leave, drain, undrain, recover]

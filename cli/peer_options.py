@@ -1,5 +1,9 @@
 """The settings flags every command that starts a peer takes (`mesh up`,
-`mesh join`), declared once so their names and help cannot drift apart."""
+`mesh join`), declared once so their names and help cannot drift apart.
+
+The secrets' flags still work but warn: argv is visible to every user in
+``ps``. Secrets belong in the environment or, better, in a file.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,52 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def deprecated_secret_flag(env: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback: warn (one line on stderr) when the flag is given on the command line."""
+
+    def warn(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        assert param.name is not None
+        if (
+            value is not None
+            and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+        ):
+            flag = param.opts[0]
+            click.echo(
+                f"warning: {flag} is deprecated (argv shows in ps): "
+                f"set {env}_FILE to a file holding it, or {env}",
+                err=True,
+            )
+        return value
+
+    return warn
+
 
 _OPTIONS = [
     click.option("--storage", help="postgresql://... or sqlite:///path (env MESH_STORAGE)."),
     click.option("--data-dir", help="Raft journal and snapshots (env MESH_DATA_DIR)."),
     click.option("--slots", type=int, help="Concurrent runs on this peer (env MESH_SLOTS)."),
-    click.option("--secret", help="Cluster secret for Raft traffic (env MESH_SECRET)."),
+    click.option(
+        "--secret",
+        callback=deprecated_secret_flag("MESH_SECRET"),
+        help="Deprecated: use MESH_SECRET_FILE (or MESH_SECRET). Cluster secret for Raft traffic.",
+    ),
     click.option("--labels", help="Slot labels k=v,k=v (env MESH_LABELS)."),
-    click.option("--api-token", help="Require this bearer token on the API (env MESH_API_TOKEN)."),
+    click.option(
+        "--api-token",
+        callback=deprecated_secret_flag("MESH_API_TOKEN"),
+        help="Deprecated: use MESH_API_TOKEN_FILE (or MESH_API_TOKEN). Bearer token for the API.",
+    ),
+    click.option(
+        "--demo-agents",
+        is_flag=True,
+        default=None,
+        help="Also run the demo agents: steps, fail, fanout, hog, ... (env MESH_DEMO_AGENTS).",
+    ),
 ]
 
 

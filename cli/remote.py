@@ -1,17 +1,23 @@
 """Talking to a peer from the command line: the --peer and --token options and
-one call wrapper that turns every client failure into a one-line CLI error."""
+one call wrapper that turns every client failure into a one-line CLI error.
+
+The token comes from the file MESH_API_TOKEN_FILE names, or MESH_API_TOKEN;
+``--token`` still works, with a warning, since argv shows in ``ps``."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
 import click
 
+from raftmesh.cli.peer_options import deprecated_secret_flag
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 from raftmesh.mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET
+from raftmesh.mesh.settings import SettingsError, read_secret_file
 
 T = TypeVar("T")
 
@@ -25,11 +31,25 @@ peer_option = click.option(
     show_default=True,
     help="Base URL of any peer (env MESH_PEER_URL).",
 )
+
+
+def _token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    value = deprecated_secret_flag("MESH_API_TOKEN")(ctx, param, value)
+    path = os.environ.get("MESH_API_TOKEN_FILE")
+    if value is None and path:
+        try:
+            return read_secret_file(path, "API token")
+        except SettingsError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+    return value
+
+
 token_option = click.option(
     "--token",
     envvar="MESH_API_TOKEN",
     default=None,
-    help="Bearer token when the mesh runs with --api-token (env MESH_API_TOKEN).",
+    callback=_token,
+    help="Deprecated: use MESH_API_TOKEN_FILE (or MESH_API_TOKEN). Bearer token for the API.",
 )
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 import msgpack
 
-from raftmesh.consensus.errors import ConsensusError
+from raftmesh.consensus.errors import ConsensusError, UnencodableCommand
 
 # Unchanged since the commands became dataclasses: the wire shape is the same.
 ENTRY_VERSION = 1
@@ -49,11 +49,6 @@ class Op(StrEnum):
 
 class CommandDecodeError(ConsensusError, ValueError):
     """A log entry or command that is not what this version writes."""
-
-
-class CommandEncodeError(ConsensusError, ValueError):
-    """A command holds a value msgpack cannot carry (an int wider than 64 bits,
-    an object): refused before it reaches the log."""
 
 
 @dataclass(frozen=True)
@@ -203,8 +198,12 @@ class PeerStopping(Command):
 
 @dataclass(frozen=True)
 class PeerLeave(Command):
+    """``force`` skips the majority guard: only for voters a recovery removed
+    from Raft (``mesh recover``)."""
+
     op: ClassVar[Op] = Op.PEER_LEAVE
     peer: str
+    force: bool = False
 
 
 COMMANDS: dict[str, type[Command]] = {
@@ -258,7 +257,7 @@ def decode_header(value: Any) -> tuple[str, int]:
     if not isinstance(value, dict):
         raise CommandDecodeError(f"a command is a map, not {type(value).__name__}")
     cid, at_ms = value.get("cid"), value.get("at_ms")
-    if not isinstance(cid, str) or not _conforms(at_ms, int):
+    if not isinstance(cid, str) or not isinstance(at_ms, int) or not _conforms(at_ms, int):
         raise CommandDecodeError("a command needs a text cid and an integer at_ms")
     return cid, at_ms
 
@@ -271,8 +270,21 @@ def decode_bytes(payload: bytes) -> Command:
     return decode(value)
 
 
+def encode_command(command: Command) -> bytes:
+    """One command's msgpack form, as it sits inside an entry."""
+    return command.encode()
+
+
+def join_entry(encoded: list[bytes]) -> bytes:
+    """The entry holding commands already encoded one by one: the same bytes
+    ``encode_entry`` gives for them, so nothing is encoded twice."""
+    packer = msgpack.Packer(use_bin_type=True)
+    head = packer.pack_array_header(2) + packer.pack(ENTRY_VERSION)
+    return head + packer.pack_array_header(len(encoded)) + b"".join(encoded)
+
+
 def encode_entry(commands: Sequence[Command]) -> bytes:
-    return _pack([ENTRY_VERSION, [cmd.to_wire() for cmd in commands]])
+    return join_entry([cmd.encode() for cmd in commands])
 
 
 def decode_entry(payload: bytes) -> list[Any]:
@@ -292,7 +304,7 @@ def _pack(value: Any) -> bytes:
     try:
         return msgpack.packb(value, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise CommandEncodeError(f"a command cannot be encoded: {exc}") from exc
+        raise UnencodableCommand(f"command {value.get('op')!r} cannot be encoded: {exc}") from exc
 
 
 def _plain(value: Any) -> Any:

@@ -14,3 +14,9 @@ class NoQuorum(ConsensusError):
 
 class ProposalFailed(ConsensusError):
     """pysyncobj refused the proposal outright (queue full, request denied)."""
+
+
+class UnencodableCommand(ConsensusError):
+    """A command msgpack cannot encode (an integer beyond 64 bits, an object
+    that is not plain data). It fails its own proposal at once and never
+    reaches a log entry, so the commands proposed with it are unaffected."""

@@ -1,6 +1,6 @@
 """The pysyncobj binding: the only module that imports pysyncobj.
 
-It owns three concerns pysyncobj leaves to its user (see
+It owns the concerns pysyncobj leaves to its user (see
 shared/notes/pysyncobj.md):
 
 * Durability. pysyncobj writes its journal through mmap and never syncs it.
@@ -21,12 +21,19 @@ shared/notes/pysyncobj.md):
   partners before it can read anything: a joined node's command line names
   only the seed it joined through. A node with no address of its own is an
   executor: pysyncobj's read-only node, which receives the log and can
-  propose, but never votes.
+  propose, but never votes. A joining voter is such a node first (a learner)
+  and is rebuilt as a voter in-process once promoted (``become_voter``).
+  After ``mesh recover`` the voter set is pinned (``_PinnedSyncObj``) until a
+  snapshot has dropped the old membership changes from the journal.
+* The port. pysyncobj unpickles every frame that passes its Fernet check, and
+  before that check buffers frames of any length from anyone: the transport
+  comes from ``raft_port``, which bounds both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -37,18 +44,21 @@ from typing import Any
 
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.journal import createJournal
 from pysyncobj.node import TCPNode
 
 from raftmesh.consensus.commands import (
     Command,
     CommandDecodeError,
-    CommandEncodeError,
     decode_entry,
-    encode_entry,
+    encode_command,
+    join_entry,
 )
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
+from raftmesh.consensus.raft_port import GuardedTransport
 from raftmesh.consensus.results import Result
 from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.voters import VOTERS_FILE, persisted_voters
 
 log = logging.getLogger("raftmesh.raft")
 
@@ -203,21 +213,96 @@ class _Entry:
     def __init__(self, futures: list[asyncio.Future[Result]]) -> None:
         self.futures = futures
         self.settled = False
+        self.timer: asyncio.TimerHandle | None = None
 
 
-VOTERS_FILE = "voters.json"
+def _expire(fut: asyncio.Future[Result]) -> None:
+    if not fut.done():
+        fut.set_exception(NoQuorum("no commit: timeout"))
 
 
-def persisted_voters(data_dir: str) -> list[str] | None:
-    """The voter set this data dir last saw, or None for a fresh data dir."""
+RECOVERY_FILE = "recovery.json"
+RAFT_FILES = ("raft.journal", "raft.journal.meta", "raft.dump", "raft.dump.tmp")
+
+
+class _PinnedSyncObj(SyncObj):
+    """A SyncObj whose voter set is pinned after ``mesh recover``.
+
+    pysyncobj rebuilds a node's voters from its snapshot and by replaying every
+    membership change in its journal, so a node started with a new partner list
+    would bring the lost voters back. While pinned, this node ignores both (and
+    refuses new changes); the pin is lifted once a snapshot taken after the
+    recovery has dropped the old entries from the journal.
+    """
+
+    def __init__(self, pinned: frozenset[str], *args: Any, **kwargs: Any) -> None:
+        # Set before SyncObj.__init__ so pysyncobj keeps it out of its dumps.
+        self._pinned: frozenset[str] | None = pinned
+        super().__init__(*args, **kwargs)
+
+    def _SyncObj__doChangeCluster(self, request: Any, reverse: bool = False) -> bool:  # noqa: N802
+        if self._pinned is not None:
+            return False
+        return bool(SyncObj._SyncObj__doChangeCluster(self, request, reverse))
+
+    def _SyncObj__updateClusterConfiguration(self, new_nodes: Any) -> None:  # noqa: N802
+        if self._pinned is not None:
+            me = self.selfNode.id if self.selfNode is not None else None
+            new_nodes = [n for n in self._pinned if n != me]
+        SyncObj._SyncObj__updateClusterConfiguration(self, new_nodes)
+
+
+def journal_end(data_dir: str) -> tuple[int, int]:
+    """(term, index) of the last entry in this data dir's Raft journal, read
+    offline: of two logs, the one with the higher pair holds every committed
+    entry either holds (Raft's election rule compares the same pair)."""
+    path = os.path.join(data_dir, "raft.journal")
+    if not os.path.exists(path):
+        raise ValueError(f"{data_dir} has no Raft journal: not a voter's data dir")
+    journal = createJournal(path)
     try:
-        with open(os.path.join(data_dir, VOTERS_FILE)) as fh:
-            voters = json.load(fh)["voters"]
+        if len(journal) == 0:
+            return 0, 0
+        _, index, term = journal[len(journal) - 1]
+        return int(term), int(index)
+    finally:
+        journal._destroy()
+
+
+def recover_data_dir(data_dir: str, voters: list[str]) -> dict[str, Any]:
+    """``mesh recover``: pin this data dir's voter set to ``voters`` for its
+    next start (the peer must be stopped). See README, "Recovering a mesh that
+    lost its majority"."""
+    if not voters or not all(":" in v for v in voters):
+        raise ValueError("--voters must list the surviving voters' Raft addresses HOST:PORT")
+    known = persisted_voters(data_dir)
+    if known is None:
+        raise ValueError(f"{data_dir} has no {VOTERS_FILE}: not a voter's data dir")
+    if not set(voters) <= set(known):
+        raise ValueError(
+            f"{', '.join(sorted(set(voters) - set(known)))} never was a voter of this mesh "
+            f"(this data dir knew {', '.join(known)})"
+        )
+    term, index = journal_end(data_dir)
+    record = {
+        "voters": sorted(voters),
+        "through_index": index,
+        "lost": sorted(set(known) - set(voters)),
+    }
+    _write_atomically(os.path.join(data_dir, RECOVERY_FILE), json.dumps(record).encode())
+    _write_atomically(
+        os.path.join(data_dir, VOTERS_FILE), json.dumps({"voters": sorted(voters)}).encode()
+    )
+    return {**record, "last_term": term, "last_index": index}
+
+
+def _pending_recovery(data_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(data_dir, RECOVERY_FILE)) as fh:
+            record = json.load(fh)
     except FileNotFoundError:
         return None
-    if not isinstance(voters, list) or not all(isinstance(v, str) for v in voters):
-        raise ValueError(f"{VOTERS_FILE} in {data_dir} is not a list of addresses")
-    return voters
+    return {"voters": frozenset(record["voters"]), "through_index": int(record["through_index"])}
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -252,21 +337,32 @@ class RaftNode:
         self._loop = loop
         self._on_change = on_change
         self._commit_timeout_s = commit_timeout_s
-        self._pending: list[tuple[Command, asyncio.Future[Result]]] = []
+        self._pending: list[tuple[bytes, asyncio.Future[Result]]] = []
         self._in_flight = 0
         self._flush_scheduled = False
-        timers = timers or RaftTimers()
+        self._timers = timers or RaftTimers()
+        self._secret = secret
+        self._dial = dial or {}
         os.makedirs(data_dir, exist_ok=True)
-        journal_path = os.path.join(data_dir, "raft.journal")
-        dump_path = os.path.join(data_dir, "raft.dump")
         self._data_dir = data_dir
         # What voters.json already says: rewritten (with an fsync, on the tick
         # thread) only when the voter set really changes.
         self._voters_seen: frozenset[str] = frozenset(persisted_voters(data_dir) or ())
         self._tick_calls: list[Callable[[], None]] = []
         self._tick_calls_lock = threading.Lock()
+        recovery = _pending_recovery(data_dir)
+        # The voter set ``mesh recover`` pinned, for the lifetime of this process.
+        self.recovered_voters: frozenset[str] | None = recovery["voters"] if recovery else None
+        self._recovery_through = recovery["through_index"] if recovery else 0
+        self._compaction_asked = False
+        self._start(self_addr, partners)
+
+    def _start(self, self_addr: str | None, partners: list[str]) -> None:
+        timers = self._timers
+        journal_path = os.path.join(self._data_dir, "raft.journal")
+        dump_path = os.path.join(self._data_dir, "raft.dump")
         conf = SyncObjConf(
-            password=secret,
+            password=self._secret,
             bindAddress=self_addr,
             dynamicMembershipChange=True,
             journalFile=journal_path,
@@ -285,9 +381,28 @@ class RaftNode:
             onStateChanged=self._on_raft_state,
         )
         self._replica = _Replica(self)
-        dial = dial or {}
+        dial = self._dial
         others = [_DialNode(p, dial[p]) if p in dial else p for p in partners if p != self_addr]
-        self._syncobj = SyncObj(self_addr, others, conf=conf, consumers=[self._replica])
+        if self.recovered_voters is not None and os.path.exists(
+            os.path.join(self._data_dir, RECOVERY_FILE)
+        ):
+            self._syncobj: SyncObj = _PinnedSyncObj(
+                self.recovered_voters,
+                self_addr,
+                others,
+                conf=conf,
+                consumers=[self._replica],
+                transportClass=GuardedTransport,
+            )
+            log.warning("recovery: voters pinned to %s", ", ".join(sorted(self.recovered_voters)))
+        else:
+            self._syncobj = SyncObj(
+                self_addr,
+                others,
+                conf=conf,
+                consumers=[self._replica],
+                transportClass=GuardedTransport,
+            )
         self.journal = _DurableJournal(self._syncobj._SyncObj__raftLog, journal_path, dump_path)
         self._syncobj._SyncObj__raftLog = self.journal
         transport = self._syncobj._SyncObj__transport
@@ -305,6 +420,26 @@ class RaftNode:
     def is_voter(self) -> bool:
         return self.self_addr is not None
 
+    async def become_voter(self, self_addr: str, partners: list[str]) -> None:
+        """Restart this learner (a read-only node) as the voter ``self_addr``.
+
+        pysyncobj fixes a node's identity when the SyncObj is built (a read-only
+        node has no listener and dials as "readonly"), so the SyncObj is
+        replaced in-process. The new voter starts from an empty log, as a fresh
+        voter always has, and receives the state from the leader; the learner
+        phase has shown that this peer connects and keeps up.
+        """
+        old = self._syncobj
+        await asyncio.to_thread(old.destroy_synchronous)
+        for name in RAFT_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self._data_dir, name))
+        with self.lock:
+            self.state = MeshState()
+        self.self_addr = self_addr
+        self._start(self_addr, partners)
+        self._notify([], [])
+
     def voters(self) -> list[str]:
         """Raft addresses of the voters, as this node currently knows them."""
         for _ in range(5):
@@ -319,8 +454,27 @@ class RaftNode:
             others.add(self.self_addr)
         return sorted(others)
 
+    def _seal_recovery(self) -> None:
+        """Tick thread: once entries past the recovery point are applied, take a
+        snapshot; once it has dropped the old journal, lift the pin for good."""
+        obj = self._syncobj
+        if not isinstance(obj, _PinnedSyncObj) or obj._pinned is None:
+            return
+        first_index = self.journal[0][1] if len(self.journal) else 0
+        if first_index > self._recovery_through:
+            obj._pinned = None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self._data_dir, RECOVERY_FILE))
+            log.warning("recovery sealed: the voter set is %s", ", ".join(self.voters()))
+            return
+        status = obj.getStatus()
+        if not self._compaction_asked and status["last_applied"] >= self._recovery_through + 2:
+            self._compaction_asked = True
+            obj.forceLogCompaction()
+
     def _on_tick(self) -> None:
         """Tick thread: persist a changed voter set, run calls queued for this thread."""
+        self._seal_recovery()
         voters = frozenset(self.voters())
         if voters != self._voters_seen:
             body = json.dumps({"voters": sorted(voters)}).encode()
@@ -355,13 +509,21 @@ class RaftNode:
     async def propose(self, command: Command) -> Result:
         """Commit one command (grouped with others) and return its result.
 
-        Raises NoQuorum when nothing committed within the timeout; the outcome
-        is then unknown, and retrying with the same ``cid`` is safe.
+        Raises UnencodableCommand at once, before anything is queued, for a
+        command msgpack cannot encode: only this caller fails. Raises NoQuorum
+        when nothing committed within the timeout; the outcome is then
+        unknown, and retrying with the same ``cid`` is safe.
         """
         fut: asyncio.Future[Result] = self._loop.create_future()
-        self._pending.append((command, fut))
-        self._schedule_flush()
-        return await fut
+        # Armed before anything can fail, so no caller waits past the timeout
+        # whatever happens to the entry its command travels in.
+        timer = self._loop.call_later(self._commit_timeout_s, _expire, fut)
+        try:
+            self._pending.append((encode_command(command), fut))
+            self._schedule_flush()
+            return await fut
+        finally:
+            timer.cancel()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._in_flight < MAX_IN_FLIGHT and self._pending:
@@ -369,21 +531,25 @@ class RaftNode:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Pack waiting commands into entries. Every command is encoded
+        already, so nothing here depends on what one caller proposed."""
         self._flush_scheduled = False
+        # A caller that timed out or went away has its answer: drop its command.
+        self._pending = [(enc, fut) for enc, fut in self._pending if not fut.done()]
         while self._pending and self._in_flight < MAX_IN_FLIGHT:
-            take = min(len(self._pending), MAX_COMMANDS_PER_ENTRY)
-            try:
-                payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
-            except CommandEncodeError as exc:
-                self._refuse_unencodable(exc)
-                continue
-            while len(payload) > MAX_ENTRY_BYTES and take > 1:
-                take //= 2
-                payload = encode_entry([cmd for cmd, _ in self._pending[:take]])
+            take, size = 0, 0
+            for encoded, _ in self._pending[:MAX_COMMANDS_PER_ENTRY]:
+                if take and size + len(encoded) > MAX_ENTRY_BYTES:
+                    break
+                take += 1
+                size += len(encoded)
             batch = self._pending[:take]
             del self._pending[:take]
             entry = _Entry([fut for _, fut in batch])
             self._in_flight += 1
+            entry.timer = self._loop.call_later(
+                self._commit_timeout_s, self._settle, entry, None, -1
+            )
 
             def done(result: Any, err: int, entry: _Entry = entry) -> None:
                 try:
@@ -391,52 +557,44 @@ class RaftNode:
                 except RuntimeError:
                     pass
 
-            self._replica.apply_entry(payload, callback=done)
-            self._loop.call_later(self._commit_timeout_s, self._settle, entry, None, -1)
-
-    def _refuse_unencodable(self, batch_error: CommandEncodeError) -> None:
-        """Fail the futures of the commands msgpack cannot carry, keep the rest:
-        one bad command must not block every proposal queued behind it."""
-        keep = []
-        for cmd, fut in self._pending:
             try:
-                encode_entry([cmd])
-            except CommandEncodeError as exc:
-                if not fut.done():
-                    fut.set_exception(exc)
-            else:
-                keep.append((cmd, fut))
-        if len(keep) == len(self._pending):
-            # Each encodes alone but not together (nesting limits): refuse the
-            # first, so the loop always makes progress.
-            _, fut = keep.pop(0)
-            if not fut.done():
-                fut.set_exception(batch_error)
-        self._pending = keep
+                self._replica.apply_entry(join_entry([enc for enc, _ in batch]), callback=done)
+            except Exception as exc:  # pysyncobj refused to queue it: fail this entry only
+                log.exception("could not queue a log entry")
+                self._finish(entry, ProposalFailed(f"proposal failed: {exc}"))
 
     def _settle(self, entry: _Entry, result: Any, err: int) -> None:
-        if entry.settled:
-            return
-        entry.settled = True
-        self._in_flight -= 1
         if (
             err == FAIL_REASON.SUCCESS
             and isinstance(result, list)
             and len(result) == len(entry.futures)
         ):
-            for fut, res in zip(entry.futures, result, strict=True):
-                if not fut.done():
-                    fut.set_result(res)
+            self._finish(entry, None, result)
+            return
+        reason = "timeout" if err == -1 else _FAIL_NAMES.get(err, str(err))
+        if err == -1 or err in AMBIGUOUS or err == FAIL_REASON.MISSING_LEADER:
+            self._finish(entry, NoQuorum(f"no commit: {reason}"))
         else:
-            reason = "timeout" if err == -1 else _FAIL_NAMES.get(err, str(err))
-            exc: Exception
-            if err == -1 or err in AMBIGUOUS or err == FAIL_REASON.MISSING_LEADER:
-                exc = NoQuorum(f"no commit: {reason}")
+            self._finish(entry, ProposalFailed(f"proposal failed: {reason}"))
+
+    def _finish(
+        self, entry: _Entry, exc: Exception | None, results: list[Result] | None = None
+    ) -> None:
+        """Answer every caller of ``entry`` once, and let the next entry go."""
+        if entry.settled:
+            return
+        entry.settled = True
+        if entry.timer is not None:
+            entry.timer.cancel()
+        self._in_flight -= 1
+        for i, fut in enumerate(entry.futures):
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
             else:
-                exc = ProposalFailed(f"proposal failed: {reason}")
-            for fut in entry.futures:
-                if not fut.done():
-                    fut.set_exception(exc)
+                assert results is not None
+                fut.set_result(results[i])
         self._schedule_flush()
 
     # -- membership (loop side) -------------------------------------------
@@ -552,4 +710,4 @@ class RaftNode:
         self.journal.sync()
 
 
-__all__ = ["RaftNode", "RaftTimers"]
+__all__ = ["VOTERS_FILE", "RaftNode", "RaftTimers", "persisted_voters"]

@@ -475,6 +475,23 @@ class MeshState:
                 "choose another id, or make the old peer leave first",
                 Rejection.CONFLICT,
             )
+        if role == VOTER:
+            # The joiner counts as down until it has caught up and is promoted:
+            # a join (or a pile of joins to made-up addresses) must never make
+            # the voters that are up a minority.
+            voters = [
+                p
+                for p in self.peers.values()
+                if p.role == VOTER and p.status != PEER_LEFT and p.id != peer_id
+            ]
+            up = sum(1 for p in voters if p.status == PEER_UP)
+            if up <= (len(voters) + 1) / 2:
+                raise Refused(
+                    f"joining voter {peer_id} would make {len(voters) + 1} voters (pending joins "
+                    f"included) of which only {up} are up until it has caught up: they could not "
+                    "form a majority; bring voters back or let pending joins finish or expire first",
+                    Rejection.CONFLICT,
+                )
         for other in self.peers.values():
             if other.status == PEER_LEFT or other.id == peer_id:
                 continue
@@ -515,9 +532,11 @@ class MeshState:
 
     def _peer_leave(self, cmd: c.PeerLeave, at_ms: int) -> Result:
         """Remove a peer for good. A voter may go only if the voters that remain
-        and are up still form a majority of the voters that remain."""
+        and are up still form a majority of the voters that remain, unless
+        ``force``: a recovered mesh drops the voters it lost for good, which
+        are no longer Raft voters, so no majority depends on them."""
         peer = self._member(cmd.peer)
-        refusal = leave_refusal(self, peer)
+        refusal = None if cmd.force else leave_refusal(self, peer)
         if refusal is not None:
             raise Refused(refusal, Rejection.CONFLICT)
         requeued = self._requeue_owned_by(peer.id)

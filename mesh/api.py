@@ -3,37 +3,30 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from raftmesh.consensus.errors import UnencodableCommand
 from raftmesh.mesh.errors import BadRequest, MalformedJSON, MeshError, PayloadTooLarge, Unauthorized
 from raftmesh.mesh.events import Frame, encode
-from raftmesh.mesh.scheduler import PLACEMENTS
-from raftmesh.runner.context import BUDGET_KEYS
-from raftmesh.runner.isolation import ISOLATION_MODES
+from raftmesh.mesh.openapi import openapi_document
+from raftmesh.mesh.schemas import (
+    MAX_EVENT_SEQ,
+    SubmitRequest,
+    check_nesting,
+    nesting_message,
+    parse_request,
+)
 
 log = logging.getLogger("raftmesh.api")
 
-SUBMIT_FIELDS = {
-    "agent": str,
-    "input": object,
-    "idempotency_key": str,
-    "tenant": str,
-    "priority": int,
-    "labels": dict,
-    "timeout_s": (int, float),
-    "max_attempts": int,
-    "budget": dict,
-    "isolation": str,
-    "memory_limit_mb": int,
-    "session": str,
-    "placement": str,
-}
+# What a submission (and a ``ctx.spawn``) may carry: mesh.schemas.SubmitRequest.
+SUBMIT_FIELDS = {f.name: f.type for f in msgspec.structs.fields(SubmitRequest)}
 
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 
@@ -72,6 +65,8 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return await handler(request)
     except MeshError as exc:
         return error_response(exc)
+    except UnencodableCommand as exc:
+        return error_response(BadRequest(f"the request cannot be replicated: {exc}"))
     except web.HTTPRequestEntityTooLarge:
         return error_response(
             PayloadTooLarge(
@@ -101,60 +96,51 @@ def _check_token(request: web.Request, expected: str, what: str) -> None:
         raise Unauthorized(f"missing or wrong {what} token: send 'Authorization: Bearer <token>'")
 
 
+def require_admin(request: web.Request, api_token: str) -> None:
+    """Membership changes (join, leave, drain) can cost the mesh its quorum, so
+    they take the admin scope. The one place that decides it: today the single
+    API token is the admin token (and, with no token configured, the API is
+    open as everywhere else); a tokens file with scopes plugs in here."""
+    _check_token(request, api_token, "admin")
+
+
 async def _json_body(request: web.Request) -> Any:
+    """The decoded body, refused with a 400 if it is not JSON or nests deeper
+    than MAX_NESTING (every route reads its body here)."""
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = msgspec.json.decode(raw)
+    except RecursionError:
+        raise BadRequest(nesting_message()) from None
+    except msgspec.ValidationError as exc:  # a number no float or integer holds
+        raise BadRequest(f"request body holds a value out of range: {exc}") from None
+    except msgspec.DecodeError as exc:
         raise MalformedJSON(f"request body is not valid JSON: {exc}") from exc
-
-
-def validate_submission(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    if "agent" not in body:
-        raise BadRequest("missing field 'agent': name the agent to run")
-    if "input" not in body:
-        raise BadRequest("missing field 'input': give the agent's input (any JSON value)")
-    unknown = set(body) - set(SUBMIT_FIELDS)
-    if unknown:
-        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
-    for name, kind in SUBMIT_FIELDS.items():
-        value = body.get(name)
-        if value is None or kind is object:
-            continue
-        if isinstance(value, bool) or not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else "number"
-            raise BadRequest(f"field '{name}' must be a {expected}")
-    if not body["agent"]:
-        raise BadRequest("field 'agent' must not be empty")
-    labels = body.get("labels") or {}
-    if not all(isinstance(v, str) for v in labels.values()):
-        raise BadRequest("field 'labels' must map strings to strings")
-    if body.get("timeout_s") is not None and body["timeout_s"] <= 0:
-        raise BadRequest("field 'timeout_s' must be positive")
-    if body.get("max_attempts") is not None and body["max_attempts"] < 1:
-        raise BadRequest("field 'max_attempts' must be at least 1")
-    validate_run_options(body)
-    if body.get("placement") is not None and body["placement"] not in PLACEMENTS:
-        raise BadRequest(f"field 'placement' must be one of {', '.join(PLACEMENTS)}")
+    check_nesting(body)
     return body
 
 
-def validate_run_options(body: dict[str, Any]) -> None:
-    """Options a submission and a ``ctx.spawn`` share."""
-    budget = body.get("budget")
-    if budget is not None and not all(
-        k in BUDGET_KEYS and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in budget.items()
-    ):
-        raise BadRequest(f"field 'budget' maps {' or '.join(BUDGET_KEYS)} to non-negative integers")
-    isolation = body.get("isolation")
-    if isolation is not None and isolation not in ISOLATION_MODES:
-        raise BadRequest(f"field 'isolation' must be one of {', '.join(ISOLATION_MODES)}")
-    memory_mb = body.get("memory_limit_mb")
-    if memory_mb is not None and memory_mb < 16:
-        raise BadRequest("field 'memory_limit_mb' must be at least 16")
+def validate_submission(body: Any) -> dict[str, Any]:
+    """The submission's fields, every one within its bounds (mesh.schemas);
+    also the check a ``ctx.spawn`` goes through, hence the nesting check here."""
+    check_nesting(body)
+    request = parse_request(body, SubmitRequest, _SUBMIT_HINTS)
+    return msgspec.structs.asdict(request)
+
+
+_SUBMIT_HINTS = {
+    "agent": "missing field 'agent': name the agent to run",
+    "input": "missing field 'input': give the agent's input (any JSON value)",
+}
+
+
+def _event_seq(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10) or int(raw) > MAX_EVENT_SEQ:
+        raise BadRequest(
+            f"Last-Event-ID (or ?after=) must be an event sequence number from 0 to "
+            f"{MAX_EVENT_SEQ}, got {raw[:40]!r}"
+        )
+    return int(raw)
 
 
 def build_app(peer: PeerAPI) -> web.Application:
@@ -209,21 +195,18 @@ def build_app(peer: PeerAPI) -> web.Application:
 
     async def heartbeat(request: web.Request) -> web.Response:
         _check_token(request, peer.internal_token, "internal")
-        peer.heartbeat(await _json_body(request))
+        report = await _json_body(request)
+        if not isinstance(report, dict):
+            raise BadRequest("heartbeat body must be a JSON object")
+        peer.heartbeat(report)
         return web.json_response({"ok": True})
 
     async def events(request: web.Request) -> web.StreamResponse:
         _check_token(request, peer.api_token, "API")
         run_id = request.match_info["id"]
-        raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
-        try:
-            after = int(raw)
-        except ValueError:
-            raise BadRequest(
-                f"Last-Event-ID (or ?after=) must be an event sequence number, got {raw!r}"
-            ) from None
-        if after < 0:
-            raise BadRequest("Last-Event-ID (or ?after=) must not be negative")
+        after = _event_seq(
+            request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
+        )
         await peer.get_run(run_id)  # 404 before the stream starts
         resp = web.StreamResponse(
             headers={
@@ -244,6 +227,12 @@ def build_app(peer: PeerAPI) -> web.Application:
         _check_token(request, peer.api_token, "API")
         return web.json_response(peer.agents())
 
+    async def openapi(request: web.Request) -> web.Response:
+        routes = [
+            (r.method, r.resource.canonical) for r in request.app.router.routes() if r.resource
+        ]
+        return web.json_response(openapi_document(routes))
+
     app.router.add_post("/v1/runs", submit)
     app.router.add_get("/v1/runs/{id}/events", events)
     app.router.add_get("/v1/agents", agents)
@@ -255,5 +244,6 @@ def build_app(peer: PeerAPI) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_post("/internal/v1/heartbeat", heartbeat)
     return app

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -22,9 +21,12 @@ from pathlib import Path
 from types import TracebackType
 
 from raftmesh.mesh.client import MeshClient
+from raftmesh.mesh.credentials import SECRET_FILE, create_secret_file
 
 DEFAULT_BASE_PORT = 8001
 HTTP_PORT_OFFSET = 100
+# The mesh's own: a developer's MESH_SECRET would conflict with the secret file.
+_SET_BY_DEVMESH = frozenset({"MESH_SECRET", "MESH_SECRET_FILE", "MESH_STORAGE"})
 
 
 class DevMeshError(RuntimeError):
@@ -65,6 +67,12 @@ class DevMesh:
     when the mesh is built, so URLs are known before ``start()``: Raft from
     ``base_port`` (default 8001, or free ports if taken; 0: free ports), HTTP
     from ``base_port + 100``.
+
+    Every peer reads the Raft secret from one file, ``dir/cluster.secret``
+    (0600, made when the mesh is first built): Raft traffic is pickle, so even a local
+    mesh must not accept frames from whoever can reach its ports. Secrets and
+    the storage URL (which may hold a password) travel in the environment,
+    never in argv, which ``ps`` shows to every user.
     """
 
     def __init__(
@@ -75,7 +83,6 @@ class DevMesh:
         storage: str | None = None,
         base_port: int | None = None,
         slots: int | None = None,
-        secret: str | None = None,
         env: Mapping[str, str] | None = None,
         peer_env: Mapping[str, Mapping[str, str]] | None = None,
         host: str = "127.0.0.1",
@@ -84,12 +91,12 @@ class DevMesh:
         if not 1 <= nodes <= HTTP_PORT_OFFSET:
             raise DevMeshError(f"nodes must be between 1 and {HTTP_PORT_OFFSET}, got {nodes}")
         self.dir = Path(dir).resolve()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.storage = storage or f"sqlite:///{self.dir / 'mesh.db'}"
         self.slots = slots
-        # A fresh secret per mesh: Raft traffic is pickle, so even a local
-        # mesh must not accept frames from whoever can reach its ports.
-        self.secret = secret or secrets.token_hex(16)
+        self.secret_file = self.dir / SECRET_FILE
+        if not self.secret_file.exists():
+            create_secret_file(self.secret_file)
         self._env = dict(env or {})
         self._peer_env = {k: dict(v) for k, v in (peer_env or {}).items()}
         if not 0 <= executors < nodes:
@@ -238,18 +245,21 @@ class DevMesh:
         self._launch(peer, argv + self._common_args(peer))
 
     def _common_args(self, peer: DevPeer) -> list[str]:
-        argv = ["--storage", self.storage, "--data-dir", str(peer.data_dir)]
+        argv = ["--data-dir", str(peer.data_dir)]
         if self.slots is not None:
             argv += ["--slots", str(self.slots)]
         return argv
 
     def _launch(self, peer: DevPeer, args: list[str]) -> None:
-        peer.data_dir.mkdir(parents=True, exist_ok=True)
+        peer.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "raftmesh.cli", *args]
-        # The secret travels in the environment, not argv, so `ps` does not show it.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MESH_SECRET": self.secret}
+        # A dev mesh is for trying things out: the demo agents come with it.
+        env = {"MESH_DEMO_AGENTS": "true"}
+        env.update({k: v for k, v in os.environ.items() if k not in _SET_BY_DEVMESH})
+        env["PYTHONUNBUFFERED"] = "1"
         env.update(self._env)
         env.update(self._peer_env.get(peer.id, {}))
+        env.update({"MESH_SECRET_FILE": str(self.secret_file), "MESH_STORAGE": self.storage})
         with open(peer.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {peer.id}\n".encode())
             log.flush()

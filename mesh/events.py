@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raftmesh.consensus.status import TERMINAL_STATUSES
-from raftmesh.runner.context import event_data
+from raftmesh.runner.payload import event_data
 from raftmesh.storage.base import StorageUnavailable, Store
 
 log = logging.getLogger("raftmesh.events")
@@ -55,13 +55,12 @@ class EventHub:
         self._store = store
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._closed = False
-        listen = getattr(store, "listen", None)
-        self._listen = listen
-        self.poll_s = poll_s if listen is not None else min(poll_s, SQLITE_POLL_S)
+        self._notifier = store.notifier()
+        self.poll_s = poll_s if self._notifier is not None else min(poll_s, SQLITE_POLL_S)
 
     async def start(self) -> None:
-        if self._listen is not None:
-            await self._listen(self._notify)
+        if self._notifier is not None:
+            await self._notifier.listen(self._notify)
 
     def close(self) -> None:
         """End every stream (clients resume elsewhere with Last-Event-ID), so a

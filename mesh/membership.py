@@ -9,6 +9,14 @@ before Raft changes), then added to Raft, then started. A leaving peer owns
 nothing before it leaves the state, and leaves the state before it leaves
 Raft, because once out of Raft it can no longer commit anything.
 
+A joining voter never votes before it has shown that it works: it starts as a
+learner (pysyncobj's read-only node, like an executor), receives the log, and
+asks the leader for promotion with the index it has applied; the leader adds it
+to Raft only when it has caught up and the voters that are up stay a majority.
+The learner then restarts its SyncObj as a voter in-process. A reservation that
+never gets that far (a made-up address, a joiner that cannot connect) is removed
+by the leader after ``join_timeout_s``, so it never costs the mesh its quorum.
+
 The guard rails live in the state machine, where every peer re-validates them;
 they are checked here first only to answer without draining anyone.
 """
@@ -29,21 +37,25 @@ from raftmesh.consensus.errors import NoQuorum, ProposalFailed
 from raftmesh.consensus.model import (
     DRAIN_FINISH,
     DRAIN_RELEASE,
-    EXECUTOR,
+    PEER_DOWN,
+    PEER_JOINING,
     PEER_LEFT,
     PEER_UP,
-    ROLES,
     VOTER,
 )
+from raftmesh.consensus.results import Rejected, Requeued
 from raftmesh.consensus.state import leave_refusal
 from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
     MeshError,
     NoQuorumError,
+    NotLeader,
     PeerNotFound,
     Unavailable,
+    refusal,
 )
+from raftmesh.mesh.schemas import JoinRequest, parse_request
 
 if TYPE_CHECKING:
     from raftmesh.mesh.peer import Peer
@@ -53,7 +65,14 @@ log = logging.getLogger("raftmesh.membership")
 # Written into the data dir of a peer that left: starting it again would bring
 # back a member the others have removed.
 LEFT_MARKER = "LEFT"
+# Written by `mesh join` into the data dir of a voter that is still a learner:
+# started again, it goes on as a learner until it is promoted.
+LEARNER_MARKER = "LEARNER"
 MEMBERSHIP_RETRY_S = 15.0
+# A learner is promoted when it has applied the log up to this many entries
+# short of the leader's commit index.
+PROMOTE_LAG_ENTRIES = 20
+PROMOTE_RETRY_S = 0.5
 
 
 def _cid() -> str:
@@ -68,43 +87,212 @@ def left_marker(data_dir: str) -> Path:
     return Path(data_dir) / LEFT_MARKER
 
 
+def mark_learner(data_dir: str) -> None:
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    (Path(data_dir) / LEARNER_MARKER).write_text("joined as a learner; promoted once caught up\n")
+
+
+class PromotionRefused(Exception):
+    """The leader will never promote this learner (its reservation is gone)."""
+
+
 class Membership:
     def __init__(self, peer: Peer) -> None:
         self._peer = peer
         self.leaving = False
         self.shutting_down = False
+        settings = peer.settings
+        self.learning = (
+            settings.role == VOTER and (Path(settings.data_dir) / LEARNER_MARKER).exists()
+        )
+        self.exit_status = 0
 
     # -- join -------------------------------------------------------------
 
     async def join(self, body: Any) -> dict[str, Any]:
-        """Admit a new peer: reserve its id, make it a voter if it is one, and
-        answer with the voter set it must start with."""
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        peer_id, http = body.get("id"), body.get("http")
-        role = body.get("role") or VOTER
-        raft = body.get("raft") or ""
-        if not isinstance(peer_id, str) or not peer_id:
-            raise BadRequest("field 'id' must be a non-empty string: the new peer's id")
-        if not isinstance(http, str) or ":" not in http:
-            raise BadRequest("field 'http' must be HOST:PORT: the new peer's API address")
-        if role not in ROLES:
-            raise BadRequest(f"field 'role' must be one of {', '.join(sorted(ROLES))}")
-        if role == VOTER and (not isinstance(raft, str) or ":" not in raft):
-            raise BadRequest("field 'raft' must be HOST:PORT: a voter needs a Raft address")
-        if role == EXECUTOR:
-            raft = ""
+        """Admit a new peer: reserve its id and answer with the voter set it
+        must start with. A voter starts as a learner (``learner`` in the
+        answer): it becomes a voter only through ``promote``."""
+        request = parse_request(body, JoinRequest)
+        peer_id, http = request.id, request.http
+        role = request.role or VOTER
+        raft = (request.raft or "") if role == VOTER else ""
         peer = self._peer
         result = await peer._propose(
-            commands.peer_join(_cid(), _now_ms(), peer_id, raft, http, role)
+            commands.PeerJoin(_cid(), _now_ms(), peer_id, raft, http, role)
         )
-        if not result.get("ok"):
-            raise Conflict(f"cannot join {peer_id}: {result.get('error')}")
-        raft_node = peer._raft()
-        if role == VOTER and raft not in raft_node.voters():
-            await self._retry_membership(lambda: raft_node.add_voter(raft), f"adding voter {raft}")
-            log.info("voter %s (%s) added", peer_id, raft)
-        return {"id": peer_id, "role": role, "voters": raft_node.voters()}
+        if isinstance(result, Rejected):
+            raise refusal(result.reason, f"cannot join {peer_id}: {result.message}")
+        voters = peer._raft().voters()
+        learner = role == VOTER and raft not in voters
+        if learner:
+            log.info("voter %s (%s) reserved: it joins as a learner first", peer_id, raft)
+        return {"id": peer_id, "role": role, "voters": voters, "learner": learner}
+
+    # -- promotion (leader side) --------------------------------------------
+
+    async def promote(self, body: Any) -> dict[str, Any]:
+        """Internal: a learner that has caught up asks to become a voter."""
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        peer_id, addr, applied = body.get("id"), body.get("raft"), body.get("applied")
+        if (
+            not isinstance(peer_id, str)
+            or not isinstance(addr, str)
+            or not isinstance(applied, int)
+        ):
+            raise BadRequest("promotion needs 'id', 'raft' and 'applied' (the applied log index)")
+        peer = self._peer
+        raft = peer._raft()
+        if not raft.is_leader:
+            raise NotLeader("this peer is not the leader")
+        voters = raft.voters()
+        with raft.lock:
+            member = raft.state.peers.get(peer_id)
+            up = {
+                p.raft for p in raft.state.peers.values() if p.role == VOTER and p.status == PEER_UP
+            }
+        if (
+            member is None
+            or member.status == PEER_LEFT
+            or member.role != VOTER
+            or member.raft != addr
+        ):
+            raise Conflict(
+                f"no pending voter join of {peer_id} at {addr} (it expired or was removed): "
+                "join again with a fresh --data-dir"
+            )
+        if addr in voters:
+            return {"voters": voters}
+        if member.status != PEER_JOINING:
+            raise Conflict(f"{peer_id} is {member.status}, not a pending join")
+        # Leave the promoted voter time to come up before the reservation expires.
+        timeout_ms = peer.settings.join_timeout_s * 1000
+        if _now_ms() - member.since_ms > 0.75 * timeout_ms:
+            raise Conflict(
+                f"the join of {peer_id} is about to expire ({peer.settings.join_timeout_s:g} s): "
+                "join again with a fresh --data-dir"
+            )
+        commit = int(raft.status()["commit_idx"])
+        if commit - applied > PROMOTE_LAG_ENTRIES:
+            raise Unavailable(f"{peer_id} has applied {applied} of {commit} entries: not caught up")
+        live = sum(1 for v in voters if v in up) + 1  # the learner has just shown it is live
+        if live <= (len(voters) + 1) / 2:
+            raise Unavailable(
+                f"promoting {peer_id} would make {len(voters) + 1} voters of which only {live} "
+                "are up: they could not form a majority; waiting for voters to come back"
+            )
+
+        async def add() -> None:
+            if addr not in raft.voters():
+                await raft.add_voter(addr)
+
+        await self._retry_membership(add, f"adding voter {addr}")
+        log.info(
+            "learner %s (%s) caught up (%d of %d): now a voter", peer_id, addr, applied, commit
+        )
+        return {"voters": raft.voters()}
+
+    # -- promotion (learner side) -------------------------------------------
+
+    async def promotion_loop(self) -> None:
+        """A learner asks the leader for promotion until it is a voter; it gives
+        up (and the process exits 1) when its join expires."""
+        if not self.learning:
+            return
+        peer = self._peer
+        deadline = time.monotonic() + peer.settings.join_timeout_s
+        while True:
+            try:
+                voters = await self._ask_promotion()
+                break
+            except PromotionRefused as exc:
+                return self._give_up(str(exc))
+            except (aiohttp.ClientError, TimeoutError, ValueError, MeshError) as exc:
+                if time.monotonic() >= deadline:
+                    return self._give_up(
+                        f"not promoted within {peer.settings.join_timeout_s:g} s ({exc}): "
+                        "check that this peer reaches the voters' Raft ports and they reach its own"
+                    )
+                log.debug("not promoted yet: %s", exc)
+            await asyncio.sleep(PROMOTE_RETRY_S)
+        try:
+            await peer._raft().become_voter(peer.settings.raft, voters)
+        except Exception as exc:  # a task boundary: the process must not hang as a zombie learner
+            log.exception("could not restart as a voter")
+            return self._give_up(
+                f"promoted, but could not start as voter {peer.settings.raft}: {exc}"
+            )
+        (Path(peer.settings.data_dir) / LEARNER_MARKER).unlink(missing_ok=True)
+        self.learning = False
+        log.info("promoted: a voter now (voters %s)", ", ".join(voters))
+
+    def _give_up(self, why: str) -> None:
+        log.error("join failed: %s", why)
+        self.exit_status = 1
+        self._peer.request_exit()
+
+    async def _ask_promotion(self) -> list[str]:
+        peer = self._peer
+        raft = peer._raft()
+        leader_addr = raft.leader_addr
+        with raft.lock:
+            leader = raft.state.peer_by_raft(leader_addr) if leader_addr else None
+        if leader is None or peer._client is None:
+            raise Unavailable("no leader known yet: the log has not reached this learner")
+        body = {"id": peer.id, "raft": peer.settings.raft, "applied": raft.status()["last_applied"]}
+        async with peer._client.post(
+            f"http://{peer.settings.dial_addr(leader.http)}/internal/v1/voters/promote",
+            json=body,
+            headers={"Authorization": f"Bearer {peer.internal_token}"},
+            timeout=aiohttp.ClientTimeout(total=MEMBERSHIP_RETRY_S + 5),
+        ) as resp:
+            answer = await resp.json(content_type=None)
+            if resp.status == 409:
+                raise PromotionRefused(answer["error"]["message"])
+            if resp.status != 200:
+                raise Unavailable(f"{leader.id} answered {resp.status}: {answer}")
+            return list(answer["voters"])
+
+    # -- leader duties ------------------------------------------------------
+
+    async def tend(self) -> None:
+        """Leader: remove expired join reservations, and after ``mesh recover``
+        the voters the mesh lost for good."""
+        peer = self._peer
+        raft = peer._raft()
+        timeout_ms = peer.settings.join_timeout_s * 1000
+        now = _now_ms()
+        kept = raft.recovered_voters
+        voters = raft.voters()
+        with raft.lock:
+            members = list(raft.state.peers.values())
+        for member in members:
+            if member.status == PEER_JOINING and now - member.since_ms > timeout_ms:
+                if member.role == VOTER and member.raft in voters:
+                    await self._retry_membership(
+                        lambda a=member.raft: raft.remove_voter(a), f"removing voter {member.raft}"
+                    )
+                result = await peer._propose(commands.PeerLeave(_cid(), now, member.id))
+                if isinstance(result, Rejected):
+                    log.debug("expired join of %s not removed yet: %s", member.id, result.message)
+                    continue
+                log.warning(
+                    "join of %s (%s) expired: it did not connect, catch up and come up within "
+                    "%g s; reservation removed",
+                    member.id,
+                    member.raft or member.http,
+                    peer.settings.join_timeout_s,
+                )
+            elif (
+                kept is not None
+                and member.role == VOTER
+                and member.status in (PEER_UP, PEER_DOWN)
+                and member.raft not in kept
+                and member.raft not in voters
+            ):
+                result = await peer._propose(commands.PeerLeave(_cid(), now, member.id, True))
+                log.warning("recovery: voter %s lost for good, removed (%s)", member.id, result)
 
     async def _retry_membership(self, change: Any, what: str) -> None:
         """One membership change at a time: a change refused because another is
@@ -123,9 +311,9 @@ class Membership:
 
     async def drain(self, peer_id: str, mode: str) -> dict[str, Any]:
         """``mode``: "finish", "release", or "" (undrain)."""
-        result = await self._peer._propose(commands.peer_drain(_cid(), _now_ms(), peer_id, mode))
-        if not result.get("ok"):
-            raise PeerNotFound(f"cannot drain {peer_id}: {result.get('error')}")
+        result = await self._peer._propose(commands.PeerDrain(_cid(), _now_ms(), peer_id, mode))
+        if isinstance(result, Rejected):
+            raise refusal(result.reason, f"cannot drain {peer_id}: {result.message}")
         return self.describe(peer_id)
 
     def describe(self, peer_id: str) -> dict[str, Any]:
@@ -149,11 +337,11 @@ class Membership:
         raft = peer._raft()
         with raft.lock:
             member = raft.state.peers.get(peer_id)
-            refusal = None if member is None else leave_refusal(raft.state, member)
+            why = None if member is None else leave_refusal(raft.state, member)
         if member is None or member.status == PEER_LEFT:
             raise PeerNotFound(f"no peer {peer_id!r} in this mesh")
-        if refusal is not None:
-            raise Conflict(f"cannot remove {peer_id}: {refusal}")
+        if why is not None:
+            raise Conflict(f"cannot remove {peer_id}: {why}")
         if peer_id != peer.id and member.status == PEER_UP:
             raise Conflict(
                 f"peer {peer_id} is up: ask it to leave itself (mesh leave --peer http://{member.http}) "
@@ -168,19 +356,21 @@ class Membership:
             except MeshError:
                 self.leaving = False
                 raise
-        result = await peer._propose(commands.peer_leave(_cid(), _now_ms(), peer_id))
-        if not result.get("ok"):
+        result = await peer._propose(commands.PeerLeave(_cid(), _now_ms(), peer_id))
+        if not isinstance(result, Requeued):
             self.leaving = False
-            raise Conflict(f"cannot remove {peer_id}: {result.get('error')}")
-        if member.role == VOTER:
+            message = result.message if isinstance(result, Rejected) else repr(result)
+            raise Conflict(f"cannot remove {peer_id}: {message}")
+        # A voter's pending join (a learner) never was a Raft voter.
+        if member.role == VOTER and member.raft in raft.voters():
             await self._remove_voter(member.raft, own=peer_id == peer.id)
-        log.info("peer %s left the mesh (%d runs requeued)", peer_id, result.get("requeued", 0))
+        log.info("peer %s left the mesh (%d runs requeued)", peer_id, result.requeued)
         if peer_id == peer.id:
             left_marker(peer.settings.data_dir).write_text(
                 f"{peer_id} left the mesh at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
             )
             peer.request_exit()
-        return {"id": peer_id, "left": True, "requeued": result.get("requeued", 0)}
+        return {"id": peer_id, "left": True, "requeued": result.requeued}
 
     async def _drain_self(self, mode: str) -> None:
         """Stop getting runs; wait until this peer owns none (releasing what is
@@ -222,7 +412,7 @@ class Membership:
             try:
                 await self._ask_leader_to_remove(addr)
                 return
-            except (aiohttp.ClientError, TimeoutError, MeshError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError, MeshError) as exc:
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"the leader did not remove voter {addr}: {exc}") from exc
                 await asyncio.sleep(0.3)
@@ -267,7 +457,7 @@ class Membership:
         started = time.monotonic()
         log.info("shutting down: releasing runs at their next step (grace %.0fs)", grace_s)
         await self._propose_quietly(
-            commands.peer_stopping(_cid(), _now_ms(), peer.id, peer.incarnation)
+            commands.PeerStopping(_cid(), _now_ms(), peer.id, peer.incarnation)
         )
         for run_id in peer.slots.running():
             peer.slots.release(run_id)
@@ -278,14 +468,12 @@ class Membership:
                 peer.slots.stop(run_id)
             await asyncio.gather(
                 *(
-                    self._propose_quietly(commands.release(_cid(), _now_ms(), run_id, epoch))
+                    self._propose_quietly(commands.Release(_cid(), _now_ms(), run_id, epoch))
                     for run_id, epoch in left.items()
                 )
             )
         # Anything assigned but never started goes back to the queue too.
-        await self._propose_quietly(
-            commands.peer_down(_cid(), _now_ms(), peer.id, peer.incarnation)
-        )
+        await self._propose_quietly(commands.PeerDown(_cid(), _now_ms(), peer.id, peer.incarnation))
         raft = peer._raft()
         if raft.is_voter and raft.is_leader:
             await raft.transfer_leadership(timeout_s=2.0)
@@ -305,7 +493,7 @@ class Membership:
         try:
             await self._peer._propose(cmd, budget_s=3.0)
         except Unavailable as exc:
-            log.warning("could not commit %s while stopping: %s", cmd["op"], exc.message)
+            log.warning("could not commit %s while stopping: %s", cmd.op, exc.message)
 
 
 def check_not_left(data_dir: str) -> None:
@@ -317,4 +505,4 @@ def check_not_left(data_dir: str) -> None:
         )
 
 
-__all__ = ["Membership", "check_not_left"]
+__all__ = ["Membership", "check_not_left", "mark_learner"]

@@ -1,7 +1,8 @@
 """HTTP routes for membership operations (join, drain, undrain, leave).
 
-Admin operations: they take the API token like every v1 route (an admin scope
-can narrow them once auth has scopes). Errors go through api.py's middleware.
+Admin operations: changing the membership can cost the mesh its quorum, so
+join, drain, undrain and leave take the admin scope (``require_admin``); reading
+a peer takes the API token. Errors go through api.py's middleware.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from raftmesh.mesh.api import _check_token, _json_body
+from raftmesh.mesh.api import _check_token, _json_body, require_admin
 from raftmesh.mesh.errors import BadRequest
 
 
@@ -19,13 +20,16 @@ class MembershipOps(Protocol):
     async def drain(self, peer_id: str, mode: str) -> dict[str, Any]: ...
     async def leave(self, peer_id: str, release: bool) -> dict[str, Any]: ...
     async def remove_voter(self, body: Any) -> None: ...
+    async def promote(self, body: Any) -> dict[str, Any]: ...
     def describe(self, peer_id: str) -> dict[str, Any]: ...
 
 
 class MembershipPeer(Protocol):
     api_token: str
     internal_token: str
-    membership: MembershipOps
+
+    @property
+    def membership(self) -> MembershipOps: ...
 
 
 async def _release_flag(request: web.Request) -> bool:
@@ -41,7 +45,7 @@ def add_membership_routes(app: web.Application, peer: MembershipPeer) -> None:
     ops = peer.membership
 
     async def join(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        require_admin(request, peer.api_token)
         return web.json_response(await ops.join(await _json_body(request)))
 
     async def show(request: web.Request) -> web.Response:
@@ -49,16 +53,16 @@ def add_membership_routes(app: web.Application, peer: MembershipPeer) -> None:
         return web.json_response(ops.describe(request.match_info["id"]))
 
     async def drain(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        require_admin(request, peer.api_token)
         mode = "release" if await _release_flag(request) else "finish"
         return web.json_response(await ops.drain(request.match_info["id"], mode))
 
     async def undrain(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        require_admin(request, peer.api_token)
         return web.json_response(await ops.drain(request.match_info["id"], ""))
 
     async def leave(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        require_admin(request, peer.api_token)
         release = await _release_flag(request)
         return web.json_response(await ops.leave(request.match_info["id"], release))
 
@@ -67,9 +71,14 @@ def add_membership_routes(app: web.Application, peer: MembershipPeer) -> None:
         await ops.remove_voter(await _json_body(request))
         return web.json_response({"ok": True})
 
+    async def promote(request: web.Request) -> web.Response:
+        _check_token(request, peer.internal_token, "internal")
+        return web.json_response(await ops.promote(await _json_body(request)))
+
     app.router.add_post("/v1/peers", join)
     app.router.add_get("/v1/peers/{id}", show)
     app.router.add_post("/v1/peers/{id}/drain", drain)
     app.router.add_post("/v1/peers/{id}/undrain", undrain)
     app.router.add_post("/v1/peers/{id}/leave", leave)
     app.router.add_post("/internal/v1/voters/remove", remove_voter)
+    app.router.add_post("/internal/v1/voters/promote", promote)

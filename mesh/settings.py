@@ -14,7 +14,13 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-DEV_SECRET = "raftmesh-insecure-development-secret"
+from raftmesh.runner.models import (
+    DEFAULT_MODEL,
+    ModelConfigError,
+    ModelEndpoint,
+    env_default_model,
+    parse_models,
+)
 
 # unsafe_disable_fencing is refused unless this environment variable holds
 # exactly this value: a debug switch that corrupts runs must not be one typo
@@ -37,17 +43,32 @@ class Settings:
     data_dir: str = "./raftmesh-data"
     slots: int = 4
     labels: dict[str, str] = field(default_factory=dict)
-    secret: str = ""
-    api_token: str = ""
+    # Secrets: from MESH_SECRET / MESH_API_TOKEN or, better, from the files
+    # MESH_SECRET_FILE / MESH_API_TOKEN_FILE name (read by ``load``). The
+    # --secret and --api-token flags still work, deprecated: argv shows in ps.
+    secret: str = field(default="", repr=False)
+    secret_file: str = ""
+    api_token: str = field(default="", repr=False)
+    api_token_file: str = ""
     max_body_bytes: int = 1024 * 1024
     heartbeat_interval_s: float = 0.5
     peer_ttl_s: float = 2.0
     scheduler_tick_s: float = 0.2
     commit_timeout_s: float = 5.0
     agent_modules: tuple[str, ...] = ()
+    # The demo agents (steps, fail, fanout, hog, ...): on in `mesh dev` and the
+    # test meshes, off on a production peer.
+    demo_agents: bool = False
+    # Model endpoints the chat agent may call, by name ([models.NAME] tables,
+    # MESH_MODELS as JSON, or MESH_CHAT_* as "default"); a run chooses a name.
+    models: dict[str, ModelEndpoint] = field(default_factory=dict)
     max_children: int = 16
     max_depth: int = 3
     isolation_memory_mb: int = 512
+    # Environment variables a process-isolated agent gets besides the minimal
+    # set (PATH, HOME, locale, PYTHONPATH...): never the peer's secrets unless
+    # named here (e.g. MESH_CHAT_API_KEY for the chat agent).
+    isolation_env: tuple[str, ...] = ("MESH_CHAT_BASE_URL", "MESH_CHAT_MODEL")
     events_poll_s: float = 1.0
     log_level: str = "info"
     # Scheduling policy. The leader replicates the caps and the retry policy
@@ -67,6 +88,9 @@ class Settings:
     # SIGTERM: runs are released at their next step boundary (or finish)
     # within this time; what is left is then stopped and released anyway.
     shutdown_grace_s: float = 30.0
+    # A join reservation whose peer has not connected, caught up and come up
+    # within this time is removed by the leader (a made-up address never votes).
+    join_timeout_s: float = 60.0
     # Advertised address (Raft or HTTP, of another peer) -> the address to
     # connect to instead: for peers reached through NAT or a proxy (the chaos
     # harness routes every link through its own proxy to cut it at will).
@@ -91,6 +115,8 @@ class Settings:
             raise SettingsError("events_poll_s must be positive")
         if self.role not in ("voter", "executor"):
             raise SettingsError(f"--role must be voter or executor, got {self.role!r}")
+        if self.join_timeout_s <= 0:
+            raise SettingsError("join_timeout_s must be positive")
         if self.shutdown_grace_s < 0:
             raise SettingsError("shutdown_grace_s must be >= 0")
         if self.peer_ttl_s <= self.heartbeat_interval_s:
@@ -98,7 +124,7 @@ class Settings:
         placements = ("least-loaded", "round-robin", "consistent-hash")
         if self.placement not in placements:
             raise SettingsError(f"placement must be one of {', '.join(placements)}")
-        limits = [*self.tenant_caps.values(), *self.tenant_max_queued.values()]
+        limits: list[int | None] = [*self.tenant_caps.values(), *self.tenant_max_queued.values()]
         limits += [self.default_tenant_cap, self.default_tenant_max_queued]
         if any(v is not None and v < 0 for v in limits):
             raise SettingsError("tenant caps and queued maximums must be >= 0")
@@ -106,6 +132,8 @@ class Settings:
             raise SettingsError("need 0 <= retry_backoff_base_s <= retry_backoff_max_s")
         if self.priority_aging_s < 0:
             raise SettingsError("priority_aging_s must be >= 0 (0 turns aging off)")
+        if not all(isinstance(m, ModelEndpoint) for m in self.models.values()):
+            raise SettingsError("models must map names to ModelEndpoint (see parse_models)")
         for advertised, target in self.dial.items():
             for addr in (advertised, target):
                 host, _, port = addr.rpartition(":")
@@ -142,23 +170,23 @@ class Settings:
 
     @property
     def all_loopback(self) -> bool:
-        return all(_is_loopback(addr) for addr in (self.raft, self.http, *self.peers))
+        """Whether every address this peer binds, names or dials is loopback."""
+        addrs = (self.raft, self.http, *self.peers, *self.dial, *self.dial.values())
+        return all(_is_loopback(addr) for addr in addrs)
 
-    def effective_secret(self) -> tuple[str, bool]:
-        """The Raft cluster secret, and whether it is the insecure dev default.
+    def check_secret(self) -> None:
+        """Refuse to run without a cluster secret unless everything is loopback.
 
-        Raft traffic is pickle: without a secret anyone reaching the port runs
-        code in the peer. The development default is allowed only when every
-        address is loopback.
+        Raft traffic is pickle: whoever can produce a frame under the secret
+        runs code in the peer. Only a peer that nobody else can reach may make
+        up its own secret (mesh/credentials.py).
         """
-        if self.secret:
-            return self.secret, False
-        if self.all_loopback:
-            return DEV_SECRET, True
-        raise SettingsError(
-            "--secret (MESH_SECRET) is required when any address is not loopback: "
-            "Raft traffic must be encrypted with a cluster secret"
-        )
+        if not self.secret and not self.all_loopback:
+            raise SettingsError(
+                "a cluster secret is required when any address (own, peer or dial target) "
+                "is not loopback: set MESH_SECRET_FILE to a file holding it (or MESH_SECRET); "
+                "Raft traffic must be encrypted with it"
+            )
 
     @classmethod
     def load(cls, flags: dict[str, Any], config_file: str | None = None) -> Settings:
@@ -180,7 +208,48 @@ class Settings:
         if unknown:
             raise SettingsError(f"unknown settings: {sorted(unknown)}")
         merged.update({k: v for k, v in flags.items() if v is not None})
-        return cls(**{k: _coerce(names[k], v) for k, v in merged.items()})
+        values = {k: _coerce(names[k], v) for k, v in merged.items()}
+        try:
+            chat_env = env_default_model(os.environ)
+        except ModelConfigError as exc:
+            raise SettingsError(str(exc)) from exc
+        if chat_env is not None:
+            values["models"] = {**values.get("models", {}), DEFAULT_MODEL: chat_env}
+        return cls(**values)._with_secret_files()
+
+    def _with_secret_files(self) -> Settings:
+        """Read ``secret_file`` and ``api_token_file`` into their values."""
+        found: dict[str, str] = {}
+        for value, path, env in (
+            ("secret", self.secret_file, "MESH_SECRET"),
+            ("api_token", self.api_token_file, "MESH_API_TOKEN"),
+        ):
+            if not path:
+                continue
+            if getattr(self, value):
+                raise SettingsError(
+                    f"both {env} (or its flag) and {env}_FILE are set: keep only {env}_FILE"
+                )
+            found[value] = read_secret_file(path, value.replace("_", " "))
+        if not found:
+            return self
+        return dataclasses.replace(
+            self,
+            secret=found.get("secret", self.secret),
+            api_token=found.get("api_token", self.api_token),
+        )
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The secret a file holds, without surrounding whitespace."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read the {what} from {path}: {exc}") from exc
+    if not value:
+        raise SettingsError(f"{path} is empty: it must hold the {what}")
+    return value
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
@@ -197,6 +266,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         if kind == "dict[str, int]":
             pairs = _parse_labels(value) if isinstance(value, str) else dict(value)
             return {str(k): int(v) for k, v in pairs.items()}
+        if kind == "dict[str, ModelEndpoint]":
+            return parse_models(value)
         if kind == "int":
             return int(value)
         if kind == "float":
@@ -210,6 +281,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
                 return _parse_labels(value)
             return {str(k): str(v) for k, v in dict(value).items()}
         return str(value)
+    except ModelConfigError as exc:  # the value may hold a misplaced key: not echoed
+        raise SettingsError(f"setting {f.name}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"setting {f.name}: cannot use {value!r}: {exc}") from exc
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from raftmesh.consensus.model import Run
 from raftmesh.consensus.status import RunStatus
 from raftmesh.runner.context import (
     Fenced,
@@ -23,11 +24,11 @@ from raftmesh.runner.context import (
     Released,
     RunContext,
     RunError,
-    event_place,
-    pack,
 )
 from raftmesh.runner.isolation import PROCESS, run_isolated
+from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.outages import retry_unavailable
+from raftmesh.runner.payload import event_place, pack
 from raftmesh.runner.registry import Registry, UnknownAgent
 from raftmesh.storage.base import RunRow, StaleEpoch, Store
 
@@ -78,6 +79,30 @@ class Assignment:
     memory_limit_mb: int | None = None
     cancel_requested: bool = False
 
+    @classmethod
+    def of(cls, run: Run) -> Assignment:
+        """The run as the replicated state holds it, under its current epoch."""
+        return cls(
+            run_id=run.id,
+            epoch=run.epoch,
+            attempt=run.attempts,
+            agent=run.agent,
+            input=run.input,
+            tenant=run.tenant,
+            priority=run.priority,
+            labels=dict(run.labels),
+            timeout_s=run.timeout_s,
+            max_attempts=run.max_attempts,
+            idempotency_key=run.idempotency_key,
+            parent_id=run.parent_id,
+            submitted_at_ms=run.submitted_at_ms,
+            depth=run.depth,
+            budget=dict(run.budget) if run.budget is not None else None,
+            isolation=run.isolation,
+            memory_limit_mb=run.memory_limit_mb,
+            cancel_requested=run.cancel_requested,
+        )
+
     def row(self) -> RunRow:
         return RunRow(
             id=self.run_id,
@@ -104,12 +129,57 @@ async def run_attempt(
     limits: Limits | None = None,
     mesh: MeshLink | None = None,
     default_memory_limit_mb: int = 512,
+    isolation_env: tuple[str, ...] = (),
     on_context: Callable[[RunContext | None], None] | None = None,
     release: asyncio.Event | None = None,
+    models: Mapping[str, ModelEndpoint] | None = None,
 ) -> Outcome:
     """``on_context`` is told the attempt's context once the agent is about to
     start, and None when it has ended, so the peer can cancel it meanwhile.
-    ``release``, once set, stops the agent before its next new step."""
+    ``release``, once set, stops the agent before its next new step.
+    ``models`` are the endpoints the peer's settings name (``ctx.models``).
+
+    A crash of the attempt machinery itself (anything but a storage outage,
+    which is waited out, or a newer epoch) is a failed attempt like an agent
+    error: counted against max_attempts, so a run whose attempts keep crashing
+    ends as a dead letter with the crash as its error instead of being handed
+    from peer to peer forever."""
+    try:
+        return await _attempt(
+            job,
+            peer_id=peer_id,
+            store=store,
+            registry=registry,
+            clock_ms=clock_ms,
+            limits=limits,
+            mesh=mesh,
+            default_memory_limit_mb=default_memory_limit_mb,
+            isolation_env=isolation_env,
+            on_context=on_context,
+            release=release,
+            models=models,
+        )
+    except Exception as exc:
+        extra = {"run_id": job.run_id, "epoch": job.epoch}
+        log.exception("attempt crashed", extra=extra)
+        return Outcome(RETRY, f"attempt crashed: {type(exc).__name__}: {exc}", "error")
+
+
+async def _attempt(
+    job: Assignment,
+    *,
+    peer_id: str,
+    store: Store,
+    registry: Registry,
+    clock_ms: Callable[[], int],
+    limits: Limits | None,
+    mesh: MeshLink | None,
+    default_memory_limit_mb: int,
+    isolation_env: tuple[str, ...],
+    on_context: Callable[[RunContext | None], None] | None,
+    release: asyncio.Event | None,
+    models: Mapping[str, ModelEndpoint] | None,
+) -> Outcome:
     extra = {"run_id": job.run_id, "epoch": job.epoch}
     try:
         claim = await retry_unavailable(
@@ -146,15 +216,19 @@ async def run_attempt(
         limits=limits or Limits(),
         mesh=mesh,
         release=release,
+        models=models,
     )
     if job.cancel_requested:
         ctx.cancel()
     if on_context is not None:
         on_context(ctx)
+    agent_run: Awaitable[Any]
     try:
         if job.isolation == PROCESS:
             memory_mb = job.memory_limit_mb or default_memory_limit_mb
-            agent_run = run_isolated(ctx, job.agent, job.input, memory_mb, registry)
+            agent_run = run_isolated(
+                ctx, job.agent, job.input, memory_mb, registry, extra_env=isolation_env
+            )
         else:
             agent_run = fn(ctx, job.input)
         outcome, result = await _run_agent(agent_run, ctx, job)
@@ -183,7 +257,7 @@ async def run_attempt(
 
 
 async def _run_agent(
-    agent_run: Coroutine[Any, Any, Any], ctx: RunContext, job: Assignment
+    agent_run: Awaitable[Any], ctx: RunContext, job: Assignment
 ) -> tuple[Outcome, Any]:
     """Run the agent as its own task (so ``ctx.cancel`` can stop it) under the
     run's timeout. Fenced, Released and RunError propagate; every other ending
@@ -210,6 +284,11 @@ async def _run_agent(
         if ctx.cancelled:
             return Outcome(CANCELLED, "cancelled by request"), None
         return Outcome(RETRY, f"{type(exc).__name__}: {exc}", "error"), None
+    finally:
+        # However the attempt ends (the timeout itself can fail to arm: uvloop
+        # refuses NaN), the agent does not outlive it.
+        if not task.done():
+            task.cancel()
     if ctx.cancelled:
         return Outcome(CANCELLED, "cancelled by request"), None
     return Outcome(SUCCEEDED), result

@@ -29,10 +29,10 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import msgpack
-
 from raftmesh.consensus.status import TERMINAL_STATUSES
+from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.outages import retry_unavailable
+from raftmesh.runner.payload import pack, unpack
 from raftmesh.storage.base import StaleEpoch, Step, StorageUnavailable, Store
 
 BUDGET_KEYS = ("model_calls", "tokens")
@@ -97,25 +97,6 @@ class MeshLink(Protocol):
         """Commit a child run (idempotent by ``spec["idempotency_key"]``); return its id."""
 
 
-def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
-def event_data(payload: bytes) -> Any:
-    """The data an agent emitted, from a stored event's payload."""
-    return unpack(payload)["data"]
-
-
-def event_place(payload: bytes) -> tuple[int, int]:
-    """Where in the agent's flow a stored event was emitted (see RunContext.emit)."""
-    seg, rank = unpack(payload)["at"]
-    return seg, rank
-
-
 class RunContext:
     def __init__(
         self,
@@ -134,8 +115,11 @@ class RunContext:
         limits: Limits = Limits(),
         mesh: MeshLink | None = None,
         release: asyncio.Event | None = None,
+        models: Mapping[str, ModelEndpoint] | None = None,
     ) -> None:
         self.run_id = run_id
+        # The peer's configured model endpoints: the only ones an agent may call.
+        self.models: dict[str, ModelEndpoint] = dict(models or {})
         self._release = release
         self.epoch = epoch
         self.attempt = attempt

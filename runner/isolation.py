@@ -7,7 +7,10 @@ whose address space is capped with RLIMIT_AS before it loads any agent code.
 It gets the same ctx API; each call travels as a msgpack message over its
 stdin/stdout pipes to the real RunContext in the peer, which keeps journaling,
 fencing and budgets where they are for in-process agents. The child has no
-storage connection and no Raft: it can only ask.
+storage connection and no Raft: it can only ask. Nor does it get the peer's
+environment, which holds the cluster secret, the API token and model keys:
+only what running Python needs (``child_env``) and what the peer's
+``isolation_env`` setting names.
 
 Calls that must keep the agent's order (step positions, emits, spawns) are
 handled in the order the messages arrive; calls that wait (a step's write, a
@@ -21,18 +24,22 @@ import inspect
 import os
 import resource
 import sys
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 import msgpack
 
 from raftmesh.runner.context import ChildFailed, RunContext
+from raftmesh.runner.models import ModelEndpoint
 
 PROCESS = "process"
 TASK = "task"
 ISOLATION_MODES = (TASK, PROCESS)
 
 _READ_CHUNK = 1 << 16
+
+# What the child needs to run Python and import the agent, and nothing else.
+_BASE_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 
 
 class IsolatedAgentError(Exception):
@@ -46,8 +53,20 @@ def _pack(msg: dict[str, Any]) -> bytes:
 # -- the peer's side -------------------------------------------------------
 
 
+def child_env(environ: Mapping[str, str], extra: Iterable[str] = ()) -> dict[str, str]:
+    """The isolated agent's environment: the base variables, the locale
+    (``LC_*``) and the ``extra`` names the operator chose, from ``environ``."""
+    wanted = set(_BASE_ENV) | set(extra)
+    return {k: v for k, v in environ.items() if k in wanted or k.startswith("LC_")}
+
+
 async def run_isolated(
-    ctx: RunContext, agent: str, input: Any, memory_mb: int, registry: Any
+    ctx: RunContext,
+    agent: str,
+    input: Any,
+    memory_mb: int,
+    registry: Any,
+    extra_env: Iterable[str] = (),
 ) -> Any:
     """Run ``agent`` in a subprocess limited to ``memory_mb`` of address space."""
     proc = await asyncio.create_subprocess_exec(
@@ -57,6 +76,7 @@ async def run_isolated(
         str(memory_mb),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        env=child_env(os.environ, extra_env),
     )
     assert proc.stdin is not None and proc.stdout is not None
     stdin = proc.stdin
@@ -133,6 +153,7 @@ async def run_isolated(
             "tenant": ctx.tenant,
             "depth": ctx.depth,
             "budget": ctx.budget,
+            "models": {name: m.as_dict() for name, m in ctx.models.items()},
         },
     }
     messages = _MessageReader(proc.stdout)
@@ -141,7 +162,8 @@ async def run_isolated(
         stdin.write(_pack(start))
         await stdin.drain()
         while True:
-            done, _ = await asyncio.wait({reader, failure}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {reader, failure}
+            done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if failure in done:
                 raise failure.result()
             batch = reader.result()
@@ -239,6 +261,7 @@ class IsolatedContext:
         self.tenant: str = info["tenant"]
         self.depth: int = info["depth"]
         self.budget: dict[str, int] | None = info["budget"]
+        self.models = {name: ModelEndpoint(**m) for name, m in info["models"].items()}
         self.state: dict[str, Any] = {}
         self.cancelled = False
 
@@ -306,9 +329,9 @@ async def _child_main(memory_mb: int) -> None:
     if not batch or batch[0]["t"] != "start":
         raise IsolatedAgentError("isolated agent got no start message")
     start, rest = batch[0], batch[1:]
-    from raftmesh.runner.registry import default_registry
+    from raftmesh.runner.registry import build_registry
 
-    registry = default_registry(tuple(start["refs"]))
+    registry = build_registry(tuple(start["refs"]))
     ctx = IsolatedContext(link, start["ctx"])
     for msg in rest:
         link.answer(msg)

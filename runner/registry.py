@@ -1,20 +1,25 @@
 """Which agents this peer can run, by name.
 
-Agents register with ``@agent("name")`` when their module is imported; built-ins
-are imported by ``default_registry()``, others come from ``module`` or
-``module:function`` references in the peer's settings and from installed
-distributions that declare entry points in the ``raftmesh.agents`` group
-(``name = "module:function"``).
+``@agent("name")`` only names a function; a registry is built explicitly by
+``build_registry`` from the built-ins, ``module`` or ``module:function``
+references in the peer's settings, and installed distributions that declare
+entry points in the ``raftmesh.agents`` group (``name = "module:function"``).
+No import registers anything anywhere, so two registries in one process (a
+test, an isolated child) cannot see each other's agents.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from raftmesh.runner.models import ModelEndpoint
+
 AgentFn = Callable[..., Awaitable[Any]]
+# Refuses (InvalidInput) an input its agent would refuse anyway, at submission.
+InputCheck = Callable[[Any, Mapping[str, ModelEndpoint]], None]
 
 ENTRY_POINT_GROUP = "raftmesh.agents"
 
@@ -23,6 +28,10 @@ class UnknownAgent(LookupError):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown agent {name!r}; this mesh runs: {', '.join(known) or 'none'}")
         self.name = name
+
+
+class InvalidInput(ValueError):
+    """The agent can never run this input on this mesh."""
 
 
 class Registry:
@@ -42,6 +51,13 @@ class Registry:
         except KeyError:
             raise UnknownAgent(name, self.names()) from None
 
+    def check_input(self, name: str, input: Any, models: Mapping[str, ModelEndpoint]) -> None:
+        """Run the agent's own input check, if it declares one, so a submission
+        that could only fail is refused before it is queued."""
+        check: InputCheck | None = getattr(self._agents.get(name), "input_check", None)
+        if check is not None:
+            check(input, models)
+
     def __contains__(self, name: object) -> bool:
         return name in self._agents
 
@@ -49,13 +65,18 @@ class Registry:
         return sorted(self._agents)
 
     def load(self, reference: str) -> None:
-        """Import ``module`` (whose @agent decorators register themselves) or
-        ``module:function`` (registered under its @agent name or its own name)."""
+        """``module``: every @agent function defined in it; ``module:function``:
+        that one, under its @agent name or its own name."""
         module_name, _, attr = reference.partition(":")
         module = importlib.import_module(module_name)
         if attr:
             fn = getattr(module, attr)
             self.add(getattr(fn, "agent_name", attr), fn)
+        else:
+            for value in vars(module).values():
+                name = getattr(value, "agent_name", None)
+                if isinstance(name, str) and getattr(value, "__module__", None) == module_name:
+                    self.add(name, value)
         if reference not in self.references:
             self.references.append(reference)
 
@@ -66,24 +87,33 @@ class Registry:
             self.add(ep.name, ep.load())
 
 
-REGISTRY = Registry()
+BUILTIN_AGENTS = ("raftmesh.runner.agents.builtin", "raftmesh.runner.agents.chat")
+DEMO_AGENTS = "raftmesh.runner.agents.demo"
 
 
-def agent(name: str) -> Callable[[AgentFn], AgentFn]:
-    """Register an async function ``fn(ctx, input)`` as agent ``name``."""
+def agent(name: str, check: InputCheck | None = None) -> Callable[[AgentFn], AgentFn]:
+    """Name an async function ``fn(ctx, input)`` as agent ``name``; a registry
+    that loads its module (or the ``module:function`` reference) runs it.
+    ``check(input, models)`` raises InvalidInput for inputs it can never run."""
 
-    def register(fn: AgentFn) -> AgentFn:
+    def name_it(fn: AgentFn) -> AgentFn:
         fn.agent_name = name  # type: ignore[attr-defined]
-        REGISTRY.add(name, fn)
+        if check is not None:
+            fn.input_check = check  # type: ignore[attr-defined]
         return fn
 
-    return register
+    return name_it
 
 
-def default_registry(references: tuple[str, ...] = ()) -> Registry:
-    importlib.import_module("raftmesh.runner.agents.builtin")
-    importlib.import_module("raftmesh.runner.agents.chat")
-    REGISTRY.load_entry_points()
-    for ref in references:
-        REGISTRY.load(ref)
-    return REGISTRY
+def build_registry(references: tuple[str, ...] = (), demo: bool = False) -> Registry:
+    """The built-ins, then the demo agents if asked for, then entry points and
+    the settings' references. ``references`` of the result lists everything
+    but the built-ins and entry points, so an isolated child can rebuild it."""
+    registry = Registry()
+    for module in BUILTIN_AGENTS:
+        registry.load(module)
+    registry.references.clear()
+    registry.load_entry_points()
+    for ref in ((DEMO_AGENTS,) if demo else ()) + tuple(references):
+        registry.load(ref)
+    return registry

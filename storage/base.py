@@ -12,6 +12,7 @@ runner encodes them with msgpack before they arrive.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -109,6 +110,19 @@ class Event:
     at_ms: int
 
 
+NotifyCallback = Callable[[str], object]
+
+
+class Notifier(Protocol):
+    """Tells this process when any peer appends an event, so event streams
+    wake at once instead of at their next re-read (PostgreSQL LISTEN/NOTIFY)."""
+
+    async def listen(self, callback: NotifyCallback) -> None:
+        """Call ``callback(run_id)`` for every event appended from now on,
+        by any process, until the store closes. Best effort: a notification
+        lost while reconnecting is made up for by the re-read."""
+
+
 @runtime_checkable
 class Store(Protocol):
     """One interface, two backends (PostgreSQL for many hosts, SQLite for one)."""
@@ -120,6 +134,10 @@ class Store(Protocol):
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless a trivial query succeeds."""
+
+    def notifier(self) -> Notifier | None:
+        """The backend's notifications of new events; None where it has none
+        (SQLite), and watchers then re-read on a short period."""
 
     async def record_runs(self, runs: list[RunRow]) -> None:
         """Insert runs as queued; rows that already exist are left untouched."""

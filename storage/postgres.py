@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -29,6 +29,8 @@ from raftmesh.storage._common import (
 from raftmesh.storage.base import (
     Claim,
     Event,
+    Notifier,
+    NotifyCallback,
     RunRow,
     StaleEpoch,
     Step,
@@ -96,8 +98,6 @@ SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5 FROM events WHERE run_id = 
 RETURNING seq
 """
 
-NotifyCallback = Callable[[str], object]
-
 
 class PostgresStore:
     """Store on PostgreSQL through an asyncpg pool.
@@ -164,6 +164,9 @@ class PostgresStore:
         except TimeoutError:
             # A partitioned server never answers a graceful goodbye.
             pool.terminate()
+
+    def notifier(self) -> Notifier:
+        return self
 
     async def ping(self) -> None:
         async with self._connection() as conn:

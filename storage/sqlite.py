@@ -126,6 +126,10 @@ class SqliteStore:
         if conn is not None:
             conn.close()
 
+    def notifier(self) -> None:
+        """No notifications between processes: watchers re-read instead."""
+        return None
+
     async def ping(self) -> None:
         # SELECT 1 never touches the file; reading a table starts a real read
         # transaction, which fails if the file has become unreadable.
@@ -309,6 +313,7 @@ class SqliteStore:
 
     async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
         order = "ORDER BY submitted_at_ms DESC, id DESC"
+        params: tuple[str | int, ...]
         if status is None:
             sql, params = f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT ?", (limit,)
         else:

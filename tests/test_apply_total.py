@@ -24,6 +24,7 @@ from test_state_properties import recomputed_indexes, snapshot_roundtrip
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
+from raftmesh.consensus.errors import UnencodableCommand
 from raftmesh.consensus.raft import RaftTimers
 from raftmesh.consensus.state import MeshState
 
@@ -212,7 +213,7 @@ async def propose_or_refusal(node: Any, cmd: Any) -> Any:
     """A command that cannot be encoded is refused before it reaches the log."""
     try:
         return await propose_retrying(node, cmd)
-    except c.CommandEncodeError as exc:
+    except UnencodableCommand as exc:
         return res.Rejected(res.Rejection.MALFORMED, str(exc))
 
 
@@ -237,6 +238,6 @@ def test_a_decode_failure_is_typed_and_keeps_its_cause() -> None:
     with pytest.raises(c.CommandDecodeError) as caught:
         c.decode_bytes(b"\xc1")
     assert caught.value.__cause__ is not None
-    with pytest.raises(c.CommandEncodeError) as too_wide:
+    with pytest.raises(UnencodableCommand) as too_wide:
         c.Submit("x", T0, [{"id": "r", "agent": "a", "priority": 2**70}]).encode()
     assert isinstance(too_wide.value.__cause__, OverflowError)

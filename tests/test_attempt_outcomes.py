@@ -1,14 +1,19 @@
-"""One attempt on a real (SQLite) store: cancel, timeout and failure outcomes,
-and the state machine's retry policy for failures and lost owners."""
+"""One attempt on a real store (SQLite; PostgreSQL too for crashes): cancel,
+timeout, failure and crash outcomes, and the state machine's retry policy for
+failures and lost owners."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+import uvloop
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus.state import MeshState
@@ -27,7 +32,32 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
     await s.close()
 
 
-def job(agent: str, timeout_s: float | None = None, epoch: int = 1, **kw: Any) -> Assignment:
+PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    schema = f"attempt_{uuid.uuid4().hex[:12]}"
+    url = (
+        f"sqlite:///{tmp_path / 'runs.db'}"
+        if request.param == "sqlite"
+        else f"{PG_URL}?schema={schema}"
+    )
+    s = open_store(url)
+    await s.open()
+    yield s
+    await s.close()
+    if request.param == "postgres":
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+def job(
+    agent: str, timeout_s: float | None = None, epoch: int = 1, priority: int = 0, **kw: Any
+) -> Assignment:
     return Assignment(
         run_id="r1",
         epoch=epoch,
@@ -35,7 +65,7 @@ def job(agent: str, timeout_s: float | None = None, epoch: int = 1, **kw: Any) -
         agent=agent,
         input=None,
         tenant="default",
-        priority=0,
+        priority=priority,
         labels={},
         timeout_s=timeout_s,
         max_attempts=3,
@@ -142,3 +172,54 @@ def test_lost_owners_use_attempts_only_when_configured() -> None:
         "failed",
         "owner lost 1 times",
     )
+
+
+async def test_attempts_whose_machinery_crashes_end_as_a_dead_letter(any_store: Store) -> None:
+    """A priority the storage column cannot hold (2**63 on SQLite, 2**31 on
+    PostgreSQL's INTEGER) makes every claim raise. Each such attempt is a
+    failed attempt ("error", with the crash as its message), so after
+    max_attempts the run settles as failed instead of being reassigned forever."""
+    too_big = 2**63 if "sqlite" in type(any_store).__name__.lower() else 2**31
+    registry = Registry()
+    registry.add("echo", lambda ctx, value: value)
+    state = _running({"backoff_base_ms": 0, "backoff_max_ms": 0}, max_attempts=3)
+    for n in range(1, 4):
+        run = state.runs["r"]
+        outcome = await attempt(any_store, registry, job("echo", epoch=run.epoch, priority=too_big))
+        assert (outcome.status, outcome.kind) == (RETRY, "error"), outcome
+        assert outcome.error is not None and outcome.error.startswith("attempt crashed: ")
+        result = state.apply(c.Fail(f"f{n}", 10 * n, "r", run.epoch, outcome.kind, outcome.error))
+        assert result.ok and result.retry is (n < 3), (n, result)
+        if n < 3:
+            assert state.apply(c.Assign(f"a{n}", 10 * n + 1, 1, [("r", "p", run.epoch + 1)])).ok
+    run = state.runs["r"]
+    assert (run.status, run.outcome, run.errors) == (RunStatus.SETTLING, "failed", 3)
+    assert run.last_error == outcome.error
+
+
+def test_an_attempt_that_ends_without_its_agent_cancels_the_agent(tmp_path: Path) -> None:
+    """uvloop (the peers' loop) refuses a NaN timeout with ValueError once the
+    agent task exists. The attempt fails, and its agent must not live on."""
+
+    async def scenario() -> tuple[Outcome, list[int], list[asyncio.Task[Any]]]:
+        s = open_store(f"sqlite:///{tmp_path / 'runs.db'}")
+        await s.open()
+        try:
+            calls: list[int] = []
+
+            async def waits(ctx: RunContext, _: Any) -> None:
+                calls.append(1)
+                await asyncio.sleep(60)
+
+            registry = Registry()
+            registry.add("waits", waits)
+            outcome = await attempt(s, registry, job("waits", timeout_s=float("nan")))
+            await asyncio.sleep(0.1)
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            return outcome, calls, left
+        finally:
+            await s.close()
+
+    outcome, calls, left = uvloop.run(scenario())
+    assert (outcome.status, outcome.kind) == (RETRY, "error"), outcome
+    assert left == [] and calls == [], "the agent task was cancelled, not left running"

@@ -8,12 +8,14 @@ contract's shapes, including its error body and Retry-After.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -84,7 +86,7 @@ def test_up_passes_flags_to_the_peer(started: list[Settings], tmp_path: Path) ->
     assert settings.peers == ("127.0.0.1:7102", "127.0.0.1:7103")
     assert settings.slots == 2
     assert settings.labels == {"gpu": "a100", "pool": "batch"}
-    assert settings.effective_secret() == ("s3cret", False)
+    assert settings.secret == "s3cret"
 
 
 def test_up_slots_must_be_an_integer(started: list[Settings]) -> None:
@@ -112,7 +114,7 @@ def test_up_refuses_non_loopback_without_secret(started: list[Settings]) -> None
     result = invoke("up", "--raft", "10.1.2.3:7001", "--http", "0.0.0.0:8001")
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("Error: ") and "--secret" in line
+    assert line.startswith("Error: ") and "MESH_SECRET_FILE" in line
     assert started == []
     assert invoke("up", "--raft", "10.1.2.3:7001", env={"MESH_SECRET": "x"}).exit_code == 3
 
@@ -338,3 +340,110 @@ def test_dev_mesh_serves_the_client_commands_and_stops_cleanly_on_ctrl_c(tmp_pat
         ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True
     ).stdout.split()
     assert leftovers == [], "Ctrl-C left peer processes behind"
+
+
+def test_no_constant_secret_is_left_in_the_code() -> None:
+    """The old built-in secret let any local process forge Raft frames."""
+    package = Path(__file__).resolve().parent.parent
+    hits = [
+        str(p)
+        for d in ("mesh", "cli", "consensus", "runner", "storage", "chaos")
+        for p in (package / d).rglob("*.py")
+        if "insecure-development-secret" in p.read_text()
+    ]
+    assert hits == []
+
+
+def test_up_refuses_a_non_loopback_dial_target_without_secret(started: list[Settings]) -> None:
+    """Every address but the dial target is loopback: the Raft traffic still
+    leaves the machine, so a made-up secret is not enough."""
+    result = invoke(
+        "up", "--peers", "127.0.0.1:7002", env={"MESH_DIAL": "127.0.0.1:7002=10.9.8.7:7002"}
+    )
+    assert result.exit_code == 2, result.output
+    assert "MESH_SECRET_FILE" in result.output and "dial target" in result.output
+    assert started == []
+
+
+def test_secrets_come_from_files(started: list[Settings], tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("from-a-file\n")
+    (tmp_path / "token").write_text("token-from-a-file\n")
+    env = {
+        "MESH_SECRET_FILE": str(tmp_path / "secret"),
+        "MESH_API_TOKEN_FILE": str(tmp_path / "token"),
+    }
+    result = invoke("up", "--raft", "10.1.2.3:7001", env=env)
+    assert result.exit_code == 3, result.output
+    assert "deprecated" not in result.output
+    (settings,) = started
+    assert (settings.secret, settings.api_token) == ("from-a-file", "token-from-a-file")
+    assert "from-a-file" not in repr(settings)
+
+    result = invoke("up", env={**env, "MESH_SECRET": "also"})
+    assert result.exit_code == 2 and "keep only MESH_SECRET_FILE" in result.output
+    result = invoke("up", env={"MESH_SECRET_FILE": str(tmp_path / "absent")})
+    assert result.exit_code == 2 and "cannot read the secret" in result.output
+
+
+def test_secret_flags_are_deprecated(started: list[Settings]) -> None:
+    result = invoke("up", "--secret", "s", "--api-token", "t")
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert "--secret is deprecated" in lines[0] and "MESH_SECRET_FILE" in lines[0]
+    assert "--api-token is deprecated" in lines[1] and "MESH_API_TOKEN_FILE" in lines[1]
+    assert started[0].secret == "s" and started[0].api_token == "t"
+    # The same values from the environment: no warning.
+    result = invoke("up", env={"MESH_SECRET": "s", "MESH_API_TOKEN": "t"})
+    assert result.exit_code == 3 and result.stderr == ""
+
+
+def test_client_token_flag_is_deprecated_and_the_file_is_read(tmp_path: Path) -> None:
+    """--token warns; MESH_API_TOKEN_FILE is sent like MESH_API_TOKEN."""
+    seen: list[str | None] = []
+
+    async def cluster(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"self": "peer-1", "leader": "peer-1", "peers": [], "voters": []})
+
+    async def serve() -> tuple[TestServer, str]:
+        app = web.Application()
+        app.router.add_get("/v1/cluster", cluster)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        return server, str(server.make_url("")).rstrip("/")
+
+    loop = asyncio.new_event_loop()
+    server, url = loop.run_until_complete(serve())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        (tmp_path / "token").write_text("file-token\n")
+        flag = invoke("status", "--peer", url, "--token", "argv-token")
+        from_file = invoke(
+            "status", "--peer", url, env={"MESH_API_TOKEN_FILE": str(tmp_path / "token")}
+        )
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert "--token is deprecated" in flag.stderr and "MESH_API_TOKEN_FILE" in flag.stderr
+    assert "deprecated" not in from_file.stderr
+    assert seen == ["Bearer argv-token", "Bearer file-token"], (flag.output, from_file.output)
+
+
+def test_recover_refuses_what_is_not_a_surviving_voters_data_dir(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["recover", "--data-dir", str(empty), "--voters", "a:1"])
+    assert result.exit_code == 1 and "not a voter's data dir" in result.output, result.output
+    voter = tmp_path / "voter"
+    voter.mkdir()
+    (voter / "voters.json").write_text(json.dumps({"voters": ["a:1", "b:1", "c:1"]}))
+    stranger = ["recover", "--data-dir", str(voter), "--voters", "a:1,z:9"]
+    result = CliRunner().invoke(main, stranger)
+    assert result.exit_code == 1 and "z:9 never was a voter" in result.output, result.output
+    result = CliRunner().invoke(main, ["recover", "--data-dir", str(voter), "--voters", "a:1"])
+    assert result.exit_code == 1 and "has no Raft journal" in result.output, result.output
+    assert not (voter / "recovery.json").exists()

@@ -17,15 +17,18 @@ def test_example_toml_loads_with_every_key_known():
     assert settings.peers == ("10.0.0.12:7001", "10.0.0.13:7001")
     assert settings.labels == {"pool": "cpu"}
     assert settings.storage.startswith("postgresql://")
-    assert settings.effective_secret() == ("s", False)
+    assert settings.secret == "s"
+    settings.check_secret()
     assert settings.tenant_caps == {"free": 2, "pro": 10} and settings.default_tenant_cap == 4
     assert settings.replicated_policy()["tenant_max_queued"] == {"free": 100}
+    assert sorted(settings.models) == ["default", "hosted"]
+    assert settings.models["hosted"].api_key_env == "OPENAI_API_KEY"
 
 
 def test_example_toml_without_secret_is_refused_on_real_addresses():
     settings = Settings.load({}, str(DEPLOY / "raftmesh.example.toml"))
     with pytest.raises(ValueError, match="MESH_SECRET"):
-        settings.effective_secret()
+        settings.check_secret()
 
 
 def mesh_env_names(text: str) -> set[str]:

@@ -85,6 +85,10 @@ def test_leave_requeues_and_keeps_a_majority_of_voters():
     assert not last.ok and "last voter" in last.message
     # A peer that left cannot come back by announcing itself, only by joining.
     assert not apply(state, c.PeerUp, "c", "c-i2", "c:7000", "c:8000", 2, {}).ok
+    # One voter cannot take a second by a join: 1 of 2 up is no majority.
+    alone = apply(state, c.PeerJoin, "c", "c:7000", "c:8000", "voter")
+    assert not alone.ok and "could not form a majority" in alone.message
+    assert apply(state, c.PeerUp, "e", "e-i1", "e:7000", "e:8000", 2, {}).ok
     assert apply(state, c.PeerJoin, "c", "c:7000", "c:8000", "voter").created
     assert apply(state, c.PeerUp, "c", "c-i2", "c:7000", "c:8000", 2, {}).ok
 
@@ -158,6 +162,10 @@ def test_membership_histories_keep_owners_schedulable_and_a_voter_majority(ops):
             result = apply(state, c.PeerStopping, pid, extra)
         elif kind == "join":
             result = apply(state, c.PeerJoin, pid, raft, f"{pid}:8000", role)
+            if isinstance(result, res.Joined) and result.created and role == "voter":
+                after = _voters(state)
+                up = {v for v in after if state.peers[v].status == "up"}
+                assert len(up) > len(after) / 2, "a join left the up voters a minority"
         else:
             result = apply(state, c.PeerLeave, pid)
             if result.ok and role == "voter":
@@ -178,3 +186,36 @@ def test_membership_histories_keep_owners_schedulable_and_a_voter_majority(ops):
 
 def _voters(state: MeshState) -> set[str]:
     return {p.id for p in state.peers.values() if p.role == "voter" and p.status != "left"}
+
+
+def test_a_voter_join_that_would_leave_the_up_voters_short_of_a_majority_is_refused():
+    """Issue 10, finding 4: reservations of voters that never connect count as
+    voters that are down, so made-up joins cannot pile up past the majority."""
+    state = mesh_of("a", "b", "c")
+    assert apply(state, c.PeerJoin, "x1", "x1:7000", "x1:8000", "voter").ok
+    assert apply(state, c.PeerJoin, "x2", "x2:7000", "x2:8000", "voter").ok
+    third = apply(state, c.PeerJoin, "x3", "x3:7000", "x3:8000", "voter")
+    assert not third.ok and "could not form a majority" in third.message
+    assert "x3" not in state.peers
+    # An executor does not vote: it may always join.
+    assert apply(state, c.PeerJoin, "e1", "", "e1:8000", "executor").ok
+    # A reservation that expires (removed by the leader) makes room again.
+    assert apply(state, c.PeerLeave, "x1").ok
+    assert apply(state, c.PeerJoin, "x3", "x3:7000", "x3:8000", "voter").ok
+    # A voter that is down counts as down: 2 of 3 up, a 4th would make 2 of 4.
+    small = mesh_of("a", "b", "c")
+    assert apply(small, c.PeerDown, "c", "c-i1").ok
+    refused = apply(small, c.PeerJoin, "d", "d:7000", "d:8000", "voter")
+    assert not refused.ok and "only 2 are up" in refused.message
+
+
+def test_forced_leave_drops_a_voter_without_the_majority_guard():
+    state = mesh_of("a", "b", "c", "d", "e")
+    for pid in ("c", "d", "e"):
+        assert apply(state, c.PeerDown, pid, f"{pid}-i1").ok
+    guarded = apply(state, c.PeerLeave, "c")
+    assert not guarded.ok and "could not form a majority" in guarded.message
+    for pid in ("c", "d", "e"):
+        assert apply(state, c.PeerLeave, pid, True).ok
+    assert {p.id for p in state.peers.values() if p.status == "up"} == {"a", "b"}
+    assert apply(state, c.PeerJoin, "f", "f:7000", "f:8000", "voter").ok

@@ -38,11 +38,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
 from raftmesh.consensus.model import PEER_DOWN, PEER_UP
-from raftmesh.consensus.state import (
-    COMMAND_TTL_MS,
-    IDEMPOTENCY_TTL_MS,
-    MeshState,
-)
+from raftmesh.consensus.state import COMMAND_TTL_MS, IDEMPOTENCY_TTL_MS, MeshState
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
 PEERS = ["p0", "p1", "p2", "p3"]

@@ -1,41 +1,68 @@
 """The built-in ``chat`` agent: any OpenAI-compatible /v1/chat/completions server.
 
-Works with hosted APIs and self-hosted servers alike (vLLM, Ollama, llama.cpp):
-the endpoint comes from the run's input or the peer's environment
-(``MESH_CHAT_BASE_URL``, ``MESH_CHAT_MODEL``, ``MESH_CHAT_API_KEY``; the
-``OPENAI_*`` names are read as a fallback). The key is never taken from the
-input, so it never lands in storage.
+Works with hosted APIs and self-hosted servers alike (vLLM, Ollama, llama.cpp).
+The endpoints are named in the peer's settings (``[models.NAME]``: ``base_url``,
+``model``, ``api_key_env``; ``MESH_CHAT_*`` define the one named "default") and
+reach the agent as ``ctx.models``. An input may only choose one by name
+(``"model": "NAME"``); it never carries a URL or a key, so a submitter can
+neither point the peer's key at an address of their own nor make the peer fetch
+one. The key is read from the environment variable the endpoint names, and is
+sent only with requests to that endpoint's base_url (redirects are not
+followed). What a server answers reaches errors and events only as a short
+excerpt with anything key-like blanked out.
 
 Every model call and every tool call is a journaled step: a run resumed on
 another peer replays finished calls from the journal and does not pay for them
 twice. Tokens stream to watchers as ``token`` events while a call runs. 429 and
 5xx answers are retried with exponential backoff (honouring ``Retry-After``).
 Each call is charged to the run's budget (``model_calls`` and ``tokens``), so a
-parent's budget bounds a whole tree of chat agents.
+parent's budget bounds a whole tree of chat agents. Tools run off the event
+loop (sync ones in a thread) under a time limit, so a slow tool cannot stall
+the peer; the built-in calculator also bounds the size of what it computes.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import inspect
 import json
 import operator
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from raftmesh.runner.context import RunContext, RunError
-from raftmesh.runner.registry import agent
+from raftmesh.runner.models import DEFAULT_MODEL, ModelEndpoint
+from raftmesh.runner.registry import InvalidInput, agent
 
 MAX_TURNS = 8
 MAX_RETRIES = 6
 BACKOFF_S = 0.25
 MAX_BACKOFF_S = 8.0
 REQUEST_TIMEOUT_S = 300.0
+TOOL_TIMEOUT_S = 10.0
+# How much of a server's answer may appear in an error or an event, and how
+# much of it is read at all to find that much.
+EXCERPT_CHARS = 80
+_EXCERPT_READ_BYTES = 4096
+
+# Sync tools run here, not in the loop's default executor, which aiohttp needs
+# for DNS: a tool that never returns then holds one of these threads only.
+_TOOL_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chat-tool")
+
+_SECRET_LIKE = re.compile(
+    r"(?i)((?:api[_-]?key|token|secret|password|authorization)[\"']?\s*[:=]\s*[\"']?"
+    r"(?:bearer\s+)?|bearer\s+)[^\s\"',;}]+"
+    r"|\b(?:sk|pk|rk|ghp|gho|ghs|xox[abpr])[-_][A-Za-z0-9_-]{6,}"
+    r"|[A-Za-z0-9+/_-]{32,}={0,2}"
+)
 
 
 class ModelCallFailed(Exception):
@@ -43,7 +70,7 @@ class ModelCallFailed(Exception):
 
 
 class ChatConfigError(RunError):
-    """The run cannot call a model: no endpoint or model configured."""
+    """The run cannot call a model: the input names no configured endpoint."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +79,7 @@ class Tool:
     description: str
     parameters: dict[str, Any]
     fn: Callable[..., Any]
+    timeout_s: float = TOOL_TIMEOUT_S
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -68,62 +96,79 @@ TOOLS: dict[str, Tool] = {}
 
 
 def tool(
-    name: str, description: str, parameters: dict[str, Any]
+    name: str,
+    description: str,
+    parameters: dict[str, Any],
+    *,
+    timeout_s: float = TOOL_TIMEOUT_S,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a Python function (sync or async, keyword arguments) as a tool
-    the ``chat`` agent can offer the model; ``parameters`` is its JSON schema."""
+    the ``chat`` agent can offer the model; ``parameters`` is its JSON schema.
+    A call still running after ``timeout_s`` answers the model with an error."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in TOOLS and TOOLS[name].fn is not fn:
             raise ValueError(f"tool {name!r} is registered twice")
-        TOOLS[name] = Tool(name, description, parameters, fn)
+        TOOLS[name] = Tool(name, description, parameters, fn, timeout_s)
         return fn
 
     return register
 
 
-@dataclass(frozen=True)
-class ChatConfig:
-    base_url: str
-    model: str
-    api_key: str | None
-
-    @classmethod
-    def resolve(cls, input: dict[str, Any]) -> ChatConfig:
-        env = os.environ
-        base_url = (
-            input.get("base_url") or env.get("MESH_CHAT_BASE_URL") or env.get("OPENAI_BASE_URL")
+def choose_endpoint(input: Any, models: Mapping[str, ModelEndpoint]) -> ModelEndpoint:
+    """The configured endpoint the input names (``model``, else "default")."""
+    if not isinstance(input, dict):
+        raise ChatConfigError("chat input must be an object with a prompt or messages")
+    choices = ", ".join(sorted(models)) or "none"
+    if "base_url" in input:
+        raise ChatConfigError(
+            "chat input may not carry base_url: endpoints are named in the peers' settings "
+            f'([models.NAME]); choose one with "model": configured models: {choices}'
         )
-        model = input.get("model") or env.get("MESH_CHAT_MODEL") or env.get("OPENAI_MODEL")
-        if not base_url or not model:
+    name = input.get("model", DEFAULT_MODEL)
+    if not isinstance(name, str) or name not in models:
+        if not models:
             raise ChatConfigError(
-                "chat needs an endpoint and a model: set MESH_CHAT_BASE_URL and "
-                "MESH_CHAT_MODEL on the peers, or give base_url and model in the input"
+                "no model endpoints are configured on this peer: add [models.NAME] tables "
+                "to its settings, or set MESH_CHAT_BASE_URL and MESH_CHAT_MODEL"
             )
-        key = env.get("MESH_CHAT_API_KEY") or env.get("OPENAI_API_KEY")
-        return cls(base_url.rstrip("/"), model, key)
+        raise ChatConfigError(f"unknown model {name!r}; configured models: {choices}")
+    return models[name]
 
 
-@agent("chat")
+def chosen_tools(input: dict[str, Any]) -> list[Tool]:
+    unknown = [name for name in input.get("tools", []) if name not in TOOLS]
+    if unknown:
+        raise ChatConfigError(f"unknown tools {unknown}; registered: {sorted(TOOLS)}")
+    return [TOOLS[name] for name in input.get("tools", [])]
+
+
+def check_chat_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
+    try:
+        choose_endpoint(input, models)
+        chosen_tools(input)
+    except ChatConfigError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+@agent("chat", check=check_chat_input)
 async def chat(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]:
     """Input: ``prompt`` (or ``messages``), optional ``system``, ``tools`` (names
-    of registered tools), ``model``, ``base_url``, ``max_turns``, ``temperature``.
-    Result: the final ``answer``, the whole ``messages`` list and ``usage``."""
-    config = ChatConfig.resolve(input)
+    of registered tools), ``model`` (a configured endpoint's name), ``max_turns``,
+    ``temperature``. Result: the final ``answer``, the whole ``messages`` list
+    and ``usage``."""
+    endpoint = choose_endpoint(input, ctx.models)
     messages: list[dict[str, Any]] = list(input.get("messages") or [])
     if input.get("system"):
         messages.insert(0, {"role": "system", "content": input["system"]})
     if input.get("prompt"):
         messages.append({"role": "user", "content": input["prompt"]})
-    unknown = [name for name in input.get("tools", []) if name not in TOOLS]
-    if unknown:
-        raise ChatConfigError(f"unknown tools {unknown}; registered: {sorted(TOOLS)}")
-    tools = [TOOLS[name] for name in input.get("tools", [])]
+    tools = chosen_tools(input)
     options = {"temperature": input["temperature"]} if "temperature" in input else {}
     for turn in range(int(input.get("max_turns", MAX_TURNS))):
         ctx.require(model_calls=1)
         reply = await ctx.step(
-            "model", _complete, ctx, config, messages, [t.spec() for t in tools], options, turn
+            "model", _complete, ctx, endpoint, messages, [t.spec() for t in tools], options, turn
         )
         ctx.charge(model_calls=1, tokens=reply["usage"].get("total_tokens", 0))
         message = reply["message"]
@@ -149,17 +194,54 @@ async def _run_tool(name: str, arguments: str) -> Any:
     """A tool's answer, or its error as the model should see it (it may retry)."""
     try:
         kwargs = json.loads(arguments or "{}")
-        value = TOOLS[name].fn(**kwargs)
-        if inspect.isawaitable(value):
-            value = await value
-        return value
+        found = TOOLS[name]
+        async with asyncio.timeout(found.timeout_s):
+            if inspect.iscoroutinefunction(found.fn):
+                return await found.fn(**kwargs)
+            loop = asyncio.get_running_loop()
+            call = functools.partial(found.fn, **kwargs)
+            value = await loop.run_in_executor(_TOOL_THREADS, call)
+            if inspect.isawaitable(value):
+                value = await value
+            return value
+    except TimeoutError:
+        return {"error": f"tool {name} did not answer within {found.timeout_s}s"}
     except Exception as exc:  # reported to the model, which decides what to do next
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def excerpt(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """At most EXCERPT_CHARS of a server's answer, on one line, with the given
+    secrets and anything that looks like a key or token blanked out (before
+    cutting, so no prefix of one survives the cut)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = " ".join(text.split())
+    text = _SECRET_LIKE.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"
+
+
+async def _body_excerpt(resp: aiohttp.ClientResponse, key: str | None) -> str:
+    raw = await resp.content.read(_EXCERPT_READ_BYTES)
+    return excerpt(raw.decode(errors="replace"), (key,) if key else ())
+
+
+def _api_key(endpoint: ModelEndpoint) -> str | None:
+    if not endpoint.api_key_env:
+        return None
+    key = os.environ.get(endpoint.api_key_env)
+    if not key:
+        raise ChatConfigError(
+            f"the key of model endpoint {endpoint.base_url} is read from "
+            f"{endpoint.api_key_env}, which is not set on this peer"
+        )
+    return key
+
+
 async def _complete(
     ctx: RunContext,
-    config: ChatConfig,
+    endpoint: ModelEndpoint,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]],
     options: dict[str, Any],
@@ -167,7 +249,7 @@ async def _complete(
 ) -> dict[str, Any]:
     """One model call, streamed, retried on 429/5xx and connection errors."""
     body: dict[str, Any] = {
-        "model": config.model,
+        "model": endpoint.model,
         "messages": messages,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -175,38 +257,44 @@ async def _complete(
     }
     if tools:
         body["tools"] = tools
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    key = _api_key(endpoint)
+    # On the one request to the configured URL, never on the session, and
+    # with redirects refused: the key goes nowhere else.
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     delay = BACKOFF_S
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
+    async with aiohttp.ClientSession(timeout=timeout) as http:
         for attempt in range(MAX_RETRIES + 1):
             try:
-                async with http.post(f"{config.base_url}/chat/completions", json=body) as resp:
+                async with http.post(
+                    endpoint.chat_url, json=body, headers=headers, allow_redirects=False
+                ) as resp:
                     if resp.status == 429 or resp.status >= 500:
-                        text = await resp.text()
+                        text = await _body_excerpt(resp, key)
                         wait = _retry_after(resp.headers.get("Retry-After"), delay)
                         ctx.emit(
                             "model.retry",
-                            {
-                                "turn": turn,
-                                "status": resp.status,
-                                "wait_s": wait,
-                                "body": text[:200],
-                            },
+                            {"turn": turn, "status": resp.status, "wait_s": wait, "body": text},
                         )
                         if attempt == MAX_RETRIES:
                             raise ModelCallFailed(
-                                f"HTTP {resp.status} after {attempt} retries: {text[:200]}"
+                                f"HTTP {resp.status} after {attempt} retries: {text}"
                             )
                         await asyncio.sleep(wait)
                         delay = min(delay * 2, MAX_BACKOFF_S)
                         continue
+                    if 300 <= resp.status < 400:
+                        raise ModelCallFailed(
+                            f"HTTP {resp.status} from {endpoint.chat_url}: redirects are not "
+                            "followed; configure the URL the server redirects to"
+                        )
                     if resp.status >= 400:
-                        raise ModelCallFailed(f"HTTP {resp.status}: {(await resp.text())[:500]}")
+                        text = await _body_excerpt(resp, key)
+                        raise ModelCallFailed(f"HTTP {resp.status}: {text}")
                     return await _read_stream(ctx, resp, turn)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 if attempt == MAX_RETRIES:
-                    raise ModelCallFailed(f"{config.base_url} unreachable: {exc}") from exc
+                    raise ModelCallFailed(f"{endpoint.base_url} unreachable: {exc}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
     raise AssertionError("unreachable")
@@ -268,6 +356,12 @@ _OPERATORS: dict[type, Callable[..., Any]] = {
 }
 
 
+# A model at any URL can ask for any expression: bound what one may cost.
+MAX_EXPRESSION_CHARS = 1000
+MAX_EXPONENT = 100
+MAX_INT_BITS = 4096
+
+
 @tool(
     "calculator",
     "Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
@@ -278,20 +372,46 @@ _OPERATORS: dict[type, Callable[..., Any]] = {
     },
 )
 def calculator(expression: str) -> float | int:
+    """Every intermediate integer stays within MAX_INT_BITS, checked before a
+    power or product is computed: one big-integer operation holds the GIL for
+    its whole length, so no thread or timeout could stop it once started."""
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise ValueError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+
     def walk(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return walk(node.body)
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return node.value
+            return _bounded(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            if isinstance(node.op, ast.Pow) and abs(walk(node.right)) > 100:
-                raise ValueError("exponent too large")
-            return _OPERATORS[type(node.op)](walk(node.left), walk(node.right))
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Pow):
+                _check_power(left, right)
+            if isinstance(node.op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
+                if left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                    raise ValueError(f"product larger than {MAX_INT_BITS} bits")
+            return _bounded(_OPERATORS[type(node.op)](left, right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
-            return _OPERATORS[type(node.op)](walk(node.operand))
+            return _bounded(_OPERATORS[type(node.op)](walk(node.operand)))
         raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
 
     return walk(ast.parse(expression, mode="eval"))
+
+
+def _check_power(base: Any, exponent: Any) -> None:
+    if abs(exponent) > MAX_EXPONENT:
+        raise ValueError(f"exponent larger than {MAX_EXPONENT}")
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
+        if base.bit_length() * exponent > MAX_INT_BITS:
+            raise ValueError(f"power larger than {MAX_INT_BITS} bits")
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, complex):
+        raise ValueError("the result is not a real number")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise ValueError(f"result larger than {MAX_INT_BITS} bits")
+    return value
 
 
 @tool(

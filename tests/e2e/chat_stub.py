@@ -7,7 +7,8 @@ a wrong tool dispatch shows up in the answer. Answers stream as SSE chunks,
 tool-call arguments split over several chunks, usage in the last chunk, the
 way real servers (OpenAI, vLLM) send them.
 
-Knobs: ``fail_first`` answers the first N requests of a conversation with 429
+Knobs: ``expression`` is what turn 0 asks the calculator (default ``6*7``);
+``fail_first`` answers the first N requests of a conversation with 429
 (Retry-After 0.1 s); ``hold_turn`` parks requests of that turn until
 ``release`` is set, so a test can kill the owner while a call is in flight.
 Every request is recorded as (prompt, turn, status).
@@ -28,6 +29,7 @@ MODEL = "stub-model"
 @dataclass
 class ChatStub:
     fail_first: int = 1
+    expression: str = "6*7"
     hold_turn: int | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
     requests: list[tuple[str, int, int]] = field(default_factory=list)
@@ -82,7 +84,7 @@ class ChatStub:
         names = {t["function"]["name"] for t in body.get("tools", [])}
         if turn == 0:
             assert names == {"calculator", "word_count"}, names
-            calc = json.dumps({"expression": "6*7"})
+            calc = json.dumps({"expression": self.expression})
             words = json.dumps({"text": "the quick brown fox jumps"})
             return [
                 _delta({"tool_calls": [_call(0, "call_calc", "calculator", calc[:10])]}),

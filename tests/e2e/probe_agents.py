@@ -51,3 +51,9 @@ def read_witness(path: str) -> list[tuple[str, int, str, int, str]]:
         run_id, index, peer, epoch, what = line.split()
         out.append((run_id, int(index), peer, int(epoch), what))
     return out
+
+
+@agent("probe_env")
+async def probe_env(ctx: RunContext, input: Any) -> dict[str, Any]:
+    """The environment variable names the agent sees, and its process id."""
+    return {"names": sorted(os.environ), "pid": os.getpid()}

@@ -16,7 +16,7 @@ from support import eventually, wait_all_terminal
 
 from raftmesh.mesh.client import MeshClient, SSEMessage
 from raftmesh.mesh.devmesh import DevMesh
-from raftmesh.runner.context import event_data, unpack
+from raftmesh.runner.payload import event_data, unpack
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from support import eventually, submit_retrying, wait_all_terminal
 
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 from raftmesh.mesh.devmesh import DevMesh
-from raftmesh.runner.context import unpack
+from raftmesh.runner.payload import unpack
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from raftmesh.runner.attempt import FAILED, SUCCEEDED, Assignment, run_attempt
-from raftmesh.runner.context import RunContext, event_data, unpack
+from raftmesh.runner.context import RunContext
+from raftmesh.runner.payload import event_data, unpack
 from raftmesh.runner.registry import Registry
 from raftmesh.storage import Store, open_store
 
@@ -197,9 +198,9 @@ async def test_concurrent_steps_keep_positions_across_replay(store):
 async def test_isolated_agent_uses_the_ctx_over_a_pipe_and_replays(store):
     """``durable`` in a subprocess: steps, sleep and emits go through the pipe to
     the real context, and a second attempt replays the journal there too."""
-    from raftmesh.runner.registry import default_registry
+    from raftmesh.runner.registry import build_registry
 
-    registry = default_registry()
+    registry = build_registry(demo=True)
     spec = {"steps": 4, "step_seconds": 0.01, "sleep_after": 2, "sleep_seconds": 0.2}
     kw = {"isolation": "process", "memory_limit_mb": 1024}
     first = await attempt(store, registry, job("durable", 1, spec, **kw))
@@ -213,9 +214,9 @@ async def test_isolated_agent_uses_the_ctx_over_a_pipe_and_replays(store):
 
 
 async def test_isolated_agent_past_its_memory_limit_fails_its_attempt(store):
-    from raftmesh.runner.registry import default_registry
+    from raftmesh.runner.registry import build_registry
 
-    registry = default_registry()
+    registry = build_registry(demo=True)
     kw = {"isolation": "process", "memory_limit_mb": 300}
     out = await attempt(store, registry, job("hog", 1, {"mb": 600}, max_attempts=2, **kw))
     assert out.status == "retry", "an isolated crash is an ordinary failure, retried by policy"
@@ -229,9 +230,9 @@ async def test_isolated_agent_past_its_memory_limit_fails_its_attempt(store):
 
 
 async def test_isolated_agent_is_held_to_its_budget_by_the_peer(store):
-    from raftmesh.runner.registry import default_registry
+    from raftmesh.runner.registry import build_registry
 
-    registry = default_registry()
+    registry = build_registry(demo=True)
     spec = {"children": 0, "spend": {"model_calls": 6}}
     kw = {"isolation": "process", "budget": {"model_calls": 5}}
     out = await attempt(store, registry, job("fanout", 1, spec, max_attempts=3, **kw))

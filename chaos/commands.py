@@ -99,7 +99,8 @@ def run_cmd(
     except ChaosError as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(outcome.report)
-    click.echo(f"report: {outcome.out / 'report.txt'}, timeline: {outcome.out / 'timeline.png'}")
+    timeline = outcome.timeline or "none (pip install 'raftmesh[chaos]' to draw it)"
+    click.echo(f"report: {outcome.out / 'report.txt'}, timeline: {timeline}")
     sys.exit(outcome.exit_code)
 
 

@@ -1,0 +1,155 @@
+"""The leader's duties: judge peers, replicate the policy, assign, settle.
+
+``Leader.tick`` decides; it reads the state it is handed and its own caches
+(liveness) and returns the commands to propose, in the order they must commit.
+``LeaderDuty`` performs them and does the one part that needs storage first:
+an outcome the mesh decided (cancelled while queued, out of retries) is written
+to storage before ``settle`` lets the state forget the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from raftmesh.consensus import commands
+from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.results import Assigned, Requeued
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
+from raftmesh.mesh.errors import from_storage
+from raftmesh.mesh.liveness import Liveness
+from raftmesh.mesh.metrics import Metrics
+from raftmesh.mesh.proposer import Proposer, new_id, now_ms
+from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.runner.attempt import Assignment
+from raftmesh.storage.base import RunRow, Store
+
+log = logging.getLogger("raftmesh.leader")
+
+
+@dataclass(frozen=True)
+class Decided:
+    """An ending the mesh decided, waiting to be written to storage."""
+
+    row: RunRow
+    outcome: str
+    message: str | None
+
+
+class Leader:
+    """Leader-only decisions. Its caches (liveness) are rebuilt by every new
+    leader from the replicated state, so losing them loses nothing."""
+
+    def __init__(
+        self,
+        peer_id: str,
+        incarnation: str,
+        scheduler: Scheduler,
+        liveness: Liveness,
+        policy: dict[str, Any],
+    ) -> None:
+        self.peer_id = peer_id
+        self.incarnation = incarnation
+        self.scheduler = scheduler
+        self.liveness = liveness
+        self.policy = policy
+        self._was_leader = False
+
+    def tick(
+        self, state: MeshState, term: int | None, now_ms: int, now_s: float
+    ) -> list[commands.Command]:
+        """``term`` is None when this peer does not lead; ``now_s`` is monotonic."""
+        leading = term is not None
+        if leading and not self._was_leader:
+            self.liveness.reset(now_s)
+            log.info("became leader", extra={"term": term})
+        self._was_leader = leading
+        if term is None:
+            return []
+        self.liveness.heard(self.peer_id, self.incarnation, now_s)
+        up = {p.id: p.incarnation for p in state.peers.values() if p.status == PEER_UP}
+        out = []
+        for peer_id, incarnation in self.liveness.suspects(up, now_s):
+            log.warning("peer %s silent for %.1fs: marking it down", peer_id, self.liveness.ttl_s)
+            out.append(commands.PeerDown(new_id(), now_ms, peer_id, incarnation))
+        if _policy_of(state) != self.policy:
+            out.append(commands.Configure(new_id(), now_ms, **self.policy))
+        plan = self.scheduler.plan(state, now_ms)
+        if plan:
+            out.append(commands.Assign(new_id(), now_ms, term, plan))
+        return out
+
+    @staticmethod
+    def decided(state: MeshState) -> list[Decided]:
+        return [
+            Decided(
+                Assignment.of(r).row(),
+                r.outcome or "failed",
+                "cancelled by request" if r.outcome == "cancelled" else r.last_error,
+            )
+            for r in state.runs.values()
+            if r.status == RunStatus.SETTLING
+        ]
+
+
+def _policy_of(state: MeshState) -> dict[str, Any]:
+    return {
+        "tenant_caps": state.tenant_caps,
+        "default_tenant_cap": state.default_tenant_cap,
+        "tenant_max_queued": state.tenant_max_queued,
+        "default_tenant_max_queued": state.default_tenant_max_queued,
+        "retry": dict(state.retry.__dict__),
+    }
+
+
+class LeaderDuty:
+    """Performs what ``Leader.tick`` decides, on every change and on a short tick."""
+
+    def __init__(self, leader: Leader, proposer: Proposer, store: Store, metrics: Metrics) -> None:
+        self.leader = leader
+        self._proposer = proposer
+        self._store = store
+        self._metrics = metrics
+
+    async def run_once(self) -> None:
+        raft = self._proposer.raft
+        with self._proposer.read() as state:
+            term = raft.term if raft.is_leader else None
+            cmds = self.leader.tick(state, term, now_ms(), time.monotonic())
+        # Proposed together, so they share one log entry and commit in order.
+        results = await asyncio.gather(
+            *(self._proposer.propose(c) for c in cmds), return_exceptions=True
+        )
+        for cmd, result in zip(cmds, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            if isinstance(cmd, commands.PeerDown) and isinstance(result, Requeued):
+                self._metrics.peers_down.inc()
+            elif isinstance(result, Assigned) and result.rejected:
+                log.debug("assignments rejected on apply: %s", result.rejected)
+            elif cmd.op == commands.Op.CONFIGURE:
+                log.info("scheduling policy replicated: %s", result)
+        if term is not None:
+            # Last, so that an unreachable database delays only these outcomes.
+            await self._settle_decided()
+
+    async def _settle_decided(self) -> None:
+        """Storage first: a leader that dies in between leaves the run settling
+        for the next one, which writes the same outcome again."""
+        with self._proposer.read() as state:
+            decided = Leader.decided(state)
+        for item in decided:
+            await from_storage(self._store.record_runs([item.row]))
+            await from_storage(
+                self._store.set_terminal(item.row.id, item.outcome, item.message, now_ms())
+            )
+            await self._proposer.propose(commands.Settle(new_id(), now_ms(), item.row.id))
+            log.info(
+                "run %s (decided by the mesh)",
+                item.outcome,
+                extra={"run_id": item.row.id, "epoch": item.row.epoch},
+            )

@@ -1,0 +1,71 @@
+"""The one internal client: how a peer talks to the current leader.
+
+Internal calls carry a token derived from the cluster secret, and every
+connection goes to the dial address of the advertised one (a NAT, or the chaos
+harness's proxy), so no caller builds internal URLs of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from raftmesh.consensus.model import Peer
+from raftmesh.mesh.errors import NoQuorumError, Unavailable
+from raftmesh.mesh.proposer import Proposer
+
+
+class LeaderLink:
+    def __init__(
+        self, proposer: Proposer, internal_token: str, dial: dict[str, str], timeout_s: float = 1.0
+    ) -> None:
+        self._proposer = proposer
+        self._token = internal_token
+        self._dial = dial
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+    def leader(self) -> Peer | None:
+        """The leading peer as the replicated membership knows it."""
+        addr = self._proposer.raft.leader_addr
+        if addr is None:
+            return None
+        with self._proposer.read() as state:
+            return state.peer_by_raft(addr)
+
+    async def heartbeat(self, report: dict[str, Any]) -> bool:
+        """True when the leader acknowledged this peer's report."""
+        leader = self.leader()
+        if leader is None:
+            return False
+        status, _ = await self._post(leader, "/internal/v1/heartbeat", report, None)
+        return status == 200
+
+    async def ask_leader(
+        self, path: str, body: dict[str, Any], timeout_s: float, not_to: str = ""
+    ) -> None:
+        """An internal request the leader must carry out; ``not_to`` names a
+        Raft address that must not be the one answering (a leaving leader)."""
+        leader = self.leader()
+        if leader is None or (not_to and leader.raft == not_to):
+            raise NoQuorumError("no other voter leads yet")
+        status, text = await self._post(leader, path, body, timeout_s)
+        if status != 200:
+            raise Unavailable(f"{leader.id} answered {status}: {text}")
+
+    async def _post(
+        self, leader: Peer, path: str, body: dict[str, Any], timeout_s: float | None
+    ) -> tuple[int, str]:
+        # An explicit timeout=None would mean "wait forever" to aiohttp, and
+        # a frozen leader would then hang the heartbeat (and self-fencing).
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else self._session.timeout
+        async with self._session.post(
+            f"http://{self._dial.get(leader.http, leader.http)}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {self._token}"},
+            timeout=timeout,
+        ) as resp:
+            return resp.status, await resp.text()
+
+    async def close(self) -> None:
+        await self._session.close()

@@ -1,0 +1,140 @@
+"""The OpenAPI 3.1 document of the HTTP API, generated from mesh.schemas.
+
+The paths are the routes the application really serves (read from its router
+at request time, so membership routes added later are listed too); the request
+and response bodies are the msgspec types the API validates with.
+"""
+
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from raftmesh.mesh.schemas import (
+    MAX_EVENT_SEQ,
+    ErrorResponse,
+    JoinRequest,
+    JoinResponse,
+    RunList,
+    RunView,
+    SubmitRequest,
+    SubmitResponse,
+)
+
+REF = "#/components/schemas/{name}"
+_SCHEMAS = (
+    SubmitRequest,
+    SubmitResponse,
+    RunView,
+    RunList,
+    JoinRequest,
+    JoinResponse,
+    ErrorResponse,
+)
+
+# (method, path) -> summary, request body type, {status: (response type, description)}
+_Operation = tuple[str, type | None, dict[str, tuple[type | None, str]]]
+OPERATIONS: dict[tuple[str, str], _Operation] = {
+    ("POST", "/v1/runs"): (
+        "Submit a run",
+        SubmitRequest,
+        {
+            "202": (SubmitResponse, "queued"),
+            "200": (SubmitResponse, "a run with this idempotency key exists"),
+        },
+    ),
+    ("GET", "/v1/runs"): ("List runs, newest first", None, {"200": (RunList, "runs")}),
+    ("GET", "/v1/runs/{id}"): ("One run", None, {"200": (RunView, "the run")}),
+    ("POST", "/v1/runs/{id}/cancel"): (
+        "Cancel a run and its descendants",
+        None,
+        {"202": (None, "cancelling")},
+    ),
+    ("POST", "/v1/runs/{id}/retry"): ("Re-queue a dead letter", None, {"202": (None, "queued")}),
+    ("GET", "/v1/runs/{id}/events"): (
+        "The run's events as Server-Sent Events; resume with Last-Event-ID",
+        None,
+        {"200": (None, "text/event-stream")},
+    ),
+    ("GET", "/v1/agents"): ("Agents this peer runs", None, {"200": (None, "agents")}),
+    ("GET", "/v1/cluster"): ("Peers, leader, queue and slots", None, {"200": (None, "the mesh")}),
+    ("GET", "/v1/openapi.json"): ("This document", None, {"200": (None, "OpenAPI 3.1")}),
+    ("GET", "/healthz"): ("Liveness of this process", None, {"200": (None, "alive")}),
+    ("GET", "/readyz"): (
+        "Readiness: leader known, registered, storage reachable",
+        None,
+        {"200": (None, "ready")},
+    ),
+    ("GET", "/metrics"): ("Prometheus metrics", None, {"200": (None, "text exposition format")}),
+    ("POST", "/v1/peers"): ("Admit a new peer", JoinRequest, {"200": (JoinResponse, "reserved")}),
+}
+
+_PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("GET", "/v1/runs"): [
+        {"name": "status", "in": "query", "schema": {"type": "string"}},
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 100},
+        },
+    ],
+    ("GET", "/v1/runs/{id}/events"): [
+        {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_SEQ},
+        },
+        {
+            "name": "after",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_SEQ},
+        },
+    ],
+}
+
+
+def _json(kind: type) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(name=kind.__name__)}}}
+
+
+def _operation(method: str, path: str) -> dict[str, Any]:
+    summary, body, responses = OPERATIONS.get((method, path), (path, None, {}))
+    op: dict[str, Any] = {"summary": summary, "responses": {}}
+    for status, (kind, description) in responses.items():
+        op["responses"][status] = {"description": description}
+        if kind is not None:
+            op["responses"][status]["content"] = _json(kind)
+    op["responses"]["default"] = {
+        "description": "an error: 4xx for the request, 5xx for the mesh",
+        "content": _json(ErrorResponse),
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": _json(body)}
+    params = list(_PARAMETERS.get((method, path), []))
+    params += [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _path_names(path)
+    ]
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _path_names(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]
+
+
+def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """``routes``: (method, path) pairs the application serves."""
+    _, components = msgspec.json.schema_components(_SCHEMAS, ref_template=REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path in sorted(routes, key=lambda r: (r[1], r[0])):
+        if method in ("HEAD", "*"):
+            continue
+        paths.setdefault(path, {})[method.lower()] = _operation(method, path)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "raftmesh", "version": "1"},
+        "paths": paths,
+        "components": {"schemas": components},
+    }

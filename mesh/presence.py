@@ -1,0 +1,115 @@
+"""This peer's presence: announce its incarnation, report to the leader.
+
+A peer learns nothing by RPC; it only has to be known. ``peer_up`` puts this
+incarnation (with its slots, labels and agents) into the replicated state, and
+a report every heartbeat interval keeps the leader from judging it down. A
+confirmed report is also how the peer knows it is not cut off (self-fencing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from raftmesh.consensus import commands
+from raftmesh.consensus.model import PEER_UP, VOTER
+from raftmesh.mesh.errors import Unavailable
+from raftmesh.mesh.leader_link import LeaderLink
+from raftmesh.mesh.liveness import LeaderContact, Liveness
+from raftmesh.mesh.proposer import Proposer, new_id, now_ms
+from raftmesh.mesh.settings import Settings
+
+log = logging.getLogger("raftmesh.presence")
+
+
+class Presence:
+    def __init__(
+        self,
+        settings: Settings,
+        incarnation: str,
+        agents: list[str],
+        proposer: Proposer,
+        link: LeaderLink,
+        liveness: Liveness,
+        contact: LeaderContact,
+        busy: Callable[[], int],
+        quiet: Callable[[], bool],
+    ) -> None:
+        """``busy()`` counts this peer's running attempts; ``quiet()`` is true
+        while membership changes this peer (leaving, shutting down), when it
+        must not announce itself again."""
+        self._settings = settings
+        self.peer_id = settings.id
+        self.incarnation = incarnation
+        self._agents = agents
+        self._proposer = proposer
+        self._link = link
+        self._liveness = liveness
+        self._contact = contact
+        self._busy = busy
+        self._quiet = quiet
+
+    @property
+    def raft_addr(self) -> str:
+        """An executor has no Raft listener to advertise."""
+        return self._settings.raft if self._settings.role == VOTER else ""
+
+    async def beat(self) -> None:
+        await self._announce_if_needed()
+        await self._report()
+
+    async def _announce_if_needed(self) -> None:
+        s = self._settings
+        with self._proposer.read() as state:
+            me = state.peers.get(self.peer_id)
+            current = (
+                me is not None
+                and me.incarnation == self.incarnation
+                and me.status == PEER_UP
+                and me.slots == s.slots
+                and me.labels == s.labels
+                and me.http == s.http
+                and me.raft == self.raft_addr
+                and me.agents == self._agents
+                and me.role == s.role
+            )
+        if current or self._quiet() or self._proposer.raft.leader_addr is None:
+            return
+        cmd = commands.PeerUp(
+            new_id(),
+            now_ms(),
+            self.peer_id,
+            self.incarnation,
+            self.raft_addr,
+            s.http,
+            s.slots,
+            dict(s.labels),
+            self._agents,
+            s.role,
+        )
+        try:
+            await self._proposer.propose(cmd)
+        except Unavailable as exc:
+            log.info("could not announce yet: %s", exc.message)
+
+    async def _report(self) -> None:
+        raft = self._proposer.raft
+        if raft.leader_addr is None:
+            return
+        if raft.is_leader:
+            now = time.monotonic()
+            self._liveness.heard(self.peer_id, self.incarnation, now)
+            with self._proposer.read() as state:
+                in_contact = self._contact.heard_majority(self._liveness, state.peers.values(), now)
+            if in_contact:
+                self._contact.confirmed(now)
+            return
+        report = {"id": self.peer_id, "incarnation": self.incarnation, "running": self._busy()}
+        try:
+            if await self._link.heartbeat(report):
+                self._contact.confirmed(time.monotonic())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.debug("heartbeat to the leader failed: %s", exc)
