@@ -68,6 +68,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # that adding a TTL or a backoff to one stays an int64.
 MAX_MS = 2**53
 MAX_TIMEOUT_S = 10 * 365 * 24 * 3600.0
+# Deeper than the API lets through (mesh/schemas.MAX_NESTING), well inside
+# what msgpack packs and unpacks (512 with the entry around it).
+MAX_NESTING = 128
 
 
 def _int(value: Any, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
@@ -80,8 +83,8 @@ def _int(value: Any, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> 
 def _plain(value: Any, what: str, depth: int = 0) -> Any:
     """A value msgpack carries and that equals itself: no nan, no inf, no int
     wider than 64 bits, nested no deeper than a snapshot can hold."""
-    if depth > 32:
-        raise Refused(f"{what} is nested too deeply")
+    if depth > MAX_NESTING:
+        raise Refused(f"{what} is nested more than {MAX_NESTING} levels deep")
     if value is None or isinstance(value, bool | str | bytes):
         return value
     if isinstance(value, int):
