@@ -1,6 +1,6 @@
 """Core-path figures on a local 3-peer mesh: submissions/s, election and failover time.
 
-    python bench/core_figures.py [--storage sqlite|postgres] [--submissions 2000] [--concurrency 64]
+    python -m raftmesh.bench.core_figures [--storage sqlite|postgres] [--submissions 2000] [--concurrency 64]
 
 Measured, not asserted: prints a table. Failover is measured from the kill to
 (a) the new owner's claim and (b) the first step checkpointed by the new owner.
@@ -126,6 +126,7 @@ async def main() -> None:
         claims, first_steps = [], []
         for i in victim_runs:
             row = await store.get_run(i)
+            assert row is not None and row.started_at_ms is not None, f"run {i} was not stored"
             claims.append(row.started_at_ms - killed_ms)
             new_steps = [s for s in await store.load_steps(i) if s.epoch == row.epoch]
             first_steps.append(min(s.at_ms for s in new_steps) - killed_ms - 200)
@@ -178,8 +179,8 @@ async def main() -> None:
     table = Table(title=f"raftmesh core figures ({args.storage}, 3 peers, 2 cores)")
     table.add_column("figure")
     table.add_column("value")
-    for row in rows:
-        table.add_row(*row)
+    for figure in rows:
+        table.add_row(*figure)
     console.print(table)
 
 

@@ -1,6 +1,6 @@
 """Live-event latency through a peer that does not own the run.
 
-    python bench/event_latency.py [--storage sqlite|postgres|both] [--events 60]
+    python -m raftmesh.bench.event_latency [--storage sqlite|postgres|both] [--events 60]
 
 A ``durable`` run emits one event per step (every 50 ms) on its owner; a
 watcher follows it over SSE from another peer. Latency is the time from the

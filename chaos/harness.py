@@ -439,7 +439,7 @@ async def read_storage(url: str) -> StorageSnapshot:
                 status=row.status,
                 epoch=row.epoch,
                 owner=row.owner,
-                idempotency_key=row.idempotency_key,
+                idempotency_key=row.spec.idempotency_key,
                 result=canonical(result),
                 result_epoch=epoch if isinstance(epoch, int) else None,
                 finished_at_ms=row.finished_at_ms,

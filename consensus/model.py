@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from raftmesh.consensus.spec import SPEC_FIELDS, RunSpec
 from raftmesh.consensus.status import RunStatus
 
 PEER_UP = "up"
@@ -66,6 +67,10 @@ class Run:
         self.status = RunStatus(self.status)
         if self.outcome is not None:
             self.outcome = RunStatus(self.outcome)
+
+    def spec(self) -> RunSpec:
+        """What the run was submitted as (every field a retry needs)."""
+        return RunSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
 
     def public(self) -> dict[str, Any]:
         return dict(self.__dict__)

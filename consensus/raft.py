@@ -63,6 +63,9 @@ from raftmesh.consensus.voters import VOTERS_FILE, persisted_voters
 log = logging.getLogger("raftmesh.raft")
 
 AMBIGUOUS = frozenset({FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME})
+# Nothing committed, and trying again may well commit: a new leader overwrote
+# the entry (DISCARDED), or there is no leader yet.
+NOT_COMMITTED = frozenset({FAIL_REASON.DISCARDED, FAIL_REASON.MISSING_LEADER})
 _FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if k.isupper()}
 
 MAX_IN_FLIGHT = 4
@@ -572,7 +575,7 @@ class RaftNode:
             self._finish(entry, None, result)
             return
         reason = "timeout" if err == -1 else _FAIL_NAMES.get(err, str(err))
-        if err == -1 or err in AMBIGUOUS or err == FAIL_REASON.MISSING_LEADER:
+        if err == -1 or err in AMBIGUOUS or err in NOT_COMMITTED:
             self._finish(entry, NoQuorum(f"no commit: {reason}"))
         else:
             self._finish(entry, ProposalFailed(f"proposal failed: {reason}"))

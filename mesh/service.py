@@ -8,8 +8,12 @@ storage once it has ended.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import shutil
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -25,7 +29,10 @@ from raftmesh.consensus.results import (
     RunOutcome,
     Submitted,
 )
+from raftmesh.consensus.spec import RunSpec, SpecError
+from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES, RunStatus
+from raftmesh.mesh import diagnostics
 from raftmesh.mesh.api import SUBMIT_FIELDS, validate_submission
 from raftmesh.mesh.errors import (
     BadRequest,
@@ -41,10 +48,12 @@ from raftmesh.mesh.errors import (
 from raftmesh.mesh.events import EventHub, Frame
 from raftmesh.mesh.liveness import Liveness
 from raftmesh.mesh.metrics import Metrics
+from raftmesh.mesh.observe import THROUGHPUT_BUCKET_MS, Observer
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.queue_view import queue_summary, slot_use
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
+from raftmesh.mesh.tracing import Tracing
 from raftmesh.mesh.views import active_view, view_from_row, view_from_state
 from raftmesh.runner.payload import pack, unpack
 from raftmesh.runner.registry import InvalidInput, Registry
@@ -73,6 +82,8 @@ class MeshService:
         metrics: Metrics,
         busy: Callable[[], int],
         wake_leader: Callable[[], None],
+        observer: Observer | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """``busy()`` counts this peer's running attempts; ``wake_leader()``
         asks the leader duty to run now (to settle an outcome being waited on)."""
@@ -91,6 +102,8 @@ class MeshService:
         self.metrics = metrics
         self._busy = busy
         self._wake_leader = wake_leader
+        self.observer = observer if observer is not None else Observer(metrics)
+        self.tracing = tracing if tracing is not None else Tracing(settings.id)
         # asyncio keeps only weak references to tasks: hold detached ones here.
         self._detached: set[asyncio.Task[None]] = set()
 
@@ -105,21 +118,45 @@ class MeshService:
         await asyncio.gather(*self._detached, return_exceptions=True)
 
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
-        run = self._new_run(spec)
+        run_id, run = self._new_run(spec)
         started = time.monotonic()
-        result = await self._proposer.propose(commands.Submit(new_id(), now_ms(), [run]))
+        began = time.time_ns()
+        cmd = commands.Submit(new_id(), now_ms(), [{"id": run_id, **run.to_wire()}])
+        result = await self._proposer.propose(cmd)
         self.metrics.commit_seconds.observe(time.monotonic() - started)
         try:
-            outcome = _one_run(result, "submission rejected", self._retry_after_s(run["tenant"]))
-        except MeshError:
+            outcome = _one_run(result, "submission rejected", self._retry_after_s(run.tenant))
+        except MeshError as exc:
             self.metrics.submissions.labels("rejected").inc()
+            self.tracing.record(
+                "raftmesh.run.submit",
+                run_id,
+                began,
+                time.time_ns(),
+                exc.message,
+                agent=run.agent,
+                tenant=run.tenant,
+                created=None,
+            )
             raise
+        self.tracing.record(
+            "raftmesh.run.submit",
+            str(outcome.id or run_id),
+            began,
+            time.time_ns(),
+            None,
+            agent=run.agent,
+            tenant=run.tenant,
+            created=outcome.created,
+        )
         self.metrics.submissions.labels("created" if outcome.created else "existing").inc()
         if outcome.created:
-            self._detach(self._record_submitted(run, now_ms()))
+            self._detach(self._record_submitted(run_id, run, now_ms()))
         return str(outcome.id), outcome.created
 
-    def _new_run(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def _new_run(self, spec: dict[str, Any]) -> tuple[str, RunSpec]:
+        """A new run id and the spec, from a validated request (absent and null
+        fields take the spec's defaults)."""
         known = self.known_agents()
         if spec["agent"] not in known:
             raise UnknownAgentError(
@@ -130,24 +167,10 @@ class MeshService:
             self.registry.check_input(spec["agent"], spec["input"], self.settings.models)
         except InvalidInput as exc:
             raise BadRequest(str(exc)) from None
-        return {
-            "id": new_id(),
-            "agent": spec["agent"],
-            "input": spec["input"],
-            "tenant": spec.get("tenant") or "default",
-            "priority": spec.get("priority") or 0,
-            "labels": spec.get("labels") or {},
-            "timeout_s": spec.get("timeout_s"),
-            "max_attempts": spec.get("max_attempts") or 1,
-            "idempotency_key": spec.get("idempotency_key"),
-            "parent_id": spec.get("parent_id"),
-            "depth": spec.get("depth") or 0,
-            "budget": spec.get("budget"),
-            "isolation": spec.get("isolation") or "task",
-            "memory_limit_mb": spec.get("memory_limit_mb"),
-            "session": spec.get("session"),
-            "placement": spec.get("placement"),
-        }
+        try:
+            return new_id(), RunSpec.from_wire(spec)
+        except SpecError as exc:
+            raise BadRequest(str(exc)) from None
 
     async def spawn(self, spec: dict[str, Any]) -> str:
         """A child run for ``ctx.spawn`` (runner.context.MeshLink): validated like a
@@ -172,26 +195,15 @@ class MeshService:
             cap = state.tenant_cap(tenant) or 1
         return max(1, min(60, -(-queued // max(1, cap))))
 
-    async def _record_submitted(self, run: dict[str, Any], at_ms: int) -> None:
+    async def _record_submitted(self, run_id: str, run: RunSpec, at_ms: int) -> None:
         """History for queued runs; best effort, since the owner's claim
         inserts the row anyway."""
-        row = RunRow(
-            id=run["id"],
-            agent=run["agent"],
-            input=pack(run["input"]),
-            tenant=run["tenant"],
-            priority=run["priority"],
-            labels=run["labels"],
-            timeout_s=run["timeout_s"],
-            max_attempts=run["max_attempts"],
-            idempotency_key=run["idempotency_key"],
-            parent_id=run["parent_id"],
-            submitted_at_ms=at_ms,
-        )
+        packed = dataclasses.replace(run, input=pack(run.input))
+        row = RunRow(id=run_id, spec=packed, submitted_at_ms=at_ms)
         try:
             await self.store.record_runs([row])
         except Exception as exc:  # history is advisory here; the claim writes it for real
-            log.warning("could not record run history: %s", exc, extra={"run_id": run["id"]})
+            log.warning("could not record run history: %s", exc, extra={"run_id": run_id})
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
         view, _ = await self._settled_view(run_id)
@@ -202,7 +214,16 @@ class MeshService:
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
         return view_from_row(row)
 
-    async def list_runs(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+    async def list_runs(
+        self,
+        status: str | None,
+        limit: int,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Active runs first come from the state, ended ones from storage; one
+        page is cut from both, newest first, so offsets page through both."""
         if status is not None and status not in ALL_STATUSES:
             raise BadRequest(
                 f"unknown status {status!r}; use one of {', '.join(sorted(ALL_STATUSES))}"
@@ -210,15 +231,27 @@ class MeshService:
         with self._proposer.read() as state:
             now = now_ms()
             active = [active_view(state, r, self.scheduler, now) for r in state.runs.values()]
-        active = [v for v in active if status is None or v["status"] == status]
+        active = [
+            v
+            for v in active
+            if (status is None or v["status"] == status)
+            and (tenant is None or v["tenant"] == tenant)
+            and (agent is None or v["agent"] == agent)
+        ]
         stored: list[dict[str, Any]] = []
         if status is None or status in TERMINAL_STATUSES:
-            rows = await from_storage(self.store.list_runs(status, limit))
+            # Storage also holds the active runs (as queued or running rows):
+            # ask for enough to fill the page after dropping them.
+            rows = await from_storage(
+                self.store.list_runs(
+                    status, offset + limit + len(active), tenant=tenant, agent=agent
+                )
+            )
             seen = {v["id"] for v in active}
             stored = [view_from_row(r) for r in rows if r.id not in seen]
         views = active + stored
         views.sort(key=lambda v: v["submitted_at"] or 0, reverse=True)
-        return views[:limit]
+        return views[offset : offset + limit]
 
     def follow_events(self, run_id: str, after_seq: int) -> AsyncIterator[Frame]:
         return self.events.follow(run_id, after_seq)
@@ -272,21 +305,10 @@ class MeshService:
             raise Conflict(
                 f"run {run_id} is {status}; only failed or timed_out runs can be retried"
             )
-        spec = {
-            "id": row.id,
-            "agent": row.agent,
-            "input": unpack(row.input),
-            "tenant": row.tenant,
-            "priority": row.priority,
-            "labels": dict(row.labels),
-            "timeout_s": row.timeout_s,
-            "max_attempts": row.max_attempts,
-            "parent_id": row.parent_id,
-            "epoch": row.epoch,
-            "attempts": row.attempts,
-        }
-        result = await self._proposer.propose(commands.Submit(new_id(), now_ms(), [spec]))
-        _one_run(result, f"run {run_id} could not be re-queued", self._retry_after_s(row.tenant))
+        wire = resubmission(row)
+        result = await self._proposer.propose(commands.Submit(new_id(), now_ms(), [wire]))
+        retry_after_s = self._retry_after_s(row.spec.tenant)
+        _one_run(result, f"run {run_id} could not be re-queued", retry_after_s)
         log.info("dead letter re-queued", extra={"run_id": run_id, "epoch": row.epoch})
         return {"id": run_id, "status": RunStatus.QUEUED}
 
@@ -331,8 +353,10 @@ class MeshService:
             ]
             queue = queue_summary(state, self.scheduler, now)
             slots = slot_use(state)
+            runs = runs_by_status(state)
         return {
             "self": self.id,
+            "runs": runs,
             "leader": leader.id if leader else None,
             "term": raft.term,
             "voters": raft.voters(),
@@ -340,6 +364,10 @@ class MeshService:
             "queue": queue,
             "slots": slots,
             "placement": self.scheduler.placement,
+            "throughput": {
+                "bucket_s": THROUGHPUT_BUCKET_MS / 1000,
+                "series": self.observer.throughput_series(now),
+            },
         }
 
     async def readiness(self) -> tuple[bool, str]:
@@ -366,6 +394,9 @@ class MeshService:
             self.liveness.heard(str(report["id"]), str(report["incarnation"]), time.monotonic())
         except KeyError as exc:
             raise BadRequest(f"heartbeat lacks {exc}") from None
+        wall_ms = report.get("wall_ms")
+        if isinstance(wall_ms, int | float) and not isinstance(wall_ms, bool):
+            self.observer.heard_clock(str(report["id"]), wall_ms, time.time() * 1000)
 
     def metrics_text(self) -> bytes:
         raft = self._proposer.raft
@@ -376,8 +407,162 @@ class MeshService:
         with self._proposer.read() as state:
             queue = queue_summary(state, self.scheduler, now_ms())
             slots = slot_use(state)
+            runs = runs_by_status(state)
+            peer_statuses = Counter(p.status for p in state.peers.values())
         self.metrics.set_queue(queue, slots)
+        for status, n in runs.items():
+            self.metrics.runs.labels(status).set(n)
+        for status in PEER_STATUSES:
+            self.metrics.peers.labels(status).set(peer_statuses.get(status, 0))
+        self.metrics.has_leader.set(0 if raft.leader_addr is None else 1)
+        progress = raft.status()
+        self.metrics.raft_commit_index.set(progress["commit_idx"])
+        self.metrics.raft_apply_lag.set(max(0, progress["commit_idx"] - progress["last_applied"]))
+        self.metrics.raft_log_entries.set(progress["log_len"])
+        pool_in_use = getattr(self.store, "pool_in_use", None)
+        if pool_in_use is not None:
+            in_use, size = pool_in_use()
+            self.metrics.storage_pool_in_use.set(in_use)
+            self.metrics.storage_pool_size.set(size)
         return generate_latest(self.metrics.registry)
+
+    async def run_steps(self, run_id: str) -> dict[str, Any]:
+        """The step journal and who ran it: which peer ran which steps under
+        which epoch, from storage, the only place that outlives attempts."""
+        row = await from_storage(self.store.get_run(run_id))
+        if row is None:
+            await self.get_run(run_id)  # a run only the state knows yet: no steps
+            return {"id": run_id, "steps": [], "owners": []}
+        steps = await from_storage(self.store.load_steps(run_id))
+        out = []
+        previous: int | None = None
+        for i, step in enumerate(steps):
+            if i == 0 or steps[i - 1].epoch != step.epoch:
+                # A stint's first step: only the latest claim's start is stored.
+                previous = row.started_at_ms if step.epoch == row.epoch else None
+            took = None if previous is None else max(0, step.at_ms - previous) / 1000
+            out.append(
+                {
+                    "seq": step.seq,
+                    "name": step.name,
+                    "epoch": step.epoch,
+                    "peer": step.peer,
+                    "at": step.at_ms / 1000,
+                    "took_s": took,
+                }
+            )
+            previous = step.at_ms
+        return {"id": run_id, "steps": out, "owners": owner_history(out)}
+
+    async def diagnostics(self) -> dict[str, Any]:
+        raft = self._proposer.raft
+        status = raft.status()
+        now = now_ms()
+        now_s = time.monotonic()
+        with self._proposer.read() as state:
+            leader = state.peer_by_raft(raft.leader_addr) if raft.leader_addr else None
+            queue = queue_summary(state, self.scheduler, now)
+            leading = raft.is_leader
+            peers = [
+                diagnostics.PeerVitals(
+                    p.id,
+                    p.status,
+                    p.since_ms,
+                    heard_ago_s=self._heard_ago(p.id, now_s) if leading else None,
+                )
+                for p in sorted(state.peers.values(), key=lambda p: p.id)
+            ]
+        probe = self.observer.storage
+        if probe.at_s is None:
+            self.observer.probe_storage(self.store)
+        disk = shutil.disk_usage(self.settings.data_dir)
+        vitals = diagnostics.Vitals(
+            now_ms=now,
+            self_id=self.id,
+            leader=leader.id if leader else None,
+            term=raft.term,
+            has_quorum=bool(status["has_quorum"]),
+            peer_ttl_s=self.settings.peer_ttl_s,
+            peers=peers,
+            storage_latency_ms=probe.latency_ms,
+            storage_error=probe.error,
+            downs_recent=self.observer.recent_downs(now),
+            oldest_queued_s=queue["oldest_age_s"],
+            queue_sla_s=self.settings.queue_sla_s,
+            clock_skews_ms=self._clock_skews(leading),
+            disk_free_bytes=disk.free,
+            disk_total_bytes=disk.total,
+            raft_log_entries=int(status["log_len"]),
+            raft_files_bytes=_files_bytes(self.settings.data_dir, RAFT_FILES),
+        )
+        return diagnostics.diagnose(vitals)
+
+    def _clock_skews(self, leading: bool) -> dict[str, float]:
+        """The leader hears every peer's clock; a follower knows its own, from
+        the leader's acknowledgements."""
+        max_age_s = 10 * self.settings.peer_ttl_s
+        if leading:
+            return self.observer.fresh_skews(max_age_s)
+        own = self.observer.fresh_own_skew(max_age_s)
+        return {} if own is None else {self.id: own}
+
+    def _heard_ago(self, peer_id: str, now_s: float) -> float | None:
+        heard = self.liveness.last_heard.get(peer_id)
+        return None if heard is None else now_s - heard[1]
+
+
+RAFT_FILES = ("raft.journal", "raft.dump")
+PEER_STATUSES = ("up", "down", "joining", "left")
+
+
+def runs_by_status(state: MeshState) -> dict[str, int]:
+    """Active runs by status; waiting and paused stay 0 until suspension exists,
+    and are shown anyway so dashboards and scripts need not change then."""
+    counts = dict.fromkeys(
+        (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.SETTLING, "waiting", "paused"), 0
+    )
+    for run in state.runs.values():
+        counts[run.status] = counts.get(run.status, 0) + 1
+    return counts
+
+
+def owner_history(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive steps under one (epoch, peer) as one stint of ownership."""
+    out: list[dict[str, Any]] = []
+    for step in steps:
+        last = out[-1] if out else None
+        if last is not None and (last["epoch"], last["peer"]) == (step["epoch"], step["peer"]):
+            last["last_seq"] = step["seq"]
+            last["steps"] += 1
+        else:
+            out.append(
+                {
+                    "epoch": step["epoch"],
+                    "peer": step["peer"],
+                    "first_seq": step["seq"],
+                    "last_seq": step["seq"],
+                    "steps": 1,
+                }
+            )
+    return out
+
+
+def _files_bytes(directory: str, names: tuple[str, ...]) -> int:
+    total = 0
+    for name in names:
+        try:
+            total += os.path.getsize(os.path.join(directory, name))
+        except OSError:
+            continue
+    return total
+
+
+def resubmission(row: RunRow) -> dict[str, Any]:
+    """A stored run as a ``submit`` entry again, exactly as it was submitted:
+    every field of its spec, and the epoch and attempts storage knows, so its
+    next owner claims epoch + 1 and its attempts keep counting."""
+    spec = dataclasses.replace(row.spec, input=unpack(row.spec.input))
+    return {"id": row.id, **spec.to_wire(), "epoch": row.epoch, "attempts": row.attempts}
 
 
 def _one_run(result: Result, refused: str, retry_after_s: int) -> RunOutcome:
@@ -394,7 +579,5 @@ def _one_run(result: Result, refused: str, retry_after_s: int) -> RunOutcome:
         raise MeshError(f"{refused}: unexpected answer {result!r}")
     if reason == Rejection.TENANT_QUEUE_FULL:
         message = f"{message}; nothing was accepted: retry after the queue drains"
-        retry_after = retry_after_s
-    else:
-        message, retry_after = f"{refused}: {message}", None
-    raise refusal(reason, message, retry_after_s=retry_after)
+        raise refusal(reason, message, retry_after_s=retry_after_s)
+    raise refusal(reason, f"{refused}: {message}")

@@ -10,12 +10,14 @@ agent again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from raftmesh.consensus.model import Run
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.consensus.status import RunStatus
 from raftmesh.runner.context import (
     Fenced,
@@ -58,25 +60,14 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Assignment:
-    """What the replicated state says this peer must run."""
+    """What the replicated state says this peer must run: the run's spec under
+    the epoch (and attempt number) this peer holds it with."""
 
     run_id: str
     epoch: int
     attempt: int
-    agent: str
-    input: Any
-    tenant: str
-    priority: int
-    labels: dict[str, str]
-    timeout_s: float | None
-    max_attempts: int
-    idempotency_key: str | None
-    parent_id: str | None
-    submitted_at_ms: int
-    depth: int = 0
-    budget: dict[str, int] | None = None
-    isolation: str = "task"
-    memory_limit_mb: int | None = None
+    spec: RunSpec
+    submitted_at_ms: int = 0
     cancel_requested: bool = False
 
     @classmethod
@@ -86,37 +77,14 @@ class Assignment:
             run_id=run.id,
             epoch=run.epoch,
             attempt=run.attempts,
-            agent=run.agent,
-            input=run.input,
-            tenant=run.tenant,
-            priority=run.priority,
-            labels=dict(run.labels),
-            timeout_s=run.timeout_s,
-            max_attempts=run.max_attempts,
-            idempotency_key=run.idempotency_key,
-            parent_id=run.parent_id,
+            spec=run.spec(),
             submitted_at_ms=run.submitted_at_ms,
-            depth=run.depth,
-            budget=dict(run.budget) if run.budget is not None else None,
-            isolation=run.isolation,
-            memory_limit_mb=run.memory_limit_mb,
             cancel_requested=run.cancel_requested,
         )
 
     def row(self) -> RunRow:
-        return RunRow(
-            id=self.run_id,
-            agent=self.agent,
-            input=pack(self.input),
-            tenant=self.tenant,
-            priority=self.priority,
-            labels=self.labels,
-            timeout_s=self.timeout_s,
-            max_attempts=self.max_attempts,
-            idempotency_key=self.idempotency_key,
-            parent_id=self.parent_id,
-            submitted_at_ms=self.submitted_at_ms,
-        )
+        packed = dataclasses.replace(self.spec, input=pack(self.spec.input))
+        return RunRow(id=self.run_id, spec=packed, submitted_at_ms=self.submitted_at_ms)
 
 
 async def run_attempt(
@@ -193,7 +161,7 @@ async def _attempt(
         return Outcome(claim.run.status, claim.run.error)
 
     try:
-        fn = registry.get(job.agent)
+        fn = registry.get(job.spec.agent)
     except UnknownAgent as exc:
         return await _store_outcome(job, store, clock_ms, Outcome(FAILED, str(exc)), None)
 
@@ -210,9 +178,9 @@ async def _attempt(
         journal=journal,
         clock_ms=clock_ms,
         stored_events=stored_events,
-        tenant=job.tenant,
-        depth=job.depth,
-        budget=job.budget,
+        tenant=job.spec.tenant,
+        depth=job.spec.depth,
+        budget=job.spec.budget,
         limits=limits or Limits(),
         mesh=mesh,
         release=release,
@@ -224,13 +192,13 @@ async def _attempt(
         on_context(ctx)
     agent_run: Awaitable[Any]
     try:
-        if job.isolation == PROCESS:
-            memory_mb = job.memory_limit_mb or default_memory_limit_mb
+        if job.spec.isolation == PROCESS:
+            memory_mb = job.spec.memory_limit_mb or default_memory_limit_mb
             agent_run = run_isolated(
-                ctx, job.agent, job.input, memory_mb, registry, extra_env=isolation_env
+                ctx, job.spec.agent, job.spec.input, memory_mb, registry, extra_env=isolation_env
             )
         else:
-            agent_run = fn(ctx, job.input)
+            agent_run = fn(ctx, job.spec.input)
         outcome, result = await _run_agent(agent_run, ctx, job)
     except Fenced as exc:
         log.info("fenced: %s", exc, extra=extra)
@@ -265,7 +233,7 @@ async def _run_agent(
     task = asyncio.ensure_future(agent_run)
     ctx.bind_task(task)
     try:
-        async with asyncio.timeout(job.timeout_s):
+        async with asyncio.timeout(job.spec.timeout_s):
             result = await task
         await ctx.drain()
     except asyncio.CancelledError:
@@ -279,7 +247,9 @@ async def _run_agent(
     except TimeoutError:
         if ctx.cancelled:
             return Outcome(CANCELLED, "cancelled by request"), None
-        return Outcome(RETRY, f"attempt exceeded its timeout of {job.timeout_s}s", "timeout"), None
+        return Outcome(
+            RETRY, f"attempt exceeded its timeout of {job.spec.timeout_s}s", "timeout"
+        ), None
     except Exception as exc:  # the agent's own failure, reported as the run's error
         if ctx.cancelled:
             return Outcome(CANCELLED, "cancelled by request"), None

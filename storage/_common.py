@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.consensus.status import TERMINAL_STATUSES
 from raftmesh.storage.base import AlreadyFinished, RunRow, StaleEpoch
 
+# The spec fields that are columns of their own (what lists and filters read);
+# every other RunSpec field travels in the ``options`` JSON column, so a field
+# added to RunSpec is stored without a change here.
+SPEC_COLUMNS = (
+    "agent",
+    "input",
+    "tenant",
+    "priority",
+    "labels",
+    "timeout_s",
+    "max_attempts",
+    "idempotency_key",
+    "parent_id",
+)
 # Column order of every full-row SELECT; run_from_row reads columns by name.
-RUN_COLUMNS = (
-    "id, agent, input, tenant, priority, labels, timeout_s, max_attempts, idempotency_key, "
-    "parent_id, submitted_at_ms, status, owner, epoch, attempts, result, error, "
-    "started_at_ms, finished_at_ms"
+RUN_COLUMNS = ", ".join(
+    ("id", *SPEC_COLUMNS, "options", "submitted_at_ms", "status", "owner", "epoch", "attempts")
+    + ("result", "error", "started_at_ms", "finished_at_ms")
 )
 
 
@@ -22,23 +37,32 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
-def encode_labels(labels: dict[str, str]) -> str:
+def encode_labels(labels: Mapping[str, str]) -> str:
     # Sorted keys: equal label sets are stored as equal text.
     return json.dumps(labels, sort_keys=True, separators=(",", ":"))
+
+
+def spec_values(spec: RunSpec) -> tuple[Any, ...]:
+    """The spec as the columns SPEC_COLUMNS, then ``options``, in that order;
+    ``spec.input`` is already packed (bytes)."""
+    wire = spec.to_wire()
+    wire["labels"] = encode_labels(spec.labels)
+    options = {k: v for k, v in wire.items() if k not in SPEC_COLUMNS}
+    return (*(wire[name] for name in SPEC_COLUMNS), json.dumps(options, sort_keys=True))
+
+
+def spec_from_row(row: Row) -> RunSpec:
+    """Rows written before the ``options`` column existed read it as {}."""
+    wire = {name: row[name] for name in SPEC_COLUMNS}
+    wire["input"] = bytes(wire["input"])
+    wire["labels"] = json.loads(wire["labels"])
+    return RunSpec.from_wire({**wire, **json.loads(row["options"] or "{}")})
 
 
 def run_from_row(row: Row) -> RunRow:
     return RunRow(
         id=row["id"],
-        agent=row["agent"],
-        input=bytes(row["input"]),
-        tenant=row["tenant"],
-        priority=row["priority"],
-        labels=json.loads(row["labels"]),
-        timeout_s=row["timeout_s"],
-        max_attempts=row["max_attempts"],
-        idempotency_key=row["idempotency_key"],
-        parent_id=row["parent_id"],
+        spec=spec_from_row(row),
         submitted_at_ms=row["submitted_at_ms"],
         status=row["status"],
         owner=row["owner"],
@@ -76,3 +100,20 @@ def fence_result(run_id: str, epoch: int, stored: Row | None, enforce: bool = Tr
 def require_terminal(status: str) -> None:
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"{status!r} is not a terminal status {sorted(TERMINAL_STATUSES)}")
+
+
+def run_filters(
+    status: str | None,
+    tenant: str | None,
+    agent: str | None,
+    placeholder: Callable[[int], str],
+) -> tuple[str, list[str]]:
+    """The WHERE clause list_runs shares between backends; ``placeholder(i)``
+    spells the i-th (1-based) parameter in the backend's dialect."""
+    clauses: list[str] = []
+    params: list[str] = []
+    for column, value in (("status", status), ("tenant", tenant), ("agent", agent)):
+        if value is not None:
+            params.append(value)
+            clauses.append(f"{column} = {placeholder(len(params))}")
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params

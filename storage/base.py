@@ -13,8 +13,10 @@ runner encodes them with msgpack before they arrive.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from raftmesh.consensus.spec import RunSpec
 
 
 class StorageError(Exception):
@@ -57,15 +59,8 @@ class RunRow:
     """A run as storage remembers it, also long after it left Raft state."""
 
     id: str
-    agent: str
-    input: bytes
-    tenant: str = "default"
-    priority: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    timeout_s: float | None = None
-    max_attempts: int = 1
-    idempotency_key: str | None = None
-    parent_id: str | None = None
+    # Everything a retry needs to run the run again; ``spec.input`` is packed.
+    spec: RunSpec
     submitted_at_ms: int = 0
     status: str = "queued"
     owner: str | None = None
@@ -205,5 +200,13 @@ class Store(Protocol):
 
     async def get_run(self, run_id: str) -> RunRow | None: ...
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
-        """Newest first."""
+    async def list_runs(
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
+    ) -> list[RunRow]:
+        """Newest first; each filter given narrows the list; ``offset`` pages."""

@@ -20,11 +20,12 @@ import asyncpg
 from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES
 from raftmesh.storage._common import (
     RUN_COLUMNS,
-    encode_labels,
     fence,
     fence_result,
     require_terminal,
+    run_filters,
     run_from_row,
+    spec_values,
 )
 from raftmesh.storage.base import (
     Claim,
@@ -65,8 +66,8 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 _INSERT_QUEUED = """
 INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
-                  idempotency_key, parent_id, submitted_at_ms, status, epoch, attempts)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, 'queued', 0, 0)
+                  idempotency_key, parent_id, options, submitted_at_ms, status, epoch, attempts)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11::jsonb, $12, 'queued', 0, 0)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -74,16 +75,17 @@ ON CONFLICT (id) DO NOTHING
 # the new epoch and owner, so the epoch that wrote the result is fenced too.
 _CLAIM = f"""
 INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
-                  idempotency_key, parent_id, submitted_at_ms, status, owner, epoch,
+                  idempotency_key, parent_id, options, submitted_at_ms, status, owner, epoch,
                   attempts, started_at_ms)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, 'running', $12, $13, 1, $14)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11::jsonb, $12, 'running', $13, $14, 1,
+        $15)
 ON CONFLICT (id) DO UPDATE SET
     epoch = excluded.epoch,
     owner = excluded.owner,
-    status = CASE WHEN runs.status = ANY($15::text[]) THEN runs.status ELSE 'running' END,
-    attempts = CASE WHEN runs.status = ANY($15::text[])
+    status = CASE WHEN runs.status = ANY($16::text[]) THEN runs.status ELSE 'running' END,
+    attempts = CASE WHEN runs.status = ANY($16::text[])
                     THEN runs.attempts ELSE runs.attempts + 1 END,
-    started_at_ms = CASE WHEN runs.status = ANY($15::text[])
+    started_at_ms = CASE WHEN runs.status = ANY($16::text[])
                          THEN runs.started_at_ms ELSE excluded.started_at_ms END
 WHERE runs.epoch < excluded.epoch
 RETURNING {RUN_COLUMNS}
@@ -178,22 +180,7 @@ class PostgresStore:
         async with self._connection() as conn:
             await conn.executemany(
                 _INSERT_QUEUED,
-                [
-                    (
-                        run.id,
-                        run.agent,
-                        run.input,
-                        run.tenant,
-                        run.priority,
-                        encode_labels(run.labels),
-                        run.timeout_s,
-                        run.max_attempts,
-                        run.idempotency_key,
-                        run.parent_id,
-                        run.submitted_at_ms,
-                    )
-                    for run in runs
-                ],
+                [(run.id, *spec_values(run.spec), run.submitted_at_ms) for run in runs],
             )
 
     async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
@@ -201,15 +188,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 _CLAIM,
                 run.id,
-                run.agent,
-                run.input,
-                run.tenant,
-                run.priority,
-                encode_labels(run.labels),
-                run.timeout_s,
-                run.max_attempts,
-                run.idempotency_key,
-                run.parent_id,
+                *spec_values(run.spec),
                 run.submitted_at_ms,
                 peer,
                 epoch,
@@ -326,18 +305,32 @@ class PostgresStore:
             row = await conn.fetchrow(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
         return None if row is None else run_from_row(row)
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
-        order = "ORDER BY submitted_at_ms DESC, id DESC"
+    async def list_runs(
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
+    ) -> list[RunRow]:
+        where, params = run_filters(status, tenant, agent, lambda i: f"${i}")
+        n = len(params)
+        sql = (
+            f"SELECT {RUN_COLUMNS} FROM runs {where} "
+            f"ORDER BY submitted_at_ms DESC, id DESC LIMIT ${n + 1} OFFSET ${n + 2}"
+        )
         async with self._connection() as conn:
-            if status is None:
-                rows = await conn.fetch(f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT $1", limit)
-            else:
-                rows = await conn.fetch(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE status = $1 {order} LIMIT $2",
-                    status,
-                    limit,
-                )
+            rows = await conn.fetch(sql, *params, limit, offset)
         return [run_from_row(row) for row in rows]
+
+    def pool_in_use(self) -> tuple[int, int]:
+        """(connections in use, pool size), for the storage pool gauge."""
+        pool = self._pool
+        if pool is None:
+            return 0, 0
+        size = pool.get_size()
+        return size - pool.get_idle_size(), size
 
     async def listen(self, callback: NotifyCallback) -> None:
         """Call ``callback(run_id)`` whenever any peer appends an event to a run here.

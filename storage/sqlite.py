@@ -24,11 +24,12 @@ from typing import TypeVar
 from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES
 from raftmesh.storage._common import (
     RUN_COLUMNS,
-    encode_labels,
     fence,
     fence_result,
     require_terminal,
+    run_filters,
     run_from_row,
+    spec_values,
 )
 from raftmesh.storage.base import (
     Claim,
@@ -62,9 +63,9 @@ _UNAVAILABLE_CODES = frozenset(
 
 _INSERT_RUN = """
 INSERT INTO runs (id, agent, input, tenant, priority, labels, timeout_s, max_attempts,
-                  idempotency_key, parent_id, submitted_at_ms, status, owner, epoch,
+                  idempotency_key, parent_id, options, submitted_at_ms, status, owner, epoch,
                   attempts, started_at_ms)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -141,24 +142,7 @@ class SqliteStore:
         if not runs:
             return
         rows = [
-            (
-                run.id,
-                run.agent,
-                run.input,
-                run.tenant,
-                run.priority,
-                encode_labels(run.labels),
-                run.timeout_s,
-                run.max_attempts,
-                run.idempotency_key,
-                run.parent_id,
-                run.submitted_at_ms,
-                "queued",
-                None,
-                0,
-                0,
-                None,
-            )
+            (run.id, *spec_values(run.spec), run.submitted_at_ms, "queued", None, 0, 0, None)
             for run in runs
         ]
         await self._write(lambda conn: conn.executemany(_INSERT_RUN, rows))
@@ -173,15 +157,7 @@ class SqliteStore:
                     _INSERT_RUN,
                     (
                         run.id,
-                        run.agent,
-                        run.input,
-                        run.tenant,
-                        run.priority,
-                        encode_labels(run.labels),
-                        run.timeout_s,
-                        run.max_attempts,
-                        run.idempotency_key,
-                        run.parent_id,
+                        *spec_values(run.spec),
                         run.submitted_at_ms,
                         "running",
                         peer,
@@ -311,15 +287,22 @@ class SqliteStore:
         )
         return None if row is None else run_from_row(row)
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
-        order = "ORDER BY submitted_at_ms DESC, id DESC"
-        params: tuple[str | int, ...]
-        if status is None:
-            sql, params = f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT ?", (limit,)
-        else:
-            sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE status = ? {order} LIMIT ?"
-            params = (status, limit)
-        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+    async def list_runs(
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
+    ) -> list[RunRow]:
+        where, params = run_filters(status, tenant, agent, lambda i: "?")
+        sql = (
+            f"SELECT {RUN_COLUMNS} FROM runs {where} "
+            "ORDER BY submitted_at_ms DESC, id DESC LIMIT ? OFFSET ?"
+        )
+        args = (*params, limit, offset)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [run_from_row(row) for row in rows]
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:

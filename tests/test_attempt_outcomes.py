@@ -16,6 +16,7 @@ import pytest
 import uvloop
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
 from raftmesh.runner.attempt import CANCELLED, RETRY, Assignment, Outcome, run_attempt
@@ -62,15 +63,7 @@ def job(
         run_id="r1",
         epoch=epoch,
         attempt=1,
-        agent=agent,
-        input=None,
-        tenant="default",
-        priority=priority,
-        labels={},
-        timeout_s=timeout_s,
-        max_attempts=3,
-        idempotency_key=None,
-        parent_id=None,
+        spec=RunSpec(agent=agent, priority=priority, timeout_s=timeout_s, max_attempts=3),
         submitted_at_ms=1,
         **kw,
     )

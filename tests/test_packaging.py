@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TOP_LEVEL = ("consensus", "mesh", "runner", "storage", "cli", "chaos")
+TOP_LEVEL = ("consensus", "mesh", "runner", "storage", "cli", "chaos", "bench")
 
 
 def test_every_package_folder_is_listed_for_the_wheel() -> None:
@@ -27,11 +27,12 @@ def test_every_package_folder_is_listed_for_the_wheel() -> None:
     assert listed == on_disk
 
 
-def test_client_commands_load_neither_pysyncobj_nor_the_chaos_harness() -> None:
+def test_client_commands_load_neither_pysyncobj_nor_the_harnesses() -> None:
     code = (
         "import sys, raftmesh.cli.main; "
         "print(sorted(m for m in sys.modules if m.startswith("
-        "('pysyncobj', 'raftmesh.chaos', 'raftmesh.mesh.peer', 'matplotlib'))))"
+        "('pysyncobj', 'raftmesh.chaos', 'raftmesh.bench', 'raftmesh.mesh.peer', "
+        "'matplotlib', 'celery', 'procrastinate', 'dbos'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

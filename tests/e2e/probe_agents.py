@@ -11,8 +11,14 @@ import asyncio
 import os
 from typing import Any
 
-from raftmesh.runner.context import RunContext
-from raftmesh.runner.registry import agent
+try:
+    from raftmesh.runner.context import RunContext
+    from raftmesh.runner.registry import agent
+except ImportError:
+    # The release before the raftmesh namespace (tests/e2e/test_upgrade.py
+    # runs peers of it) installs its packages at the top level.
+    from runner.context import RunContext  # type: ignore[no-redef]  # noqa: TID251
+    from runner.registry import agent  # type: ignore[no-redef]  # noqa: TID251
 
 
 def _witness(path: str, line: str) -> None:
@@ -57,3 +63,19 @@ def read_witness(path: str) -> list[tuple[str, int, str, int, str]]:
 async def probe_env(ctx: RunContext, input: Any) -> dict[str, Any]:
     """The environment variable names the agent sees, and its process id."""
     return {"names": sorted(os.environ), "pid": os.getpid()}
+
+
+@agent("probe_limits")
+async def probe_limits(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]:
+    """Fails while the file ``input["fail_while"]`` exists; then reports where
+    it ran: its process id and its address-space limit."""
+    import resource
+
+    if _exists(str(input["fail_while"])):
+        raise RuntimeError("asked to fail while the file exists")
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return {"pid": os.getpid(), "rlimit_as": soft}
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)

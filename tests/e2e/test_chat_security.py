@@ -21,6 +21,7 @@ from aiohttp import web
 from chat_stub import MODEL, ChatStub
 from support import eventually
 
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 from raftmesh.runner.agents.chat import EXCERPT_CHARS, _run_tool, tool
 from raftmesh.runner.attempt import FAILED, RETRY, SUCCEEDED, Assignment, Outcome, run_attempt
@@ -96,19 +97,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 def chat_job(input: Any, run_id: str) -> Assignment:
     return Assignment(
-        run_id=run_id,
-        epoch=1,
-        attempt=1,
-        agent="chat",
-        input=input,
-        tenant="default",
-        priority=0,
-        labels={},
-        timeout_s=60,
-        max_attempts=1,
-        idempotency_key=None,
-        parent_id=None,
-        submitted_at_ms=0,
+        run_id=run_id, epoch=1, attempt=1, spec=RunSpec("chat", input=input, timeout_s=60)
     )
 
 

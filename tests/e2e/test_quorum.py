@@ -87,7 +87,9 @@ async def test_joins_to_made_up_addresses_never_cost_the_quorum(make_mesh):
         # A real `mesh join` that cannot connect (a wrong cluster secret) stays a
         # learner, never votes, and exits 1 with the reason once its join expires.
         originals = list(mesh.peers)
-        mesh.set_peer_env("peer-4", {"MESH_SECRET": "not-the-mesh-secret"})
+        wrong = mesh.dir / "wrong.secret"
+        wrong.write_text("not-the-mesh-secret\n")
+        mesh.set_peer_env("peer-4", {"MESH_SECRET_FILE": str(wrong)})
         joiner = mesh.join("peer-1", peer_id="peer-4")
         assert joiner.process is not None
         assert await asyncio.to_thread(joiner.process.wait, 40) == 1

@@ -37,8 +37,24 @@ class StandIn:
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
         return {"id": run_id, "status": "running"}
 
-    async def list_runs(self, status: str | None, limit: int) -> list[dict[str, Any]]:
-        return [{"id": "run-1", "status": status, "limit": limit}]
+    async def list_runs(
+        self,
+        status: str | None,
+        limit: int,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": "run-1",
+                "status": status,
+                "limit": limit,
+                "tenant": tenant,
+                "agent": agent,
+                "offset": offset,
+            }
+        ]
 
     async def cancel_run(self, run_id: str) -> dict[str, Any]:
         return {"id": run_id, "status": "cancelling"}

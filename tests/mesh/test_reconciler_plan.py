@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.mesh.reconciler import plan
 from raftmesh.runner.attempt import Assignment
 
 
 def job(run_id: str, epoch: int = 1, cancel: bool = False) -> Assignment:
     return Assignment(
-        run_id=run_id,
-        epoch=epoch,
-        attempt=1,
-        agent="echo",
-        input=None,
-        tenant="default",
-        priority=0,
-        labels={},
-        timeout_s=None,
-        max_attempts=1,
-        idempotency_key=None,
-        parent_id=None,
-        submitted_at_ms=0,
-        cancel_requested=cancel,
+        run_id=run_id, epoch=epoch, attempt=1, spec=RunSpec("echo"), cancel_requested=cancel
     )
 
 

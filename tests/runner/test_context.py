@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.runner.attempt import FAILED, SUCCEEDED, Assignment, run_attempt
 from raftmesh.runner.context import RunContext
 from raftmesh.runner.payload import event_data, unpack
@@ -32,20 +33,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 def job(agent: str, epoch: int, input: Any = None, **kw: Any) -> Assignment:
     return Assignment(
-        run_id="run-1",
-        epoch=epoch,
-        attempt=epoch,
-        agent=agent,
-        input=input,
-        tenant="default",
-        priority=0,
-        labels={},
-        timeout_s=None,
-        max_attempts=kw.pop("max_attempts", 1),
-        idempotency_key=None,
-        parent_id=None,
-        submitted_at_ms=0,
-        **kw,
+        run_id="run-1", epoch=epoch, attempt=epoch, spec=RunSpec(agent=agent, input=input, **kw)
     )
 
 

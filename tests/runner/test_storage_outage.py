@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from raftmesh.chaos.proxy import REFUSED, UP, Link
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.runner.attempt import SUCCEEDED, Assignment, run_attempt
 from raftmesh.runner.context import RunContext
 from raftmesh.runner.registry import Registry
@@ -71,21 +72,7 @@ async def test_an_outage_during_steps_and_events_is_waited_out(proxied_store):
         await asyncio.sleep(1.5)
         link.set_state(UP)
 
-    job = Assignment(
-        run_id="run-1",
-        epoch=1,
-        attempt=1,
-        agent="checkpointing",
-        input=None,
-        tenant="default",
-        priority=0,
-        labels={},
-        timeout_s=None,
-        max_attempts=1,
-        idempotency_key=None,
-        parent_id=None,
-        submitted_at_ms=0,
-    )
+    job = Assignment(run_id="run-1", epoch=1, attempt=1, spec=RunSpec("checkpointing"))
     clock = lambda: int(asyncio.get_running_loop().time() * 1000)  # noqa: E731
     outcome, _ = await asyncio.gather(
         run_attempt(job, peer_id="p", store=store, registry=registry, clock_ms=clock), outage()

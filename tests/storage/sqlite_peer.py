@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.storage import RunRow, StaleEpoch
 from raftmesh.storage.sqlite import SqliteStore
 
@@ -36,9 +37,9 @@ async def main(db_path: str, peer: str, folder: Path, writes: int) -> dict[str, 
     await store.open()
     try:
         own = f"own-{peer}"
-        await store.claim(RunRow(id=own, agent="echo", input=b""), 1, peer, 0)
+        await store.claim(RunRow(id=own, spec=RunSpec("echo", input=b"")), 1, peer, 0)
         try:
-            await store.claim(RunRow(id="shared", agent="echo", input=b""), 1, peer, 0)
+            await store.claim(RunRow(id="shared", spec=RunSpec("echo", input=b"")), 1, peer, 0)
             claimed_shared = True
         except StaleEpoch:
             claimed_shared = False

@@ -8,13 +8,15 @@ from typing import Any
 import pytest
 from storage_support import MakeStore, Target
 
+from raftmesh.consensus.spec import SPEC_FIELDS, RunSpec
 from raftmesh.storage import AlreadyFinished, RunRow, StaleEpoch, Step, StorageUnavailable, Store
 
 
 def make_run(run_id: str = "r1", **fields: Any) -> RunRow:
-    fields.setdefault("agent", "echo")
-    fields.setdefault("input", b"\x81\xa1q\xa2hi")
-    return RunRow(id=run_id, **fields)
+    spec = {k: fields.pop(k) for k in list(fields) if k in SPEC_FIELDS}
+    spec.setdefault("agent", "echo")
+    spec.setdefault("input", b"\x81\xa1q\xa2hi")
+    return RunRow(id=run_id, spec=RunSpec(**spec), **fields)
 
 
 async def claimed(store: Store, run_id: str = "r1", epoch: int = 1, peer: str = "p1") -> RunRow:
@@ -31,14 +33,14 @@ async def test_migrations_apply_once_when_opened_again(
 
     again = await make_store(target.url)
 
-    assert await target.applied_versions() == [1]
+    assert await target.applied_versions() == [1, 2]
     assert await again.get_run("r1") is not None
 
 
 async def test_concurrent_opens_migrate_once(target: Target, make_store: MakeStore) -> None:
     stores = await asyncio.gather(*(make_store(target.url) for _ in range(4)))
 
-    assert await target.applied_versions() == [1]
+    assert await target.applied_versions() == [1, 2]
     for store in stores:
         await store.ping()
 
@@ -52,13 +54,20 @@ async def test_record_runs_is_idempotent(store: Store) -> None:
 
     row = await store.get_run("r1")
     assert row is not None
-    assert (row.agent, row.tenant, row.status, row.epoch) == ("echo", "acme", "running", 1)
-    assert row.labels == {"gpu": "a100"}
+    assert (row.spec.agent, row.spec.tenant, row.status, row.epoch) == (
+        "echo",
+        "acme",
+        "running",
+        1,
+    )
+    assert row.spec.labels == {"gpu": "a100"}
     assert await store.get_run("r2") is not None
 
 
 async def test_record_runs_stores_every_field_as_queued(store: Store) -> None:
-    run = make_run(
+    spec = RunSpec(
+        agent="echo",
+        input=b"\x81\xa1q\xa2hi",
         tenant="acme",
         priority=-2,
         labels={"zone": "eu", "gpu": "1"},
@@ -66,6 +75,16 @@ async def test_record_runs_stores_every_field_as_queued(store: Store) -> None:
         max_attempts=3,
         idempotency_key="idem",
         parent_id="p0",
+        depth=2,
+        budget={"tokens": 900},
+        isolation="process",
+        memory_limit_mb=300,
+        session="s-1",
+        placement="consistent-hash",
+    )
+    run = RunRow(
+        id="r1",
+        spec=spec,
         submitted_at_ms=1_700_000_000_123,
         status="running",
         owner="ignored",
@@ -74,17 +93,7 @@ async def test_record_runs_stores_every_field_as_queued(store: Store) -> None:
     await store.record_runs([run])
 
     assert await store.get_run("r1") == RunRow(
-        id="r1",
-        agent="echo",
-        input=run.input,
-        tenant="acme",
-        priority=-2,
-        labels={"zone": "eu", "gpu": "1"},
-        timeout_s=12.5,
-        max_attempts=3,
-        idempotency_key="idem",
-        parent_id="p0",
-        submitted_at_ms=1_700_000_000_123,
+        id="r1", spec=spec, submitted_at_ms=1_700_000_000_123
     )
 
 
@@ -104,7 +113,7 @@ async def test_claim_inserts_a_run_storage_has_not_seen(store: Store) -> None:
     claim = await store.claim(make_run(labels={"a": "b"}), 1, "p1", now_ms=10)
 
     assert claim.run.status == "running"
-    assert (claim.run.epoch, claim.run.attempts, claim.run.labels) == (1, 1, {"a": "b"})
+    assert (claim.run.epoch, claim.run.attempts, claim.run.spec.labels) == (1, 1, {"a": "b"})
     assert await store.get_run("r1") == claim.run
 
 
@@ -283,6 +292,29 @@ async def test_list_runs_filters_by_status_newest_first(store: Store) -> None:
     assert [r.id for r in await store.list_runs(status="running")] == ["r3", "r1"]
     assert [r.id for r in await store.list_runs(status="queued", limit=2)] == ["tie", "r4"]
     assert await store.list_runs(status="succeeded") == []
+
+
+async def test_list_runs_filters_by_tenant_and_agent_and_pages(store: Store) -> None:
+    await store.record_runs(
+        [
+            make_run(
+                f"r{i}",
+                agent="a" if i % 2 else "b",
+                tenant="t1" if i < 4 else "t2",
+                submitted_at_ms=1000 + i,
+            )
+            for i in range(8)
+        ]
+    )
+    await store.claim(make_run("r1"), 1, "p1", now_ms=2000)
+
+    assert [r.id for r in await store.list_runs(tenant="t1")] == ["r3", "r2", "r1", "r0"]
+    assert [r.id for r in await store.list_runs(agent="a")] == ["r7", "r5", "r3", "r1"]
+    assert [r.id for r in await store.list_runs(tenant="t2", agent="b")] == ["r6", "r4"]
+    assert [r.id for r in await store.list_runs(status="queued", tenant="t1", agent="a")] == ["r3"]
+    assert [r.id for r in await store.list_runs(limit=3, offset=2)] == ["r5", "r4", "r3"]
+    assert [r.id for r in await store.list_runs(agent="a", limit=2, offset=2)] == ["r3", "r1"]
+    assert await store.list_runs(tenant="nobody") == []
 
 
 async def test_a_closed_store_is_unavailable(target: Target, make_store: MakeStore) -> None:

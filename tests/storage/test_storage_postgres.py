@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 from storage_support import PG_URL, MakeStore, Target
 
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.storage import RunRow, StorageUnavailable
 from raftmesh.storage.postgres import PostgresStore
 
@@ -16,7 +17,7 @@ NOTIFY_TIMEOUT_S = 5.0
 
 
 async def claim_run(store: PostgresStore, run_id: str = "r1") -> None:
-    await store.claim(RunRow(id=run_id, agent="echo", input=b""), 1, "p1", 0)
+    await store.claim(RunRow(id=run_id, spec=RunSpec("echo", input=b"")), 1, "p1", 0)
 
 
 async def test_tables_live_in_the_schema_named_by_the_url(

@@ -1,0 +1,4 @@
+-- The run spec's fields that have no column of their own (depth, budget,
+-- isolation, memory limit, session, placement, and any added later), so that
+-- a dead letter is retried exactly as it was submitted.
+ALTER TABLE runs ADD COLUMN options JSONB NOT NULL DEFAULT '{}'::jsonb;
