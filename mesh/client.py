@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+from raftmesh.consensus.status import TERMINAL_STATUSES
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from raftmesh.consensus.state import SETTLING, MeshState, Run
+from raftmesh.consensus.model import Run
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.runner.payload import unpack
 from raftmesh.storage.base import RunRow
@@ -29,7 +31,7 @@ def view_from_state(run: Run) -> dict[str, Any]:
         "id": run.id,
         "agent": run.agent,
         # A settling run's outcome is decided; only its storage write is pending.
-        "status": run.outcome if run.status == SETTLING and run.outcome else run.status,
+        "status": run.outcome if run.status == RunStatus.SETTLING and run.outcome else run.status,
         "owner": run.owner,
         "epoch": run.epoch,
         "attempts": run.attempts,
