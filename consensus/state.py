@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
@@ -579,7 +580,7 @@ class MeshState:
         self.retry = policy
         return res.Done()
 
-    _handlers = {
+    _handlers: ClassVar[dict[c.Op, Callable[[MeshState, Any, int], res.Result]]] = {
         c.Op.SUBMIT: _submit,
         c.Op.ASSIGN: _assign,
         c.Op.FINISH: _finish,

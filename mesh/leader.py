@@ -73,7 +73,7 @@ class Leader:
             return []
         self.liveness.heard(self.peer_id, self.incarnation, now_s)
         up = {p.id: p.incarnation for p in state.peers.values() if p.status == PEER_UP}
-        out = []
+        out: list[commands.Command] = []
         for peer_id, incarnation in self.liveness.suspects(up, now_s):
             log.warning("peer %s silent for %.1fs: marking it down", peer_id, self.liveness.ttl_s)
             out.append(commands.PeerDown(new_id(), now_ms, peer_id, incarnation))

@@ -240,7 +240,7 @@ class Peer:
         """Ends the process once the current request has been answered."""
         asyncio.get_running_loop().call_later(0.2, self.exit_requested.set)
 
-    def _on_raft_change(self, cmds: list[commands.Command], results: list[dict[str, Any]]) -> None:
+    def _on_raft_change(self, cmds: list[Any], results: list[Result]) -> None:
         self.observer.applied(cmds, results)
         self._leader_wake.set()
         self._reconcile_wake.set()

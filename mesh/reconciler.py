@@ -183,6 +183,7 @@ class Reconciler:
         if outcome.status == FENCED:
             log.info("attempt fenced; a newer epoch owns the run", extra=extra)
             return
+        cmd: commands.Command
         if outcome.status == RETRY:
             log.info("attempt failed (%s): %s", outcome.kind, outcome.error, extra=extra)
             cmd = commands.Fail(
