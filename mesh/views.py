@@ -29,7 +29,7 @@ def active_view(state: MeshState, run: Run, scheduler: Scheduler, now_ms: int) -
 def view_from_state(run: Run) -> dict[str, Any]:
     return {
         "id": run.id,
-        "agent": run.agent,
+        "agent": run.spec.agent,
         # A settling run's outcome is decided; only its storage write is pending.
         "status": run.outcome if run.status == RunStatus.SETTLING and run.outcome else run.status,
         "owner": run.owner,
@@ -41,10 +41,10 @@ def view_from_state(run: Run) -> dict[str, Any]:
         "retry_at": _s(run.not_before_ms) if run.not_before_ms else None,
         # Counted apart: which of them use up max_attempts is the mesh's retry policy.
         "failures": {"error": run.errors, "timeout": run.timeouts, "lost_owner": run.losses},
-        "session": run.session,
-        "tenant": run.tenant,
-        "priority": run.priority,
-        "labels": dict(run.labels),
+        "session": run.spec.session,
+        "tenant": run.spec.tenant,
+        "priority": run.spec.priority,
+        "labels": dict(run.spec.labels),
         "submitted_at": _s(run.submitted_at_ms),
         "started_at": _s(run.assigned_at_ms),
         "finished_at": None,
