@@ -145,6 +145,12 @@ class RunContext:
         self.executed_steps = 0
         self._agent_task: asyncio.Future[Any] | None = None
 
+    @property
+    def store(self) -> Store:
+        """The run's storage, for integrations that keep their own durable
+        state beside the journal (a LangGraph checkpointer), fenced by ``epoch``."""
+        return self._store
+
     def bind_task(self, task: asyncio.Future[Any]) -> None:
         """The runner hands over the agent's task so that ``cancel`` can stop it."""
         self._agent_task = task

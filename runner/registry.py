@@ -11,10 +11,12 @@ test, an isolated child) cannot see each other's agents.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from raftmesh.runner.integrations import ExtraMissing
 from raftmesh.runner.models import ModelEndpoint
 
 AgentFn = Callable[..., Awaitable[Any]]
@@ -22,6 +24,8 @@ AgentFn = Callable[..., Awaitable[Any]]
 InputCheck = Callable[[Any, Mapping[str, ModelEndpoint]], None]
 
 ENTRY_POINT_GROUP = "raftmesh.agents"
+
+log = logging.getLogger("raftmesh.runner")
 
 
 class UnknownAgent(LookupError):
@@ -88,6 +92,12 @@ class Registry:
 
 
 BUILTIN_AGENTS = ("raftmesh.runner.agents.builtin", "raftmesh.runner.agents.chat")
+# Built-ins of the framework integrations, each needing its extra: a peer
+# without the extra starts without those agents (ExtraMissing on import).
+OPTIONAL_AGENTS = (
+    "raftmesh.runner.integrations.langgraph",
+    "raftmesh.runner.integrations.openai_agents",
+)
 DEMO_AGENTS = "raftmesh.runner.agents.demo"
 
 
@@ -112,6 +122,11 @@ def build_registry(references: tuple[str, ...] = (), demo: bool = False) -> Regi
     registry = Registry()
     for module in BUILTIN_AGENTS:
         registry.load(module)
+    for module in OPTIONAL_AGENTS:
+        try:
+            registry.load(module)
+        except ExtraMissing as exc:
+            log.info("agents of %s not loaded: %s", module, exc)
     registry.references.clear()
     registry.load_entry_points()
     for ref in ((DEMO_AGENTS,) if demo else ()) + tuple(references):

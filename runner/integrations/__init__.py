@@ -1,0 +1,28 @@
+"""Agents written with other frameworks, run durably on the mesh.
+
+Each integration needs its framework, an optional extra of the distribution;
+importing one without it raises ExtraMissing, whose message is the one line
+that says what to install. The registry loads the built-in agents of an
+integration only when its extra is installed (runner/registry.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class ExtraMissing(ImportError):
+    """An integration's framework is not installed."""
+
+    def __init__(self, extra: str, module: str) -> None:
+        super().__init__(f"{module} is not installed: pip install 'raftmesh[{extra}]'")
+        self.extra = extra
+
+
+def require(extra: str, module: str) -> ModuleType:
+    """Import ``module`` of the ``extra`` extra, or raise ExtraMissing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ExtraMissing(extra, module.split(".")[0]) from exc
