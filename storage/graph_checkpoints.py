@@ -341,7 +341,7 @@ async def _run_postgres(store: Any, op: Op[T]) -> T:
                 rows: list[Row] = list(await conn.fetch(sql, *args))
                 sql, args = op.send(rows)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            return done.value
 
 
 async def _run_sqlite(store: Any, op: Op[T], write: bool) -> T:
@@ -355,6 +355,7 @@ async def _run_sqlite(store: Any, op: Op[T], write: bool) -> T:
                 rows: list[Row] = conn.execute(text, args).fetchall()
                 sql, args = op.send(rows)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            return done.value
 
-    return await (store._write(work) if write else store._read(work))  # type: ignore[no-any-return]
+    result: T = await (store._write(work) if write else store._read(work))
+    return result

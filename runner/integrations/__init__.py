@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
+
+from raftmesh.runner.context import RunError
 
 
 class ExtraMissing(ImportError):
@@ -26,3 +29,16 @@ def require(extra: str, module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ExtraMissing(extra, module.split(".")[0]) from exc
+
+
+def resolve(reference: str) -> Any:
+    """The object ``module:attr`` (``attr`` may be dotted) names; RunError if
+    there is none, since another attempt would not find it either."""
+    module_name, _, path = reference.partition(":")
+    try:
+        value: Any = importlib.import_module(module_name)
+        for part in path.split("."):
+            value = getattr(value, part)
+    except (ImportError, AttributeError) as exc:
+        raise RunError(f"cannot load {reference!r}: {exc}") from exc
+    return value

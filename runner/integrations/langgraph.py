@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from raftmesh.runner.integrations import ExtraMissing
+from raftmesh.runner.integrations import ExtraMissing, resolve
 
 try:
     from langgraph.checkpoint.base import (
@@ -37,6 +36,7 @@ try:
     )
     from langgraph.graph import StateGraph
     from langgraph.pregel import Pregel
+    from langgraph.types import StreamMode
 except ImportError as exc:
     raise ExtraMissing("langgraph", "langgraph") from exc
 
@@ -139,7 +139,7 @@ class MeshCheckpointSaver(BaseCheckpointSaver[str]):
     ) -> RunnableConfig:
         conf = config["configurable"]
         thread_id, checkpoint_ns = conf["thread_id"], conf.get("checkpoint_ns", "")
-        rest = dict(checkpoint)
+        rest: dict[str, Any] = dict(checkpoint)
         values: dict[str, Any] = rest.pop("channel_values")
         blobs = [
             BlobRow(
@@ -293,7 +293,7 @@ class MeshCheckpointSaver(BaseCheckpointSaver[str]):
         where = {"thread_id": row.thread_id, "checkpoint_ns": row.checkpoint_ns}
         return CheckpointTuple(
             config={"configurable": {**where, "checkpoint_id": row.checkpoint_id}},
-            checkpoint={
+            checkpoint={  # type: ignore[typeddict-item]
                 **checkpoint,
                 "channel_values": {
                     b.channel: self._loads(b.value_type, b.value)
@@ -315,7 +315,7 @@ class MeshCheckpointSaver(BaseCheckpointSaver[str]):
 
 # -- the ``langgraph`` built-in agent -------------------------------------------
 
-STREAM_MODES = ("updates", "messages", "custom")
+STREAM_MODES: list[StreamMode] = ["updates", "messages", "custom"]
 
 
 def check_graph_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
@@ -336,13 +336,7 @@ def check_graph_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
 
 def load_graph(reference: str) -> Pregel:
     """The compiled graph ``module:attr`` names (a StateGraph is compiled here)."""
-    module_name, _, path = reference.partition(":")
-    try:
-        value: Any = importlib.import_module(module_name)
-        for part in path.split("."):
-            value = getattr(value, part)
-    except (ImportError, AttributeError) as exc:
-        raise RunError(f"cannot load graph {reference!r}: {exc}") from exc
+    value = resolve(reference)
     if isinstance(value, StateGraph):
         value = value.compile()
     if not isinstance(value, Pregel):
@@ -360,18 +354,20 @@ async def run_graph(ctx: RunContext, input: dict[str, Any]) -> Any:
     )
     user = dict(input.get("config") or {})
     config: RunnableConfig = {
-        **user,  # type: ignore[typeddict-item]
+        **user,
         "configurable": {**user.get("configurable", {}), "thread_id": ctx.run_id},
     }
     await _new_attempt(ctx)
     try:
         resumed = await graph.aget_state(config)
         start = None if resumed.created_at is not None else input["input"]
-        interrupted = None
+        interrupted: list[Any] | None = None
         # "sync": a super-step's checkpoint is stored before the next one starts,
         # so a node that finished before a crash never runs again.
-        stream = graph.astream(start, config, stream_mode=list(STREAM_MODES), durability="sync")
-        async for mode, chunk in stream:
+        stream = graph.astream(start, config, stream_mode=STREAM_MODES, durability="sync")
+        part: Any
+        async for part in stream:
+            mode, chunk = part
             if mode == "messages":
                 message, meta = chunk
                 ctx.emit(

@@ -15,17 +15,17 @@ streamed; a run's input names an endpoint, never a URL.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from raftmesh.runner.integrations import ExtraMissing
+from raftmesh.runner.integrations import ExtraMissing, resolve
 
 try:
     from agents import Agent, FunctionTool, RunConfig, Runner, Usage
     from agents.items import ModelResponse, TResponseOutputItem
     from agents.models.interface import Model, ModelProvider
     from agents.models.openai_provider import OpenAIProvider
+    from openai.types.responses import ResponseCompletedEvent, ResponseTextDeltaEvent
 except ImportError as exc:
     raise ExtraMissing("openai-agents", "openai-agents") from exc
 
@@ -39,8 +39,6 @@ from raftmesh.runner.registry import InvalidInput, agent
 __all__ = ["JournaledModel", "JournaledProvider", "durable_run", "run_openai_agent"]
 
 _OUTPUT_ITEM: TypeAdapter[Any] = TypeAdapter(TResponseOutputItem)
-_TEXT_DELTA = "response.output_text.delta"
-_COMPLETED = "response.completed"
 
 
 class JournaledModel(Model):
@@ -70,9 +68,9 @@ class JournaledModel(Model):
         the completed response as plain data for the journal."""
         response = None
         async for event in self._inner.stream_response(*args, **kwargs):
-            if event.type == _TEXT_DELTA:
+            if isinstance(event, ResponseTextDeltaEvent):
                 self._ctx.emit("messages", {"content": event.delta})
-            elif event.type == _COMPLETED:
+            elif isinstance(event, ResponseCompletedEvent):
                 response = event.response
         if response is None:
             raise RuntimeError("the model's stream ended without a completed response")
@@ -157,13 +155,7 @@ def check_agent_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
 
 
 def load_agent(reference: str) -> Agent[Any]:
-    module_name, _, path = reference.partition(":")
-    try:
-        value: Any = importlib.import_module(module_name)
-        for part in path.split("."):
-            value = getattr(value, part)
-    except (ImportError, AttributeError) as exc:
-        raise RunError(f"cannot load agent {reference!r}: {exc}") from exc
+    value = resolve(reference)
     if not isinstance(value, Agent):
         raise RunError(f"{reference!r} is a {type(value).__name__}, not an agents.Agent")
     return value

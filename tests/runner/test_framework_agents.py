@@ -1,0 +1,130 @@
+"""The langgraph and openai_agent built-ins in process, on real SQLite: what
+they accept, how an interrupted graph waits, and a peer without the extras."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TypedDict
+
+import pytest
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import interrupt
+
+from raftmesh.consensus.spec import RunSpec
+from raftmesh.runner.attempt import RETRY, Assignment, run_attempt
+from raftmesh.runner.models import ModelEndpoint
+from raftmesh.runner.payload import event_data
+from raftmesh.runner.registry import InvalidInput, build_registry
+from raftmesh.storage import open_store
+
+
+class Asked(TypedDict):
+    question: str
+    answer: str
+
+
+def _ask(state: Asked) -> dict[str, Any]:
+    return {"answer": interrupt({"question": state["question"]})}
+
+
+def _build() -> Any:
+    graph = StateGraph(Asked)
+    graph.add_node("ask", _ask)
+    graph.add_edge(START, "ask")
+    graph.add_edge("ask", END)
+    return graph
+
+
+# Uncompiled on purpose: the agent compiles a StateGraph it is handed.
+asks_a_person = _build()
+
+
+async def test_an_interrupted_graph_says_so_and_keeps_running_until_its_timeout(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'mesh.db'}")
+    await store.open()
+    try:
+        graph_input = {"question": "ship it?", "answer": ""}
+        spec = RunSpec(
+            agent="langgraph",
+            input={"graph": "test_framework_agents:asks_a_person", "input": graph_input},
+            timeout_s=1.5,
+        )
+        job = Assignment(run_id="r1", epoch=1, attempt=1, spec=spec)
+        started = time.monotonic()
+        outcome = await run_attempt(
+            job,
+            peer_id="p1",
+            store=store,
+            registry=build_registry(),
+            clock_ms=lambda: int(time.time() * 1000),
+        )
+        assert outcome.status == RETRY and outcome.kind == "timeout", outcome
+        assert time.monotonic() - started >= 1.5, "it held on while it waited"
+        events = [(e.kind, event_data(e.data)) for e in await store.read_events("r1")]
+        assert events == [("interrupt", {"interrupts": [{"question": "ship it?"}]})]
+    finally:
+        await store.close()
+
+
+MODELS = {"default": ModelEndpoint("http://127.0.0.1:9/v1", "m")}
+
+
+@pytest.mark.parametrize(
+    ("agent", "input", "message"),
+    [
+        ("langgraph", "graph", "must be"),
+        ("langgraph", {"graph": "nocolon", "input": 1}, "module:attr"),
+        ("langgraph", {"graph": "m:g"}, '"input"'),
+        ("langgraph", {"graph": "m:g", "input": 1, "config": 3}, "config"),
+        ("langgraph", {"graph": "m:g", "input": 1, "extra": 3}, "unknown keys"),
+        ("openai_agent", {"agent": "m:a"}, '"input"'),
+        ("openai_agent", {"agent": "m", "input": "hi"}, "module:attr"),
+        ("openai_agent", {"agent": "m:a", "input": "hi", "model": "other"}, "unknown model"),
+    ],
+)
+def test_inputs_they_can_never_run_are_refused_at_submission(
+    agent: str, input: Any, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        build_registry().check_input(agent, input, MODELS)
+
+
+BLOCK_EXTRAS = """
+import importlib.abc, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("langgraph", "agents"):
+            raise ImportError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, Absent())
+from raftmesh.runner.registry import build_registry
+print(build_registry().names())
+try:
+    import raftmesh.runner.integrations.langgraph
+except ImportError as exc:
+    print(exc)
+try:
+    import raftmesh.runner.integrations.openai_agents
+except ImportError as exc:
+    print(exc)
+"""
+
+
+def test_a_peer_without_the_extras_starts_without_their_agents() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK_EXTRAS], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "['chat', 'echo', 'sleep']",
+        "langgraph is not installed: pip install 'raftmesh[langgraph]'",
+        "openai-agents is not installed: pip install 'raftmesh[openai-agents]'",
+    ]
+    assert "Traceback" not in done.stderr
