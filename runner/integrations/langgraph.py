@@ -43,7 +43,7 @@ except ImportError as exc:
 from langchain_core.runnables import RunnableConfig
 
 from raftmesh.runner.context import Fenced, RunContext, RunError
-from raftmesh.runner.models import ModelEndpoint
+from raftmesh.runner.models import DEFAULT_MODEL, ModelEndpoint
 from raftmesh.runner.registry import InvalidInput, agent
 from raftmesh.storage import StaleEpoch, open_store
 from raftmesh.storage.graph_checkpoints import (
@@ -319,10 +319,10 @@ STREAM_MODES: list[StreamMode] = ["updates", "messages", "custom"]
 
 
 def check_graph_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
-    """``{"graph": "module:attr", "input": ..., "config"?: {...}}``."""
+    """``{"graph": "module:attr", "input": ..., "config"?: {...}, "model"?: NAME}``."""
     if not isinstance(input, Mapping):
         raise InvalidInput('langgraph input must be {"graph": "module:attr", "input": ...}')
-    unknown = set(input) - {"graph", "input", "config"}
+    unknown = set(input) - {"graph", "input", "config", "model"}
     if unknown:
         raise InvalidInput(f"langgraph input has unknown keys {sorted(unknown)}")
     module, _, attr = str(input.get("graph", "")).partition(":")
@@ -332,6 +332,9 @@ def check_graph_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
         raise InvalidInput('langgraph input needs "input", the graph\'s input')
     if not isinstance(input.get("config", {}), Mapping):
         raise InvalidInput('langgraph "config" must be an object (a RunnableConfig)')
+    if "model" in input and input["model"] not in models:
+        choices = ", ".join(sorted(models)) or "none"
+        raise InvalidInput(f"unknown model {input['model']!r}; configured models: {choices}")
 
 
 def load_graph(reference: str) -> Pregel:
@@ -355,7 +358,11 @@ async def run_graph(ctx: RunContext, input: dict[str, Any]) -> Any:
     user = dict(input.get("config") or {})
     config: RunnableConfig = {
         **user,
-        "configurable": {**user.get("configurable", {}), "thread_id": ctx.run_id},
+        "configurable": {
+            **user.get("configurable", {}),
+            "thread_id": ctx.run_id,
+            **_endpoint(ctx, input),
+        },
     }
     await _new_attempt(ctx)
     try:
@@ -384,6 +391,15 @@ async def run_graph(ctx: RunContext, input: dict[str, Any]) -> Any:
     if interrupted is not None or final.next:
         await _wait_for_resume(ctx, interrupted)
     return plain(final.values)
+
+
+def _endpoint(ctx: RunContext, input: Mapping[str, Any]) -> dict[str, ModelEndpoint]:
+    """The peer's model endpoint the input names ("default" unless ``model``),
+    for the graph's nodes as ``config["configurable"]["model_endpoint"]``; an
+    object, so LangGraph never copies it into checkpoint metadata. The key is
+    not in it: a node reads it from the peer's environment (``api_key``)."""
+    endpoint = ctx.models.get(input.get("model", DEFAULT_MODEL))
+    return {} if endpoint is None else {"model_endpoint": endpoint}
 
 
 async def _new_attempt(ctx: RunContext) -> None:

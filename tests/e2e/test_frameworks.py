@@ -123,3 +123,45 @@ async def test_openai_agent_replays_finished_model_calls_after_kill(make_mesh, o
     finally:
         await asyncio.gather(*(c.close() for c in cs.values()))
         await stub.stop()
+
+
+async def test_the_langgraph_example_runs_against_the_chat_configuration(
+    make_mesh, open_mesh_store
+):
+    stub = ChatStub(fail_first=0)
+    url = await stub.start()
+    env = {
+        "PYTHONPATH": str(HERE.parents[1]),
+        "MESH_CHAT_BASE_URL": url,
+        "MESH_CHAT_MODEL": MODEL,
+        "MESH_CHAT_API_KEY": "stub-key",
+    }
+    try:
+        mesh = await make_mesh("sqlite", nodes=1, env=env)
+        store = await open_mesh_store(mesh)
+        client = MeshClient(mesh.peers[0].url, timeout_s=10)
+        prompt = f"What is 6*7, and how many words are in the sentence? ({os.getpid()})"
+        spec = {
+            "graph": "examples.langgraph_research:graph",
+            "input": {"messages": [{"role": "user", "content": prompt}]},
+        }
+        try:
+            run = await client.wait((await client.submit("langgraph", spec))["id"], 60)
+        finally:
+            await client.close()
+
+        assert run["status"] == "succeeded", run
+        answer = "6*7 is 42 and the text has 5 words."
+        messages = run["result"]["messages"]
+        assert [m["type"] for m in messages] == ["human", "ai", "tool", "tool", "ai"]
+        assert messages[-1]["content"] == answer
+        events = await store.read_events(run["id"])
+        tokens = [event_data(e.data) for e in events if e.kind == "messages"]
+        assert "".join(t["content"] for t in tokens if t["node"] == "model") == answer
+        assert [next(iter(event_data(e.data))) for e in events if e.kind == "updates"] == [
+            "model",
+            "tools",
+            "model",
+        ]
+    finally:
+        await stub.stop()
