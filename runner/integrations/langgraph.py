@@ -352,6 +352,11 @@ async def run_graph(ctx: RunContext, input: dict[str, Any]) -> Any:
     """Run the graph with thread_id = the run id and checkpoints in the run's
     storage. A resumed attempt finds the thread's checkpoints and continues
     from the last one (input None) instead of starting over."""
+    if not isinstance(ctx, RunContext):
+        raise RunError(
+            "the langgraph agent runs in the peer's process only (its checkpoints need the "
+            'storage connection): submit it without isolation "process"'
+        )
     graph = load_graph(input["graph"]).copy(
         update={"checkpointer": MeshCheckpointSaver.for_run(ctx)}
     )
