@@ -271,7 +271,13 @@ class RunContext:
 
     def abandon(self) -> None:
         """The attempt is over: stop child submissions still in flight. Safe, as
-        a retried spawn finds its child again by idempotency key."""
+        a retried spawn finds its child again by idempotency key. Event writes
+        still in flight finish, and a refused one (Fenced, the attempt is
+        already over) is not reported again as a task nobody awaited: its
+        traceback would be printed from a finalizer, which CPython 3.11 can do
+        in the middle of an ast.parse and so break every later parse."""
+        for pending in self._pending:
+            pending.add_done_callback(_retrieve)
         for fut in self._spawning:
             if fut.done():
                 if not fut.cancelled():
@@ -409,6 +415,11 @@ class RunContext:
             await write
         except StaleEpoch as exc:
             raise Fenced(str(exc)) from exc
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class ChildRun:

@@ -50,7 +50,11 @@ class JournaledModel(Model):
         self._inner = inner
 
     async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
+        """Charged to the run's budget like a ``chat`` call (``model_calls``,
+        ``tokens``); replayed calls are charged again, which rebuilds the spend."""
+        self._ctx.require(model_calls=1)
         stored = await self._ctx.step("openai_agents:model", self._call, args, kwargs)
+        self._ctx.charge(model_calls=1, tokens=stored["usage"]["total_tokens"])
         return ModelResponse(
             output=[_OUTPUT_ITEM.validate_python(item) for item in stored["output"]],
             usage=Usage(**stored["usage"]),

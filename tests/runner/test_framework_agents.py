@@ -3,20 +3,23 @@ they accept, how an interrupted graph waits, and a peer without the extras."""
 
 from __future__ import annotations
 
+import asyncio
+import operator
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import pytest
+from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
 from raftmesh.consensus.spec import RunSpec
-from raftmesh.runner.attempt import RETRY, Assignment, run_attempt
+from raftmesh.runner.attempt import FENCED, RETRY, SUCCEEDED, Assignment, run_attempt
 from raftmesh.runner.models import ModelEndpoint
-from raftmesh.runner.payload import event_data
+from raftmesh.runner.payload import event_data, unpack
 from raftmesh.runner.registry import InvalidInput, build_registry
 from raftmesh.storage import open_store
 
@@ -67,6 +70,76 @@ async def test_an_interrupted_graph_says_so_and_keeps_running_until_its_timeout(
         assert time.monotonic() - started >= 1.5, "it held on while it waited"
         events = [(e.kind, event_data(e.data)) for e in await store.read_events("r1")]
         assert events == [("interrupt", {"interrupts": [{"question": "ship it?"}]})]
+    finally:
+        await store.close()
+
+
+class Counted(TypedDict):
+    done: Annotated[list[str], operator.add]
+
+
+def _slow(name: str) -> Any:
+    async def run(state: Counted) -> dict[str, Any]:
+        get_stream_writer()({"node": name})
+        RAN.append(name)
+        if RAN == ["a", "b"]:
+            SECOND_STARTED.set()
+        await asyncio.sleep(0.3)
+        return {"done": [name]}
+
+    return run
+
+
+RAN: list[str] = []
+SECOND_STARTED = asyncio.Event()
+three_slow = StateGraph(Counted)
+for _name in ("a", "b", "c"):
+    three_slow.add_node(_name, _slow(_name))
+three_slow.add_edge(START, "a")
+three_slow.add_edge("a", "b")
+three_slow.add_edge("b", "c")
+three_slow.add_edge("c", END)
+
+
+async def test_a_deposed_owner_cannot_checkpoint_and_the_new_one_continues(
+    tmp_path: Path,
+) -> None:
+    """The first owner is fenced by a newer claim while its graph runs: its
+    next checkpoint write is refused and the attempt ends FENCED; the new
+    owner continues from the last checkpoint the first one stored."""
+    store = open_store(f"sqlite:///{tmp_path / 'mesh.db'}")
+    await store.open()
+    RAN.clear()
+    SECOND_STARTED.clear()
+    try:
+        spec = RunSpec(
+            agent="langgraph",
+            input={"graph": "test_framework_agents:three_slow", "input": {"done": []}},
+        )
+
+        def attempt(epoch: int) -> Any:
+            return run_attempt(
+                Assignment(run_id="r1", epoch=epoch, attempt=epoch, spec=spec),
+                peer_id=f"p{epoch}",
+                store=store,
+                registry=build_registry(),
+                clock_ms=lambda: int(time.time() * 1000),
+            )
+
+        first = asyncio.ensure_future(attempt(1))
+        await asyncio.wait_for(SECOND_STARTED.wait(), 10)
+        run = await store.get_run("r1")
+        assert run is not None
+        await store.claim(run, 2, "p2", 0)  # what a new owner does first
+
+        assert (await first).status == FENCED
+        assert (await attempt(3)).status == SUCCEEDED
+        assert RAN == ["a", "b", "b", "c"], "a was checkpointed and not run again"
+        row = await store.get_run("r1")
+        assert row is not None and row.result is not None
+        assert unpack(row.result) == {"done": ["a", "b", "c"]}
+        customs = [event_data(e.data) for e in await store.read_events("r1") if e.kind == "custom"]
+        assert customs == [{"node": "a"}, {"node": "b"}, {"node": "b"}, {"node": "c"}]
     finally:
         await store.close()
 
