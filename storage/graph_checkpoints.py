@@ -83,7 +83,7 @@ class WriteRow:
 class GraphCheckpoints:
     """The checkpoint tables of one open Store (PostgresStore or SqliteStore)."""
 
-    def __init__(self, store: Store, fencing: bool = True) -> None:
+    def __init__(self, store: Store) -> None:
         from raftmesh.storage.postgres import PostgresStore
         from raftmesh.storage.sqlite import SqliteStore
 
@@ -94,7 +94,9 @@ class GraphCheckpoints:
         else:
             raise TypeError(f"no checkpoint tables on {type(store).__name__}")
         self._store = store
-        self._fencing = fencing
+        # The store's own setting, so the chaos checker's unsafe mode
+        # (unsafe_disable_fencing) lets stale checkpoints through like stale steps.
+        self._fencing: bool = store._fencing
 
     async def _run(self, op: Op[T], write: bool) -> T:
         if self.dialect == "postgres":
