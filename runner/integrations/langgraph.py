@@ -43,8 +43,9 @@ except ImportError as exc:
 from langchain_core.runnables import RunnableConfig
 
 from raftmesh.runner.context import Fenced, RunContext, RunError
+from raftmesh.runner.integrations.inputs import check_graph_input
 from raftmesh.runner.models import DEFAULT_MODEL, ModelEndpoint
-from raftmesh.runner.registry import InvalidInput, agent
+from raftmesh.runner.registry import agent
 from raftmesh.storage import StaleEpoch, open_store
 from raftmesh.storage.graph_checkpoints import (
     BlobRow,
@@ -316,25 +317,6 @@ class MeshCheckpointSaver(BaseCheckpointSaver[str]):
 # -- the ``langgraph`` built-in agent -------------------------------------------
 
 STREAM_MODES: list[StreamMode] = ["updates", "messages", "custom"]
-
-
-def check_graph_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
-    """``{"graph": "module:attr", "input": ..., "config"?: {...}, "model"?: NAME}``."""
-    if not isinstance(input, Mapping):
-        raise InvalidInput('langgraph input must be {"graph": "module:attr", "input": ...}')
-    unknown = set(input) - {"graph", "input", "config", "model"}
-    if unknown:
-        raise InvalidInput(f"langgraph input has unknown keys {sorted(unknown)}")
-    module, _, attr = str(input.get("graph", "")).partition(":")
-    if not isinstance(input.get("graph"), str) or not module or not attr:
-        raise InvalidInput('langgraph input needs "graph": "module:attr" naming a compiled graph')
-    if "input" not in input:
-        raise InvalidInput('langgraph input needs "input", the graph\'s input')
-    if not isinstance(input.get("config", {}), Mapping):
-        raise InvalidInput('langgraph "config" must be an object (a RunnableConfig)')
-    if "model" in input and input["model"] not in models:
-        choices = ", ".join(sorted(models)) or "none"
-        raise InvalidInput(f"unknown model {input['model']!r}; configured models: {choices}")
 
 
 def load_graph(reference: str) -> Pregel:

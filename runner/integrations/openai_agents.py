@@ -15,7 +15,7 @@ streamed; a run's input names an endpoint, never a URL.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from raftmesh.runner.integrations import ExtraMissing, resolve
@@ -33,8 +33,9 @@ from pydantic import TypeAdapter
 
 from raftmesh.runner.agents.chat import ChatConfigError, api_key, choose_endpoint
 from raftmesh.runner.context import RunContext, RunError
+from raftmesh.runner.integrations.inputs import check_agent_input
 from raftmesh.runner.models import ModelEndpoint
-from raftmesh.runner.registry import InvalidInput, agent
+from raftmesh.runner.registry import agent
 
 __all__ = ["JournaledModel", "JournaledProvider", "durable_run", "run_openai_agent"]
 
@@ -138,24 +139,6 @@ async def durable_run(
     )
     result = await Runner.run(agent.clone(tools=tools), input, run_config=config)
     return result.final_output
-
-
-def check_agent_input(input: Any, models: Mapping[str, ModelEndpoint]) -> None:
-    """``{"agent": "module:attr", "input": str, "model"?: NAME}``."""
-    if not isinstance(input, Mapping):
-        raise InvalidInput('openai_agent input must be {"agent": "module:attr", "input": "..."}')
-    unknown = set(input) - {"agent", "input", "model"}
-    if unknown:
-        raise InvalidInput(f"openai_agent input has unknown keys {sorted(unknown)}")
-    module, _, attr = str(input.get("agent", "")).partition(":")
-    if not isinstance(input.get("agent"), str) or not module or not attr:
-        raise InvalidInput('openai_agent input needs "agent": "module:attr" naming an agents.Agent')
-    if not isinstance(input.get("input"), str):
-        raise InvalidInput('openai_agent input needs "input", the text to send the agent')
-    try:
-        choose_endpoint(dict(input), models)
-    except ChatConfigError as exc:
-        raise InvalidInput(str(exc)) from None
 
 
 def load_agent(reference: str) -> Agent[Any]:

@@ -201,3 +201,29 @@ def test_a_peer_without_the_extras_starts_without_their_agents() -> None:
         "openai-agents is not installed: pip install 'raftmesh[openai-agents]'",
     ]
     assert "Traceback" not in done.stderr
+
+
+LIGHT_PEER = """
+import sys
+from raftmesh.runner.models import ModelEndpoint
+from raftmesh.runner.registry import InvalidInput, build_registry
+registry = build_registry()
+try:
+    registry.check_input("langgraph", {"graph": "m:g"}, {})
+except InvalidInput as exc:
+    print(exc)
+print(sorted(m for m in ("langgraph", "agents", "openai") if m in sys.modules))
+"""
+
+
+def test_registering_and_checking_inputs_import_no_framework() -> None:
+    """Importing LangGraph and the Agents SDK takes seconds and ~100 MB: not
+    at every peer's start, nor in every isolated child."""
+    done = subprocess.run(
+        [sys.executable, "-c", LIGHT_PEER], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        """langgraph input needs "input", the graph's input""",
+        "[]",
+    ]
