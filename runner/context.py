@@ -146,6 +146,12 @@ class RunContext:
         self.executed_steps = 0
         self._agent_task: asyncio.Future[Any] | None = None
 
+    @property
+    def store(self) -> Store:
+        """The run's storage, for integrations that keep their own durable
+        state beside the journal (a LangGraph checkpointer), fenced by ``epoch``."""
+        return self._store
+
     def bind_task(self, task: asyncio.Future[Any]) -> None:
         """The runner hands over the agent's task so that ``cancel`` can stop it."""
         self._agent_task = task
@@ -266,7 +272,13 @@ class RunContext:
 
     def abandon(self) -> None:
         """The attempt is over: stop child submissions still in flight. Safe, as
-        a retried spawn finds its child again by idempotency key."""
+        a retried spawn finds its child again by idempotency key. Event writes
+        still in flight finish, and a refused one (Fenced, the attempt is
+        already over) is not reported again as a task nobody awaited: its
+        traceback would be printed from a finalizer, which CPython 3.11 can do
+        in the middle of an ast.parse and so break every later parse."""
+        for pending in self._pending:
+            pending.add_done_callback(_retrieve)
         for fut in self._spawning:
             if fut.done():
                 if not fut.cancelled():
@@ -404,6 +416,11 @@ class RunContext:
             await write
         except StaleEpoch as exc:
             raise Fenced(str(exc)) from exc
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class ChildRun:

@@ -10,11 +10,16 @@ test, an isolated child) cannot see each other's agents.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import importlib.util
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from raftmesh.runner.context import RunError
+from raftmesh.runner.integrations import ExtraMissing
 from raftmesh.runner.models import ModelEndpoint
 
 AgentFn = Callable[..., Awaitable[Any]]
@@ -22,6 +27,8 @@ AgentFn = Callable[..., Awaitable[Any]]
 InputCheck = Callable[[Any, Mapping[str, ModelEndpoint]], None]
 
 ENTRY_POINT_GROUP = "raftmesh.agents"
+
+log = logging.getLogger("raftmesh.runner")
 
 
 class UnknownAgent(LookupError):
@@ -88,7 +95,44 @@ class Registry:
 
 
 BUILTIN_AGENTS = ("raftmesh.runner.agents.builtin", "raftmesh.runner.agents.chat")
+# The built-ins of the framework integrations: name -> (module, function, the
+# package their extra installs). A peer registers one only where that package
+# is found, without importing it: LangGraph and the Agents SDK take seconds
+# and ~100 MB to import, on every peer and every isolated child, so they are
+# imported on an agent's first run, off the event loop.
+OPTIONAL_AGENTS = {
+    "langgraph": ("raftmesh.runner.integrations.langgraph", "run_graph", "langgraph"),
+    "openai_agent": ("raftmesh.runner.integrations.openai_agents", "run_openai_agent", "agents"),
+}
+INTEGRATION_INPUTS = "raftmesh.runner.integrations.inputs"
 DEMO_AGENTS = "raftmesh.runner.agents.demo"
+
+
+class DeferredAgent:
+    """An agent whose module is imported on its first run (in a thread, so the
+    peer keeps answering meanwhile); its input check needs no import of it."""
+
+    def __init__(self, name: str, module: str, function: str) -> None:
+        self.agent_name = name
+        self._module = module
+        self._function = function
+
+    async def __call__(self, ctx: Any, input: Any) -> Any:
+        try:
+            module = await asyncio.to_thread(importlib.import_module, self._module)
+        except ExtraMissing as exc:
+            raise RunError(str(exc)) from exc
+        return await getattr(module, self._function)(ctx, input)
+
+    def input_check(self, input: Any, models: Mapping[str, ModelEndpoint]) -> None:
+        importlib.import_module(INTEGRATION_INPUTS).CHECKS[self.agent_name](input, models)
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ImportError:
+        return False
 
 
 def agent(name: str, check: InputCheck | None = None) -> Callable[[AgentFn], AgentFn]:
@@ -112,6 +156,11 @@ def build_registry(references: tuple[str, ...] = (), demo: bool = False) -> Regi
     registry = Registry()
     for module in BUILTIN_AGENTS:
         registry.load(module)
+    for name, (module, function, package) in OPTIONAL_AGENTS.items():
+        if _installed(package):
+            registry.add(name, DeferredAgent(name, module, function))
+        else:
+            log.info("agent %s not available: %s is not installed", name, package)
     registry.references.clear()
     registry.load_entry_points()
     for ref in ((DEMO_AGENTS,) if demo else ()) + tuple(references):

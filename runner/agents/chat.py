@@ -227,7 +227,7 @@ async def _body_excerpt(resp: aiohttp.ClientResponse, key: str | None) -> str:
     return excerpt(raw.decode(errors="replace"), (key,) if key else ())
 
 
-def _api_key(endpoint: ModelEndpoint) -> str | None:
+def api_key(endpoint: ModelEndpoint) -> str | None:
     if not endpoint.api_key_env:
         return None
     key = os.environ.get(endpoint.api_key_env)
@@ -257,7 +257,7 @@ async def _complete(
     }
     if tools:
         body["tools"] = tools
-    key = _api_key(endpoint)
+    key = api_key(endpoint)
     # On the one request to the configured URL, never on the session, and
     # with redirects refused: the key goes nowhere else.
     headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -33,7 +33,15 @@ async def test_tables_live_in_the_schema_named_by_the_url(
         )
     finally:
         await conn.close()
-    assert {t["table_name"] for t in tables} == {"runs", "steps", "events", "schema_migrations"}
+    assert {t["table_name"] for t in tables} == {
+        "runs",
+        "steps",
+        "events",
+        "schema_migrations",
+        "graph_checkpoints",
+        "graph_blobs",
+        "graph_writes",
+    }
 
 
 def test_events_channel_is_a_plain_identifier_per_schema() -> None:

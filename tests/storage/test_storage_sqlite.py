@@ -56,7 +56,11 @@ async def test_two_processes_write_one_file_without_lock_errors(tmp_path: Path) 
         await store.close()
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [
+            (1,),
+            (2,),
+            (3,),
+        ]
 
 
 async def test_an_unopenable_file_is_unavailable(tmp_path: Path) -> None:
