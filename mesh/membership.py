@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -56,11 +56,15 @@ from raftmesh.mesh.errors import (
     Unavailable,
     refusal,
 )
-from raftmesh.mesh.leader_link import LeaderLink
-from raftmesh.mesh.proposer import Proposer
 from raftmesh.mesh.schemas import JoinRequest, parse_request
 from raftmesh.mesh.settings import Settings
-from raftmesh.runner.slots import Slots
+
+if TYPE_CHECKING:
+    # Types only: `mesh join` imports this module for its data-dir markers,
+    # and a client command must not load the Raft binding.
+    from raftmesh.mesh.leader_link import LeaderLink
+    from raftmesh.mesh.proposer import Proposer
+    from raftmesh.runner.slots import Slots
 
 log = logging.getLogger("raftmesh.membership")
 
