@@ -188,7 +188,9 @@ class MeshState:
         self.by_owner: dict[str, set[str]] = {}
         self.tenant_running: dict[str, int] = {}
         self.tenant_queued: dict[str, int] = {}
-        self.idempotency: dict[str, tuple[str, int]] = {}
+        # (tenant, idempotency key) -> (run id, expiry): one tenant's key never
+        # finds another tenant's run.
+        self.idempotency: dict[tuple[str, str], tuple[str, int]] = {}
         self.seen: dict[str, tuple[Any, int]] = {}
         self.tenant_caps: dict[str, int] = {}
         self.default_tenant_cap: int | None = None
@@ -258,8 +260,9 @@ class MeshState:
             if name in spec and not isinstance(spec[name], kind):
                 raise Rejected(f"field {name} must be {kind.__name__}")
         key = spec.get("idempotency_key")
+        tenant = spec.get("tenant") or "default"
         if key is not None:
-            known = self.idempotency.get(key)
+            known = self.idempotency.get((tenant, key))
             if known is not None:
                 return {"id": known[0], "created": False}
         run_id = spec["id"]
@@ -267,7 +270,7 @@ class MeshState:
         if existing is not None:
             # A replay of the same submission; a different key under the same
             # id would answer one key with two runs.
-            if existing.idempotency_key != key:
+            if existing.idempotency_key != key or existing.tenant != tenant:
                 raise Rejected(f"run id {run_id} is taken by a run with another idempotency key")
             return {"id": run_id, "created": False}
         labels = spec.get("labels") or {}
@@ -284,7 +287,6 @@ class MeshState:
         for name in _OPTIONAL_TEXT:
             if spec.get(name) is not None and not isinstance(spec[name], str):
                 raise Rejected(f"field {name} must be str")
-        tenant = spec.get("tenant") or "default"
         limit = self.tenant_queue_limit(tenant)
         if limit is not None and self.queued_for_tenant(tenant) >= limit:
             raise QueueFull(f"tenant {tenant!r} already has {limit} queued runs (its maximum)")
@@ -312,7 +314,7 @@ class MeshState:
         self.runs[run_id] = run
         self._count_queued(run.tenant, 1)
         if key is not None:
-            self.idempotency[key] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
+            self.idempotency[(tenant, key)] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
         return {"id": run_id, "created": True}
 
     def _assign(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
@@ -734,7 +736,7 @@ class MeshState:
             "v": 1,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
-            "idempotency": [[k, v[0], v[1]] for k, v in self.idempotency.items()],
+            "idempotency": [[list(k), v[0], v[1]] for k, v in self.idempotency.items()],
             "seen": [[k, v[0], v[1]] for k, v in self.seen.items()],
             "tenant_caps": self.tenant_caps,
             "default_tenant_cap": self.default_tenant_cap,
@@ -749,7 +751,11 @@ class MeshState:
         state = cls()
         state.runs = {r["id"]: Run(**r) for r in data["runs"]}
         state.peers = {p["id"]: Peer(**p) for p in data["peers"]}
-        state.idempotency = {k: (run_id, exp) for k, run_id, exp in data["idempotency"]}
+        state.idempotency = {
+            # a key from before tenants scoped them was the default tenant's
+            (tuple(k) if isinstance(k, list | tuple) else ("default", k)): (run_id, exp)
+            for k, run_id, exp in data["idempotency"]
+        }
         state.seen = {k: (res, exp) for k, res, exp in data["seen"]}
         state.tenant_caps = dict(data["tenant_caps"])
         state.default_tenant_cap = data["default_tenant_cap"]

@@ -247,7 +247,7 @@ class Membership:
             raise Unavailable("no leader known yet: the log has not reached this learner")
         body = {"id": peer.id, "raft": peer.settings.raft, "applied": raft.status()["last_applied"]}
         async with peer._client.post(
-            f"http://{peer.settings.dial_addr(leader.http)}/internal/v1/voters/promote",
+            peer.link.url(leader.http, "/internal/v1/voters/promote"),
             json=body,
             headers={"Authorization": f"Bearer {peer.internal_token}"},
             timeout=aiohttp.ClientTimeout(total=MEMBERSHIP_RETRY_S + 5),
@@ -430,7 +430,7 @@ class Membership:
         if leader is None or leader.raft == addr or peer._client is None:
             raise NoQuorumError("no other voter leads yet")
         async with peer._client.post(
-            f"http://{leader.http}/internal/v1/voters/remove",
+            peer.link.url(leader.http, "/internal/v1/voters/remove"),
             json={"raft": addr},
             headers={"Authorization": f"Bearer {peer.internal_token}"},
             timeout=aiohttp.ClientTimeout(total=MEMBERSHIP_RETRY_S),

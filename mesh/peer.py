@@ -44,6 +44,7 @@ from raftmesh.mesh.reconciler import Reconciler
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
+from raftmesh.mesh.tls import server_context
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
 from raftmesh.runner.registry import build_registry
@@ -70,7 +71,6 @@ class Peer:
         self.internal_token = hmac.new(
             secret.encode(), b"raftmesh-internal-v1", hashlib.sha256
         ).hexdigest()
-        self.api_token = settings.api_token
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
         self.registry = build_registry(settings.agent_modules, demo=settings.demo_agents)
@@ -122,7 +122,7 @@ class Peer:
             dial=dict(s.dial),
         )
         self.proposer = Proposer(self.raft, s.commit_timeout_s, self._stopping)
-        self.link = LeaderLink(self.proposer, self.internal_token, dict(s.dial))
+        self.link = LeaderLink(self.proposer, self.internal_token, s)
         self.reconciler = Reconciler(
             self.id,
             self.incarnation,
@@ -169,7 +169,8 @@ class Peer:
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         host, port = _host_port(s.http)
-        await web.TCPSite(self._http, host, port, reuse_address=True).start()
+        tls = server_context(s)
+        await web.TCPSite(self._http, host, port, reuse_address=True, ssl_context=tls).start()
         self._background = [
             asyncio.create_task(self._every(s.heartbeat_interval_s, None, self._beat), name="beat"),
             asyncio.create_task(

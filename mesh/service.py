@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -20,6 +21,7 @@ from raftmesh.consensus import commands
 from raftmesh.consensus.spec import RunSpec, SpecError
 from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING
 from raftmesh.mesh.api import SUBMIT_FIELDS, validate_submission
+from raftmesh.mesh.auth import Authenticator
 from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
@@ -37,7 +39,7 @@ from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.queue_view import queue_summary, slot_use
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
-from raftmesh.mesh.views import active_view, view_from_row, view_from_state
+from raftmesh.mesh.views import active_view, listed_status, view_from_row, view_from_state
 from raftmesh.runner.payload import pack, unpack
 from raftmesh.runner.registry import InvalidInput, Registry
 from raftmesh.storage.base import (
@@ -77,9 +79,11 @@ class MeshService:
         self.settings = settings
         self.id = settings.id
         self.incarnation = incarnation
-        self.api_token = settings.api_token
+        self.auth = Authenticator.build(settings.api_token, settings.api_tokens_file)
         self.internal_token = internal_token
         self.max_body_bytes = settings.max_body_bytes
+        self.max_streams = settings.max_streams
+        self.max_streams_per_token = settings.max_streams_per_token
         self._proposer = proposer
         self.store = store
         self.events = events
@@ -173,29 +177,57 @@ class MeshService:
         except Exception as exc:  # history is advisory here; the claim writes it for real
             log.warning("could not record run history: %s", exc, extra={"run_id": run_id})
 
-    async def get_run(self, run_id: str) -> dict[str, Any]:
+    async def get_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         view, _ = await self._settled_view(run_id)
-        if view is not None:
-            return view
-        row = await from_storage(self.store.get_run(run_id))
-        if row is None:
+        if view is None:
+            row = await from_storage(self.store.get_run(run_id))
+            view = view_from_row(row) if row is not None else None
+        if view is None or (tenant is not None and view["tenant"] != tenant):
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
-        return view_from_row(row)
+        return view
 
-    async def list_runs(self, status: str | None, limit: int) -> list[dict[str, Any]]:
+    async def _check_visible(self, run_id: str, tenant: str | None) -> None:
+        """RunNotFound unless the run exists and belongs to ``tenant`` (None: any)."""
+        if tenant is None:
+            return
+        with self._proposer.read() as state:
+            active = state.runs.get(run_id)
+            owner_tenant = active.tenant if active is not None else None
+        if owner_tenant is None:
+            row = await from_storage(self.store.get_run(run_id))
+            owner_tenant = row.spec.tenant if row is not None else None
+        if owner_tenant != tenant:
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
+
+    async def list_runs(
+        self, status: str | None, limit: int, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first. Under the state's lock only the page's runs are picked
+        (by the fields a view sorts and filters on); views are built for those."""
         if status is not None and status not in ALL_STATUSES:
             raise BadRequest(
                 f"unknown status {status!r}; use one of {', '.join(sorted(ALL_STATUSES))}"
             )
         with self._proposer.read() as state:
             now = now_ms()
-            active = [active_view(state, r, self.scheduler, now) for r in state.runs.values()]
-        active = [v for v in active if status is None or v["status"] == status]
+            picked = heapq.nlargest(
+                limit,
+                (
+                    r
+                    for r in state.runs.values()
+                    if (tenant is None or r.tenant == tenant)
+                    and (status is None or listed_status(r) == status)
+                ),
+                key=lambda r: (r.submitted_at_ms, r.id),
+            )
+            active = [active_view(state, r, self.scheduler, now) for r in picked]
         stored: list[dict[str, Any]] = []
         if status is None or status in TERMINAL_STATUSES:
-            rows = await from_storage(self.store.list_runs(status, limit))
-            seen = {v["id"] for v in active}
-            stored = [view_from_row(r) for r in rows if r.id not in seen]
+            rows = await from_storage(self.store.list_runs(status, limit, tenant))
+            in_state = {v["id"] for v in active}
+            with self._proposer.read() as state:
+                in_state |= {r.id for r in rows if r.id in state.runs}
+            stored = [view_from_row(r) for r in rows if r.id not in in_state]
         views = active + stored
         views.sort(key=lambda v: v["submitted_at"] or 0, reverse=True)
         return views[:limit]
@@ -213,8 +245,9 @@ class MeshService:
     def agents(self) -> dict[str, Any]:
         return {"peer": self.id, "agents": self.registry.names()}
 
-    async def cancel_run(self, run_id: str) -> dict[str, Any]:
+    async def cancel_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         """Queued runs end at once; a running one is stopped by its owner."""
+        await self._check_visible(run_id, tenant)
         result = await self._proposer.propose(commands.cancel(new_id(), now_ms(), run_id))
         if result.get("ok"):
             status = "cancelled" if result["status"] == SETTLING else "cancelling"
@@ -229,11 +262,12 @@ class MeshService:
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
         raise Conflict(f"run {run_id} cannot be cancelled: it already {row.status}")
 
-    async def retry_run(self, run_id: str) -> dict[str, Any]:
+    async def retry_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         """Re-queue a dead letter under its own id. Storage is reopened first,
         then the run re-enters Raft state at its stored epoch, so its next
         owner claims epoch + 1. Calling again after a failure in between is
         safe: a reopened run that never made it back into Raft is re-submitted."""
+        await self._check_visible(run_id, tenant)
         view, settling = await self._settled_view(run_id)
         if settling:
             raise Unavailable(f"run {run_id}'s outcome is still being recorded; retry shortly")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from raftmesh.consensus.spec import RunSpec
@@ -28,6 +28,18 @@ RUN_COLUMNS = ", ".join(
     ("id", *SPEC_COLUMNS, "options", "submitted_at_ms", "status", "owner", "epoch", "attempts")
     + ("result", "error", "started_at_ms", "finished_at_ms")
 )
+
+
+def run_filter(
+    status: str | None, tenant: str | None, placeholder: Callable[[int], str]
+) -> tuple[str, tuple[str, ...]]:
+    """The WHERE clause of a run listing and its parameters; ``placeholder(n)``
+    spells the n-th parameter in the backend's SQL."""
+    conditions = [(c, v) for c, v in (("status", status), ("tenant", tenant)) if v is not None]
+    if not conditions:
+        return "", ()
+    where = " AND ".join(f"{c} = {placeholder(n)}" for n, (c, _) in enumerate(conditions, 1))
+    return f"WHERE {where}", tuple(v for _, v in conditions)
 
 
 class Row(Protocol):

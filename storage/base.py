@@ -204,5 +204,7 @@ class Store(Protocol):
 
     async def get_run(self, run_id: str) -> RunRow | None: ...
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
-        """Newest first."""
+    async def list_runs(
+        self, status: str | None = None, limit: int = 100, tenant: str | None = None
+    ) -> list[RunRow]:
+        """Newest first; ``tenant`` None lists every tenant's."""

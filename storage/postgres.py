@@ -22,6 +22,7 @@ from raftmesh.storage._common import (
     fence,
     fence_result,
     require_terminal,
+    run_filter,
     run_from_row,
     spec_values,
 )
@@ -305,17 +306,13 @@ class PostgresStore:
             row = await conn.fetchrow(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
         return None if row is None else run_from_row(row)
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
-        order = "ORDER BY submitted_at_ms DESC, id DESC"
+    async def list_runs(
+        self, status: str | None = None, limit: int = 100, tenant: str | None = None
+    ) -> list[RunRow]:
+        where, params = run_filter(status, tenant, lambda n: f"${n}")
+        sql = f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY submitted_at_ms DESC, id DESC"
         async with self._connection() as conn:
-            if status is None:
-                rows = await conn.fetch(f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT $1", limit)
-            else:
-                rows = await conn.fetch(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE status = $1 {order} LIMIT $2",
-                    status,
-                    limit,
-                )
+            rows = await conn.fetch(f"{sql} LIMIT ${len(params) + 1}", *params, limit)
         return [run_from_row(row) for row in rows]
 
     async def listen(self, callback: NotifyCallback) -> None:

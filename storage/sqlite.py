@@ -26,6 +26,7 @@ from raftmesh.storage._common import (
     fence,
     fence_result,
     require_terminal,
+    run_filter,
     run_from_row,
     spec_values,
 )
@@ -287,15 +288,13 @@ class SqliteStore:
         )
         return None if row is None else run_from_row(row)
 
-    async def list_runs(self, status: str | None = None, limit: int = 100) -> list[RunRow]:
-        order = "ORDER BY submitted_at_ms DESC, id DESC"
-        params: tuple[str | int, ...]
-        if status is None:
-            sql, params = f"SELECT {RUN_COLUMNS} FROM runs {order} LIMIT ?", (limit,)
-        else:
-            sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE status = ? {order} LIMIT ?"
-            params = (status, limit)
-        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+    async def list_runs(
+        self, status: str | None = None, limit: int = 100, tenant: str | None = None
+    ) -> list[RunRow]:
+        where, params = run_filter(status, tenant, lambda n: "?")
+        sql = f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY submitted_at_ms DESC, id DESC"
+        args = (*params, limit)
+        rows = await self._read(lambda conn: conn.execute(f"{sql} LIMIT ?", args).fetchall())
         return [run_from_row(row) for row in rows]
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
