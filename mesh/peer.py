@@ -278,7 +278,7 @@ class Peer:
             store=self.store,
             registry=self.registry,
             clock_ms=now_ms,
-            limits=Limits(max_children=s.max_children, max_depth=s.max_depth),
+            limits=Limits(s.max_children, s.max_depth, s.max_events_per_run),
             mesh=self.service,
             default_memory_limit_mb=s.isolation_memory_mb,
             isolation_env=s.isolation_env,
