@@ -28,6 +28,8 @@ class SecureSetup:
     key: Path
     tokens_file: Path
     admin_token: str
+    # The admin token again, in a file of its own (MESH_API_TOKEN_FILE).
+    admin_token_file: Path
     # tenant -> its token
     tenant_tokens: dict[str, str] = field(default_factory=dict)
 
@@ -135,4 +137,6 @@ def make_secure_setup(dir: Path, tenants: tuple[str, ...] = ("alpha", "beta")) -
     tenant_tokens = {t: secrets.token_urlsafe(24) for t in tenants}
     tokens_file = dir / "tokens.toml"
     write_tokens_file(tokens_file, admin, tenant_tokens)
-    return SecureSetup(ca, cert, key, tokens_file, admin, tenant_tokens)
+    admin_file = dir / "admin.token"
+    _write_private(admin_file, admin.encode())
+    return SecureSetup(ca, cert, key, tokens_file, admin, admin_file, tenant_tokens)
