@@ -388,8 +388,11 @@ async def run(config: ChaosConfig) -> Outcome:
             else ""
         ),
         "fencing: " + ("DISABLED (unsafe debug mode)" if config.unsafe_disable_fencing else "on"),
+        "security: "
+        + ("tokens file and TLS (https, CA-verified)" if config.secure else "off (plain http)"),
         f"replay: python -m raftmesh.chaos run --peers {config.peers} --duration {config.duration_s:g}"
-        f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR",
+        f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR"
+        + (" --secure" if config.secure else ""),
         f"ledger entries {len(ledger)}; peer logs in {mesh.dir}",
         *(f"NEMESIS ERROR: {e}" for e in nemesis.errors),
     ]
