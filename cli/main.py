@@ -29,8 +29,10 @@ from rich.live import Live
 from rich.table import Table
 
 from raftmesh.cli import membership, run_control
+from raftmesh.cli.doctor import doctor
 from raftmesh.cli.peer_options import peer_settings_options
 from raftmesh.cli.remote import DEFAULT_PEER_URL, call, peer_option, token_option
+from raftmesh.cli.top import top
 from raftmesh.cli.watch import agents, follow_run, print_end, watch
 from raftmesh.mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
 from raftmesh.mesh.devmesh import DEFAULT_BASE_PORT, HTTP_PORT_OFFSET, DevMesh, DevMeshError
@@ -73,6 +75,7 @@ def main(ca: str | None) -> None:
 
 for _command in membership.COMMANDS:
     main.add_command(_command)
+main.add_command(top)
 
 
 @main.command()
@@ -242,8 +245,11 @@ def status(peer: str, token: str | None) -> None:
     queue = info.get("queue") or {}
     summary.add_row("queue depth", str(queue.get("depth")))
     summary.add_row("oldest queued", f"{queue.get('oldest_age_s') or 0:.1f} s")
-    console.print(summary)
+    runs = info.get("runs") or {}
+    summary.add_row("waiting", str(runs.get("waiting", 0)))
+    summary.add_row("paused", str(runs.get("paused", 0)))
     summary.add_row("voters", ", ".join(info.get("voters") or []))
+    console.print(summary)
     peers = Table(title="Peers")
     for column in ("id", "role", "raft", "http", "status", "slots", "running"):
         peers.add_column(column)
@@ -572,3 +578,4 @@ main.add_command(watch)
 main.add_command(agents)
 main.add_command(run_control.cancel)
 main.add_command(run_control.retry)
+main.add_command(doctor)

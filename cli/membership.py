@@ -29,9 +29,11 @@ def _print(answer: dict[str, Any], as_json: bool, line: str) -> None:
 
 @click.command()
 @click.argument("seed_url")
-@click.option("--id", "id_", required=True, help="The new peer's id; must not be in use.")
+@click.option(
+    "--id", "id_", required=True, envvar="MESH_ID", help="The new peer's id; must not be in use."
+)
 @click.option("--raft", help="Raft bind address HOST:PORT (voters only).")
-@click.option("--http", required=True, help="HTTP API bind address HOST:PORT.")
+@click.option("--http", required=True, envvar="MESH_HTTP", help="HTTP API bind address HOST:PORT.")
 @click.option(
     "--executor", is_flag=True, help="Join as a non-voting executor (runs work, no vote)."
 )

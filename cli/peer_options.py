@@ -72,6 +72,16 @@ _OPTIONS = [
         default=None,
         help="Also run the demo agents: steps, fail, fanout, hog, ... (env MESH_DEMO_AGENTS).",
     ),
+    click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        help="Least severe level logged [default: info] (env MESH_LOG_LEVEL).",
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["auto", "json", "logfmt"]),
+        help="JSON lines, logfmt, or auto: logfmt at a terminal [default: auto] (env MESH_LOG_FORMAT).",
+    ),
 ]
 
 

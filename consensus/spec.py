@@ -79,8 +79,15 @@ def _int(lo: int, hi: int = INT64_MAX) -> Any:
 
 
 def _text(v: Any) -> bool:
-    """PostgreSQL text cannot hold NUL: refused here so both backends agree."""
-    return isinstance(v, str) and "\x00" not in v
+    """Text every backend can store: UTF-8 (no lone surrogates), and no NUL,
+    which PostgreSQL text cannot hold."""
+    if not isinstance(v, str) or "\x00" in v:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _str_map(v: Any) -> bool:

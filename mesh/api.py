@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -56,7 +57,12 @@ class PeerAPI(Protocol):
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]: ...
     async def get_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
     async def list_runs(
-        self, status: str | None, limit: int, tenant: str | None
+        self,
+        status: str | None,
+        limit: int,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
     ) -> list[dict[str, Any]]: ...
     async def cancel_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
     async def retry_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
@@ -238,7 +244,21 @@ def build_app(peer: PeerAPI) -> web.Application:
             raise BadRequest("query parameter 'limit' must be an integer") from None
         if not 1 <= limit <= 10_000:
             raise BadRequest("query parameter 'limit' must be between 1 and 10000")
-        runs = await peer.list_runs(request.query.get("status") or None, limit, who.tenant)
+        try:
+            offset = int(request.query.get("offset", "0"))
+        except ValueError:
+            raise BadRequest("query parameter 'offset' must be an integer") from None
+        if not 0 <= offset <= 1_000_000:
+            raise BadRequest("query parameter 'offset' must be between 0 and 1000000")
+        q = request.query
+        tenant = q.get("tenant") or None
+        if who.tenant is not None:
+            if tenant not in (None, who.tenant):
+                return web.json_response({"runs": []})  # no run of another tenant is visible
+            tenant = who.tenant
+        runs = await peer.list_runs(
+            q.get("status") or None, limit, tenant, q.get("agent") or None, offset
+        )
         return web.json_response({"runs": runs})
 
     async def cancel_run(request: web.Request) -> web.Response:
@@ -272,7 +292,8 @@ def build_app(peer: PeerAPI) -> web.Application:
         if not isinstance(report, dict):
             raise BadRequest("heartbeat body must be a JSON object")
         peer.heartbeat(report)
-        return web.json_response({"ok": True})
+        # The leader's clock, so the reporting peer can tell its own skew.
+        return web.json_response({"ok": True, "wall_ms": int(time.time() * 1000)})
 
     async def events(request: web.Request) -> web.StreamResponse:
         who = principal(request)

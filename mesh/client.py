@@ -115,10 +115,36 @@ class MeshClient:
         return await self._request("GET", f"/v1/runs/{id}")
 
     async def list_runs(
-        self, status: str | None = None, limit: int | None = None
+        self,
+        status: str | None = None,
+        limit: int | None = None,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int | None = None,
     ) -> dict[str, Any]:
-        params = {k: str(v) for k, v in (("status", status), ("limit", limit)) if v is not None}
+        given = (
+            ("status", status),
+            ("limit", limit),
+            ("tenant", tenant),
+            ("agent", agent),
+            ("offset", offset),
+        )
+        params = {k: str(v) for k, v in given if v is not None}
         return await self._request("GET", "/v1/runs", params=params)
+
+    async def steps(self, id: str) -> dict[str, Any]:
+        """The run's step journal and its owners by epoch: {"steps", "owners"}."""
+        return await self._request("GET", f"/v1/runs/{id}/steps")
+
+    async def diagnostics(self) -> dict[str, Any]:
+        """This peer's pass/warn/fail checks: {"peer", "status", "checks", "notes"}."""
+        return await self._request("GET", "/v1/diagnostics")
+
+    async def metrics_text(self) -> str:
+        async with self._http().get(self.base_url + "/metrics") as resp:
+            if resp.status >= 300:
+                raise await _error_from(resp)
+            return await resp.text()
 
     async def cancel(self, id: str) -> dict[str, Any]:
         """Cancel a run; {"id", "status": "cancelled" | "cancelling"}. 409 if it already ended."""
@@ -210,6 +236,23 @@ class MeshClient:
 
     async def readyz(self) -> bool:
         return await self._probe("/readyz")
+
+    async def readiness(self) -> tuple[bool, str]:
+        """/readyz's verdict with its reason (e.g. "storage unreachable: ...");
+        unlike ``readyz`` an unreachable peer raises, so callers can tell the two apart."""
+        async with self._http().get(self.base_url + "/readyz") as resp:
+            try:
+                reason = str((await resp.json(content_type=None)).get("reason", ""))
+            except (ValueError, AttributeError):
+                reason = (await resp.text()).strip()
+            return resp.status == 200, reason
+
+    async def metrics(self) -> str:
+        """The peer's Prometheus exposition text."""
+        async with self._http().get(self.base_url + "/metrics") as resp:
+            if resp.status >= 300:
+                raise await _error_from(resp)
+            return await resp.text()
 
     async def _probe(self, path: str) -> bool:
         """Probes answer a yes/no question, so an unreachable peer is a no."""

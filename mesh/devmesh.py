@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -102,6 +102,7 @@ class DevMesh:
             create_secret_file(self.secret_file)
         self._env = dict(env or {})
         self._peer_env = {k: dict(v) for k, v in (peer_env or {}).items()}
+        self._peer_command: dict[str, tuple[str, ...]] = {}
         if not 0 <= executors < nodes:
             raise DevMeshError(
                 f"executors must leave at least one voter, got {executors} of {nodes}"
@@ -150,6 +151,15 @@ class DevMesh:
         so settings that name other peers' addresses (e.g. MESH_DIAL) are
         added here."""
         self._peer_env.setdefault(peer_id, {}).update(env)
+
+    def set_peer_command(self, peer_id: str, command: Sequence[str] | None) -> None:
+        """Start one peer with another program (e.g. another release's
+        ``python -m cli``) from its next start on; None: this interpreter's
+        ``raftmesh.cli`` again. Upgrade tests mix releases this way."""
+        if command is None:
+            self._peer_command.pop(peer_id, None)
+        else:
+            self._peer_command[peer_id] = tuple(command)
 
     def start(self) -> None:
         running = [p.id for p in self.peers if p.running]
@@ -259,7 +269,8 @@ class DevMesh:
 
     def _launch(self, peer: DevPeer, args: list[str]) -> None:
         peer.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "raftmesh.cli", *args]
+        command = self._peer_command.get(peer.id, (sys.executable, "-m", "raftmesh.cli"))
+        argv = [*command, *args]
         # A dev mesh is for trying things out: the demo agents come with it.
         env = {"MESH_DEMO_AGENTS": "true"}
         env.update({k: v for k, v in os.environ.items() if k not in _SET_BY_DEVMESH})

@@ -20,6 +20,7 @@ from raftmesh.consensus.state import PEER_UP, SETTLING, MeshState
 from raftmesh.mesh.errors import from_storage
 from raftmesh.mesh.liveness import Liveness
 from raftmesh.mesh.metrics import Metrics
+from raftmesh.mesh.observe import Failovers, wall_ms_of
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.runner.attempt import Assignment
@@ -111,12 +112,14 @@ class LeaderDuty:
         self._proposer = proposer
         self._store = store
         self._metrics = metrics
+        self._failovers = Failovers()
 
     async def run_once(self) -> None:
         raft = self._proposer.raft
         with self._proposer.read() as state:
             term = raft.term if raft.is_leader else None
             cmds = self.leader.tick(state, term, now_ms(), time.monotonic())
+            self._track_failovers(state, cmds)
         # Proposed together, so they share one log entry and commit in order.
         results = await asyncio.gather(
             *(self._proposer.propose(c) for c in cmds), return_exceptions=True
@@ -126,6 +129,7 @@ class LeaderDuty:
                 raise result
             if cmd["op"] == commands.PEER_DOWN and result.get("ok"):
                 self._metrics.peers_down.inc()
+                self._metrics.failovers.inc(result.get("requeued", 0))
             elif cmd["op"] == commands.ASSIGN and result.get("rejected"):
                 log.debug("assignments rejected on apply: %s", result["rejected"])
             elif cmd["op"] == commands.CONFIGURE:
@@ -133,6 +137,16 @@ class LeaderDuty:
         if term is not None:
             # Last, so that an unreachable database delays only these outcomes.
             await self._settle_decided()
+
+    def _track_failovers(self, state: MeshState, cmds: list[commands.Command]) -> None:
+        """An orphan's loss dates from its owner's last report, not from the verdict."""
+        for cmd in cmds:
+            if cmd["op"] == commands.PEER_DOWN:
+                heard = self.leader.liveness.last_heard.get(cmd["peer"])
+                lost_at = wall_ms_of(heard[1]) if heard is not None else now_ms()
+                self._failovers.owner_lost(state, cmd["peer"], lost_at)
+        for seconds in self._failovers.resumed(state):
+            self._metrics.failover_duration.observe(seconds)
 
     async def _settle_decided(self) -> None:
         """Storage first: a leader that dies in between leaves the run settling
@@ -145,6 +159,7 @@ class LeaderDuty:
                 self._store.set_terminal(item.row.id, item.outcome, item.message, now_ms())
             )
             await self._proposer.propose(commands.settle(new_id(), now_ms(), item.row.id))
+            self._metrics.runs_finished.labels(item.outcome).inc()
             log.info(
                 "run %s (decided by the mesh)",
                 item.outcome,

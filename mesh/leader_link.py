@@ -7,6 +7,7 @@ harness's proxy), so no caller builds internal URLs of its own.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -49,13 +50,19 @@ class LeaderLink:
         with self._proposer.read() as state:
             return state.peer_by_raft(addr)
 
-    async def heartbeat(self, report: dict[str, Any]) -> bool:
-        """True when the leader acknowledged this peer's report."""
+    async def heartbeat(self, report: dict[str, Any]) -> dict[str, Any] | None:
+        """The leader's acknowledgement of this peer's report, or None."""
         leader = self.leader()
         if leader is None:
-            return False
-        status, _ = await self._post(leader, "/internal/v1/heartbeat", report, None)
-        return status == 200
+            return None
+        status, text = await self._post(leader, "/internal/v1/heartbeat", report, None)
+        if status != 200:
+            return None
+        try:
+            ack = json.loads(text)
+        except ValueError:
+            return {}
+        return ack if isinstance(ack, dict) else {}
 
     async def ask_leader(
         self, path: str, body: dict[str, Any], timeout_s: float, not_to: str = ""

@@ -6,6 +6,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -70,6 +73,92 @@ class Metrics:
         )
         self.journal_syncs = Gauge(
             "raftmesh_journal_syncs", "Raft journal fsyncs since start", registry=r
+        )
+
+        # What explains load (issue 13): no run ids in labels, so the series
+        # stay bounded by statuses, peers and tenants.
+        self.runs = Gauge(
+            "raftmesh_runs", "Active runs in the replicated state by status", ["status"], registry=r
+        )
+        self.runs_finished = Counter(
+            "raftmesh_runs_finished_total",
+            "Outcomes this peer wrote to storage (its own attempts, and, leading, the mesh's decisions)",
+            ["status"],
+            registry=r,
+        )
+        self.peers = Gauge(
+            "raftmesh_peers", "Peers of the membership by status", ["status"], registry=r
+        )
+        self.has_leader = Gauge(
+            "raftmesh_has_leader", "1 if this peer knows a Raft leader", registry=r
+        )
+        self.assignment_latency = Histogram(
+            "raftmesh_assignment_latency_seconds",
+            "From submission to the first owner's storage claim (first attempts only; "
+            "a re-queued run is in raftmesh_failover_duration_seconds)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.run_duration = Histogram(
+            "raftmesh_run_duration_seconds",
+            "From a run's first start to the outcome this peer wrote",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "raftmesh_step_duration_seconds",
+            "From the previous step boundary (or the claim) to a step's checkpoint",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_write = Histogram(
+            "raftmesh_checkpoint_write_seconds",
+            "Time to write one step checkpoint to storage",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.failover_duration = Histogram(
+            "raftmesh_failover_duration_seconds",
+            "From the last report of a peer judged down to its run's reassignment (leader)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.failovers = Counter(
+            "raftmesh_failovers_total",
+            "Runs re-queued because their owner was judged down (leader)",
+            registry=r,
+        )
+        self.leader_changes = Counter(
+            "raftmesh_leader_changes_total", "Leader changes this peer observed", registry=r
+        )
+        self.raft_commit_seconds = Histogram(
+            "raftmesh_raft_commit_seconds",
+            "Time for any command this peer proposed to commit",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.raft_commit_index = Gauge(
+            "raftmesh_raft_commit_index", "Highest Raft log index known committed", registry=r
+        )
+        self.raft_apply_lag = Gauge(
+            "raftmesh_raft_apply_lag_entries", "Committed entries not yet applied here", registry=r
+        )
+        self.raft_log_entries = Gauge(
+            "raftmesh_raft_log_entries", "Entries in this peer's Raft log", registry=r
+        )
+        self.storage_pool_in_use = Gauge(
+            "raftmesh_storage_pool_connections_in_use",
+            "Storage pool connections checked out (PostgreSQL)",
+            registry=r,
+        )
+        self.storage_pool_size = Gauge(
+            "raftmesh_storage_pool_connections", "Storage pool connections open", registry=r
+        )
+        self.storage_ping = Histogram(
+            "raftmesh_storage_ping_seconds",
+            "Round trip of a trivial storage query, probed every few seconds",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
 
     def set_queue(self, queue: dict[str, Any], slots: dict[str, Any]) -> None:

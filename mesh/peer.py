@@ -38,13 +38,17 @@ from raftmesh.mesh.liveness import LeaderContact, Liveness
 from raftmesh.mesh.membership import Membership, check_not_left
 from raftmesh.mesh.membership_api import add_membership_routes
 from raftmesh.mesh.metrics import Metrics
+from raftmesh.mesh.observe import Observer
+from raftmesh.mesh.ops_api import add_ops_routes
 from raftmesh.mesh.presence import Presence
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.reconciler import Reconciler
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
+from raftmesh.mesh.timed_store import TimedStore
 from raftmesh.mesh.tls import server_context
+from raftmesh.mesh.tracing import Tracing
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
 from raftmesh.runner.registry import build_registry
@@ -80,6 +84,9 @@ class Peer:
             settings.storage, unsafe_disable_fencing=settings.unsafe_disable_fencing
         )
         self.events = EventHub(self.store, settings.events_poll_s)
+        self.observer = Observer(self.metrics)
+        self.tracing = Tracing(settings.id)
+        self.attempt_store = TimedStore(self.store, self.metrics, self.tracing)
         self.liveness = Liveness(settings.peer_ttl_s)
         self.contact = LeaderContact(settings.peer_ttl_s)
         self.scheduler = Scheduler(settings.placement, settings.priority_aging_s)
@@ -121,7 +128,9 @@ class Peer:
             commit_timeout_s=s.commit_timeout_s,
             dial=dict(s.dial),
         )
-        self.proposer = Proposer(self.raft, s.commit_timeout_s, self._stopping)
+        self.proposer = Proposer(
+            self.raft, s.commit_timeout_s, self._stopping, self.metrics.raft_commit_seconds.observe
+        )
         self.link = LeaderLink(self.proposer, self.internal_token, s)
         self.reconciler = Reconciler(
             self.id,
@@ -146,6 +155,8 @@ class Peer:
             self.metrics,
             lambda: self.reconciler.slots.busy,
             self._leader_wake.set,
+            observer=self.observer,
+            tracing=self.tracing,
         )
         leader = Leader(
             self.id, self.incarnation, self.scheduler, self.liveness, s.replicated_policy()
@@ -163,9 +174,11 @@ class Peer:
             lambda: (
                 self.membership.shutting_down or self.membership.leaving or self.membership.learning
             ),
+            on_leader_clock=self.observer.own_skew,
         )
         app = build_app(self.service)
         add_membership_routes(app, self)
+        add_ops_routes(app, self.service)
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         host, port = _host_port(s.http)
@@ -212,6 +225,7 @@ class Peer:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.raft is not None:
             await self.service.close()
+            await self.observer.close()
             await self.reconciler.stop()
         if self._http is not None:
             await self._http.cleanup()
@@ -219,6 +233,7 @@ class Peer:
             await self.link.close()
             self.raft.close()
         await self.store.close()
+        self.tracing.close()
         log.info("peer stopped")
 
     def request_exit(self) -> None:
@@ -226,6 +241,7 @@ class Peer:
         asyncio.get_running_loop().call_later(0.2, self.exit_requested.set)
 
     def _on_raft_change(self, cmds: list[commands.Command], results: list[dict[str, Any]]) -> None:
+        self.observer.applied(cmds, results)
         self._leader_wake.set()
         self._reconcile_wake.set()
 
@@ -260,6 +276,7 @@ class Peer:
 
     async def _beat(self) -> None:
         await self.presence.beat()
+        self.observer.tick(self._raft().leader_addr, self.store)
         self.reconciler.self_fence_if_cut_off()
 
     async def _reconcile(self) -> None:
@@ -275,7 +292,7 @@ class Peer:
         return await run_attempt(
             job,
             peer_id=self.id,
-            store=self.store,
+            store=self.attempt_store,
             registry=self.registry,
             clock_ms=now_ms,
             limits=Limits(s.max_children, s.max_depth, s.max_events_per_run),
@@ -331,5 +348,5 @@ async def _serve(settings: Settings) -> int:
 
 def run(settings: Settings) -> int:
     """Run one peer in the foreground until SIGINT or SIGTERM."""
-    logs.configure(settings.id, settings.log_level)
+    logs.configure(settings.id, settings.log_level, settings.log_format)
     return uvloop.run(_serve(settings))

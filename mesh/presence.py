@@ -37,10 +37,12 @@ class Presence:
         contact: LeaderContact,
         busy: Callable[[], int],
         quiet: Callable[[], bool],
+        on_leader_clock: Callable[[float], None] | None = None,
     ) -> None:
         """``busy()`` counts this peer's running attempts; ``quiet()`` is true
         while membership changes this peer (leaving, shutting down), when it
-        must not announce itself again."""
+        must not announce itself again; ``on_leader_clock(ms)`` hears how far
+        this peer's clock is ahead of the leader's, from each acknowledgement."""
         self._settings = settings
         self.peer_id = settings.id
         self.incarnation = incarnation
@@ -51,6 +53,7 @@ class Presence:
         self._contact = contact
         self._busy = busy
         self._quiet = quiet
+        self._on_leader_clock = on_leader_clock
 
     @property
     def raft_addr(self) -> str:
@@ -107,9 +110,22 @@ class Presence:
             if in_contact:
                 self._contact.confirmed(now)
             return
-        report = {"id": self.peer_id, "incarnation": self.incarnation, "running": self._busy()}
+        sent_ms = now_ms()
+        report = {
+            "id": self.peer_id,
+            "incarnation": self.incarnation,
+            "running": self._busy(),
+            # The leader compares it with its own clock: the skew diagnostics show.
+            "wall_ms": sent_ms,
+        }
         try:
-            if await self._link.heartbeat(report):
+            ack = await self._link.heartbeat(report)
+            received_ms = now_ms()
+            if ack is not None:
                 self._contact.confirmed(time.monotonic())
+                leader_ms = ack.get("wall_ms")
+                if isinstance(leader_ms, int) and self._on_leader_clock is not None:
+                    # The leader read its clock about halfway through the round trip.
+                    self._on_leader_clock((sent_ms + received_ms) / 2 - leader_ms)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.debug("heartbeat to the leader failed: %s", exc)

@@ -33,8 +33,16 @@ def new_id() -> str:
 
 
 class Proposer:
-    def __init__(self, raft: RaftNode, commit_timeout_s: float, stopping: asyncio.Event) -> None:
+    def __init__(
+        self,
+        raft: RaftNode,
+        commit_timeout_s: float,
+        stopping: asyncio.Event,
+        on_commit: Callable[[float], None] | None = None,
+    ) -> None:
+        """``on_commit(seconds)`` hears how long each committed proposal took."""
         self.raft = raft
+        self._on_commit = on_commit
         self.commit_timeout_s = commit_timeout_s
         self._stopping = stopping
 
@@ -48,10 +56,14 @@ class Proposer:
         """Commit ``cmd``, retrying ambiguous outcomes with the same cid (the
         state machine applies a cid once) until the budget runs out."""
         budget = self.commit_timeout_s if budget_s is None else budget_s
-        deadline = time.monotonic() + budget
+        started = time.monotonic()
+        deadline = started + budget
         while True:
             try:
-                return await self.raft.propose(cmd)
+                result = await self.raft.propose(cmd)
+                if self._on_commit is not None:
+                    self._on_commit(time.monotonic() - started)
+                return result
             except NoQuorum as exc:
                 if time.monotonic() >= deadline:
                     raise NoQuorumError(

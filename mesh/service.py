@@ -11,7 +11,10 @@ import asyncio
 import dataclasses
 import heapq
 import logging
+import os
+import shutil
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -19,7 +22,8 @@ from prometheus_client import generate_latest
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.spec import RunSpec, SpecError
-from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING
+from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING, MeshState
+from raftmesh.mesh import diagnostics
 from raftmesh.mesh.api import SUBMIT_FIELDS, validate_submission
 from raftmesh.mesh.auth import Authenticator
 from raftmesh.mesh.errors import (
@@ -35,10 +39,12 @@ from raftmesh.mesh.errors import (
 from raftmesh.mesh.events import EventHub, Frame
 from raftmesh.mesh.liveness import Liveness
 from raftmesh.mesh.metrics import Metrics
+from raftmesh.mesh.observe import THROUGHPUT_BUCKET_MS, Observer
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.queue_view import queue_summary, slot_use
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
+from raftmesh.mesh.tracing import Tracing
 from raftmesh.mesh.views import active_view, listed_status, view_from_row, view_from_state
 from raftmesh.runner.payload import pack, unpack
 from raftmesh.runner.registry import InvalidInput, Registry
@@ -73,6 +79,8 @@ class MeshService:
         metrics: Metrics,
         busy: Callable[[], int],
         wake_leader: Callable[[], None],
+        observer: Observer | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """``busy()`` counts this peer's running attempts; ``wake_leader()``
         asks the leader duty to run now (to settle an outcome being waited on)."""
@@ -93,6 +101,8 @@ class MeshService:
         self.metrics = metrics
         self._busy = busy
         self._wake_leader = wake_leader
+        self.observer = observer if observer is not None else Observer(metrics)
+        self.tracing = tracing if tracing is not None else Tracing(settings.id)
         # asyncio keeps only weak references to tasks: hold detached ones here.
         self._detached: set[asyncio.Task[None]] = set()
 
@@ -109,10 +119,21 @@ class MeshService:
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
         run_id, run = self._new_run(spec)
         started = time.monotonic()
+        began = time.time_ns()
         cmd = commands.submit(new_id(), now_ms(), [{"id": run_id, **run.to_wire()}])
         result = await self._proposer.propose(cmd)
         self.metrics.commit_seconds.observe(time.monotonic() - started)
         outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
+        self.tracing.record(
+            "raftmesh.run.submit",
+            str(outcome.get("id") or run_id),
+            began,
+            time.time_ns(),
+            outcome.get("error"),
+            agent=run.agent,
+            tenant=run.tenant,
+            created=outcome.get("created"),
+        )
         if "error" in outcome:
             self.metrics.submissions.labels("rejected").inc()
             if outcome.get("code") == "tenant_queue_full":
@@ -200,37 +221,46 @@ class MeshService:
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
 
     async def list_runs(
-        self, status: str | None, limit: int, tenant: str | None = None
+        self,
+        status: str | None,
+        limit: int,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Newest first. Under the state's lock only the page's runs are picked
-        (by the fields a view sorts and filters on); views are built for those."""
+        """Active runs come from the state, ended ones from storage; one page is
+        cut from both, newest first, so offsets page through both. Under the
+        state's lock only the runs that can be on the page are picked (by the
+        fields lists filter and sort on); views are built for those alone."""
         if status is not None and status not in ALL_STATUSES:
             raise BadRequest(
                 f"unknown status {status!r}; use one of {', '.join(sorted(ALL_STATUSES))}"
             )
         with self._proposer.read() as state:
             now = now_ms()
+            mine = [
+                r
+                for r in state.runs.values()
+                if (tenant is None or r.tenant == tenant) and (agent is None or r.agent == agent)
+            ]
             picked = heapq.nlargest(
-                limit,
-                (
-                    r
-                    for r in state.runs.values()
-                    if (tenant is None or r.tenant == tenant)
-                    and (status is None or listed_status(r) == status)
-                ),
+                offset + limit,
+                (r for r in mine if status is None or listed_status(r) == status),
                 key=lambda r: (r.submitted_at_ms, r.id),
             )
             active = [active_view(state, r, self.scheduler, now) for r in picked]
         stored: list[dict[str, Any]] = []
         if status is None or status in TERMINAL_STATUSES:
-            rows = await from_storage(self.store.list_runs(status, limit, tenant))
-            in_state = {v["id"] for v in active}
+            # Storage also holds the active runs (as queued or running rows):
+            # ask for enough to fill the page after dropping them.
+            rows = await from_storage(
+                self.store.list_runs(status, offset + limit + len(mine), tenant=tenant, agent=agent)
+            )
             with self._proposer.read() as state:
-                in_state |= {r.id for r in rows if r.id in state.runs}
-            stored = [view_from_row(r) for r in rows if r.id not in in_state]
+                stored = [view_from_row(r) for r in rows if r.id not in state.runs]
         views = active + stored
         views.sort(key=lambda v: v["submitted_at"] or 0, reverse=True)
-        return views[:limit]
+        return views[offset : offset + limit]
 
     def follow_events(self, run_id: str, after_seq: int) -> AsyncIterator[Frame]:
         return self.events.follow(run_id, after_seq)
@@ -340,8 +370,10 @@ class MeshService:
             ]
             queue = queue_summary(state, self.scheduler, now)
             slots = slot_use(state)
+            runs = runs_by_status(state)
         return {
             "self": self.id,
+            "runs": runs,
             "leader": leader.id if leader else None,
             "term": raft.term,
             "voters": raft.voters(),
@@ -349,6 +381,10 @@ class MeshService:
             "queue": queue,
             "slots": slots,
             "placement": self.scheduler.placement,
+            "throughput": {
+                "bucket_s": THROUGHPUT_BUCKET_MS / 1000,
+                "series": self.observer.throughput_series(now),
+            },
         }
 
     async def readiness(self) -> tuple[bool, str]:
@@ -375,6 +411,9 @@ class MeshService:
             self.liveness.heard(str(report["id"]), str(report["incarnation"]), time.monotonic())
         except KeyError as exc:
             raise BadRequest(f"heartbeat lacks {exc}") from None
+        wall_ms = report.get("wall_ms")
+        if isinstance(wall_ms, int | float) and not isinstance(wall_ms, bool):
+            self.observer.heard_clock(str(report["id"]), wall_ms, time.time() * 1000)
 
     def metrics_text(self) -> bytes:
         raft = self._proposer.raft
@@ -385,8 +424,154 @@ class MeshService:
         with self._proposer.read() as state:
             queue = queue_summary(state, self.scheduler, now_ms())
             slots = slot_use(state)
+            runs = runs_by_status(state)
+            peer_statuses = Counter(p.status for p in state.peers.values())
         self.metrics.set_queue(queue, slots)
+        for status, n in runs.items():
+            self.metrics.runs.labels(status).set(n)
+        for status in PEER_STATUSES:
+            self.metrics.peers.labels(status).set(peer_statuses.get(status, 0))
+        self.metrics.has_leader.set(0 if raft.leader_addr is None else 1)
+        progress = raft.status()
+        self.metrics.raft_commit_index.set(progress["commit_idx"])
+        self.metrics.raft_apply_lag.set(max(0, progress["commit_idx"] - progress["last_applied"]))
+        self.metrics.raft_log_entries.set(progress["log_len"])
+        pool_in_use = getattr(self.store, "pool_in_use", None)
+        if pool_in_use is not None:
+            in_use, size = pool_in_use()
+            self.metrics.storage_pool_in_use.set(in_use)
+            self.metrics.storage_pool_size.set(size)
         return generate_latest(self.metrics.registry)
+
+    async def run_steps(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """The step journal and who ran it: which peer ran which steps under
+        which epoch, from storage, the only place that outlives attempts."""
+        row = await from_storage(self.store.get_run(run_id))
+        if row is not None and tenant is not None and row.spec.tenant != tenant:
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
+        if row is None:
+            await self.get_run(run_id, tenant)  # a run only the state knows yet: no steps
+            return {"id": run_id, "steps": [], "owners": []}
+        steps = await from_storage(self.store.load_steps(run_id))
+        out = []
+        previous: int | None = None
+        for i, step in enumerate(steps):
+            if i == 0 or steps[i - 1].epoch != step.epoch:
+                # A stint's first step: only the latest claim's start is stored.
+                previous = row.started_at_ms if step.epoch == row.epoch else None
+            took = None if previous is None else max(0, step.at_ms - previous) / 1000
+            out.append(
+                {
+                    "seq": step.seq,
+                    "name": step.name,
+                    "epoch": step.epoch,
+                    "peer": step.peer,
+                    "at": step.at_ms / 1000,
+                    "took_s": took,
+                }
+            )
+            previous = step.at_ms
+        return {"id": run_id, "steps": out, "owners": owner_history(out)}
+
+    async def diagnostics(self) -> dict[str, Any]:
+        raft = self._proposer.raft
+        status = raft.status()
+        now = now_ms()
+        now_s = time.monotonic()
+        with self._proposer.read() as state:
+            leader = state.peer_by_raft(raft.leader_addr) if raft.leader_addr else None
+            queue = queue_summary(state, self.scheduler, now)
+            leading = raft.is_leader
+            peers = [
+                diagnostics.PeerVitals(
+                    p.id,
+                    p.status,
+                    p.since_ms,
+                    heard_ago_s=self._heard_ago(p.id, now_s) if leading else None,
+                )
+                for p in sorted(state.peers.values(), key=lambda p: p.id)
+            ]
+        probe = self.observer.storage
+        if probe.at_s is None:
+            self.observer.probe_storage(self.store)
+        disk = shutil.disk_usage(self.settings.data_dir)
+        vitals = diagnostics.Vitals(
+            now_ms=now,
+            self_id=self.id,
+            leader=leader.id if leader else None,
+            term=raft.term,
+            has_quorum=bool(status["has_quorum"]),
+            peer_ttl_s=self.settings.peer_ttl_s,
+            peers=peers,
+            storage_latency_ms=probe.latency_ms,
+            storage_error=probe.error,
+            downs_recent=self.observer.recent_downs(now),
+            oldest_queued_s=queue["oldest_age_s"],
+            queue_sla_s=self.settings.queue_sla_s,
+            clock_skews_ms=self._clock_skews(leading),
+            disk_free_bytes=disk.free,
+            disk_total_bytes=disk.total,
+            raft_log_entries=int(status["log_len"]),
+            raft_files_bytes=_files_bytes(self.settings.data_dir, RAFT_FILES),
+        )
+        return diagnostics.diagnose(vitals)
+
+    def _clock_skews(self, leading: bool) -> dict[str, float]:
+        """The leader hears every peer's clock; a follower knows its own, from
+        the leader's acknowledgements."""
+        max_age_s = 10 * self.settings.peer_ttl_s
+        if leading:
+            return self.observer.fresh_skews(max_age_s)
+        own = self.observer.fresh_own_skew(max_age_s)
+        return {} if own is None else {self.id: own}
+
+    def _heard_ago(self, peer_id: str, now_s: float) -> float | None:
+        heard = self.liveness.last_heard.get(peer_id)
+        return None if heard is None else now_s - heard[1]
+
+
+RAFT_FILES = ("raft.journal", "raft.dump")
+PEER_STATUSES = ("up", "down", "joining", "left")
+
+
+def runs_by_status(state: MeshState) -> dict[str, int]:
+    """Active runs by status; waiting and paused stay 0 until suspension exists,
+    and are shown anyway so dashboards and scripts need not change then."""
+    counts = dict.fromkeys((QUEUED, RUNNING, SETTLING, "waiting", "paused"), 0)
+    for run in state.runs.values():
+        counts[run.status] = counts.get(run.status, 0) + 1
+    return counts
+
+
+def owner_history(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive steps under one (epoch, peer) as one stint of ownership."""
+    out: list[dict[str, Any]] = []
+    for step in steps:
+        last = out[-1] if out else None
+        if last is not None and (last["epoch"], last["peer"]) == (step["epoch"], step["peer"]):
+            last["last_seq"] = step["seq"]
+            last["steps"] += 1
+        else:
+            out.append(
+                {
+                    "epoch": step["epoch"],
+                    "peer": step["peer"],
+                    "first_seq": step["seq"],
+                    "last_seq": step["seq"],
+                    "steps": 1,
+                }
+            )
+    return out
+
+
+def _files_bytes(directory: str, names: tuple[str, ...]) -> int:
+    total = 0
+    for name in names:
+        try:
+            total += os.path.getsize(os.path.join(directory, name))
+        except OSError:
+            continue
+    return total
 
 
 def resubmission(row: RunRow) -> dict[str, Any]:

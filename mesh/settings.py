@@ -91,6 +91,10 @@ class Settings:
     isolation_env: tuple[str, ...] = ("MESH_CHAT_BASE_URL", "MESH_CHAT_MODEL")
     events_poll_s: float = 1.0
     log_level: str = "info"
+    # auto: logfmt when stderr is a terminal, JSON lines otherwise.
+    log_format: str = "auto"
+    # Diagnostics warn when the oldest queued run waits half this, fail past it.
+    queue_sla_s: float = 60.0
     # Scheduling policy. The leader replicates the caps and the retry policy
     # (``configure``) so apply can enforce them; placement and aging are its own.
     placement: str = "least-loaded"
@@ -158,6 +162,16 @@ class Settings:
             raise SettingsError("tenant caps and queued maximums must be >= 0")
         if not 0 <= self.retry_backoff_base_s <= self.retry_backoff_max_s:
             raise SettingsError("need 0 <= retry_backoff_base_s <= retry_backoff_max_s")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(
+                f"--log-level must be debug, info, warning, error or critical, got {self.log_level!r}"
+            )
+        if self.log_format not in ("auto", "json", "logfmt"):
+            raise SettingsError(
+                f"--log-format must be auto, json or logfmt, got {self.log_format!r}"
+            )
+        if self.queue_sla_s <= 0:
+            raise SettingsError("queue_sla_s must be positive")
         if self.priority_aging_s < 0:
             raise SettingsError("priority_aging_s must be >= 0 (0 turns aging off)")
         if not all(isinstance(m, ModelEndpoint) for m in self.models.values()):

@@ -84,6 +84,32 @@ ensure_test_database() {
   fi
 }
 
+# The browser tests drive Debian's chromium through Playwright (browser
+# downloads are unreachable, so never `playwright install`); promtool, from
+# Debian's prometheus package, checks the alert rules and the /metrics text.
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    as_root apt-get update
+    apt_updated=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
+}
+
+ensure_chromium() {
+  if [ ! -x /usr/bin/chromium ]; then
+    log "chromium is not installed: installing it"
+    apt_install chromium
+  fi
+}
+
+ensure_promtool() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    log "promtool is not installed: installing Debian's prometheus package"
+    apt_install prometheus
+  fi
+}
+
 # mypy cannot follow the editable install's import hook, so it reads the
 # folders through a tree of links named as they install: raftmesh/<folder>.
 typecheck() {
@@ -96,6 +122,8 @@ typecheck() {
 }
 
 setup_venv
+ensure_chromium
+ensure_promtool
 # A suite pointed at another PostgreSQL needs no local one.
 if [ -z "${RAFTMESH_TEST_POSTGRES_URL:-}" ]; then
   ensure_postgres

@@ -30,18 +30,6 @@ RUN_COLUMNS = ", ".join(
 )
 
 
-def run_filter(
-    status: str | None, tenant: str | None, placeholder: Callable[[int], str]
-) -> tuple[str, tuple[str, ...]]:
-    """The WHERE clause of a run listing and its parameters; ``placeholder(n)``
-    spells the n-th parameter in the backend's SQL."""
-    conditions = [(c, v) for c, v in (("status", status), ("tenant", tenant)) if v is not None]
-    if not conditions:
-        return "", ()
-    where = " AND ".join(f"{c} = {placeholder(n)}" for n, (c, _) in enumerate(conditions, 1))
-    return f"WHERE {where}", tuple(v for _, v in conditions)
-
-
 class Row(Protocol):
     """asyncpg.Record and sqlite3.Row both index by column name."""
 
@@ -111,3 +99,20 @@ def fence_result(run_id: str, epoch: int, stored: Row | None, enforce: bool = Tr
 def require_terminal(status: str) -> None:
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"{status!r} is not a terminal status {sorted(TERMINAL_STATUSES)}")
+
+
+def run_filters(
+    status: str | None,
+    tenant: str | None,
+    agent: str | None,
+    placeholder: Callable[[int], str],
+) -> tuple[str, list[str]]:
+    """The WHERE clause list_runs shares between backends; ``placeholder(i)``
+    spells the i-th (1-based) parameter in the backend's dialect."""
+    clauses: list[str] = []
+    params: list[str] = []
+    for column, value in (("status", status), ("tenant", tenant), ("agent", agent)):
+        if value is not None:
+            params.append(value)
+            clauses.append(f"{column} = {placeholder(len(params))}")
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params

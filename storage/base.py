@@ -205,6 +205,12 @@ class Store(Protocol):
     async def get_run(self, run_id: str) -> RunRow | None: ...
 
     async def list_runs(
-        self, status: str | None = None, limit: int = 100, tenant: str | None = None
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
     ) -> list[RunRow]:
-        """Newest first; ``tenant`` None lists every tenant's."""
+        """Newest first; each filter given narrows the list; ``offset`` pages."""

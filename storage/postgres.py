@@ -22,7 +22,7 @@ from raftmesh.storage._common import (
     fence,
     fence_result,
     require_terminal,
-    run_filter,
+    run_filters,
     run_from_row,
     spec_values,
 )
@@ -307,13 +307,31 @@ class PostgresStore:
         return None if row is None else run_from_row(row)
 
     async def list_runs(
-        self, status: str | None = None, limit: int = 100, tenant: str | None = None
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
     ) -> list[RunRow]:
-        where, params = run_filter(status, tenant, lambda n: f"${n}")
-        sql = f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY submitted_at_ms DESC, id DESC"
+        where, params = run_filters(status, tenant, agent, lambda i: f"${i}")
+        n = len(params)
+        sql = (
+            f"SELECT {RUN_COLUMNS} FROM runs {where} "
+            f"ORDER BY submitted_at_ms DESC, id DESC LIMIT ${n + 1} OFFSET ${n + 2}"
+        )
         async with self._connection() as conn:
-            rows = await conn.fetch(f"{sql} LIMIT ${len(params) + 1}", *params, limit)
+            rows = await conn.fetch(sql, *params, limit, offset)
         return [run_from_row(row) for row in rows]
+
+    def pool_in_use(self) -> tuple[int, int]:
+        """(connections in use, pool size), for the storage pool gauge."""
+        pool = self._pool
+        if pool is None:
+            return 0, 0
+        size = pool.get_size()
+        return size - pool.get_idle_size(), size
 
     async def listen(self, callback: NotifyCallback) -> None:
         """Call ``callback(run_id)`` whenever any peer appends an event to a run here.

@@ -26,7 +26,7 @@ from raftmesh.storage._common import (
     fence,
     fence_result,
     require_terminal,
-    run_filter,
+    run_filters,
     run_from_row,
     spec_values,
 )
@@ -289,12 +289,21 @@ class SqliteStore:
         return None if row is None else run_from_row(row)
 
     async def list_runs(
-        self, status: str | None = None, limit: int = 100, tenant: str | None = None
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
     ) -> list[RunRow]:
-        where, params = run_filter(status, tenant, lambda n: "?")
-        sql = f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY submitted_at_ms DESC, id DESC"
-        args = (*params, limit)
-        rows = await self._read(lambda conn: conn.execute(f"{sql} LIMIT ?", args).fetchall())
+        where, params = run_filters(status, tenant, agent, lambda i: "?")
+        sql = (
+            f"SELECT {RUN_COLUMNS} FROM runs {where} "
+            "ORDER BY submitted_at_ms DESC, id DESC LIMIT ? OFFSET ?"
+        )
+        args = (*params, limit, offset)
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [run_from_row(row) for row in rows]
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:

@@ -89,6 +89,13 @@ def test_up_passes_flags_to_the_peer(started: list[Settings], tmp_path: Path) ->
     assert settings.secret == "s3cret"
 
 
+def test_up_takes_the_log_level_and_format(started: list[Settings]) -> None:
+    assert invoke("up", "--log-level", "debug", "--log-format", "logfmt").exit_code == 3
+    assert (started[0].log_level, started[0].log_format) == ("debug", "logfmt")
+    refused = invoke("up", "--log-level", "loud")
+    assert refused.exit_code == 2 and "--log-level" in refused.output
+
+
 def test_up_slots_must_be_an_integer(started: list[Settings]) -> None:
     result = invoke("up", "--slots", "x")
     assert result.exit_code == 2
@@ -319,6 +326,11 @@ def test_dev_mesh_serves_the_client_commands_and_stops_cleanly_on_ctrl_c(tmp_pat
         assert "(leader)" in status.stdout
         for peer in ("peer-1", "peer-2", "peer-3"):
             assert peer in status.stdout
+        assert "waiting" in status.stdout and "paused" in status.stdout
+        top = _mesh("top", "--once", env={**env, "COLUMNS": "200"})
+        assert top.returncode == 0, top.stderr
+        assert "leader peer-" in top.stdout and "(leader)" in top.stdout
+        assert "waiting 0" in top.stdout and "paused 0" in top.stdout
         unknown = _mesh("run", "no-such-run", env=env)
         assert unknown.returncode != 0 and "no run with id" in unknown.stderr
         agents = _mesh("agents", env={**env, "COLUMNS": "200"})

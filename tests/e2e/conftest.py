@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,15 @@ class MeshFactory:
         self.meshes: list[DevMesh] = []
         self.schemas: list[str] = []
 
-    async def make(self, backend: str = "postgres", nodes: int = 3, **kwargs: Any) -> DevMesh:
+    async def make(
+        self,
+        backend: str = "postgres",
+        nodes: int = 3,
+        command: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> DevMesh:
+        """``command``: what starts every peer instead of this interpreter's
+        raftmesh.cli (another release's, for upgrade tests)."""
         n = len(self.meshes)
         if backend == "postgres":
             schema = f"e2e_{uuid.uuid4().hex[:16]}"
@@ -51,6 +59,8 @@ class MeshFactory:
         # another test run on this machine, whose peers would answer instead.
         kwargs.setdefault("base_port", 0)
         mesh = DevMesh(self.root / f"mesh{n}", nodes, storage=storage, env=env, **kwargs)
+        for peer in mesh.peers if command is not None else []:
+            mesh.set_peer_command(peer.id, command)
         self.meshes.append(mesh)
         mesh.start()
         await mesh.wait_ready(timeout_s=60)

@@ -11,8 +11,14 @@ import asyncio
 import os
 from typing import Any
 
-from raftmesh.runner.context import RunContext
-from raftmesh.runner.registry import agent
+try:
+    from raftmesh.runner.context import RunContext
+    from raftmesh.runner.registry import agent
+except ImportError:
+    # The release before the raftmesh namespace (tests/e2e/test_upgrade.py
+    # runs peers of it) installs its packages at the top level.
+    from runner.context import RunContext  # type: ignore[no-redef]  # noqa: TID251
+    from runner.registry import agent  # type: ignore[no-redef]  # noqa: TID251
 
 
 def _witness(path: str, line: str) -> None:

@@ -41,9 +41,23 @@ class StandIn:
         return {"id": run_id, "status": "running"}
 
     async def list_runs(
-        self, status: str | None, limit: int, tenant: str | None
+        self,
+        status: str | None,
+        limit: int,
+        tenant: str | None = None,
+        agent: str | None = None,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        return [{"id": "run-1", "status": status, "limit": limit}]
+        return [
+            {
+                "id": "run-1",
+                "status": status,
+                "limit": limit,
+                "tenant": tenant,
+                "agent": agent,
+                "offset": offset,
+            }
+        ]
 
     async def cancel_run(self, run_id: str, tenant: str | None) -> dict[str, Any]:
         return {"id": run_id, "status": "cancelling"}

@@ -294,6 +294,29 @@ async def test_list_runs_filters_by_status_newest_first(store: Store) -> None:
     assert await store.list_runs(status="succeeded") == []
 
 
+async def test_list_runs_filters_by_tenant_and_agent_and_pages(store: Store) -> None:
+    await store.record_runs(
+        [
+            make_run(
+                f"r{i}",
+                agent="a" if i % 2 else "b",
+                tenant="t1" if i < 4 else "t2",
+                submitted_at_ms=1000 + i,
+            )
+            for i in range(8)
+        ]
+    )
+    await store.claim(make_run("r1"), 1, "p1", now_ms=2000)
+
+    assert [r.id for r in await store.list_runs(tenant="t1")] == ["r3", "r2", "r1", "r0"]
+    assert [r.id for r in await store.list_runs(agent="a")] == ["r7", "r5", "r3", "r1"]
+    assert [r.id for r in await store.list_runs(tenant="t2", agent="b")] == ["r6", "r4"]
+    assert [r.id for r in await store.list_runs(status="queued", tenant="t1", agent="a")] == ["r3"]
+    assert [r.id for r in await store.list_runs(limit=3, offset=2)] == ["r5", "r4", "r3"]
+    assert [r.id for r in await store.list_runs(agent="a", limit=2, offset=2)] == ["r3", "r1"]
+    assert await store.list_runs(tenant="nobody") == []
+
+
 async def test_a_closed_store_is_unavailable(target: Target, make_store: MakeStore) -> None:
     closed = await make_store(target.url)
     await closed.close()
