@@ -251,6 +251,11 @@ def build_app(peer: PeerAPI) -> web.Application:
         if not 0 <= offset <= 1_000_000:
             raise BadRequest("query parameter 'offset' must be between 0 and 1000000")
         q = request.query
+        for name in ("status", "tenant", "agent"):
+            if "\x00" in q.get(name, ""):
+                # No stored run has one (RunSpec refuses NUL), and PostgreSQL
+                # text cannot carry it to the query.
+                raise BadRequest(f"query parameter {name!r} must not contain NUL")
         tenant = q.get("tenant") or None
         if who.tenant is not None:
             if tenant not in (None, who.tenant):
