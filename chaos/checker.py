@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from raftmesh.chaos.history import FAIL, INFO, OK, History, StorageSnapshot
 from raftmesh.chaos.ledger import ATTEMPT_END, ATTEMPT_START, STEP_START, LedgerEntry
+from raftmesh.consensus.status import TERMINAL_STATUSES
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 MAX_EXAMPLES = 10
 
 NAMES = {
@@ -127,7 +127,9 @@ def check(
         _check_failovers(failovers, failover_bound_ms),
     ]
     completed = sum(
-        1 for run_id in set(acked.values()) if _final_status(run_id, history, storage) in TERMINAL
+        1
+        for run_id in set(acked.values())
+        if _final_status(run_id, history, storage) in TERMINAL_STATUSES
     )
     return Verdict(
         invariants=invariants,
@@ -150,7 +152,7 @@ def _acknowledged(history: History) -> dict[str, str]:
 
 def _final_status(run_id: str, history: History, storage: StorageSnapshot) -> str | None:
     stored = storage.runs.get(run_id)
-    if stored is not None and stored.status in TERMINAL:
+    if stored is not None and stored.status in TERMINAL_STATUSES:
         return stored.status
     seen = [o for o in history.observations if o.run_id == run_id]
     return max(seen, key=lambda o: o.at_ms).status if seen else None
@@ -162,7 +164,7 @@ def _check_lost(
     result = InvariantResult(1, NAMES[1], checked=len(acked))
     for key, run_id in sorted(acked.items()):
         status = _final_status(run_id, history, storage)
-        if status not in TERMINAL:
+        if status not in TERMINAL_STATUSES:
             where = "never seen in storage" if run_id not in storage.runs else f"last {status}"
             result.violations.append(
                 f"key {key}: run {run_id} was acknowledged but is not terminal at the end ({where})"
@@ -225,10 +227,10 @@ def _check_stale_writes(ledger: list[LedgerEntry], storage: StorageSnapshot) -> 
 def _check_single_outcome(history: History, storage: StorageSnapshot) -> InvariantResult:
     outcomes: dict[str, dict[tuple[str, str | None], list[str]]] = defaultdict(dict)
     for o in history.observations:
-        if o.status in TERMINAL:
+        if o.status in TERMINAL_STATUSES:
             outcomes[o.run_id].setdefault((o.status, o.result), []).append(f"{o.source}@{o.at_ms}")
     for run in storage.runs.values():
-        if run.status in TERMINAL:
+        if run.status in TERMINAL_STATUSES:
             outcomes[run.id].setdefault((run.status, run.result), []).append("storage at end")
     result = InvariantResult(3, NAMES[3], checked=len(outcomes))
     for run_id, seen in sorted(outcomes.items()):

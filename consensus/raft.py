@@ -56,6 +56,7 @@ from raftmesh.consensus.commands import (
 )
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
 from raftmesh.consensus.raft_port import GuardedTransport
+from raftmesh.consensus.results import Result
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.voters import VOTERS_FILE, persisted_voters
 
@@ -161,7 +162,7 @@ class _Replica(SyncObjConsumer):
         self._node = node
 
     @replicated
-    def apply_entry(self, payload: bytes) -> list[dict[str, Any]]:
+    def apply_entry(self, payload: bytes) -> list[Result]:
         node = self._node
         try:
             cmds = decode_entry(payload)
@@ -212,13 +213,13 @@ class _DialNode(TCPNode):
 class _Entry:
     """One log entry in flight and the futures waiting on its commands."""
 
-    def __init__(self, futures: list[asyncio.Future[dict[str, Any]]]) -> None:
+    def __init__(self, futures: list[asyncio.Future[Result]]) -> None:
         self.futures = futures
         self.settled = False
         self.timer: asyncio.TimerHandle | None = None
 
 
-def _expire(fut: asyncio.Future[dict[str, Any]]) -> None:
+def _expire(fut: asyncio.Future[Result]) -> None:
     if not fut.done():
         fut.set_exception(NoQuorum("no commit: timeout"))
 
@@ -328,7 +329,7 @@ class RaftNode:
         data_dir: str,
         secret: str,
         loop: asyncio.AbstractEventLoop,
-        on_change: Callable[[list[Command], list[dict[str, Any]]], None],
+        on_change: Callable[[list[Any], list[Result]], None],
         timers: RaftTimers | None = None,
         commit_timeout_s: float = 5.0,
         dial: dict[str, str] | None = None,
@@ -339,7 +340,7 @@ class RaftNode:
         self._loop = loop
         self._on_change = on_change
         self._commit_timeout_s = commit_timeout_s
-        self._pending: list[tuple[bytes, asyncio.Future[dict[str, Any]]]] = []
+        self._pending: list[tuple[bytes, asyncio.Future[Result]]] = []
         self._in_flight = 0
         self._flush_scheduled = False
         self._timers = timers or RaftTimers()
@@ -496,7 +497,7 @@ class RaftNode:
 
     # -- thread seam ------------------------------------------------------
 
-    def _notify(self, cmds: list[Command], results: list[dict[str, Any]]) -> None:
+    def _notify(self, cmds: list[Any], results: list[Result]) -> None:
         """Tick thread → loop. Must not raise: pysyncobj would re-apply."""
         try:
             self._loop.call_soon_threadsafe(self._on_change, cmds, results)
@@ -508,7 +509,7 @@ class RaftNode:
 
     # -- proposing (loop side) --------------------------------------------
 
-    async def propose(self, command: Command) -> dict[str, Any]:
+    async def propose(self, command: Command) -> Result:
         """Commit one command (grouped with others) and return its result.
 
         Raises UnencodableCommand at once, before anything is queued, for a
@@ -516,7 +517,7 @@ class RaftNode:
         when nothing committed within the timeout; the outcome is then
         unknown, and retrying with the same ``cid`` is safe.
         """
-        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        fut: asyncio.Future[Result] = self._loop.create_future()
         # Armed before anything can fail, so no caller waits past the timeout
         # whatever happens to the entry its command travels in.
         timer = self._loop.call_later(self._commit_timeout_s, _expire, fut)
@@ -580,7 +581,7 @@ class RaftNode:
             self._finish(entry, ProposalFailed(f"proposal failed: {reason}"))
 
     def _finish(
-        self, entry: _Entry, exc: Exception | None, results: list[dict[str, Any]] | None = None
+        self, entry: _Entry, exc: Exception | None, results: list[Result] | None = None
     ) -> None:
         """Answer every caller of ``entry`` once, and let the next entry go."""
         if entry.settled:

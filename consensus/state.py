@@ -15,142 +15,91 @@ growing with history.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 from raftmesh.consensus import commands as c
-from raftmesh.consensus.spec import SPEC_FIELDS, RunSpec
+from raftmesh.consensus import results as res
+from raftmesh.consensus.eligibility import why_not
+from raftmesh.consensus.model import (
+    DRAIN_MODES,
+    PEER_DOWN,
+    PEER_JOINING,
+    PEER_LEFT,
+    PEER_UP,
+    ROLES,
+    VOTER,
+    Peer,
+    Run,
+)
+from raftmesh.consensus.results import Rejected, Rejection, Result
+from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
-QUEUED = "queued"
-RUNNING = "running"
-# A terminal outcome decided by the mesh (cancelled while queued, retries
-# exhausted, owner lost too often): the run waits here until the leader has
-# written the outcome to storage and proposed ``settle``, so it is never
-# dropped from Raft before storage knows how it ended.
-SETTLING = "settling"
-FINISH_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+log = logging.getLogger("raftmesh.state")
+
 FAILURE_KINDS = frozenset({"error", "timeout"})
-
-PEER_UP = "up"
-PEER_DOWN = "down"
-# Reserved by a join, not announced by a process yet.
-PEER_JOINING = "joining"
-# Removed from the mesh for good; its id may join again.
-PEER_LEFT = "left"
-
-VOTER = "voter"
-EXECUTOR = "executor"
-ROLES = frozenset({VOTER, EXECUTOR})
-
-# Drain modes: runs already there finish there, or are released at their next
-# step boundary and run elsewhere.
-DRAIN_FINISH = "finish"
-DRAIN_RELEASE = "release"
-DRAIN_MODES = frozenset({"", DRAIN_FINISH, DRAIN_RELEASE})
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 COMMAND_TTL_MS = 10 * 60 * 1000
-
-
-@dataclass
-class Run:
-    id: str
-    agent: str
-    input: Any
-    tenant: str = "default"
-    priority: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    timeout_s: float | None = None
-    max_attempts: int = 1
-    idempotency_key: str | None = None
-    parent_id: str | None = None
-    submitted_at_ms: int = 0
-    depth: int = 0
-    budget: dict[str, int] | None = None
-    isolation: str = "task"
-    memory_limit_mb: int | None = None
-    status: str = QUEUED
-    owner: str | None = None
-    epoch: int = 0
-    attempts: int = 0
-    assigned_at_ms: int | None = None
-    session: str | None = None
-    placement: str | None = None
-    not_before_ms: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    losses: int = 0
-    last_error: str | None = None
-    cancel_requested: bool = False
-    outcome: str | None = None
-
-    def spec(self) -> RunSpec:
-        """What the run was submitted as (every field a retry needs)."""
-        return RunSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
-
-    def public(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Peer:
-    id: str
-    incarnation: str
-    raft: str
-    http: str
-    slots: int
-    labels: dict[str, str] = field(default_factory=dict)
-    status: str = PEER_UP
-    since_ms: int = 0
-    agents: list[str] | None = None
-    role: str = VOTER
-    # Operator intent, kept across restarts of the peer: "" or a drain mode.
-    drain: str = ""
-    # This incarnation is shutting down (SIGTERM): it gets nothing new.
-    stopping: bool = False
-
-    def public(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @property
-    def schedulable(self) -> bool:
-        return self.status == PEER_UP and not self.drain and not self.stopping
-
-    def can_run(self, agent: str) -> bool:
-        """Peers that announced no agent list (older peers) are assumed to run any."""
-        return self.agents is None or agent in self.agents
 
 
 def _agent_list(agents: Any) -> list[str] | None:
     if agents is None:
         return None
     if not isinstance(agents, list) or not all(isinstance(a, str) for a in agents):
-        raise Rejected("agents must be a list of names")
+        raise Refused("agents must be a list of names")
     return sorted(agents)
 
 
-class Rejected(Exception):
+class Refused(Exception):
     """Internal control flow: a command (or one item of a batch) is refused."""
 
-    code = "rejected"
+    def __init__(self, message: str, reason: Rejection = Rejection.INVALID) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-class QueueFull(Rejected):
-    """The tenant's queued-run maximum is reached: backpressure, not an error."""
+_RUN_TEXT = ("id", "agent", "tenant")
+_OPTIONAL_TEXT = ("session", "placement", "idempotency_key", "parent_id", "isolation")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Clock readings and delays in ms: far beyond any real clock, and small enough
+# that adding a TTL or a backoff to one stays an int64.
+MAX_MS = 2**53
+# The bound RunSpec.from_wire (consensus/spec.py) allows: about 31 years.
+MAX_TIMEOUT_S = 1e9
+# Deeper than the API lets through (mesh/schemas.MAX_NESTING), well inside
+# what msgpack packs and unpacks (512 with the entry around it).
+MAX_NESTING = 128
 
-    code = "tenant_queue_full"
+
+def _int(value: Any, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+    """An integer the snapshot (msgpack, int64) can carry; ``True`` is not a number here."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise Refused(f"{what} must be an integer from {low} to {high}, not {value!r}")
+    return value
 
 
-_RUN_FIELDS = {
-    "id": str,
-    "agent": str,
-    "tenant": str,
-    "priority": int,
-    "max_attempts": int,
-    "epoch": int,
-    "attempts": int,
-}
-_OPTIONAL_TEXT = ("session", "placement")
+def _plain(value: Any, what: str, depth: int = 0) -> Any:
+    """A value msgpack carries and that equals itself: no nan, no inf, no int
+    wider than 64 bits, nested no deeper than a snapshot can hold."""
+    if depth > MAX_NESTING:
+        raise Refused(f"{what} is nested more than {MAX_NESTING} levels deep")
+    if value is None or isinstance(value, bool | str | bytes):
+        return value
+    if isinstance(value, int):
+        return _int(value, what, INT64_MIN, 2**64 - 1)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Refused(f"{what} must be a finite number, not {value!r}")
+        return value
+    if isinstance(value, list):
+        return [_plain(v, what, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k, what, depth + 1): _plain(v, what, depth + 1) for k, v in value.items()}
+    raise Refused(f"{what} holds a {type(value).__name__}")
 
 
 @dataclass
@@ -201,29 +150,41 @@ class MeshState:
 
     # -- applying ---------------------------------------------------------
 
-    def apply(self, command: Any) -> dict[str, Any]:
-        """Apply one command; return its result. Never raises."""
+    def apply(self, command: c.Command | Any) -> Result:
+        """Apply one command, typed or in wire form; return its result.
+
+        Never raises: pysyncobj would retry a raising apply forever, on every
+        peer, and no later command would apply. This is the last guard: every
+        replica applies the same command to the same state, so every replica
+        takes the same path through it and they stay alike. The checks in the
+        handlers come before their changes, so a refusal changes nothing.
+        """
         self.applied += 1
-        if not isinstance(command, dict):
-            return {"ok": False, "error": "command is not a map"}
-        cid = command.get("cid")
-        at_ms = command.get("at_ms")
-        if not isinstance(cid, str) or not isinstance(at_ms, int):
-            return {"ok": False, "error": "command lacks cid or at_ms"}
+        try:
+            return self._apply(command)
+        except Exception as exc:
+            op, cid = (getattr(command, k, None) for k in ("op", "cid"))
+            log.exception("apply of %s %s raised; refusing the command", op, cid)
+            return Rejected(Rejection.INTERNAL, f"the command failed on apply: {exc!r}")
+
+    def _apply(self, command: c.Command | Any) -> Result:
+        typed = isinstance(command, c.Command)
+        try:
+            cid, at_ms = (command.cid, command.at_ms) if typed else c.decode_header(command)
+        except c.CommandDecodeError as exc:
+            return Rejected(Rejection.MALFORMED, str(exc))
+        if not 0 <= at_ms <= MAX_MS:
+            return Rejected(Rejection.MALFORMED, f"at_ms {at_ms} is not a clock reading")
         if cid in self.seen:
             return self.seen[cid][0]
         self._expire(at_ms)
-        op = command.get("op")
-        handler = self._handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
-            result: dict[str, Any] = {"ok": False, "error": f"unknown op {op!r}"}
-        else:
-            try:
-                result = handler(self, command, at_ms)
-            except Rejected as exc:
-                result = {"ok": False, "error": str(exc)}
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                result = {"ok": False, "error": f"malformed {op}: {exc!r}"}
+        try:
+            cmd = command if typed else c.decode(command)
+            result = self._handlers[cmd.op](self, cmd, at_ms)
+        except c.CommandDecodeError as exc:
+            result = Rejected(Rejection.MALFORMED, str(exc))
+        except Refused as exc:
+            result = Rejected(exc.reason, str(exc))
         self.seen[cid] = (result, at_ms + COMMAND_TTL_MS)
         return result
 
@@ -240,87 +201,108 @@ class MeshState:
                     break
                 del table[key]
 
-    def _submit(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _submit(self, cmd: c.Submit, at_ms: int) -> res.Submitted:
         out = []
-        for spec in cmd["runs"]:
+        for spec in cmd.runs:
             try:
                 out.append(self._submit_one(spec, at_ms))
-            except Rejected as exc:
-                run_id = spec.get("id") if isinstance(spec, dict) else None
-                out.append({"id": run_id, "error": str(exc), "code": exc.code})
+            except Refused as exc:
+                out.append(res.RunOutcome(_spec_id(spec), rejection=exc.reason, message=str(exc)))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # _submit_one mutates nothing before it can fail
-                out.append({"id": spec.get("id"), "error": f"malformed run spec: {exc!r}"})
-        return {"ok": True, "runs": out}
+                message = f"malformed run spec: {exc!r}"
+                out.append(
+                    res.RunOutcome(_spec_id(spec), rejection=Rejection.MALFORMED, message=message)
+                )
+        return res.Submitted(out)
 
-    def _submit_one(self, spec: Any, at_ms: int) -> dict[str, Any]:
+    def _submit_one(self, spec: Any, at_ms: int) -> res.RunOutcome:
         if not isinstance(spec, dict):
-            raise Rejected("run spec is not a map")
-        for name, kind in _RUN_FIELDS.items():
-            if name in spec and not isinstance(spec[name], kind):
-                raise Rejected(f"field {name} must be {kind.__name__}")
+            raise Refused("run spec is not a map")
+        for name in _RUN_TEXT:
+            if name in spec and not isinstance(spec[name], str):
+                raise Refused(f"field {name} must be str")
+        for name in _OPTIONAL_TEXT:
+            if spec.get(name) is not None and not isinstance(spec[name], str):
+                raise Refused(f"field {name} must be str")
+        lows = {"priority": INT64_MIN, "max_attempts": INT64_MIN, "epoch": INT64_MIN}
+        lows |= {"attempts": INT64_MIN, "depth": 0}
+        numbers = {
+            name: _int(spec.get(name) or 0, f"field {name}", low) for name, low in lows.items()
+        }
+        timeout_s = spec.get("timeout_s")
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 < timeout_s <= MAX_TIMEOUT_S
+        ):
+            raise Refused(f"timeout_s must be a number of seconds up to {MAX_TIMEOUT_S:.0f}")
+        run_input = _plain(spec.get("input"), "input")
         key = spec.get("idempotency_key")
         tenant = spec.get("tenant") or "default"
         if key is not None:
             known = self.idempotency.get((tenant, key))
             if known is not None:
-                return {"id": known[0], "created": False}
+                return res.RunOutcome(known[0])
         run_id = spec["id"]
         existing = self.runs.get(run_id)
         if existing is not None:
             # A replay of the same submission; a different key under the same
             # id would answer one key with two runs.
             if existing.idempotency_key != key or existing.tenant != tenant:
-                raise Rejected(f"run id {run_id} is taken by a run with another idempotency key")
-            return {"id": run_id, "created": False}
+                raise Refused(
+                    f"run id {run_id} is taken by a run with another idempotency key",
+                    Rejection.CONFLICT,
+                )
+            return res.RunOutcome(run_id)
         labels = spec.get("labels") or {}
         if not isinstance(labels, dict):
-            raise Rejected("labels must be a map")
+            raise Refused("labels must be a map")
         budget = spec.get("budget")
-        if budget is not None and not (
-            isinstance(budget, dict) and all(isinstance(v, int) and v >= 0 for v in budget.values())
-        ):
-            raise Rejected("budget must map names to non-negative integers")
+        if budget is not None:
+            if not isinstance(budget, dict):
+                raise Refused("budget must map names to non-negative integers")
+            budget = {str(k): _int(v, "a budget", 0) for k, v in budget.items()}
         memory_mb = spec.get("memory_limit_mb")
-        if memory_mb is not None and (not isinstance(memory_mb, int) or memory_mb <= 0):
-            raise Rejected("memory_limit_mb must be a positive integer")
-        for name in _OPTIONAL_TEXT:
-            if spec.get(name) is not None and not isinstance(spec[name], str):
-                raise Rejected(f"field {name} must be str")
+        if memory_mb is not None:
+            _int(memory_mb, "memory_limit_mb", 1)
         limit = self.tenant_queue_limit(tenant)
         if limit is not None and self.queued_for_tenant(tenant) >= limit:
-            raise QueueFull(f"tenant {tenant!r} already has {limit} queued runs (its maximum)")
+            raise Refused(
+                f"tenant {tenant!r} already has {limit} queued runs (its maximum)",
+                Rejection.TENANT_QUEUE_FULL,
+            )
         run = Run(
             id=run_id,
             agent=spec["agent"],
-            input=spec.get("input"),
+            input=run_input,
             tenant=tenant,
-            priority=int(spec.get("priority") or 0),
+            priority=numbers["priority"],
             labels={str(k): str(v) for k, v in labels.items()},
-            timeout_s=spec.get("timeout_s"),
-            max_attempts=max(1, int(spec.get("max_attempts") or 1)),
+            timeout_s=timeout_s,
+            max_attempts=max(1, numbers["max_attempts"]),
             idempotency_key=key,
             parent_id=spec.get("parent_id"),
             submitted_at_ms=at_ms,
-            depth=int(spec.get("depth") or 0),
-            budget=None if budget is None else {str(k): v for k, v in budget.items()},
+            depth=numbers["depth"],
+            budget=budget,
             isolation=str(spec.get("isolation") or "task"),
             memory_limit_mb=memory_mb,
             session=spec.get("session"),
             placement=spec.get("placement"),
-            epoch=max(0, spec.get("epoch") or 0),
-            attempts=max(0, spec.get("attempts") or 0),
+            epoch=max(0, numbers["epoch"]),
+            attempts=max(0, numbers["attempts"]),
         )
         self.runs[run_id] = run
         self._count_queued(run.tenant, 1)
         if key is not None:
             self.idempotency[(tenant, key)] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
-        return {"id": run_id, "created": True}
+        return res.RunOutcome(run_id, created=True)
 
-    def _assign(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _assign(self, cmd: c.Assign, at_ms: int) -> res.Assigned:
         accepted: list[str] = []
         rejected: dict[str, str] = {}
-        for item in cmd["batch"]:
+        for item in cmd.batch:
             try:
                 run_id, peer_id, epoch = item
             except (TypeError, ValueError):
@@ -328,11 +310,11 @@ class MeshState:
                 continue
             try:
                 self._check_assignable(run_id, peer_id, epoch, at_ms)
-            except Rejected as exc:
+            except Refused as exc:
                 rejected[str(run_id)] = str(exc)
                 continue
             run = self.runs[run_id]
-            run.status = RUNNING
+            run.status = RunStatus.RUNNING
             run.owner = peer_id
             run.epoch = epoch
             run.attempts += 1
@@ -341,56 +323,44 @@ class MeshState:
             self.by_owner.setdefault(peer_id, set()).add(run_id)
             self.tenant_running[run.tenant] = self.tenant_running.get(run.tenant, 0) + 1
             accepted.append(run_id)
-        return {"ok": True, "accepted": accepted, "rejected": rejected}
+        return res.Assigned(accepted, rejected)
 
     def _check_assignable(self, run_id: Any, peer_id: Any, epoch: Any, at_ms: int) -> None:
         run = self.runs.get(run_id) if isinstance(run_id, str) else None
         if run is None:
-            raise Rejected("unknown run")
-        if run.status != QUEUED:
-            raise Rejected(f"run is {run.status}")
-        if not isinstance(epoch, int) or epoch != run.epoch + 1:
-            raise Rejected(f"epoch {epoch} is not {run.epoch + 1}")
-        if run.not_before_ms > at_ms:
-            raise Rejected("run is backing off before its next attempt")
+            raise Refused("unknown run", Rejection.UNKNOWN_RUN)
         peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
-        if peer is None or peer.status != PEER_UP:
-            raise Rejected("peer is not up")
-        if not peer.schedulable:
-            raise Rejected("peer is draining or stopping")
-        if self.running_on(peer_id) >= peer.slots:
-            raise Rejected("peer has no free slot")
-        if any(peer.labels.get(k) != v for k, v in run.labels.items()):
-            raise Rejected("peer labels do not match")
-        if not peer.can_run(run.agent):
-            raise Rejected("peer does not have the agent")
-        cap = self.tenant_cap(run.tenant)
-        if cap is not None and self.running_for_tenant(run.tenant) >= cap:
-            raise Rejected("tenant at its in-flight cap")
+        if peer is None:
+            raise Refused("peer is not up")
+        reason = why_not(run, peer, self, at_ms)
+        if reason is not None:
+            raise Refused(reason.message)
+        if not isinstance(epoch, int) or epoch != run.epoch + 1:
+            raise Refused(f"epoch {epoch} is not {run.epoch + 1}")
 
-    def _finish(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        run = self._owned_run(cmd["run"], cmd["epoch"])
-        if cmd["status"] not in FINISH_STATUSES:
-            raise Rejected(f"not a terminal status: {cmd['status']!r}")
+    def _finish(self, cmd: c.Finish, at_ms: int) -> Result:
+        run = self._owned_run(cmd.run, cmd.epoch)
+        if cmd.status not in TERMINAL_STATUSES:
+            raise Refused(f"not a terminal status: {cmd.status!r}")
         self._evict(run)
-        return {"ok": True}
+        return res.Done()
 
-    def _release(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        run = self._owned_run(cmd["run"], cmd["epoch"])
+    def _release(self, cmd: c.Release, at_ms: int) -> Result:
+        run = self._owned_run(cmd.run, cmd.epoch)
         if run.cancel_requested:
-            self._settle_as(run, "cancelled")
+            self._settle_as(run, RunStatus.CANCELLED)
         else:
             self._requeue(run)
-        return {"ok": True}
+        return res.Done()
 
-    def _fail(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _fail(self, cmd: c.Fail, at_ms: int) -> Result:
         """An attempt failed on its owner: retry after a backoff, or settle."""
-        run = self._owned_run(cmd["run"], cmd["epoch"])
-        kind, error = cmd["kind"], cmd["error"]
+        run = self._owned_run(cmd.run, cmd.epoch)
+        kind, error = cmd.kind, cmd.error
         if kind not in FAILURE_KINDS:
-            raise Rejected(f"unknown failure kind {kind!r}")
+            raise Refused(f"unknown failure kind {kind!r}")
         if error is not None and not isinstance(error, str):
-            raise Rejected("error must be text")
+            raise Refused("error must be text")
         if kind == "timeout":
             run.timeouts += 1
         else:
@@ -398,7 +368,7 @@ class MeshState:
         run.last_error = error
         retryable = kind == "error" or self.retry.retry_timeouts
         if run.cancel_requested:
-            self._settle_as(run, "cancelled")
+            self._settle_as(run, RunStatus.CANCELLED)
         elif retryable and self.retry.used(run) < run.max_attempts:
             self._requeue(run)
             policy = self.retry
@@ -406,69 +376,72 @@ class MeshState:
                 run.id, self.retry.used(run), policy.backoff_base_ms, policy.backoff_max_ms
             )
             run.not_before_ms = at_ms + delay
-            return {"ok": True, "retry": True, "not_before_ms": run.not_before_ms}
+            return res.AttemptFailed(retry=True, not_before_ms=run.not_before_ms)
         else:
-            self._settle_as(run, "timed_out" if kind == "timeout" else "failed")
-        return {"ok": True, "retry": False}
+            self._settle_as(run, RunStatus.TIMED_OUT if kind == "timeout" else RunStatus.FAILED)
+        return res.AttemptFailed(retry=False)
 
-    def _cancel(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _cancel(self, cmd: c.Cancel, at_ms: int) -> Result:
         """Cancel a run and every active run it spawned (children of a
         cancelled parent are of no use). Queued: settle as cancelled. Running:
         flag it; the owner stops the attempt and finishes it as cancelled (its
         own write is fenced). A run already ending otherwise is left alone."""
-        run = self.runs.get(cmd["run"])
+        run = self.runs.get(cmd.run)
         if run is None:
-            raise Rejected("run is not active")
-        if run.status == SETTLING and run.outcome != "cancelled":
-            raise Rejected(f"run is already ending as {run.outcome}")
+            raise Refused("run is not active", Rejection.UNKNOWN_RUN)
+        if run.status == RunStatus.SETTLING and run.outcome != RunStatus.CANCELLED:
+            raise Refused(f"run is already ending as {run.outcome}", Rejection.CONFLICT)
         doomed = [run.id]
         for parent in doomed:  # grows while walking: breadth-first over descendants
             doomed.extend(r.id for r in self.runs.values() if r.parent_id == parent)
         for victim in (self.runs[i] for i in doomed):
-            if victim.status == SETTLING:
+            if victim.status == RunStatus.SETTLING:
                 continue
             victim.cancel_requested = True
-            if victim.status == QUEUED:
-                self._settle_as(victim, "cancelled")
-        return {"ok": True, "status": run.status, "cancelled": doomed}
+            if victim.status == RunStatus.QUEUED:
+                self._settle_as(victim, RunStatus.CANCELLED)
+        return res.CancelRequested(run.status, doomed)
 
-    def _settle(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _settle(self, cmd: c.Settle, at_ms: int) -> Result:
         """Storage holds the mesh-decided outcome now: forget the run."""
-        run = self.runs.get(cmd["run"])
-        if run is None or run.status != SETTLING:
-            raise Rejected("run is not settling")
+        run = self.runs.get(cmd.run)
+        if run is None or run.status != RunStatus.SETTLING:
+            raise Refused("run is not settling", Rejection.CONFLICT)
         del self.runs[run.id]
-        return {"ok": True, "outcome": run.outcome}
+        return res.Settled(run.outcome)
 
     def _owned_run(self, run_id: str, epoch: int) -> Run:
         run = self.runs.get(run_id)
         if run is None:
-            raise Rejected("unknown run")
-        if run.status != RUNNING or run.epoch != epoch:
-            raise Rejected(f"stale epoch {epoch}: run is {run.status} at epoch {run.epoch}")
+            raise Refused("unknown run", Rejection.UNKNOWN_RUN)
+        if run.status != RunStatus.RUNNING or run.epoch != epoch:
+            raise Refused(
+                f"stale epoch {epoch}: run is {run.status} at epoch {run.epoch}",
+                Rejection.STALE_EPOCH,
+            )
         return run
 
-    def _peer_up(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        peer_id = cmd["peer"]
-        slots = cmd["slots"]
-        if not isinstance(peer_id, str) or not isinstance(slots, int) or slots < 0:
-            raise Rejected("peer_up needs a peer id and a slot count")
-        role = cmd.get("role") or VOTER
+    def _peer_up(self, cmd: c.PeerUp, at_ms: int) -> Result:
+        peer_id = cmd.peer
+        slots = _int(cmd.slots, "slots", 0)
+        role = cmd.role or VOTER
         if role not in ROLES:
-            raise Rejected(f"unknown role {role!r}")
+            raise Refused(f"unknown role {role!r}")
         known = self.peers.get(peer_id)
         if known is not None and known.status == PEER_LEFT:
-            raise Rejected(f"peer {peer_id} has left the mesh; it must join again")
+            raise Refused(
+                f"peer {peer_id} has left the mesh; it must join again", Rejection.CONFLICT
+            )
         peer = Peer(
             id=peer_id,
-            incarnation=cmd["incarnation"],
-            raft=cmd["raft"],
-            http=cmd["http"],
+            incarnation=cmd.incarnation,
+            raft=cmd.raft,
+            http=cmd.http,
             slots=slots,
-            labels={str(k): str(v) for k, v in (cmd.get("labels") or {}).items()},
+            labels={str(k): str(v) for k, v in (cmd.labels or {}).items()},
             status=PEER_UP,
             since_ms=at_ms,
-            agents=_agent_list(cmd.get("agents")),
+            agents=_agent_list(cmd.agents),
             role=role,
             drain=known.drain if known is not None else "",
         )
@@ -476,37 +449,38 @@ class MeshState:
         if known is not None and known.incarnation != peer.incarnation:
             requeued = self._requeue_owned_by(peer_id)
         self.peers[peer_id] = peer
-        return {"ok": True, "requeued": requeued}
+        return res.Requeued(requeued)
 
-    def _peer_down(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        peer = self.peers.get(cmd["peer"])
+    def _peer_down(self, cmd: c.PeerDown, at_ms: int) -> Result:
+        peer = self.peers.get(cmd.peer)
         if peer is None:
-            raise Rejected("unknown peer")
-        if peer.incarnation != cmd["incarnation"]:
-            raise Rejected("peer has restarted since it was judged")
+            raise Refused("unknown peer", Rejection.UNKNOWN_PEER)
+        if peer.incarnation != cmd.incarnation:
+            raise Refused("peer has restarted since it was judged", Rejection.CONFLICT)
         if peer.status in (PEER_DOWN, PEER_LEFT):
-            return {"ok": True, "requeued": 0}
+            return res.Requeued(0)
         peer.status = PEER_DOWN
         peer.since_ms = at_ms
-        return {"ok": True, "requeued": self._requeue_owned_by(peer.id)}
+        return res.Requeued(self._requeue_owned_by(peer.id))
 
-    def _peer_join(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _peer_join(self, cmd: c.PeerJoin, at_ms: int) -> Result:
         """Reserve an id (and a Raft address) before the joining process starts,
         so two joins with one id cannot both succeed. Repeating the same join
         is harmless, so a join interrupted half-way can be retried."""
-        peer_id, raft, http, role = cmd["peer"], cmd["raft"], cmd["http"], cmd["role"]
+        peer_id, raft, http, role = cmd.peer, cmd.raft, cmd.http, cmd.role
         if not all(isinstance(v, str) and v for v in (peer_id, http)) or not isinstance(raft, str):
-            raise Rejected("peer_join needs a peer id, a raft address and an http address")
+            raise Refused("peer_join needs a peer id, a raft address and an http address")
         if role not in ROLES or (role == VOTER and not raft):
-            raise Rejected(f"role must be one of {sorted(ROLES)}; a voter needs a raft address")
+            raise Refused(f"role must be one of {sorted(ROLES)}; a voter needs a raft address")
         known = self.peers.get(peer_id)
         if known is not None and known.status != PEER_LEFT:
             retry = (PEER_JOINING, raft, http, role)
             if (known.status, known.raft, known.http, known.role) == retry:
-                return {"ok": True, "created": False}
-            raise Rejected(
+                return res.Joined(created=False)
+            raise Refused(
                 f"peer id {peer_id!r} is already in use (status {known.status}); "
-                "choose another id, or make the old peer leave first"
+                "choose another id, or make the old peer leave first",
+                Rejection.CONFLICT,
             )
         if role == VOTER:
             # The joiner counts as down until it has caught up and is promoted:
@@ -519,18 +493,23 @@ class MeshState:
             ]
             up = sum(1 for p in voters if p.status == PEER_UP)
             if up <= (len(voters) + 1) / 2:
-                raise Rejected(
+                raise Refused(
                     f"joining voter {peer_id} would make {len(voters) + 1} voters (pending joins "
                     f"included) of which only {up} are up until it has caught up: they could not "
-                    "form a majority; bring voters back or let pending joins finish or expire first"
+                    "form a majority; bring voters back or let pending joins finish or expire first",
+                    Rejection.CONFLICT,
                 )
         for other in self.peers.values():
             if other.status == PEER_LEFT or other.id == peer_id:
                 continue
             if raft and other.raft == raft:
-                raise Rejected(f"raft address {raft} is already used by peer {other.id!r}")
+                raise Refused(
+                    f"raft address {raft} is already used by peer {other.id!r}", Rejection.CONFLICT
+                )
             if other.http == http:
-                raise Rejected(f"http address {http} is already used by peer {other.id!r}")
+                raise Refused(
+                    f"http address {http} is already used by peer {other.id!r}", Rejection.CONFLICT
+                )
         self.peers[peer_id] = Peer(
             id=peer_id,
             incarnation="",
@@ -541,101 +520,89 @@ class MeshState:
             since_ms=at_ms,
             role=role,
         )
-        return {"ok": True, "created": True}
+        return res.Joined(created=True)
 
-    def _peer_drain(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        peer = self._member(cmd["peer"])
-        mode = cmd["mode"]
+    def _peer_drain(self, cmd: c.PeerDrain, at_ms: int) -> Result:
+        peer = self._member(cmd.peer)
+        mode = cmd.mode
         if mode not in DRAIN_MODES:
-            raise Rejected(f"drain mode must be one of {sorted(DRAIN_MODES)}")
+            raise Refused(f"drain mode must be one of {sorted(DRAIN_MODES)}")
         peer.drain = mode
-        return {"ok": True}
+        return res.Done()
 
-    def _peer_stopping(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        peer = self._member(cmd["peer"])
-        if peer.incarnation != cmd["incarnation"]:
-            raise Rejected("peer has restarted since it asked to stop")
+    def _peer_stopping(self, cmd: c.PeerStopping, at_ms: int) -> Result:
+        peer = self._member(cmd.peer)
+        if peer.incarnation != cmd.incarnation:
+            raise Refused("peer has restarted since it asked to stop", Rejection.CONFLICT)
         peer.stopping = True
-        return {"ok": True}
+        return res.Done()
 
-    def _peer_leave(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    def _peer_leave(self, cmd: c.PeerLeave, at_ms: int) -> Result:
         """Remove a peer for good. A voter may go only if the voters that remain
         and are up still form a majority of the voters that remain, unless
         ``force``: a recovered mesh drops the voters it lost for good, which
         are no longer Raft voters, so no majority depends on them."""
-        peer = self._member(cmd["peer"])
-        if peer.role == VOTER and not cmd.get("force"):
-            remaining = [
-                p
-                for p in self.peers.values()
-                if p.role == VOTER and p.status != PEER_LEFT and p.id != peer.id
-            ]
-            up = [p for p in remaining if p.status == PEER_UP]
-            if not remaining:
-                raise Rejected(f"{peer.id} is the last voter: the mesh cannot lose it")
-            if len(up) <= len(remaining) / 2:
-                raise Rejected(
-                    f"removing voter {peer.id} would leave {len(remaining)} voters of which only "
-                    f"{len(up)} are up: they could not form a majority; bring voters back first"
-                )
+        peer = self._member(cmd.peer)
+        refusal = None if cmd.force else leave_refusal(self, peer)
+        if refusal is not None:
+            raise Refused(refusal, Rejection.CONFLICT)
         requeued = self._requeue_owned_by(peer.id)
         peer.status = PEER_LEFT
         peer.since_ms = at_ms
         peer.stopping = False
-        return {"ok": True, "requeued": requeued}
+        return res.Requeued(requeued)
 
     def _member(self, peer_id: Any) -> Peer:
         peer = self.peers.get(peer_id) if isinstance(peer_id, str) else None
         if peer is None or peer.status == PEER_LEFT:
-            raise Rejected(f"no peer {peer_id!r} in this mesh")
+            raise Refused(f"no peer {peer_id!r} in this mesh", Rejection.UNKNOWN_PEER)
         return peer
 
-    def _configure(self, cmd: dict[str, Any], at_ms: int) -> dict[str, Any]:
-        caps = _limits(cmd["tenant_caps"], "tenant caps")
-        default = _limit(cmd["default_tenant_cap"], "default tenant cap")
+    def _configure(self, cmd: c.Configure, at_ms: int) -> Result:
+        caps = _limits(cmd.tenant_caps, "tenant caps")
+        default = _limit(cmd.default_tenant_cap, "default tenant cap")
         # Newer keys are optional, so an older proposer's configure still applies.
-        max_queued = _limits(cmd.get("tenant_max_queued") or {}, "tenant queued maximums")
-        default_max_queued = _limit(cmd.get("default_tenant_max_queued"), "default queued maximum")
-        retry = cmd.get("retry") or {}
-        if not isinstance(retry, dict):
-            raise Rejected("retry policy must be a map")
+        max_queued = _limits(cmd.tenant_max_queued or {}, "tenant queued maximums")
+        default_max_queued = _limit(cmd.default_tenant_max_queued, "default queued maximum")
+        retry = cmd.retry or {}
+        unknown = set(retry) - {f.name for f in fields(RetryPolicy)}
+        if unknown:
+            raise Refused(f"unknown retry settings {sorted(map(str, unknown))}")
         policy = RetryPolicy(**retry)
+        _int(policy.backoff_max_ms, "backoff_max_ms", 0, MAX_MS)
+        _int(policy.backoff_base_ms, "backoff_base_ms", 0, policy.backoff_max_ms)
         if not (
-            isinstance(policy.backoff_base_ms, int)
-            and isinstance(policy.backoff_max_ms, int)
-            and 0 <= policy.backoff_base_ms <= policy.backoff_max_ms
-            and isinstance(policy.retry_timeouts, bool)
-            and isinstance(policy.count_lost_owner, bool)
+            isinstance(policy.retry_timeouts, bool) and isinstance(policy.count_lost_owner, bool)
         ):
-            raise Rejected("retry policy needs 0 <= backoff_base_ms <= backoff_max_ms and booleans")
+            raise Refused("retry policy needs 0 <= backoff_base_ms <= backoff_max_ms and booleans")
         self.tenant_caps = caps
         self.default_tenant_cap = default
         self.tenant_max_queued = max_queued
         self.default_tenant_max_queued = default_max_queued
         self.retry = policy
-        return {"ok": True}
+        return res.Done()
 
-    _handlers = {
-        c.SUBMIT: _submit,
-        c.ASSIGN: _assign,
-        c.FINISH: _finish,
-        c.RELEASE: _release,
-        c.PEER_UP: _peer_up,
-        c.PEER_DOWN: _peer_down,
-        c.CONFIGURE: _configure,
-        c.FAIL: _fail,
-        c.CANCEL: _cancel,
-        c.SETTLE: _settle,
-        c.PEER_JOIN: _peer_join,
-        c.PEER_DRAIN: _peer_drain,
-        c.PEER_STOPPING: _peer_stopping,
-        c.PEER_LEAVE: _peer_leave,
+    _handlers: ClassVar[dict[c.Op, Callable[[MeshState, Any, int], res.Result]]] = {
+        c.Op.SUBMIT: _submit,
+        c.Op.ASSIGN: _assign,
+        c.Op.FINISH: _finish,
+        c.Op.RELEASE: _release,
+        c.Op.PEER_UP: _peer_up,
+        c.Op.PEER_DOWN: _peer_down,
+        c.Op.CONFIGURE: _configure,
+        c.Op.FAIL: _fail,
+        c.Op.CANCEL: _cancel,
+        c.Op.SETTLE: _settle,
+        c.Op.PEER_JOIN: _peer_join,
+        c.Op.PEER_DRAIN: _peer_drain,
+        c.Op.PEER_STOPPING: _peer_stopping,
+        c.Op.PEER_LEAVE: _peer_leave,
     }
 
     # -- transitions shared by handlers -----------------------------------
 
     def _stop_running(self, run: Run) -> None:
-        if run.status != RUNNING or run.owner is None:
+        if run.status != RunStatus.RUNNING or run.owner is None:
             return
         self.by_owner.get(run.owner, set()).discard(run.id)
         left = self.tenant_running.get(run.tenant, 0) - 1
@@ -647,9 +614,9 @@ class MeshState:
     def _requeue(self, run: Run) -> None:
         """Back to the queue; the epoch stays, so the next owner gets epoch + 1."""
         self._stop_running(run)
-        if run.status != QUEUED:
+        if run.status != RunStatus.QUEUED:
             self._count_queued(run.tenant, 1)
-        run.status = QUEUED
+        run.status = RunStatus.QUEUED
         run.owner = None
         run.assigned_at_ms = None
 
@@ -661,26 +628,26 @@ class MeshState:
             run = self.runs[run_id]
             run.losses += 1
             if run.cancel_requested:
-                self._settle_as(run, "cancelled")
+                self._settle_as(run, RunStatus.CANCELLED)
             elif self.retry.count_lost_owner and self.retry.used(run) >= run.max_attempts:
                 run.last_error = f"owner lost {run.losses} times"
-                self._settle_as(run, "failed")
+                self._settle_as(run, RunStatus.FAILED)
             else:
                 self._requeue(run)
         return len(owned)
 
-    def _settle_as(self, run: Run, outcome: str) -> None:
+    def _settle_as(self, run: Run, outcome: RunStatus) -> None:
         self._stop_running(run)
-        if run.status == QUEUED:
+        if run.status == RunStatus.QUEUED:
             self._count_queued(run.tenant, -1)
-        run.status = SETTLING
+        run.status = RunStatus.SETTLING
         run.outcome = outcome
         run.owner = None
         run.assigned_at_ms = None
 
     def _evict(self, run: Run) -> None:
         self._stop_running(run)
-        if run.status == QUEUED:
+        if run.status == RunStatus.QUEUED:
             self._count_queued(run.tenant, -1)
         del self.runs[run.id]
 
@@ -709,14 +676,14 @@ class MeshState:
         return self.tenant_queued.get(tenant, 0)
 
     def settling(self) -> list[Run]:
-        return [r for r in self.runs.values() if r.status == SETTLING]
+        return [r for r in self.runs.values() if r.status == RunStatus.SETTLING]
 
     def cancelling(self, peer_id: str) -> list[Run]:
         return [r for r in self.owned_by(peer_id) if r.cancel_requested]
 
     def queued(self) -> list[Run]:
         """Queued runs in scheduling order: priority first, then age."""
-        waiting = [r for r in self.runs.values() if r.status == QUEUED]
+        waiting = [r for r in self.runs.values() if r.status == RunStatus.QUEUED]
         waiting.sort(key=lambda r: (-r.priority, r.submitted_at_ms, r.id))
         return waiting
 
@@ -733,11 +700,12 @@ class MeshState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "v": 1,
+            # v2: remembered results are typed (results.to_wire), no longer maps.
+            "v": 2,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
             "idempotency": [[list(k), v[0], v[1]] for k, v in self.idempotency.items()],
-            "seen": [[k, v[0], v[1]] for k, v in self.seen.items()],
+            "seen": [[k, res.to_wire(v[0]), v[1]] for k, v in self.seen.items()],
             "tenant_caps": self.tenant_caps,
             "default_tenant_cap": self.default_tenant_cap,
             "tenant_max_queued": self.tenant_max_queued,
@@ -756,7 +724,8 @@ class MeshState:
             (tuple(k) if isinstance(k, list | tuple) else ("default", k)): (run_id, exp)
             for k, run_id, exp in data["idempotency"]
         }
-        state.seen = {k: (res, exp) for k, res, exp in data["seen"]}
+        read = res.from_wire if data.get("v", 1) >= 2 else res.from_legacy
+        state.seen = {k: (read(result), exp) for k, result, exp in data["seen"]}
         state.tenant_caps = dict(data["tenant_caps"])
         state.default_tenant_cap = data["default_tenant_cap"]
         state.tenant_max_queued = dict(data.get("tenant_max_queued") or {})
@@ -764,23 +733,47 @@ class MeshState:
         state.retry = RetryPolicy(**(data.get("retry") or {}))
         state.applied = data["applied"]
         for run in state.runs.values():
-            if run.status == QUEUED:
+            if run.status == RunStatus.QUEUED:
                 state._count_queued(run.tenant, 1)
-            if run.status == RUNNING and run.owner is not None:
+            if run.status == RunStatus.RUNNING and run.owner is not None:
                 state.by_owner.setdefault(run.owner, set()).add(run.id)
                 state.tenant_running[run.tenant] = state.tenant_running.get(run.tenant, 0) + 1
         return state
 
 
+def leave_refusal(state: MeshState, peer: Peer) -> str | None:
+    """Why ``peer_leave`` of this member would be refused, or None: a voter may
+    go only if the voters that remain and are up still form a majority of the
+    voters that remain. A query, so the API can ask before it touches Raft."""
+    if peer.role != VOTER:
+        return None
+    remaining = [
+        p
+        for p in state.peers.values()
+        if p.role == VOTER and p.status != PEER_LEFT and p.id != peer.id
+    ]
+    up = [p for p in remaining if p.status == PEER_UP]
+    if not remaining:
+        return f"{peer.id} is the last voter: the mesh cannot lose it"
+    if len(up) <= len(remaining) / 2:
+        return (
+            f"removing voter {peer.id} would leave {len(remaining)} voters of which only "
+            f"{len(up)} are up: they could not form a majority; bring voters back first"
+        )
+    return None
+
+
+def _spec_id(spec: Any) -> str | None:
+    """The id to answer a refused run spec with: only text is echoed back."""
+    run_id = spec.get("id") if isinstance(spec, dict) else None
+    return run_id if isinstance(run_id, str) else None
+
+
 def _limit(value: Any, what: str) -> int | None:
-    if value is not None and (not isinstance(value, int) or value < 0):
-        raise Rejected(f"{what} must be a non-negative integer")
-    return value
+    return None if value is None else _int(value, what, 0)
 
 
 def _limits(values: Any, what: str) -> dict[str, int]:
-    if not isinstance(values, dict) or not all(
-        isinstance(v, int) and v >= 0 for v in values.values()
-    ):
-        raise Rejected(f"{what} must map tenants to non-negative integers")
-    return {str(k): v for k, v in values.items()}
+    if not isinstance(values, dict):
+        raise Refused(f"{what} must map tenants to non-negative integers")
+    return {str(k): _int(v, what, 0) for k, v in values.items()}

@@ -18,9 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from raftmesh.consensus.status import TERMINAL_STATUSES
 from raftmesh.mesh.tls import client_context
-
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 
 
 @dataclass(frozen=True)

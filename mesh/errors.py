@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from raftmesh.consensus.results import Rejection
 from raftmesh.storage.base import StorageUnavailable
 
 T = TypeVar("T")
@@ -112,3 +113,22 @@ async def from_storage(op: Awaitable[T]) -> T:
         return await op
     except StorageUnavailable as exc:
         raise StorageDown(f"storage is unreachable: {exc}") from exc
+
+
+# What each refusal of the state machine is to a client: the one table.
+REJECTIONS: dict[Rejection, type[MeshError]] = {
+    Rejection.MALFORMED: BadRequest,
+    Rejection.INVALID: BadRequest,
+    Rejection.UNKNOWN_RUN: RunNotFound,
+    Rejection.UNKNOWN_PEER: PeerNotFound,
+    Rejection.STALE_EPOCH: Conflict,
+    Rejection.CONFLICT: Conflict,
+    Rejection.TENANT_QUEUE_FULL: TooManyRequests,
+    Rejection.INTERNAL: MeshError,
+}
+
+
+def refusal(reason: Rejection, message: str, *, retry_after_s: int | None = None) -> MeshError:
+    """The error to answer a refused command with (``message`` already says
+    what was refused and why)."""
+    return REJECTIONS[reason](message, retry_after_s=retry_after_s)

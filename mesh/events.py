@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from raftmesh.consensus.status import TERMINAL_STATUSES
 from raftmesh.runner.payload import event_data
-from raftmesh.storage.base import TERMINAL_STATUSES, StorageUnavailable, Store
+from raftmesh.storage.base import StorageUnavailable, Store
 
 log = logging.getLogger("raftmesh.events")
 

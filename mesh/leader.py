@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from raftmesh.consensus import commands
-from raftmesh.consensus.state import PEER_UP, SETTLING, MeshState
+from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.results import Assigned, Requeued
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.errors import from_storage
 from raftmesh.mesh.liveness import Liveness
 from raftmesh.mesh.metrics import Metrics
@@ -70,15 +73,15 @@ class Leader:
             return []
         self.liveness.heard(self.peer_id, self.incarnation, now_s)
         up = {p.id: p.incarnation for p in state.peers.values() if p.status == PEER_UP}
-        out = []
+        out: list[commands.Command] = []
         for peer_id, incarnation in self.liveness.suspects(up, now_s):
             log.warning("peer %s silent for %.1fs: marking it down", peer_id, self.liveness.ttl_s)
-            out.append(commands.peer_down(new_id(), now_ms, peer_id, incarnation))
+            out.append(commands.PeerDown(new_id(), now_ms, peer_id, incarnation))
         if _policy_of(state) != self.policy:
-            out.append(commands.configure(new_id(), now_ms, **self.policy))
+            out.append(commands.Configure(new_id(), now_ms, **self.policy))
         plan = self.scheduler.plan(state, now_ms)
         if plan:
-            out.append(commands.assign(new_id(), now_ms, term, plan))
+            out.append(commands.Assign(new_id(), now_ms, term, plan))
         return out
 
     @staticmethod
@@ -90,7 +93,7 @@ class Leader:
                 "cancelled by request" if r.outcome == "cancelled" else r.last_error,
             )
             for r in state.runs.values()
-            if r.status == SETTLING
+            if r.status == RunStatus.SETTLING
         ]
 
 
@@ -127,12 +130,12 @@ class LeaderDuty:
         for cmd, result in zip(cmds, results, strict=True):
             if isinstance(result, BaseException):
                 raise result
-            if cmd["op"] == commands.PEER_DOWN and result.get("ok"):
+            if isinstance(cmd, commands.PeerDown) and isinstance(result, Requeued):
                 self._metrics.peers_down.inc()
-                self._metrics.failovers.inc(result.get("requeued", 0))
-            elif cmd["op"] == commands.ASSIGN and result.get("rejected"):
-                log.debug("assignments rejected on apply: %s", result["rejected"])
-            elif cmd["op"] == commands.CONFIGURE:
+                self._metrics.failovers.inc(result.requeued)
+            elif isinstance(result, Assigned) and result.rejected:
+                log.debug("assignments rejected on apply: %s", result.rejected)
+            elif cmd.op == commands.Op.CONFIGURE:
                 log.info("scheduling policy replicated: %s", result)
         if term is not None:
             # Last, so that an unreachable database delays only these outcomes.
@@ -141,10 +144,10 @@ class LeaderDuty:
     def _track_failovers(self, state: MeshState, cmds: list[commands.Command]) -> None:
         """An orphan's loss dates from its owner's last report, not from the verdict."""
         for cmd in cmds:
-            if cmd["op"] == commands.PEER_DOWN:
-                heard = self.leader.liveness.last_heard.get(cmd["peer"])
+            if isinstance(cmd, commands.PeerDown):
+                heard = self.leader.liveness.last_heard.get(cmd.peer)
                 lost_at = wall_ms_of(heard[1]) if heard is not None else now_ms()
-                self._failovers.owner_lost(state, cmd["peer"], lost_at)
+                self._failovers.owner_lost(state, cmd.peer, lost_at)
         for seconds in self._failovers.resumed(state):
             self._metrics.failover_duration.observe(seconds)
 
@@ -158,7 +161,7 @@ class LeaderDuty:
             await from_storage(
                 self._store.set_terminal(item.row.id, item.outcome, item.message, now_ms())
             )
-            await self._proposer.propose(commands.settle(new_id(), now_ms(), item.row.id))
+            await self._proposer.propose(commands.Settle(new_id(), now_ms(), item.row.id))
             self._metrics.runs_finished.labels(item.outcome).inc()
             log.info(
                 "run %s (decided by the mesh)",

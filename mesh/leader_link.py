@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from raftmesh.consensus.state import Peer
+from raftmesh.consensus.model import Peer
 from raftmesh.mesh.errors import NoQuorumError, Unavailable
 from raftmesh.mesh.proposer import Proposer
 from raftmesh.mesh.settings import Settings

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from raftmesh.consensus.state import PEER_UP, Peer
+from raftmesh.consensus.model import PEER_UP, Peer
 
 
 @dataclass

@@ -34,7 +34,7 @@ import aiohttp
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
-from raftmesh.consensus.state import (
+from raftmesh.consensus.model import (
     DRAIN_FINISH,
     DRAIN_RELEASE,
     PEER_DOWN,
@@ -42,8 +42,9 @@ from raftmesh.consensus.state import (
     PEER_LEFT,
     PEER_UP,
     VOTER,
-    MeshState,
 )
+from raftmesh.consensus.results import Rejected, Requeued
+from raftmesh.consensus.state import leave_refusal
 from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
@@ -52,6 +53,7 @@ from raftmesh.mesh.errors import (
     NotLeader,
     PeerNotFound,
     Unavailable,
+    refusal,
 )
 from raftmesh.mesh.schemas import JoinRequest, parse_request
 
@@ -94,13 +96,6 @@ class PromotionRefused(Exception):
     """The leader will never promote this learner (its reservation is gone)."""
 
 
-def leave_refusal(state: MeshState, peer_id: str) -> str | None:
-    """Why the state machine would refuse ``peer_leave(peer_id)``, or None."""
-    probe = MeshState.from_dict(state.to_dict())
-    result = probe.apply(commands.peer_leave("probe", 0, peer_id))
-    return None if result.get("ok") else str(result.get("error"))
-
-
 class Membership:
     def __init__(self, peer: Peer) -> None:
         self._peer = peer
@@ -124,10 +119,10 @@ class Membership:
         raft = (request.raft or "") if role == VOTER else ""
         peer = self._peer
         result = await peer._propose(
-            commands.peer_join(_cid(), _now_ms(), peer_id, raft, http, role)
+            commands.PeerJoin(_cid(), _now_ms(), peer_id, raft, http, role)
         )
-        if not result.get("ok"):
-            raise Conflict(f"cannot join {peer_id}: {result.get('error')}")
+        if isinstance(result, Rejected):
+            raise refusal(result.reason, f"cannot join {peer_id}: {result.message}")
         voters = peer._raft().voters()
         learner = role == VOTER and raft not in voters
         if learner:
@@ -278,9 +273,9 @@ class Membership:
                     await self._retry_membership(
                         lambda a=member.raft: raft.remove_voter(a), f"removing voter {member.raft}"
                     )
-                result = await peer._propose(commands.peer_leave(_cid(), now, member.id))
-                if not result.get("ok"):
-                    log.debug("expired join of %s not removed yet: %s", member.id, result)
+                result = await peer._propose(commands.PeerLeave(_cid(), now, member.id))
+                if isinstance(result, Rejected):
+                    log.debug("expired join of %s not removed yet: %s", member.id, result.message)
                     continue
                 log.warning(
                     "join of %s (%s) expired: it did not connect, catch up and come up within "
@@ -296,7 +291,7 @@ class Membership:
                 and member.raft not in kept
                 and member.raft not in voters
             ):
-                result = await peer._propose(commands.peer_leave(_cid(), now, member.id, True))
+                result = await peer._propose(commands.PeerLeave(_cid(), now, member.id, True))
                 log.warning("recovery: voter %s lost for good, removed (%s)", member.id, result)
 
     async def _retry_membership(self, change: Any, what: str) -> None:
@@ -316,9 +311,9 @@ class Membership:
 
     async def drain(self, peer_id: str, mode: str) -> dict[str, Any]:
         """``mode``: "finish", "release", or "" (undrain)."""
-        result = await self._peer._propose(commands.peer_drain(_cid(), _now_ms(), peer_id, mode))
-        if not result.get("ok"):
-            raise PeerNotFound(f"cannot drain {peer_id}: {result.get('error')}")
+        result = await self._peer._propose(commands.PeerDrain(_cid(), _now_ms(), peer_id, mode))
+        if isinstance(result, Rejected):
+            raise refusal(result.reason, f"cannot drain {peer_id}: {result.message}")
         return self.describe(peer_id)
 
     def describe(self, peer_id: str) -> dict[str, Any]:
@@ -342,11 +337,11 @@ class Membership:
         raft = peer._raft()
         with raft.lock:
             member = raft.state.peers.get(peer_id)
-            refusal = leave_refusal(raft.state, peer_id)
+            why = None if member is None else leave_refusal(raft.state, member)
         if member is None or member.status == PEER_LEFT:
             raise PeerNotFound(f"no peer {peer_id!r} in this mesh")
-        if refusal is not None:
-            raise Conflict(f"cannot remove {peer_id}: {refusal}")
+        if why is not None:
+            raise Conflict(f"cannot remove {peer_id}: {why}")
         if peer_id != peer.id and member.status == PEER_UP:
             raise Conflict(
                 f"peer {peer_id} is up: ask it to leave itself (mesh leave --peer http://{member.http}) "
@@ -361,20 +356,21 @@ class Membership:
             except MeshError:
                 self.leaving = False
                 raise
-        result = await peer._propose(commands.peer_leave(_cid(), _now_ms(), peer_id))
-        if not result.get("ok"):
+        result = await peer._propose(commands.PeerLeave(_cid(), _now_ms(), peer_id))
+        if not isinstance(result, Requeued):
             self.leaving = False
-            raise Conflict(f"cannot remove {peer_id}: {result.get('error')}")
+            message = result.message if isinstance(result, Rejected) else repr(result)
+            raise Conflict(f"cannot remove {peer_id}: {message}")
         # A voter's pending join (a learner) never was a Raft voter.
         if member.role == VOTER and member.raft in raft.voters():
             await self._remove_voter(member.raft, own=peer_id == peer.id)
-        log.info("peer %s left the mesh (%d runs requeued)", peer_id, result.get("requeued", 0))
+        log.info("peer %s left the mesh (%d runs requeued)", peer_id, result.requeued)
         if peer_id == peer.id:
             left_marker(peer.settings.data_dir).write_text(
                 f"{peer_id} left the mesh at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
             )
             peer.request_exit()
-        return {"id": peer_id, "left": True, "requeued": result.get("requeued", 0)}
+        return {"id": peer_id, "left": True, "requeued": result.requeued}
 
     async def _drain_self(self, mode: str) -> None:
         """Stop getting runs; wait until this peer owns none (releasing what is
@@ -461,7 +457,7 @@ class Membership:
         started = time.monotonic()
         log.info("shutting down: releasing runs at their next step (grace %.0fs)", grace_s)
         await self._propose_quietly(
-            commands.peer_stopping(_cid(), _now_ms(), peer.id, peer.incarnation)
+            commands.PeerStopping(_cid(), _now_ms(), peer.id, peer.incarnation)
         )
         for run_id in peer.slots.running():
             peer.slots.release(run_id)
@@ -472,14 +468,12 @@ class Membership:
                 peer.slots.stop(run_id)
             await asyncio.gather(
                 *(
-                    self._propose_quietly(commands.release(_cid(), _now_ms(), run_id, epoch))
+                    self._propose_quietly(commands.Release(_cid(), _now_ms(), run_id, epoch))
                     for run_id, epoch in left.items()
                 )
             )
         # Anything assigned but never started goes back to the queue too.
-        await self._propose_quietly(
-            commands.peer_down(_cid(), _now_ms(), peer.id, peer.incarnation)
-        )
+        await self._propose_quietly(commands.PeerDown(_cid(), _now_ms(), peer.id, peer.incarnation))
         raft = peer._raft()
         if raft.is_voter and raft.is_leader:
             await raft.transfer_leadership(timeout_s=2.0)
@@ -499,7 +493,7 @@ class Membership:
         try:
             await self._peer._propose(cmd, budget_s=3.0)
         except Unavailable as exc:
-            log.warning("could not commit %s while stopping: %s", cmd["op"], exc.message)
+            log.warning("could not commit %s while stopping: %s", cmd.op, exc.message)
 
 
 def check_not_left(data_dir: str) -> None:
@@ -511,4 +505,4 @@ def check_not_left(data_dir: str) -> None:
         )
 
 
-__all__ = ["Membership", "check_not_left", "leave_refusal", "mark_learner"]
+__all__ = ["Membership", "check_not_left", "mark_learner"]

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftmesh.consensus import commands
-from raftmesh.consensus.state import RUNNING, MeshState
+from raftmesh.consensus.results import Rejected, Result, Submitted
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.storage.base import Store
 
@@ -48,18 +50,19 @@ class Observer:
     _leader: str | None = None
     _probe: asyncio.Task[None] | None = None
 
-    def applied(self, cmds: list[commands.Command], results: list[dict[str, Any]]) -> None:
-        """Called with every batch this peer applies."""
+    def applied(self, cmds: list[Any], results: list[Result]) -> None:
+        """Called with every batch this peer applies (the commands in wire
+        form: one that was refused as malformed has an answer to say so)."""
         for cmd, result in zip(cmds, results, strict=False):
-            op = cmd.get("op")
-            if not result.get("ok"):
+            if isinstance(result, Rejected):
                 continue
-            if op == commands.PEER_DOWN:
+            op = cmd.get("op")
+            if op == commands.Op.PEER_DOWN:
                 self.downs.append((int(cmd["at_ms"]), str(cmd["peer"])))
-            elif op == commands.SUBMIT:
-                created = sum(1 for r in result.get("runs", ()) if r.get("created"))
+            elif isinstance(result, Submitted):
+                created = sum(1 for r in result.runs if r.created)
                 self._count(int(cmd["at_ms"]), 0, created)
-            elif op in (commands.FINISH, commands.SETTLE):
+            elif op in (commands.Op.FINISH, commands.Op.SETTLE):
                 self._count(int(cmd["at_ms"]), 1, 1)
 
     def _count(self, at_ms: int, which: int, n: int) -> None:
@@ -152,7 +155,11 @@ class Failovers:
 
     def owner_lost(self, state: MeshState, peer_id: str, lost_at_ms: int) -> int:
         """Called before proposing peer_down; returns how many runs it orphans."""
-        orphans = [r.id for r in state.runs.values() if r.owner == peer_id and r.status == RUNNING]
+        orphans = [
+            r.id
+            for r in state.runs.values()
+            if r.owner == peer_id and r.status == RunStatus.RUNNING
+        ]
         for run_id in orphans:
             self.lost.setdefault(run_id, lost_at_ms)
         return len(orphans)
@@ -164,7 +171,11 @@ class Failovers:
             run = state.runs.get(run_id)
             if run is None:
                 del self.lost[run_id]
-            elif run.status == RUNNING and run.assigned_at_ms and run.assigned_at_ms > lost_at:
+            elif (
+                run.status == RunStatus.RUNNING
+                and run.assigned_at_ms
+                and run.assigned_at_ms > lost_at
+            ):
                 out.append(max(0.0, (run.assigned_at_ms - lost_at) / 1000))
                 del self.lost[run_id]
         return out

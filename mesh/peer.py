@@ -25,8 +25,9 @@ import uvloop
 from aiohttp import web
 
 from raftmesh.consensus import commands
+from raftmesh.consensus.model import VOTER
 from raftmesh.consensus.raft import RaftNode, persisted_voters
-from raftmesh.consensus.state import VOTER
+from raftmesh.consensus.results import Result
 from raftmesh.mesh import logs
 from raftmesh.mesh.api import build_app
 from raftmesh.mesh.credentials import cluster_secret, secure_data_dir
@@ -240,7 +241,7 @@ class Peer:
         """Ends the process once the current request has been answered."""
         asyncio.get_running_loop().call_later(0.2, self.exit_requested.set)
 
-    def _on_raft_change(self, cmds: list[commands.Command], results: list[dict[str, Any]]) -> None:
+    def _on_raft_change(self, cmds: list[Any], results: list[Result]) -> None:
         self.observer.applied(cmds, results)
         self._leader_wake.set()
         self._reconcile_wake.set()
@@ -314,9 +315,7 @@ class Peer:
         assert self.raft is not None, "peer not started"
         return self.raft
 
-    async def _propose(
-        self, cmd: commands.Command, budget_s: float | None = None
-    ) -> dict[str, Any]:
+    async def _propose(self, cmd: commands.Command, budget_s: float | None = None) -> Result:
         return await self.proposer.propose(cmd, budget_s)
 
     @property

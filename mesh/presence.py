@@ -15,7 +15,7 @@ from collections.abc import Callable
 import aiohttp
 
 from raftmesh.consensus import commands
-from raftmesh.consensus.state import PEER_UP, VOTER
+from raftmesh.consensus.model import PEER_UP, VOTER
 from raftmesh.mesh.errors import Unavailable
 from raftmesh.mesh.leader_link import LeaderLink
 from raftmesh.mesh.liveness import LeaderContact, Liveness
@@ -81,7 +81,7 @@ class Presence:
             )
         if current or self._quiet() or self._proposer.raft.leader_addr is None:
             return
-        cmd = commands.peer_up(
+        cmd = commands.PeerUp(
             new_id(),
             now_ms(),
             self.peer_id,

@@ -13,11 +13,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.errors import NoQuorum, ProposalFailed
 from raftmesh.consensus.raft import RaftNode
+from raftmesh.consensus.results import Result
 from raftmesh.consensus.state import MeshState
 from raftmesh.mesh.errors import NoQuorumError, Unavailable
 
@@ -52,7 +52,7 @@ class Proposer:
         with self.raft.lock:
             yield self.raft.state
 
-    async def propose(self, cmd: commands.Command, budget_s: float | None = None) -> dict[str, Any]:
+    async def propose(self, cmd: commands.Command, budget_s: float | None = None) -> Result:
         """Commit ``cmd``, retrying ambiguous outcomes with the same cid (the
         state machine applies a cid once) until the budget runs out."""
         budget = self.commit_timeout_s if budget_s is None else budget_s
@@ -81,5 +81,5 @@ class Proposer:
                 await self.propose(cmd)
                 return
             except Unavailable as exc:
-                log.warning("retrying %s: %s", cmd["op"], exc.message)
+                log.warning("retrying %s: %s", cmd.op, exc.message)
                 await asyncio.sleep(0.2)

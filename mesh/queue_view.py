@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, MeshState
+from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.scheduler import Scheduler
 
 
@@ -21,9 +23,9 @@ def queue_summary(state: MeshState, scheduler: Scheduler, now_ms: int) -> dict[s
     oldest: int | None = None
     for run in state.runs.values():
         entry = tenants.setdefault(run.tenant, {"queued": 0, "running": 0, "oldest_ms": None})
-        if run.status == RUNNING:
+        if run.status == RunStatus.RUNNING:
             entry["running"] += 1
-        if run.status != QUEUED:
+        if run.status != RunStatus.QUEUED:
             continue
         depth += 1
         entry["queued"] += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftmesh.consensus import commands
-from raftmesh.consensus.state import DRAIN_RELEASE, PEER_UP
+from raftmesh.consensus.model import DRAIN_RELEASE, PEER_UP
 from raftmesh.mesh.liveness import LeaderContact
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
@@ -163,7 +163,7 @@ class Reconciler:
         goes back to the queue for the next epoch, keeping its checkpoints."""
         log.info("releasing a stopped attempt", extra={"run_id": job.run_id, "epoch": job.epoch})
         try:
-            cmd = commands.release(new_id(), now_ms(), job.run_id, job.epoch)
+            cmd = commands.Release(new_id(), now_ms(), job.run_id, job.epoch)
             await self._proposer.propose_while(cmd, lambda: self._still_owned(job))
         finally:
             self._handing_back.discard((job.run_id, job.epoch))
@@ -183,17 +183,18 @@ class Reconciler:
         if outcome.status == FENCED:
             log.info("attempt fenced; a newer epoch owns the run", extra=extra)
             return
+        cmd: commands.Command
         if outcome.status == RETRY:
             log.info("attempt failed (%s): %s", outcome.kind, outcome.error, extra=extra)
-            cmd = commands.fail(
+            cmd = commands.Fail(
                 new_id(), now_ms(), job.run_id, job.epoch, outcome.kind or "error", outcome.error
             )
         elif outcome.status == RELEASED:
             log.info("run released at a step boundary", extra=extra)
-            cmd = commands.release(new_id(), now_ms(), job.run_id, job.epoch)
+            cmd = commands.Release(new_id(), now_ms(), job.run_id, job.epoch)
         else:
             log.info("run %s", outcome.status, extra=extra)
-            cmd = commands.finish(
+            cmd = commands.Finish(
                 new_id(), now_ms(), job.run_id, job.epoch, outcome.status, outcome.error
             )
         await self._proposer.propose_while(cmd, lambda: self._still_owned(job))

@@ -1,36 +1,38 @@
 """Placement: which queued run goes to which peer, decided by the leader.
 
-Pure: reads a MeshState and the leader's clock and returns a proposal. The
-state machine re-validates every item on apply (slots, labels, tenant caps,
-epochs, backoff), so a plan made from a stale view is merely wasted, never
-wrong. The only state kept here is the round-robin cursor, a cache a new
-leader may start afresh.
+Pure: reads a MeshState and the leader's clock and returns a proposal. Which
+peers a run may go to at all is ``consensus.eligibility.why_not``, the rule
+the state machine re-validates every item with on apply, so a plan made from
+a fresh view is accepted and one made from a stale view is merely wasted,
+never wrong. This module only chooses among the eligible peers. The only
+state kept here is the round-robin cursor, a cache a new leader may start
+afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 
-from raftmesh.consensus.state import QUEUED, MeshState, Peer, Run
+from raftmesh.consensus.eligibility import (
+    Reason,
+    Why,
+    accepts_work,
+    describe_labels,
+    has_room,
+    not_ready,
+    refused_by,
+    why_not,
+)
+from raftmesh.consensus.model import Run
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 
 LEAST_LOADED = "least-loaded"
 ROUND_ROBIN = "round-robin"
 CONSISTENT_HASH = "consistent-hash"
 PLACEMENTS = (LEAST_LOADED, ROUND_ROBIN, CONSISTENT_HASH)
-
-
-def labels_fit(offered: dict[str, str], wanted: dict[str, str]) -> bool:
-    return all(offered.get(k) == v for k, v in wanted.items())
-
-
-def fits(peer: Peer, run: Run) -> bool:
-    """The peer offers every label the run asks for and has its agent."""
-    return labels_fit(peer.labels, run.labels) and peer.can_run(run.agent)
-
-
-def describe_labels(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(none)"
 
 
 def affinity(key: str, peer_id: str) -> int:
@@ -45,13 +47,27 @@ def hash_key(run: Run) -> str:
     return run.session if run.session is not None else run.id
 
 
-@dataclass(frozen=True)
-class Waiting:
-    """Why a queued run is not running yet. ``reason`` is a stable code;
-    ``message`` says it to an operator and is shared by runs waiting alike."""
+class _Planned:
+    """The state's counts plus the runs this plan has placed so far, so each
+    item is judged as apply will judge it after the items before it."""
 
-    reason: str
-    message: str
+    def __init__(self, state: MeshState) -> None:
+        self._state = state
+        self._on_peer: Counter[str] = Counter()
+        self._for_tenant: Counter[str] = Counter()
+
+    def running_on(self, peer_id: str) -> int:
+        return self._state.running_on(peer_id) + self._on_peer[peer_id]
+
+    def running_for_tenant(self, tenant: str) -> int:
+        return self._state.running_for_tenant(tenant) + self._for_tenant[tenant]
+
+    def tenant_cap(self, tenant: str) -> int | None:
+        return self._state.tenant_cap(tenant)
+
+    def place(self, run: Run, peer_id: str) -> None:
+        self._on_peer[peer_id] += 1
+        self._for_tenant[run.tenant] += 1
 
 
 @dataclass
@@ -69,55 +85,42 @@ class Scheduler:
         return run.priority + int(waited_ms // (self.aging_s * 1000))
 
     def order(self, state: MeshState, now_ms: int) -> list[Run]:
-        """Eligible queued runs: higher (aged) priority first, FIFO within one."""
-        ready = [r for r in state.queued() if r.not_before_ms <= now_ms]
-        ready.sort(key=lambda r: (-self.effective_priority(r, now_ms), r.submitted_at_ms, r.id))
-        return ready
+        """Queued runs, higher (aged) priority first, FIFO within one."""
+        queued = state.queued()
+        queued.sort(key=lambda r: (-self.effective_priority(r, now_ms), r.submitted_at_ms, r.id))
+        return queued
 
     def plan(self, state: MeshState, now_ms: int) -> list[tuple[str, str, int]]:
-        """One assign batch: (run, peer, epoch) within free slots, labels and tenant caps."""
-        # Drained and stopping peers keep their runs but get no new ones.
-        up = sorted(p.id for p in state.peers.values() if p.schedulable)
-        load = {pid: state.running_on(pid) for pid in up}
-        free = {pid: state.peers[pid].slots - load[pid] for pid in up}
-        if not any(n > 0 for n in free.values()):
-            return []
-        tenant_running: dict[str, int] = {}
+        """One assign batch: (run, peer, epoch), each item eligible after the ones before it."""
+        open_peers = [
+            state.peers[pid] for pid in sorted(state.peers) if accepts_work(state.peers[pid])
+        ]
+        load = _Planned(state)
         plan: list[tuple[str, str, int]] = []
         for run in self.order(state, now_ms):
-            if len(plan) >= self.limit or not any(n > 0 for n in free.values()):
+            if len(plan) >= self.limit or not any(has_room(p, load) for p in open_peers):
                 break
-            cap = state.tenant_cap(run.tenant)
-            running = tenant_running.setdefault(run.tenant, state.running_for_tenant(run.tenant))
-            if cap is not None and running >= cap:
-                continue
-            fitting = [pid for pid in up if fits(state.peers[pid], run)]
-            target = self._choose(run, fitting, free, load, state)
+            verdicts = {p.id: why_not(run, p, load, now_ms) for p in open_peers}
+            target = self._choose(run, verdicts, load, state)
             if target is None:
                 continue
             plan.append((run.id, target, run.epoch + 1))
-            load[target] += 1
-            free[target] -= 1
-            tenant_running[run.tenant] = running + 1
+            load.place(run, target)
         return plan
 
     def _choose(
         self,
         run: Run,
-        fitting: list[str],
-        free: dict[str, int],
-        load: dict[str, int],
+        verdicts: dict[str, Reason | None],
+        load: _Planned,
         state: MeshState,
     ) -> str | None:
         placement = run.placement or self.placement
         if placement == CONSISTENT_HASH:
             # Same key, same peer while it is up: wait for its slot, never spill.
-            if not fitting:
-                return None
-            key = hash_key(run)
-            home = max(fitting, key=lambda pid: affinity(key, pid))
-            return home if free[home] > 0 else None
-        open_ = [pid for pid in fitting if free[pid] > 0]
+            home = _home(run, verdicts)
+            return home if home is not None and verdicts[home] is None else None
+        open_ = [pid for pid, verdict in verdicts.items() if verdict is None]
         if not open_:
             return None
         if placement == ROUND_ROBIN:
@@ -126,30 +129,46 @@ class Scheduler:
             self._cursor = target
             return target
         return min(
-            open_, key=lambda pid: (load[pid] / max(1, state.peers[pid].slots), load[pid], pid)
+            open_,
+            key=lambda pid: (
+                load.running_on(pid) / max(1, state.peers[pid].slots),
+                load.running_on(pid),
+                pid,
+            ),
         )
 
-    def waiting_for(self, state: MeshState, run: Run, now_ms: int) -> Waiting | None:
-        """The first thing a queued run waits for, as an operator should read it."""
-        if run.status != QUEUED:
+    def waiting_for(self, state: MeshState, run: Run, now_ms: int) -> Reason | None:
+        """The first thing a queued run waits for, said of the whole mesh."""
+        if run.status != RunStatus.QUEUED:
             return None
-        if run.not_before_ms > now_ms:
-            return Waiting("backoff", "retry backoff after a failed attempt")
-        cap = state.tenant_cap(run.tenant)
-        if cap is not None and state.running_for_tenant(run.tenant) >= cap:
-            return Waiting("tenant_cap", f"tenant {run.tenant!r} is at its in-flight cap of {cap}")
-        up = [p for p in state.peers.values() if p.schedulable]
-        if not any(p.can_run(run.agent) for p in up):
-            return Waiting("agent", f"no up peer runs agent {run.agent!r}")
-        fitting = sorted(p.id for p in up if fits(p, run))
-        if not fitting:
-            return Waiting("labels", f"no up peer offers labels {describe_labels(run.labels)}")
+        reason = not_ready(run, state, now_ms)
+        if reason is not None:
+            return reason
+        verdicts = {
+            pid: refused_by(run, state.peers[pid], state)
+            for pid in sorted(state.peers)
+            if accepts_work(state.peers[pid])
+        }
+        if all(v is not None and v.code == Why.AGENT for v in verdicts.values()):
+            return Reason(Why.AGENT, f"no up peer runs agent {run.agent!r}")
+        home = _home(run, verdicts)
+        if home is None:
+            return Reason(Why.LABELS, f"no up peer offers labels {describe_labels(run.labels)}")
         if (run.placement or self.placement) == CONSISTENT_HASH:
-            home = max(fitting, key=lambda pid: affinity(hash_key(run), pid))
-            if state.running_on(home) >= state.peers[home].slots:
-                return Waiting("slot", f"a free slot on {home} (consistent-hash placement)")
-        elif all(state.running_on(pid) >= state.peers[pid].slots for pid in fitting):
-            return Waiting(
-                "slot", f"a free slot on a peer with labels {describe_labels(run.labels)}"
+            if verdicts[home] is not None:
+                return Reason(Why.SLOT, f"a free slot on {home} (consistent-hash placement)")
+        elif all(v is not None for v in verdicts.values()):
+            return Reason(
+                Why.SLOT, f"a free slot on a peer with labels {describe_labels(run.labels)}"
             )
-        return Waiting("turn", "its turn: higher-priority or older runs go first")
+        return Reason(Why.TURN, "its turn: higher-priority or older runs go first")
+
+
+def _home(run: Run, verdicts: dict[str, Reason | None]) -> str | None:
+    """The peer a consistent-hash run belongs on: the one its key ranks first
+    among those it may go to once a slot frees (None if there is none)."""
+    fitting = [pid for pid, v in verdicts.items() if v is None or v.code == Why.SLOT]
+    if not fitting:
+        return None
+    key = hash_key(run)
+    return max(fitting, key=lambda pid: affinity(key, pid))

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
-from raftmesh.consensus.state import EXECUTOR, VOTER
+from raftmesh.consensus.model import EXECUTOR, VOTER
 from raftmesh.mesh.errors import BadRequest
 from raftmesh.mesh.scheduler import PLACEMENTS
 from raftmesh.runner.context import BUDGET_KEYS

@@ -21,20 +21,31 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from raftmesh.consensus import commands
+from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.results import (
+    CancelRequested,
+    Rejected,
+    Rejection,
+    Result,
+    RunOutcome,
+    Submitted,
+)
 from raftmesh.consensus.spec import RunSpec, SpecError
-from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING, MeshState
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES, RunStatus
 from raftmesh.mesh import diagnostics
 from raftmesh.mesh.api import SUBMIT_FIELDS, validate_submission
 from raftmesh.mesh.auth import Authenticator
 from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
+    MeshError,
     NotLeader,
     RunNotFound,
-    TooManyRequests,
     Unavailable,
     UnknownAgentError,
     from_storage,
+    refusal,
 )
 from raftmesh.mesh.events import EventHub, Frame
 from raftmesh.mesh.liveness import Liveness
@@ -48,17 +59,11 @@ from raftmesh.mesh.tracing import Tracing
 from raftmesh.mesh.views import active_view, listed_status, view_from_row, view_from_state
 from raftmesh.runner.payload import pack, unpack
 from raftmesh.runner.registry import InvalidInput, Registry
-from raftmesh.storage.base import (
-    DEAD_LETTER_STATUSES,
-    TERMINAL_STATUSES,
-    RunRow,
-    StorageUnavailable,
-    Store,
-)
+from raftmesh.storage.base import RunRow, StorageUnavailable, Store
 
 log = logging.getLogger("raftmesh.service")
 
-ACTIVE_STATUSES = frozenset({QUEUED, RUNNING})
+ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 ALL_STATUSES = ACTIVE_STATUSES | TERMINAL_STATUSES
 
 
@@ -120,32 +125,38 @@ class MeshService:
         run_id, run = self._new_run(spec)
         started = time.monotonic()
         began = time.time_ns()
-        cmd = commands.submit(new_id(), now_ms(), [{"id": run_id, **run.to_wire()}])
+        cmd = commands.Submit(new_id(), now_ms(), [{"id": run_id, **run.to_wire()}])
         result = await self._proposer.propose(cmd)
         self.metrics.commit_seconds.observe(time.monotonic() - started)
-        outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
+        try:
+            outcome = _one_run(result, "submission rejected", self._retry_after_s(run.tenant))
+        except MeshError as exc:
+            self.metrics.submissions.labels("rejected").inc()
+            self.tracing.record(
+                "raftmesh.run.submit",
+                run_id,
+                began,
+                time.time_ns(),
+                exc.message,
+                agent=run.agent,
+                tenant=run.tenant,
+                created=None,
+            )
+            raise
         self.tracing.record(
             "raftmesh.run.submit",
-            str(outcome.get("id") or run_id),
+            str(outcome.id or run_id),
             began,
             time.time_ns(),
-            outcome.get("error"),
+            None,
             agent=run.agent,
             tenant=run.tenant,
-            created=outcome.get("created"),
+            created=outcome.created,
         )
-        if "error" in outcome:
-            self.metrics.submissions.labels("rejected").inc()
-            if outcome.get("code") == "tenant_queue_full":
-                raise TooManyRequests(
-                    f"{outcome['error']}; nothing was accepted: retry after the queue drains",
-                    retry_after_s=self._retry_after_s(run.tenant),
-                )
-            raise BadRequest(f"submission rejected: {outcome['error']}")
-        self.metrics.submissions.labels("created" if outcome["created"] else "existing").inc()
-        if outcome["created"]:
+        self.metrics.submissions.labels("created" if outcome.created else "existing").inc()
+        if outcome.created:
             self._detach(self._record_submitted(run_id, run, now_ms()))
-        return str(outcome["id"]), bool(outcome["created"])
+        return str(outcome.id), outcome.created
 
     def _new_run(self, spec: dict[str, Any]) -> tuple[str, RunSpec]:
         """A new run id and the spec, from a validated request (absent and null
@@ -278,9 +289,9 @@ class MeshService:
     async def cancel_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         """Queued runs end at once; a running one is stopped by its owner."""
         await self._check_visible(run_id, tenant)
-        result = await self._proposer.propose(commands.cancel(new_id(), now_ms(), run_id))
-        if result.get("ok"):
-            status = "cancelled" if result["status"] == SETTLING else "cancelling"
+        result = await self._proposer.propose(commands.Cancel(new_id(), now_ms(), run_id))
+        if isinstance(result, CancelRequested):
+            status = "cancelled" if result.status == RunStatus.SETTLING else "cancelling"
             return {"id": run_id, "status": status}
         with self._proposer.read() as state:
             active = state.runs.get(run_id)
@@ -311,23 +322,17 @@ class MeshService:
         if row.status in DEAD_LETTER_STATUSES:
             await from_storage(self.store.reopen(run_id))
             row = await from_storage(self.store.get_run(run_id))
-        if row is None or row.status != QUEUED:
+        if row is None or row.status != RunStatus.QUEUED:
             status = row.status if row is not None else "gone"
             raise Conflict(
                 f"run {run_id} is {status}; only failed or timed_out runs can be retried"
             )
         wire = resubmission(row)
-        result = await self._proposer.propose(commands.submit(new_id(), now_ms(), [wire]))
-        outcome = result["runs"][0] if result.get("ok") else {"error": result.get("error")}
-        if "error" in outcome:
-            if outcome.get("code") == "tenant_queue_full":
-                raise TooManyRequests(
-                    f"{outcome['error']}; retry after the queue drains",
-                    retry_after_s=self._retry_after_s(row.spec.tenant),
-                )
-            raise Conflict(f"run {run_id} could not be re-queued: {outcome['error']}")
+        result = await self._proposer.propose(commands.Submit(new_id(), now_ms(), [wire]))
+        retry_after_s = self._retry_after_s(row.spec.tenant)
+        _one_run(result, f"run {run_id} could not be re-queued", retry_after_s)
         log.info("dead letter re-queued", extra={"run_id": run_id, "epoch": row.epoch})
-        return {"id": run_id, "status": QUEUED}
+        return {"id": run_id, "status": RunStatus.QUEUED}
 
     async def _settled_view(self, run_id: str) -> tuple[dict[str, Any] | None, bool]:
         """The run's view while it is active (None once it has left the state),
@@ -341,7 +346,7 @@ class MeshService:
                 active = state.runs.get(run_id)
                 if active is None:
                     return None, False
-                settling = active.status == SETTLING
+                settling = active.status == RunStatus.SETTLING
                 if not settling or time.monotonic() >= deadline:
                     return active_view(state, active, self.scheduler, now_ms()), settling
             self._wake_leader()
@@ -537,7 +542,9 @@ PEER_STATUSES = ("up", "down", "joining", "left")
 def runs_by_status(state: MeshState) -> dict[str, int]:
     """Active runs by status; waiting and paused stay 0 until suspension exists,
     and are shown anyway so dashboards and scripts need not change then."""
-    counts = dict.fromkeys((QUEUED, RUNNING, SETTLING, "waiting", "paused"), 0)
+    counts = dict.fromkeys(
+        (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.SETTLING, "waiting", "paused"), 0
+    )
     for run in state.runs.values():
         counts[run.status] = counts.get(run.status, 0) + 1
     return counts
@@ -580,3 +587,21 @@ def resubmission(row: RunRow) -> dict[str, Any]:
     next owner claims epoch + 1 and its attempts keep counting."""
     spec = dataclasses.replace(row.spec, input=unpack(row.spec.input))
     return {"id": row.id, **spec.to_wire(), "epoch": row.epoch, "attempts": row.attempts}
+
+
+def _one_run(result: Result, refused: str, retry_after_s: int) -> RunOutcome:
+    """The outcome of a one-run submit; a refusal, of the command or of its
+    run, becomes the HTTP error of its Rejection (mesh/errors.py)."""
+    if isinstance(result, Submitted):
+        outcome = result.runs[0]
+        if outcome.rejection is None:
+            return outcome
+        reason, message = outcome.rejection, str(outcome.message)
+    elif isinstance(result, Rejected):
+        reason, message = result.reason, result.message
+    else:
+        raise MeshError(f"{refused}: unexpected answer {result!r}")
+    if reason == Rejection.TENANT_QUEUE_FULL:
+        message = f"{message}; nothing was accepted: retry after the queue drains"
+        raise refusal(reason, message, retry_after_s=retry_after_s)
+    raise refusal(reason, f"{refused}: {message}")

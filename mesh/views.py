@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from raftmesh.consensus.state import SETTLING, MeshState, Run
+from raftmesh.consensus.model import Run
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.runner.payload import unpack
 from raftmesh.storage.base import RunRow
@@ -27,7 +29,7 @@ def active_view(state: MeshState, run: Run, scheduler: Scheduler, now_ms: int) -
 def listed_status(run: Run) -> str:
     """The status a view shows: a settling run's outcome is decided; only its
     storage write is pending."""
-    return run.outcome if run.status == SETTLING and run.outcome else run.status
+    return run.outcome if run.status == RunStatus.SETTLING and run.outcome else run.status
 
 
 def view_from_state(run: Run) -> dict[str, Any]:

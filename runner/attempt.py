@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from raftmesh.consensus.model import Run
 from raftmesh.consensus.spec import RunSpec
-from raftmesh.consensus.state import Run
+from raftmesh.consensus.status import RunStatus
 from raftmesh.runner.context import (
     Fenced,
     Limits,
@@ -35,10 +36,10 @@ from raftmesh.storage.base import RunRow, StaleEpoch, Store
 
 log = logging.getLogger("raftmesh.runner")
 
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-TIMED_OUT = "timed_out"
-CANCELLED = "cancelled"
+SUCCEEDED = RunStatus.SUCCEEDED
+FAILED = RunStatus.FAILED
+TIMED_OUT = RunStatus.TIMED_OUT
+CANCELLED = RunStatus.CANCELLED
 RETRY = "retry"
 FENCED = "fenced"
 RELEASED = "released"

@@ -29,10 +29,11 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from raftmesh.consensus.status import TERMINAL_STATUSES
 from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.outages import retry_unavailable
 from raftmesh.runner.payload import pack, unpack
-from raftmesh.storage.base import TERMINAL_STATUSES, StaleEpoch, Step, StorageUnavailable, Store
+from raftmesh.storage.base import StaleEpoch, Step, StorageUnavailable, Store
 
 BUDGET_KEYS = ("model_calls", "tokens")
 CHILD_POLL_S = 0.2

@@ -7,7 +7,6 @@ store.open()`` and talk to the ``Store`` protocol only.
 from __future__ import annotations
 
 from raftmesh.storage.base import (
-    TERMINAL_STATUSES,
     AlreadyFinished,
     Claim,
     Event,
@@ -20,7 +19,6 @@ from raftmesh.storage.base import (
 )
 
 __all__ = [
-    "TERMINAL_STATUSES",
     "AlreadyFinished",
     "Claim",
     "Event",

@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from raftmesh.consensus.spec import RunSpec
-from raftmesh.storage.base import TERMINAL_STATUSES, AlreadyFinished, RunRow, StaleEpoch
+from raftmesh.consensus.status import TERMINAL_STATUSES
+from raftmesh.storage.base import AlreadyFinished, RunRow, StaleEpoch
 
 # The spec fields that are columns of their own (what lists and filters read);
 # every other RunSpec field travels in the ``options`` JSON column, so a field

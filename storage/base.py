@@ -18,10 +18,6 @@ from typing import Protocol, runtime_checkable
 
 from raftmesh.consensus.spec import RunSpec
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
-# Terminal outcomes an operator may re-queue (POST /v1/runs/{id}/retry).
-DEAD_LETTER_STATUSES = frozenset({"failed", "timed_out"})
-
 
 class StorageError(Exception):
     """Root of every storage error."""

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES
 from raftmesh.storage._common import (
     RUN_COLUMNS,
     fence,
@@ -27,8 +28,6 @@ from raftmesh.storage._common import (
     spec_values,
 )
 from raftmesh.storage.base import (
-    DEAD_LETTER_STATUSES,
-    TERMINAL_STATUSES,
     Claim,
     Event,
     Notifier,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES
 from raftmesh.storage._common import (
     RUN_COLUMNS,
     fence,
@@ -31,8 +32,6 @@ from raftmesh.storage._common import (
     spec_values,
 )
 from raftmesh.storage.base import (
-    DEAD_LETTER_STATUSES,
-    TERMINAL_STATUSES,
     Claim,
     Event,
     RunRow,

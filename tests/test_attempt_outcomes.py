@@ -17,7 +17,8 @@ import uvloop
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus.spec import RunSpec
-from raftmesh.consensus.state import QUEUED, SETTLING, MeshState
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 from raftmesh.runner.attempt import CANCELLED, RETRY, Assignment, Outcome, run_attempt
 from raftmesh.runner.context import RunContext
 from raftmesh.runner.registry import Registry
@@ -135,31 +136,35 @@ async def test_timeouts_and_errors_are_left_to_the_mesh_unstored(store: Store) -
 def _running(policy: dict[str, Any], max_attempts: int) -> MeshState:
     state = MeshState()
     for cmd in (
-        c.configure("c0", 1, {}, None, {}, None, policy),
-        c.peer_up("c1", 1, "p", "i1", "r", "h", 2, {}),
-        c.submit("c2", 1, [{"id": "r", "agent": "echo", "max_attempts": max_attempts}]),
-        c.assign("c3", 1, 1, [("r", "p", 1)]),
+        c.Configure("c0", 1, {}, None, {}, None, policy),
+        c.PeerUp("c1", 1, "p", "i1", "r", "h", 2, {}),
+        c.Submit("c2", 1, [{"id": "r", "agent": "echo", "max_attempts": max_attempts}]),
+        c.Assign("c3", 1, 1, [("r", "p", 1)]),
     ):
-        assert state.apply(cmd)["ok"]
+        assert state.apply(cmd).ok
     return state
 
 
 def test_timeouts_end_the_run_at_once_unless_configured_to_retry() -> None:
     state = _running({"retry_timeouts": False}, max_attempts=3)
-    assert state.apply(c.fail("c4", 2, "r", 1, "timeout", "slow"))["retry"] is False
-    assert (state.runs["r"].status, state.runs["r"].outcome) == (SETTLING, "timed_out")
+    assert state.apply(c.Fail("c4", 2, "r", 1, "timeout", "slow")).retry is False
+    assert (state.runs["r"].status, state.runs["r"].outcome) == (RunStatus.SETTLING, "timed_out")
     state = _running({"retry_timeouts": True}, max_attempts=3)
-    assert state.apply(c.fail("c4", 2, "r", 1, "timeout", "slow"))["retry"] is True
+    assert state.apply(c.Fail("c4", 2, "r", 1, "timeout", "slow")).retry is True
 
 
 def test_lost_owners_use_attempts_only_when_configured() -> None:
     state = _running({"count_lost_owner": False}, max_attempts=1)
-    assert state.apply(c.peer_down("c4", 2, "p", "i1"))["ok"]
-    assert (state.runs["r"].status, state.runs["r"].losses) == (QUEUED, 1)
+    assert state.apply(c.PeerDown("c4", 2, "p", "i1")).ok
+    assert (state.runs["r"].status, state.runs["r"].losses) == (RunStatus.QUEUED, 1)
     state = _running({"count_lost_owner": True}, max_attempts=1)
-    assert state.apply(c.peer_down("c4", 2, "p", "i1"))["ok"]
+    assert state.apply(c.PeerDown("c4", 2, "p", "i1")).ok
     run = state.runs["r"]
-    assert (run.status, run.outcome, run.last_error) == (SETTLING, "failed", "owner lost 1 times")
+    assert (run.status, run.outcome, run.last_error) == (
+        RunStatus.SETTLING,
+        "failed",
+        "owner lost 1 times",
+    )
 
 
 async def test_attempts_whose_machinery_crashes_end_as_a_dead_letter(any_store: Store) -> None:
@@ -176,12 +181,12 @@ async def test_attempts_whose_machinery_crashes_end_as_a_dead_letter(any_store: 
         outcome = await attempt(any_store, registry, job("echo", epoch=run.epoch, priority=too_big))
         assert (outcome.status, outcome.kind) == (RETRY, "error"), outcome
         assert outcome.error is not None and outcome.error.startswith("attempt crashed: ")
-        result = state.apply(c.fail(f"f{n}", 10 * n, "r", run.epoch, outcome.kind, outcome.error))
-        assert result["ok"] and result["retry"] is (n < 3), (n, result)
+        result = state.apply(c.Fail(f"f{n}", 10 * n, "r", run.epoch, outcome.kind, outcome.error))
+        assert result.ok and result.retry is (n < 3), (n, result)
         if n < 3:
-            assert state.apply(c.assign(f"a{n}", 10 * n + 1, 1, [("r", "p", run.epoch + 1)]))["ok"]
+            assert state.apply(c.Assign(f"a{n}", 10 * n + 1, 1, [("r", "p", run.epoch + 1)])).ok
     run = state.runs["r"]
-    assert (run.status, run.outcome, run.errors) == (SETTLING, "failed", 3)
+    assert (run.status, run.outcome, run.errors) == (RunStatus.SETTLING, "failed", 3)
     assert run.last_error == outcome.error
 
 

@@ -6,7 +6,7 @@ it was marked down only after the grace period *plus* a full TTL.
 
 from __future__ import annotations
 
-from raftmesh.consensus.state import PEER_LEFT, Peer
+from raftmesh.consensus.model import PEER_LEFT, Peer
 from raftmesh.mesh.liveness import LeaderContact, Liveness
 
 UP = {"a": "i1", "b": "i1"}

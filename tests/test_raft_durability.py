@@ -8,6 +8,7 @@ restart, also after log compaction into a (msgpack) snapshot.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from raftmesh.consensus import commands
 from raftmesh.consensus.errors import NoQuorum, UnencodableCommand
 from raftmesh.consensus.raft import RaftNode, RaftTimers
+from raftmesh.consensus.results import Result
 
 
 def free_ports(n: int) -> list[int]:
@@ -50,12 +52,12 @@ async def wait_leader(nodes: list[RaftNode], timeout_s: float = 20) -> RaftNode:
 
 
 def submit(i: int) -> commands.Command:
-    return commands.submit(
+    return commands.Submit(
         uuid.uuid4().hex, 1_000 + i, [{"id": f"run-{i}", "agent": "echo", "input": i}]
     )
 
 
-async def propose_retrying(node: RaftNode, cmd: commands.Command) -> dict:
+async def propose_retrying(node: RaftNode, cmd: commands.Command) -> Result:
     for _ in range(20):
         try:
             return await node.propose(cmd)
@@ -71,13 +73,13 @@ async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path
     try:
         await wait_leader(nodes)
         results = [await propose_retrying(nodes[i % 3], submit(i)) for i in range(60)]
-        assert all(r["ok"] and r["runs"][0]["created"] for r in results)
+        assert all(r.ok and r.runs[0].created for r in results)
         # Acknowledged means synced: on the leader and on a majority nothing
         # is left only in the page cache.
         synced = [n for n in nodes if not n.journal._dirty and n.journal.syncs > 0]
         assert len(synced) >= 2
-        retry = await propose_retrying(nodes[1], {**submit(0), "cid": "same"})
-        again = await propose_retrying(nodes[2], {**submit(0), "cid": "same"})
+        retry = await propose_retrying(nodes[1], dataclasses.replace(submit(0), cid="same"))
+        again = await propose_retrying(nodes[2], dataclasses.replace(submit(0), cid="same"))
         assert retry == again, "a retried command id is applied once"
         await asyncio.sleep(1.0)
         assert all(len(n.state.runs) == 60 for n in nodes)
@@ -92,7 +94,7 @@ async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path
     try:
         await wait_leader(nodes)
         result = await propose_retrying(nodes[0], submit(999))
-        assert result["ok"]
+        assert result.ok
         for _ in range(200):
             if all(len(n.state.runs) == 61 for n in nodes):
                 break
@@ -118,7 +120,7 @@ async def test_concurrent_proposals_share_log_entries(tmp_path: Path) -> None:
         results = await asyncio.gather(
             *(propose_retrying(follower if i % 2 else leader, submit(i)) for i in range(400))
         )
-        assert all(r["ok"] and r["runs"][0]["created"] for r in results)
+        assert all(r.ok and r.runs[0].created for r in results)
         entries = leader.status()["log_len"] - before
         print(f"400 commands took {entries} log entries")
         assert 2 <= entries <= 60, f"400 commands took {entries} log entries"
@@ -140,11 +142,11 @@ async def test_entries_near_the_size_limit_pass_the_guarded_raft_port(tmp_path: 
         leader = await wait_leader(nodes)
         follower = next(n for n in nodes if n is not leader)
         big = os.urandom(512 * 1024).hex()
-        cmd = commands.submit(
+        cmd = commands.Submit(
             uuid.uuid4().hex, 1_000, [{"id": "big", "agent": "echo", "input": big}]
         )
         result = await propose_retrying(follower, cmd)
-        assert result["ok"] and result["runs"][0]["created"]
+        assert result.ok and result.runs[0].created
         deadline = time.monotonic() + 20
         while not all("big" in n.state.runs for n in nodes):
             assert time.monotonic() < deadline, "the big entry did not reach every node"
@@ -166,19 +168,26 @@ async def test_an_unencodable_command_fails_alone_and_the_next_ones_commit(tmp_p
         follower = next(n for n in nodes if n is not leader)
         await propose_retrying(leader, submit(-1))
         for node in (leader, follower):
-            bad = commands.submit(uuid.uuid4().hex, 1, [{"id": "huge", "priority": 2**64}])
+            bad = commands.Submit(uuid.uuid4().hex, 1, [{"id": "huge", "priority": 2**64}])
             proposals = [
                 asyncio.ensure_future(node.propose(cmd))
-                for cmd in (submit(1), bad, submit(2), {**submit(3), "input": object()})
+                for cmd in (
+                    submit(1),
+                    bad,
+                    submit(2),
+                    dataclasses.replace(
+                        submit(3), runs=[{"id": "x", "agent": "e", "input": object()}]
+                    ),
+                )
             ]
             done, _ = await asyncio.wait(proposals, timeout=10)
             assert len(done) == 4, "every caller got an answer within the commit timeout"
             first, huge, second, opaque = (p.exception() or p.result() for p in proposals)
             assert isinstance(huge, UnencodableCommand) and "out of range" in str(huge)
             assert isinstance(opaque, UnencodableCommand)
-            assert first["ok"] and second["ok"], (first, second)
+            assert first.ok and second.ok, (first, second)
             later = await asyncio.wait_for(node.propose(submit(4)), 10)
-            assert later["ok"]
+            assert later.ok
         assert "huge" not in leader.state.runs
     finally:
         for n in nodes:

@@ -22,7 +22,7 @@ class Mesh:
 
     def apply(self, cmd: dict[str, Any]) -> dict[str, Any]:
         result = self.state.apply(cmd)
-        assert result["ok"], result
+        assert result.ok, result
         return result
 
     def cid(self) -> str:
@@ -30,17 +30,17 @@ class Mesh:
         return f"c{self.n}"
 
     def peer(self, peer_id: str, slots: int = 4, labels: dict[str, str] | None = None) -> None:
-        self.apply(c.peer_up(self.cid(), T0, peer_id, "i1", "r", "h", slots, labels or {}))
+        self.apply(c.PeerUp(self.cid(), T0, peer_id, "i1", "r", "h", slots, labels or {}))
 
     def submit(self, at_ms: int = T0, **spec: Any) -> str:
         self.n += 1
         run = {"id": f"r{self.n:03d}", "agent": "echo", "input": None, **spec}
-        entry = self.apply(c.submit(self.cid(), at_ms, [run]))["runs"][0]
-        assert entry.get("created"), entry
+        entry = self.apply(c.Submit(self.cid(), at_ms, [run])).runs[0]
+        assert entry.created, entry
         return run["id"]
 
     def assign(self, plan: list[tuple[str, str, int]], at_ms: int = T0) -> list[str]:
-        return self.apply(c.assign(self.cid(), at_ms, 1, plan))["accepted"]
+        return self.apply(c.Assign(self.cid(), at_ms, 1, plan)).accepted
 
 
 def test_priority_first_then_fifo_and_aging_lifts_old_low_priority_runs() -> None:
@@ -86,7 +86,7 @@ def test_consistent_hash_moves_only_keys_of_a_leaving_or_joining_peer() -> None:
     joined = homes()
     moved = {k for k in keys if joined[k] != before[k]}
     assert moved and all(joined[k] == "d" for k in moved), "only keys taken by d move"
-    mesh.apply(c.peer_down(mesh.cid(), T0, "b", "i1"))
+    mesh.apply(c.PeerDown(mesh.cid(), T0, "b", "i1"))
     left = homes()
     assert all(left[k] == joined[k] for k in keys if joined[k] != "b")
 
@@ -103,13 +103,13 @@ def test_consistent_hash_waits_for_its_peer_instead_of_spilling() -> None:
     mesh.assign(plan)
     assert sched.plan(mesh.state, T0) == []
     waiting = sched.waiting_for(mesh.state, mesh.state.runs[second], T0)
-    assert waiting is not None and waiting.reason == "slot" and plan[0][1] in waiting.message
+    assert waiting is not None and waiting.code == "slot" and plan[0][1] in waiting.message
 
 
 def test_waiting_for_names_labels_caps_and_backoff() -> None:
     mesh = Mesh()
     mesh.peer("cpu", slots=2, labels={"pool": "cpu"})
-    mesh.apply(c.configure(mesh.cid(), T0, {"t": 1}, None, {}, None, {"backoff_base_ms": 400}))
+    mesh.apply(c.Configure(mesh.cid(), T0, {"t": 1}, None, {}, None, {"backoff_base_ms": 400}))
     gpu = mesh.submit(labels={"gpu": "a100"})
     capped = [mesh.submit(tenant="t") for _ in range(2)]
     sched = Scheduler()
@@ -118,16 +118,16 @@ def test_waiting_for_names_labels_caps_and_backoff() -> None:
     assert sched.waiting_for(state, state.runs[gpu], T0).message == (  # type: ignore[union-attr]
         "no up peer offers labels gpu=a100"
     )
-    assert sched.waiting_for(state, state.runs[capped[1]], T0).reason == "tenant_cap"  # type: ignore[union-attr]
-    result = mesh.apply(c.fail(mesh.cid(), T0, capped[0], 1, "error", "boom"))
-    assert result["retry"] is False  # max_attempts 1: a dead letter
+    assert sched.waiting_for(state, state.runs[capped[1]], T0).code == "tenant_cap"  # type: ignore[union-attr]
+    result = mesh.apply(c.Fail(mesh.cid(), T0, capped[0], 1, "error", "boom"))
+    assert result.retry is False  # max_attempts 1: a dead letter
     retried = mesh.submit(max_attempts=3)
     mesh.assign(sched.plan(mesh.state, T0))
-    result = mesh.apply(c.fail(mesh.cid(), T0, retried, 1, "timeout", "slow"))
-    assert result["retry"] and result["not_before_ms"] > T0
-    assert sched.waiting_for(state, state.runs[retried], T0).reason == "backoff"  # type: ignore[union-attr]
+    result = mesh.apply(c.Fail(mesh.cid(), T0, retried, 1, "timeout", "slow"))
+    assert result.retry and result.not_before_ms > T0
+    assert sched.waiting_for(state, state.runs[retried], T0).code == "backoff"  # type: ignore[union-attr]
     assert retried not in [r for r, _, _ in sched.plan(state, T0)]
-    assert retried in [r for r, _, _ in sched.plan(state, result["not_before_ms"])]
+    assert retried in [r for r, _, _ in sched.plan(state, result.not_before_ms)]
 
 
 def test_backoff_grows_exponentially_within_jitter_and_is_deterministic() -> None:

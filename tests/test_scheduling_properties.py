@@ -34,7 +34,9 @@ from hypothesis.stateful import (
 )
 
 from raftmesh.consensus import commands as c
-from raftmesh.consensus.state import PEER_UP, QUEUED, RUNNING, SETTLING, MeshState, backoff_ms
+from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.state import MeshState, backoff_ms
+from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.scheduler import PLACEMENTS, Scheduler
 
 PEERS = ["p0", "p1", "p2"]
@@ -53,10 +55,10 @@ def recount(state: MeshState) -> tuple[Counter[str], Counter[str], Counter[str]]
     tenant_running: Counter[str] = Counter()
     tenant_queued: Counter[str] = Counter()
     for run in state.runs.values():
-        if run.status == RUNNING:
+        if run.status == RunStatus.RUNNING:
             on_peer[run.owner] += 1
             tenant_running[run.tenant] += 1
-        elif run.status == QUEUED:
+        elif run.status == RunStatus.QUEUED:
             tenant_queued[run.tenant] += 1
     return on_peer, tenant_running, tenant_queued
 
@@ -86,15 +88,15 @@ class SchedulingMachine(RuleBasedStateMachine):
         pre = copy.deepcopy(self.state)
         result = self.state.apply(cmd)
         assert self.replica.apply(wire(command)) == result
-        if cmd["op"] == c.ASSIGN:
+        if cmd["op"] == c.Op.ASSIGN:
             self.check_assign(pre, cmd, result)
-        if cmd["op"] == c.SUBMIT:
+        if cmd["op"] == c.Op.SUBMIT:
             self.check_submit(pre, result)
         return result
 
     def check_assign(self, pre: MeshState, cmd: dict[str, Any], result: dict[str, Any]) -> None:
         on_peer, tenant_running, _ = recount(pre)
-        for run_id in result["accepted"]:
+        for run_id in result.accepted:
             old, run = pre.runs[run_id], self.state.runs[run_id]
             peer = pre.peers[run.owner]
             on_peer[run.owner] += 1
@@ -102,7 +104,7 @@ class SchedulingMachine(RuleBasedStateMachine):
             assert on_peer[run.owner] <= peer.slots, "assign took a peer above its slots"
             cap = pre.tenant_cap(run.tenant)
             assert cap is None or tenant_running[run.tenant] <= cap, "assign broke a tenant cap"
-            assert old.status == QUEUED and not old.cancel_requested
+            assert old.status == RunStatus.QUEUED and not old.cancel_requested
             assert old.not_before_ms <= cmd["at_ms"], "a run in backoff was assigned"
             assert run_id not in self.ended and run_id not in self.cancelled
             assert peer.status == PEER_UP
@@ -110,10 +112,10 @@ class SchedulingMachine(RuleBasedStateMachine):
 
     def check_submit(self, pre: MeshState, result: dict[str, Any]) -> None:
         _, _, queued = recount(pre)
-        for entry in result["runs"]:
-            if not entry.get("created"):
+        for entry in result.runs:
+            if not entry.created:
                 continue
-            run = self.state.runs[entry["id"]]
+            run = self.state.runs[entry.id]
             queued[run.tenant] += 1
             limit = pre.tenant_queue_limit(run.tenant)
             assert limit is None or queued[run.tenant] <= limit, "submit broke a queued maximum"
@@ -126,10 +128,10 @@ class SchedulingMachine(RuleBasedStateMachine):
         for peer in PEERS:
             self.incarnation[peer] = 1
             self.execute(
-                c.peer_up(self._cid(), self.clock, peer, "i1", f"{peer}:1", f"{peer}:2", 2, {})
+                c.PeerUp(self._cid(), self.clock, peer, "i1", f"{peer}:1", f"{peer}:2", 2, {})
             )
         retry = {"backoff_base_ms": 1000, "backoff_max_ms": 8000}
-        self.execute(c.configure(self._cid(), self.clock, {"t0": 1, "t1": 2}, None, {}, 6, retry))
+        self.execute(c.Configure(self._cid(), self.clock, {"t0": 1, "t1": 2}, None, {}, 6, retry))
 
     @rule(data=st.data())
     def peer_up(self, data: st.DataObject) -> None:
@@ -141,7 +143,7 @@ class SchedulingMachine(RuleBasedStateMachine):
         if self.state.running_on(peer) > slots and not restart:
             self.over_peers.add(peer)
         self.execute(
-            c.peer_up(
+            c.PeerUp(
                 self._cid(),
                 self.clock,
                 peer,
@@ -157,7 +159,7 @@ class SchedulingMachine(RuleBasedStateMachine):
     def peer_down(self, data: st.DataObject) -> None:
         peer = data.draw(st.sampled_from(PEERS))
         incarnation = f"i{self.incarnation.get(peer, 0)}"
-        self.execute(c.peer_down(self._cid(), self.clock, peer, incarnation))
+        self.execute(c.PeerDown(self._cid(), self.clock, peer, incarnation))
 
     @rule(
         tenant=st.sampled_from(TENANTS),
@@ -182,7 +184,7 @@ class SchedulingMachine(RuleBasedStateMachine):
                     "session": f"s{self.counter % 3}",
                 }
             )
-        self.execute(c.submit(self._cid(), self.clock, runs))
+        self.execute(c.Submit(self._cid(), self.clock, runs))
 
     @rule(
         caps=st.dictionaries(st.sampled_from(TENANTS), st.integers(0, 3), max_size=3),
@@ -208,23 +210,23 @@ class SchedulingMachine(RuleBasedStateMachine):
             "count_lost_owner": count_lost_owner,
         }
         result = self.execute(
-            c.configure(self._cid(), self.clock, caps, default, queued, default_queued, retry)
+            c.Configure(self._cid(), self.clock, caps, default, queued, default_queued, retry)
         )
-        assert result["ok"]
+        assert result.ok
 
     @rule(placement=st.sampled_from(PLACEMENTS), aging=st.sampled_from([0.0, 1.0]))
     def assign_as_leader(self, placement: str, aging: float) -> None:
         plan = Scheduler(placement, aging).plan(self.state, self.clock)
-        result = self.execute(c.assign(self._cid(), self.clock, self.term, plan))
+        result = self.execute(c.Assign(self._cid(), self.clock, self.term, plan))
         # the leader's own fresh plan is valid as a whole
-        assert result["accepted"] == [item[0] for item in plan], result["rejected"]
+        assert result.accepted == [item[0] for item in plan], result.rejected
 
     @precondition(lambda self: self.old_views)
     @rule(data=st.data(), placement=st.sampled_from(PLACEMENTS))
     def assign_as_deposed_leader(self, data: st.DataObject, placement: str) -> None:
         view = data.draw(st.sampled_from(self.old_views))
         plan = Scheduler(placement).plan(view, self.clock - 500)
-        self.execute(c.assign(self._cid(), self.clock - 500, self.term - 1, plan))
+        self.execute(c.Assign(self._cid(), self.clock - 500, self.term - 1, plan))
 
     @rule(data=st.data())
     def assign_garbage(self, data: st.DataObject) -> None:
@@ -237,7 +239,7 @@ class SchedulingMachine(RuleBasedStateMachine):
             )
             for _ in range(data.draw(st.integers(1, 5)))
         ]
-        self.execute(c.assign(self._cid(), self.clock, self.term, batch))
+        self.execute(c.Assign(self._cid(), self.clock, self.term, batch))
 
     @rule(data=st.data())
     def assign_greedily(self, data: st.DataObject) -> None:
@@ -247,7 +249,7 @@ class SchedulingMachine(RuleBasedStateMachine):
             (run.id, data.draw(st.sampled_from(PEERS)), run.epoch + 1)
             for run in sorted(self.state.runs.values(), key=lambda r: r.id)
         ]
-        self.execute(c.assign(self._cid(), self.clock, self.term - 1, batch))
+        self.execute(c.Assign(self._cid(), self.clock, self.term - 1, batch))
 
     @rule()
     def leadership_changes(self) -> None:
@@ -259,7 +261,7 @@ class SchedulingMachine(RuleBasedStateMachine):
         self.clock += delta
 
     def _owned(self, data: st.DataObject) -> tuple[str, int] | None:
-        running = sorted(r.id for r in self.state.runs.values() if r.status == RUNNING)
+        running = sorted(r.id for r in self.state.runs.values() if r.status == RunStatus.RUNNING)
         if not running:
             return None
         run_id = data.draw(st.sampled_from(running))
@@ -273,41 +275,40 @@ class SchedulingMachine(RuleBasedStateMachine):
             return
         run_id, epoch = owned
         before = copy.deepcopy(self.state.runs[run_id])
-        result = self.execute(c.fail(self._cid(), self.clock, run_id, epoch, kind, "boom"))
+        result = self.execute(c.Fail(self._cid(), self.clock, run_id, epoch, kind, "boom"))
         if epoch != before.epoch:
-            assert not result["ok"]
+            assert not result.ok
             return
         run = self.state.runs[run_id]
-        if result.get("retry"):
+        if result.retry:
             if run.not_before_ms > self.clock:
                 # a leader keen to rerun it at once is refused until the backoff ends
                 early = [(run_id, peer, run.epoch + 1) for peer in PEERS]
                 assert (
-                    self.execute(c.assign(self._cid(), self.clock, self.term, early))["accepted"]
-                    == []
+                    self.execute(c.Assign(self._cid(), self.clock, self.term, early)).accepted == []
                 )
             used = self.state.retry.used(run)
             policy = self.state.retry
             expected = backoff_ms(run_id, used, policy.backoff_base_ms, policy.backoff_max_ms)
-            assert run.status == QUEUED and run.not_before_ms == self.clock + expected
+            assert run.status == RunStatus.QUEUED and run.not_before_ms == self.clock + expected
             assert used < run.max_attempts
         else:
-            assert run.status == SETTLING and run.owner is None
+            assert run.status == RunStatus.SETTLING and run.owner is None
             assert run.outcome in ("failed", "timed_out", "cancelled")
 
     @rule(data=st.data(), status=st.sampled_from(["succeeded", "cancelled"]))
     def finish(self, data: st.DataObject, status: str) -> None:
         owned = self._owned(data)
         if owned is not None:
-            result = self.execute(c.finish(self._cid(), self.clock, *owned, status, None))
-            if result["ok"]:
+            result = self.execute(c.Finish(self._cid(), self.clock, *owned, status, None))
+            if result.ok:
                 self.ended.add(owned[0])
 
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         owned = self._owned(data)
         if owned is not None:
-            self.execute(c.release(self._cid(), self.clock, *owned))
+            self.execute(c.Release(self._cid(), self.clock, *owned))
 
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
@@ -316,12 +317,16 @@ class SchedulingMachine(RuleBasedStateMachine):
             return
         run_id = data.draw(st.sampled_from(runs))
         before = self.state.runs[run_id].status
-        result = self.execute(c.cancel(self._cid(), self.clock, run_id))
-        if result["ok"]:
+        result = self.execute(c.Cancel(self._cid(), self.clock, run_id))
+        if result.ok:
             self.cancelled.add(run_id)
             run = self.state.runs[run_id]
             assert run.cancel_requested
-            assert run.status == (SETTLING if before in (QUEUED, SETTLING) else RUNNING)
+            assert run.status == (
+                RunStatus.SETTLING
+                if before in (RunStatus.QUEUED, RunStatus.SETTLING)
+                else RunStatus.RUNNING
+            )
 
     @rule(data=st.data())
     def settle(self, data: st.DataObject) -> None:
@@ -329,9 +334,9 @@ class SchedulingMachine(RuleBasedStateMachine):
         if not runs:
             return
         run_id = data.draw(st.sampled_from(runs))
-        settling = self.state.runs[run_id].status == SETTLING
-        result = self.execute(c.settle(self._cid(), self.clock, run_id))
-        assert result["ok"] == settling
+        settling = self.state.runs[run_id].status == RunStatus.SETTLING
+        result = self.execute(c.Settle(self._cid(), self.clock, run_id))
+        assert result.ok == settling
         if settling:
             assert run_id not in self.state.runs
             self.ended.add(run_id)
@@ -358,9 +363,9 @@ class SchedulingMachine(RuleBasedStateMachine):
                 raise AssertionError(f"{tenant} runs {running[tenant]} > cap {cap}")
         for run in state.runs.values():
             assert run.id not in self.ended
-            if run.status == SETTLING:
+            if run.status == RunStatus.SETTLING:
                 assert run.owner is None and run.outcome is not None
-            if run.status == RUNNING:
+            if run.status == RunStatus.RUNNING:
                 assert state.peers[run.owner].status == PEER_UP
 
     @invariant()

@@ -125,7 +125,7 @@ def test_openapi_document_is_valid_json_with_every_given_route() -> None:
 def test_the_spelled_out_literals_match_the_runtime_tuples() -> None:
     from typing import get_args
 
-    from raftmesh.consensus.state import ROLES
+    from raftmesh.consensus.model import ROLES
     from raftmesh.mesh import schemas
     from raftmesh.mesh.scheduler import PLACEMENTS
     from raftmesh.runner.context import BUDGET_KEYS

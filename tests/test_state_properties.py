@@ -36,23 +36,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from raftmesh.consensus import commands as c
-from raftmesh.consensus.state import (
-    COMMAND_TTL_MS,
-    FINISH_STATUSES,
-    IDEMPOTENCY_TTL_MS,
-    PEER_DOWN,
-    PEER_UP,
-    QUEUED,
-    RUNNING,
-    MeshState,
-)
+from raftmesh.consensus import results as res
+from raftmesh.consensus.model import PEER_DOWN, PEER_UP
+from raftmesh.consensus.state import COMMAND_TTL_MS, IDEMPOTENCY_TTL_MS, MeshState
+from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
 PEERS = ["p0", "p1", "p2", "p3"]
 TENANTS = ["default", "t0", "t1"]
 PEER_LABELS = [{}, {"gpu": "a100"}, {"gpu": "h100"}, {"gpu": "a100", "zone": "eu"}]
 RUN_LABELS = [{}, {}, {"gpu": "a100"}, {"gpu": "h100"}, {"zone": "eu"}]
 KEYS = ["k0", "k1", "k2", "k3"]
-STATUSES = sorted(FINISH_STATUSES)
+STATUSES = sorted(TERMINAL_STATUSES)
 SKEW = st.sampled_from([0, 0, 0, 700])  # proposers' clocks disagree a little
 
 # Garbage is msgpack-native (it has to survive the wire) and its text cannot
@@ -87,8 +81,13 @@ INPUTS = (
 
 
 def wire(command: Any) -> Any:
-    """The command as every peer sees it after a trip through the Raft log."""
-    return c.decode_entry(c.encode_entry([command]))[0]
+    """The command as every peer sees it after a trip through the Raft log
+    (garbage, which no proposer could encode as a command, goes as it is)."""
+    if isinstance(command, c.Command):
+        return c.decode_entry(c.encode_entry([command]))[0]
+    return msgpack.unpackb(
+        msgpack.packb(command, use_bin_type=True), raw=False, strict_map_key=False
+    )
 
 
 def snapshot_roundtrip(state: MeshState) -> MeshState:
@@ -116,7 +115,7 @@ def recomputed_indexes(state: MeshState) -> tuple[dict[str, set[str]], dict[str,
     by_owner: dict[str, set[str]] = {}
     tenants: Counter[str] = Counter()
     for run in state.runs.values():
-        if run.status == RUNNING:
+        if run.status == RunStatus.RUNNING:
             by_owner.setdefault(run.owner, set()).add(run.id)
             tenants[run.tenant] += 1
     return by_owner, dict(tenants)
@@ -144,7 +143,7 @@ def plan_assignments(state: MeshState, peer_order: list[str], limit: int) -> lis
     running = Counter({pid: len(ids) for pid, ids in by_owner.items()})
     tenant_load = Counter(tenants)
     queued = sorted(
-        (r for r in state.runs.values() if r.status == QUEUED),
+        (r for r in state.runs.values() if r.status == RunStatus.QUEUED),
         key=lambda r: (-r.priority, r.submitted_at_ms, r.id),
     )
     batch: list[list[Any]] = []
@@ -192,7 +191,8 @@ class MeshMachine(RuleBasedStateMachine):
         self.last_epoch: dict[str, int] = {}
         self.ends: list[tuple[str, str, int, str | None, str, int]] = []
         self.incarnations: dict[str, list[str]] = {}
-        self.keys: dict[Any, tuple[str, int]] = {}  # idempotency key -> (run id, expiry)
+        # (tenant, idempotency key) -> (run id, expiry)
+        self.keys: dict[Any, tuple[str, int]] = {}
         self.high_water = 0  # the latest at_ms any applied command carried
 
     # -- plumbing -----------------------------------------------------------
@@ -208,7 +208,7 @@ class MeshMachine(RuleBasedStateMachine):
         cmd = wire(command)
         pre = copy.deepcopy(self.state)
         result = self.state.apply(cmd)  # must never raise
-        assert isinstance(result, dict) and isinstance(result.get("ok"), bool), result
+        assert isinstance(result.ok, bool), result
         assert self.replica.apply(wire(command)) == result
         self.log.append((cmd, result))
         self.check_transition(pre, cmd, result, issuer)
@@ -221,7 +221,7 @@ class MeshMachine(RuleBasedStateMachine):
     ):
         post = self.state
         if not header_ok(cmd):
-            assert result["ok"] is False
+            assert result.ok is False
             assert post.to_dict() | {"applied": 0} == pre.to_dict() | {"applied": 0}
             return
         cid = cmd["cid"]
@@ -232,7 +232,7 @@ class MeshMachine(RuleBasedStateMachine):
             return
         assert post.seen[cid][0] == result
         self.high_water = max(self.high_water, cmd["at_ms"])
-        if result["ok"] is False:
+        if result.ok is False:
             # a refused command changes nothing (expiry of old keys aside)
             assert runs_view(post) == runs_view(pre), result
             assert peers_view(post) == peers_view(pre), result
@@ -244,31 +244,31 @@ class MeshMachine(RuleBasedStateMachine):
         op = cmd.get("op")
         check = (
             {
-                c.SUBMIT: self.check_submit,
-                c.ASSIGN: self.check_assign,
-                c.FINISH: self.check_end,
-                c.RELEASE: self.check_end,
-                c.PEER_UP: self.check_peer_up,
-                c.PEER_DOWN: self.check_peer_down,
-                c.CONFIGURE: self.check_configure,
+                c.Op.SUBMIT: self.check_submit,
+                c.Op.ASSIGN: self.check_assign,
+                c.Op.FINISH: self.check_end,
+                c.Op.RELEASE: self.check_end,
+                c.Op.PEER_UP: self.check_peer_up,
+                c.Op.PEER_DOWN: self.check_peer_down,
+                c.Op.CONFIGURE: self.check_configure,
             }.get(op)
             if isinstance(op, str)
             else None
         )
         if check is None:
-            assert result["ok"] is False
+            assert result.ok is False
         else:
             check(pre, cmd, result, issuer)
 
     def check_submit(self, pre, cmd, result, issuer):
         post = self.state
-        if not result["ok"]:
+        if not result.ok:
             return
         now = cmd["at_ms"]
         specs = list(cmd["runs"])
-        entries = result["runs"]
+        entries = result.runs
         assert len(entries) == len(specs)
-        created = [e["id"] for e in entries if e.get("created")]
+        created = [e.id for e in entries if e.created]
         new_ids = set(post.runs) - set(pre.runs)
         assert len(created) == len(set(created)) and new_ids == set(created)
         assert set(pre.runs) <= set(post.runs)
@@ -277,35 +277,42 @@ class MeshMachine(RuleBasedStateMachine):
             assert post.runs[rid].public() == run.public(), "submit touched an existing run"
         for rid in new_ids:
             run = post.runs[rid]
-            assert (run.status, run.owner, run.epoch, run.attempts) == (QUEUED, None, 0, 0)
+            assert (run.status, run.owner, run.epoch, run.attempts) == (
+                RunStatus.QUEUED,
+                None,
+                0,
+                0,
+            )
             assert run.submitted_at_ms == now
         assert set(post.peers) == set(pre.peers)
         for spec, entry in zip(specs, entries, strict=True):
-            if "error" in entry:
+            if entry.rejection is not None:
                 continue
             assert isinstance(spec, dict)
             key = spec.get("idempotency_key")
-            if entry["created"]:
-                assert entry["id"] == spec["id"]
-                assert post.runs[entry["id"]].idempotency_key == key
+            if entry.created:
+                assert entry.id == spec["id"]
+                assert post.runs[entry.id].idempotency_key == key
             if key is None:
-                assert entry["id"] == spec["id"]
+                assert entry.id == spec["id"]
                 continue
             # invariant 5: while a key is remembered, every submit using it
             # gets the same run
             # ("remembered": no command so far carried a time past its expiry;
             # a replayed command carries its old at_ms, so ``now`` is not it)
-            known = self.keys.get(key)
+            # keys are scoped per tenant: another tenant's key is another key
+            scoped = (spec.get("tenant") or "default", key)
+            known = self.keys.get(scoped)
             if known is not None and known[1] > self.high_water:
-                assert entry["id"] == known[0], f"key {key!r}: {known[0]} then {entry['id']}"
-            if entry["created"]:
-                assert post.idempotency[key][0] == entry["id"]
-            if key in post.idempotency:
-                self.keys[key] = post.idempotency[key]
+                assert entry.id == known[0], f"key {scoped!r}: {known[0]} then {entry.id}"
+            if entry.created:
+                assert post.idempotency[scoped][0] == entry.id
+            if scoped in post.idempotency:
+                self.keys[scoped] = post.idempotency[scoped]
 
     def check_assign(self, pre, cmd, result, issuer):
         post = self.state
-        if not result["ok"]:
+        if not result.ok:
             return
         now = cmd["at_ms"]
         by_owner, tenants = recomputed_indexes(pre)
@@ -321,7 +328,7 @@ class MeshMachine(RuleBasedStateMachine):
             if (
                 run is None
                 or rid in expected
-                or run.status != QUEUED
+                or run.status != RunStatus.QUEUED
                 or not isinstance(epoch, int)
                 or epoch != run.epoch + 1
                 or peer is None
@@ -336,12 +343,12 @@ class MeshMachine(RuleBasedStateMachine):
             expected.append(rid)
             running[pid] += 1
             tenant_load[run.tenant] += 1
-        assert result["accepted"] == expected, (cmd["batch"], result)
+        assert result.accepted == expected, (cmd["batch"], result)
 
         # invariant 6 at the moment of assignment, from the accepted list alone
         running = Counter({pid: len(ids) for pid, ids in by_owner.items()})
         tenant_load = Counter(tenants)
-        for rid in result["accepted"]:
+        for rid in result.accepted:
             run, old = post.runs[rid], pre.runs[rid]
             peer = pre.peers[run.owner]
             running[run.owner] += 1
@@ -350,14 +357,14 @@ class MeshMachine(RuleBasedStateMachine):
             cap = cap_of(pre, run.tenant)
             assert cap is None or tenant_load[run.tenant] <= cap, "assign exceeded a tenant cap"
             # invariant 2: epochs move forward by one; the owner is an up peer
-            assert old.status == QUEUED and run.status == RUNNING
+            assert old.status == RunStatus.QUEUED and run.status == RunStatus.RUNNING
             assert run.epoch == old.epoch + 1 and run.attempts == old.attempts + 1
             assert peer.status == PEER_UP and labels_fit(peer.labels, run.labels)
             assert run.assigned_at_ms == now
             assert (rid, run.epoch) not in self.assigned, "an epoch was handed out twice"
             self.assigned[(rid, run.epoch)] = (run.owner, peer.incarnation)
         for rid, run in pre.runs.items():
-            if rid not in result["accepted"]:
+            if rid not in result.accepted:
                 assert post.runs[rid].public() == run.public()
         assert set(post.runs) == set(pre.runs)
         assert peers_view(post) == peers_view(pre)
@@ -372,30 +379,30 @@ class MeshMachine(RuleBasedStateMachine):
         expect_ok = (
             "epoch" in cmd
             and run is not None
-            and run.status == RUNNING
+            and run.status == RunStatus.RUNNING
             and run.epoch == epoch
             and (
-                op == c.RELEASE
-                or ("status" in cmd and isinstance(status, str) and status in FINISH_STATUSES)
+                op == c.Op.RELEASE
+                or ("status" in cmd and isinstance(status, str) and status in TERMINAL_STATUSES)
             )
         )
         if isinstance(rid, str) and rid in self.finished:
-            assert not result["ok"], "a second finish/release of a finished run was accepted"
-        assert result["ok"] == expect_ok, (cmd, result)
-        if not result["ok"]:
+            assert not result.ok, "a second finish/release of a finished run was accepted"
+        assert result.ok == expect_ok, (cmd, result)
+        if not result.ok:
             return
         self.ends.append((op, rid, epoch, issuer, run.owner, run.epoch))
         assert epoch == run.epoch
         assert issuer is None or issuer == run.owner, "a stale owner ended a run"
         assert self.assigned[(rid, run.epoch)][0] == run.owner
-        if op == c.FINISH:
+        if op == c.Op.FINISH:
             assert rid not in post.runs
             self.finishes[rid] += 1
             assert self.finishes[rid] == 1
             self.finished.add(rid)
         else:
             after = post.runs[rid]
-            assert (after.status, after.owner, after.epoch) == (QUEUED, None, run.epoch)
+            assert (after.status, after.owner, after.epoch) == (RunStatus.QUEUED, None, run.epoch)
             assert after.attempts == run.attempts
         for other, old in pre.runs.items():
             if other != rid:
@@ -412,8 +419,8 @@ class MeshMachine(RuleBasedStateMachine):
             and all(k in cmd for k in ("incarnation", "raft", "http"))
             and (not labels or isinstance(labels, dict))
         )
-        assert result["ok"] == expect_ok, (cmd, result)
-        if not result["ok"]:
+        assert result.ok == expect_ok, (cmd, result)
+        if not result.ok:
             return
         peer = post.peers[pid]
         assert (peer.incarnation, peer.status, peer.slots) == (cmd["incarnation"], PEER_UP, slots)
@@ -423,13 +430,17 @@ class MeshMachine(RuleBasedStateMachine):
         requeued = 0
         for rid, run in pre.runs.items():
             after = post.runs[rid]
-            if restarted and run.status == RUNNING and run.owner == pid:
+            if restarted and run.status == RunStatus.RUNNING and run.owner == pid:
                 # the new process has none of the old one's runs
                 requeued += 1
-                assert (after.status, after.owner, after.epoch) == (QUEUED, None, run.epoch)
+                assert (after.status, after.owner, after.epoch) == (
+                    RunStatus.QUEUED,
+                    None,
+                    run.epoch,
+                )
             else:
                 assert after.public() == run.public()
-        assert result["requeued"] == requeued
+        assert result.requeued == requeued
         assert set(post.runs) == set(pre.runs)
         for other, old in pre.peers.items():
             if other != pid:
@@ -442,19 +453,23 @@ class MeshMachine(RuleBasedStateMachine):
         expect_ok = (
             "incarnation" in cmd and peer is not None and peer.incarnation == cmd["incarnation"]
         )
-        assert result["ok"] == expect_ok, (cmd, result)
-        if not result["ok"]:
+        assert result.ok == expect_ok, (cmd, result)
+        if not result.ok:
             return
         assert post.peers[pid].status == PEER_DOWN
         requeued = 0
         for rid, run in pre.runs.items():
             after = post.runs[rid]
-            if run.status == RUNNING and run.owner == pid:
+            if run.status == RunStatus.RUNNING and run.owner == pid:
                 requeued += 1
-                assert (after.status, after.owner, after.epoch) == (QUEUED, None, run.epoch)
+                assert (after.status, after.owner, after.epoch) == (
+                    RunStatus.QUEUED,
+                    None,
+                    run.epoch,
+                )
             else:
                 assert after.public() == run.public()
-        assert result["requeued"] == requeued
+        assert result.requeued == requeued
         assert set(post.runs) == set(pre.runs)
 
     def check_configure(self, pre, cmd, result, issuer):
@@ -466,8 +481,8 @@ class MeshMachine(RuleBasedStateMachine):
             and all(isinstance(v, int) and v >= 0 for v in caps.values())
             and (default is None or (isinstance(default, int) and default >= 0))
         )
-        assert result["ok"] == expect_ok, (cmd, result)
-        if result["ok"]:
+        assert result.ok == expect_ok, (cmd, result)
+        if result.ok:
             assert post.tenant_caps == {str(k): v for k, v in caps.items()}
             assert post.default_tenant_cap == default
             assert runs_view(post) == runs_view(pre) and peers_view(post) == peers_view(pre)
@@ -521,7 +536,7 @@ class MeshMachine(RuleBasedStateMachine):
     @rule(data=st.data(), reuse=st.lists(st.booleans(), min_size=1, max_size=4), skew=SKEW)
     def submit(self, data, reuse, skew):
         specs = [self._spec(data, r) for r in reuse]
-        self.execute(c.submit(self._next("c"), self._at(skew), specs))
+        self.execute(c.Submit(self._next("c"), self._at(skew), specs))
 
     @precondition(lambda self: any(self._resubmittable(cmd) for cmd, _ in self.log))
     @rule(data=st.data(), skew=SKEW)
@@ -534,14 +549,14 @@ class MeshMachine(RuleBasedStateMachine):
         ]
         if earlier:
             cmd = data.draw(st.sampled_from(earlier))
-            self.execute(c.submit(self._next("c"), self._at(skew), cmd["runs"]))
+            self.execute(c.Submit(self._next("c"), self._at(skew), cmd["runs"]))
 
     def _resubmittable(self, cmd: Any) -> bool:
-        return header_ok(cmd) and cmd.get("op") == c.SUBMIT and "runs" in cmd
+        return header_ok(cmd) and cmd.get("op") == c.Op.SUBMIT and "runs" in cmd
 
     def _revives_finished(self, cmd: Any) -> bool:
         """Would this submit re-create a finished run id? See the module note."""
-        if not isinstance(cmd, dict) or cmd.get("op") != c.SUBMIT:
+        if not isinstance(cmd, dict) or cmd.get("op") != c.Op.SUBMIT:
             return False
         specs = cmd.get("runs")
         return isinstance(specs, list) and any(
@@ -555,8 +570,8 @@ class MeshMachine(RuleBasedStateMachine):
     def leader_assigns(self, data, limit, skew):
         order = data.draw(st.permutations(sorted(self.state.peers)), label="placement")
         batch = plan_assignments(self.state, order, limit)
-        result = self.execute(c.assign(self._next("c"), self._at(skew), self.term, batch))
-        assert result["accepted"] == [rid for rid, _, _ in batch], "a valid assignment was refused"
+        result = self.execute(c.Assign(self._next("c"), self._at(skew), self.term, batch))
+        assert result.accepted == [rid for rid, _, _ in batch], "a valid assignment was refused"
 
     @precondition(lambda self: self.old_states)
     @rule(data=st.data(), limit=st.integers(1, 6), skew=SKEW)
@@ -564,7 +579,7 @@ class MeshMachine(RuleBasedStateMachine):
         old = data.draw(st.sampled_from(self.old_states), label="old view")
         order = data.draw(st.permutations(sorted(old.peers)), label="placement")
         batch = plan_assignments(old, order, limit)
-        self.execute(c.assign(self._next("c"), self._at(skew), self.term - 1, batch))
+        self.execute(c.Assign(self._next("c"), self._at(skew), self.term - 1, batch))
 
     @rule(data=st.data(), skew=SKEW)
     def garbage_triples(self, data, skew):
@@ -574,26 +589,26 @@ class MeshMachine(RuleBasedStateMachine):
         junk = [list(t) for t in data.draw(st.lists(triple, min_size=1, max_size=5), label="junk")]
         valid = plan_assignments(self.state, sorted(self.state.peers), data.draw(st.integers(0, 3)))
         batch = data.draw(st.permutations(junk + valid), label="batch")
-        self.execute(c.assign(self._next("c"), self._at(skew), self.term, batch))
+        self.execute(c.Assign(self._next("c"), self._at(skew), self.term, batch))
 
     # -- ends of runs ---------------------------------------------------------
 
     def _running(self) -> list[str]:
-        return sorted(r.id for r in self.state.runs.values() if r.status == RUNNING)
+        return sorted(r.id for r in self.state.runs.values() if r.status == RunStatus.RUNNING)
 
-    @precondition(lambda self: any(r.status == RUNNING for r in self.state.runs.values()))
+    @precondition(lambda self: any(r.status == RunStatus.RUNNING for r in self.state.runs.values()))
     @rule(data=st.data(), status=st.sampled_from(STATUSES), skew=SKEW)
     def owner_finishes(self, data, status, skew):
         run = self.state.runs[data.draw(st.sampled_from(self._running()))]
-        cmd = c.finish(self._next("c"), self._at(skew), run.id, run.epoch, status, None)
-        assert self.execute(cmd, issuer=run.owner) == {"ok": True}
+        cmd = c.Finish(self._next("c"), self._at(skew), run.id, run.epoch, status, None)
+        assert self.execute(cmd, issuer=run.owner) == res.Done()
 
-    @precondition(lambda self: any(r.status == RUNNING for r in self.state.runs.values()))
+    @precondition(lambda self: any(r.status == RunStatus.RUNNING for r in self.state.runs.values()))
     @rule(data=st.data(), skew=SKEW)
     def owner_releases(self, data, skew):
         run = self.state.runs[data.draw(st.sampled_from(self._running()))]
-        cmd = c.release(self._next("c"), self._at(skew), run.id, run.epoch)
-        assert self.execute(cmd, issuer=run.owner) == {"ok": True}
+        cmd = c.Release(self._next("c"), self._at(skew), run.id, run.epoch)
+        assert self.execute(cmd, issuer=run.owner) == res.Done()
 
     @precondition(lambda self: self.assigned)
     @rule(data=st.data(), finish=st.booleans(), status=st.sampled_from(STATUSES), skew=SKEW)
@@ -602,9 +617,9 @@ class MeshMachine(RuleBasedStateMachine):
         rid, epoch = data.draw(st.sampled_from(sorted(self.assigned)), label="held")
         peer = self.assigned[(rid, epoch)][0]
         if finish:
-            cmd = c.finish(self._next("c"), self._at(skew), rid, epoch, status, "late")
+            cmd = c.Finish(self._next("c"), self._at(skew), rid, epoch, status, "late")
         else:
-            cmd = c.release(self._next("c"), self._at(skew), rid, epoch)
+            cmd = c.Release(self._next("c"), self._at(skew), rid, epoch)
         self.execute(cmd, issuer=peer)
 
     @rule(
@@ -618,9 +633,9 @@ class MeshMachine(RuleBasedStateMachine):
         runs = sorted(self.state.runs) + sorted(self.finished)[:3] + ["r-unknown"]
         rid = data.draw(st.sampled_from(runs))
         if finish:
-            cmd = c.finish(self._next("c"), self._at(skew), rid, epoch, status, None)
+            cmd = c.Finish(self._next("c"), self._at(skew), rid, epoch, status, None)
         else:
-            cmd = c.release(self._next("c"), self._at(skew), rid, epoch)
+            cmd = c.Release(self._next("c"), self._at(skew), rid, epoch)
         self.execute(cmd)
 
     # -- membership and configuration ------------------------------------------
@@ -635,7 +650,7 @@ class MeshMachine(RuleBasedStateMachine):
         """A (re)started process: always a new incarnation."""
         incarnation = self._next("i")
         self.incarnations.setdefault(peer, []).append(incarnation)
-        cmd = c.peer_up(
+        cmd = c.PeerUp(
             self._next("c"),
             self._at(skew),
             peer,
@@ -645,7 +660,7 @@ class MeshMachine(RuleBasedStateMachine):
             slots,
             labels,
         )
-        assert self.execute(cmd)["ok"]
+        assert self.execute(cmd).ok
 
     @precondition(lambda self: self.state.peers)
     @rule(data=st.data(), skew=SKEW)
@@ -653,7 +668,7 @@ class MeshMachine(RuleBasedStateMachine):
         """The same process announcing itself again (e.g. to a new leader), also
         after a wrong peer_down verdict: same incarnation, same config."""
         peer = self.state.peers[data.draw(st.sampled_from(sorted(self.state.peers)))]
-        cmd = c.peer_up(
+        cmd = c.PeerUp(
             self._next("c"),
             self._at(skew),
             peer.id,
@@ -663,7 +678,7 @@ class MeshMachine(RuleBasedStateMachine):
             peer.slots,
             dict(peer.labels),
         )
-        assert self.execute(cmd) == {"ok": True, "requeued": 0}
+        assert self.execute(cmd) == res.Requeued(0)
 
     @precondition(lambda self: self.state.peers)
     @rule(data=st.data(), right=st.booleans(), skew=SKEW)
@@ -675,7 +690,7 @@ class MeshMachine(RuleBasedStateMachine):
             incarnation = data.draw(
                 st.sampled_from([*self.incarnations.get(peer.id, []), "i-never"])
             )
-        self.execute(c.peer_down(self._next("c"), self._at(skew), peer.id, incarnation))
+        self.execute(c.PeerDown(self._next("c"), self._at(skew), peer.id, incarnation))
 
     @rule(
         caps=st.dictionaries(st.sampled_from(TENANTS), st.integers(0, 3), max_size=3),
@@ -683,9 +698,9 @@ class MeshMachine(RuleBasedStateMachine):
         skew=SKEW,
     )
     def configure(self, caps, default, skew):
-        assert self.execute(c.configure(self._next("c"), self._at(skew), caps, default)) == {
-            "ok": True
-        }
+        assert (
+            self.execute(c.Configure(self._next("c"), self._at(skew), caps, default)) == res.Done()
+        )
 
     # -- retries and garbage ----------------------------------------------------
 
@@ -710,7 +725,7 @@ class MeshMachine(RuleBasedStateMachine):
         if kind == "not a map":
             cmd = data.draw(GARBAGE.filter(lambda v: not isinstance(v, dict)))
         elif kind == "header":
-            cmd = {"op": c.SUBMIT, "runs": []}
+            cmd = {"op": c.Op.SUBMIT, "runs": []}
             cid = data.draw(st.sampled_from(["missing", "wrong"]))
             if cid == "wrong":
                 cmd["cid"] = data.draw(NOT_STR)
@@ -719,7 +734,7 @@ class MeshMachine(RuleBasedStateMachine):
                 if data.draw(st.booleans()):
                     cmd["at_ms"] = data.draw(NOT_INT)
         elif kind == "op":
-            op = data.draw(GARBAGE | st.sampled_from([c.SUBMIT.upper(), ""]), label="op")
+            op = data.draw(GARBAGE | st.sampled_from([c.Op.SUBMIT.upper(), ""]), label="op")
             cmd = {"op": op, "cid": self._next("c"), "at_ms": at}
             if data.draw(st.booleans()):
                 del cmd["op"]
@@ -739,7 +754,7 @@ class MeshMachine(RuleBasedStateMachine):
             fields = data.draw(st.dictionaries(st.sampled_from(names), GARBAGE, max_size=6))
             cmd = {
                 **fields,
-                "op": data.draw(st.sampled_from(sorted(c.OPS))),
+                "op": data.draw(st.sampled_from(sorted(c.Op))),
                 "cid": self._next("c"),
                 "at_ms": at,
             }
@@ -749,9 +764,9 @@ class MeshMachine(RuleBasedStateMachine):
 
     def _mutated(self, data: st.DataObject, at: int) -> dict[str, Any]:
         """A well-formed command with one part broken."""
-        op = data.draw(st.sampled_from(sorted(c.OPS)), label="mutated op")
+        op = data.draw(st.sampled_from(sorted(c.Op)), label="mutated op")
         cid = self._next("c")
-        if op == c.SUBMIT:
+        if op == c.Op.SUBMIT:
             good = [self._spec(data, False) for _ in range(data.draw(st.integers(0, 2)))]
             bad = self._spec(data, False)
             how = data.draw(
@@ -774,8 +789,8 @@ class MeshMachine(RuleBasedStateMachine):
             else:
                 bad = data.draw(GARBAGE.filter(lambda v: not isinstance(v, dict)))
             specs = data.draw(st.permutations([*good, bad]))
-            return c.submit(cid, at, specs)
-        if op == c.ASSIGN:
+            return c.Submit(cid, at, specs)
+        if op == c.Op.ASSIGN:
             valid = plan_assignments(
                 self.state, sorted(self.state.peers), data.draw(st.integers(0, 3))
             )
@@ -793,14 +808,16 @@ class MeshMachine(RuleBasedStateMachine):
                 "epoch type": [rid, "p0", data.draw(NOT_INT)],
             }[bad]
             batch = data.draw(st.permutations([*valid, item]))
-            # (built by hand: commands.assign would turn the broken item into a list)
-            return {"op": c.ASSIGN, "cid": cid, "at_ms": at, "term": self.term, "batch": batch}
-        if op == c.PEER_UP:
+            # (built by hand: commands.Assign would turn the broken item into a list)
+            return {"op": c.Op.ASSIGN, "cid": cid, "at_ms": at, "term": self.term, "batch": batch}
+        if op == c.Op.PEER_UP:
             # a restart (new incarnation) whose announcement is broken
             peer = data.draw(st.sampled_from(PEERS))
             incarnation = self._next("i")
             self.incarnations.setdefault(peer, []).append(incarnation)
-            cmd = c.peer_up(cid, at, peer, incarnation, f"{peer}:7000", f"http://{peer}", 2, {})
+            cmd = c.PeerUp(
+                cid, at, peer, incarnation, f"{peer}:7000", f"http://{peer}", 2, {}
+            ).to_wire()
             field = data.draw(st.sampled_from(["raft", "http", "slots", "labels", "peer"]))
             if field == "labels":
                 cmd["labels"] = data.draw(
@@ -813,13 +830,13 @@ class MeshMachine(RuleBasedStateMachine):
             else:
                 del cmd[field]
             return cmd
-        if op in (c.FINISH, c.RELEASE):
+        if op in (c.Op.FINISH, c.Op.RELEASE):
             running = self._running() or ["r-unknown"]
             rid = data.draw(st.sampled_from(running))
             epoch = self.state.runs[rid].epoch if rid in self.state.runs else 1
-            cmd = c.finish(cid, at, rid, epoch, "succeeded", None)
-            if op == c.RELEASE:
-                cmd = c.release(cid, at, rid, epoch)
+            cmd = c.Finish(cid, at, rid, epoch, "succeeded", None).to_wire()
+            if op == c.Op.RELEASE:
+                cmd = c.Release(cid, at, rid, epoch).to_wire()
             field = data.draw(st.sampled_from(["run", "epoch", "status"]))
             if field == "run" and data.draw(st.booleans()):
                 cmd["run"] = data.draw(st.lists(st.just(rid), min_size=1, max_size=1) | NOT_STR)
@@ -828,17 +845,17 @@ class MeshMachine(RuleBasedStateMachine):
             else:
                 cmd.pop(field, None)
             return cmd
-        if op == c.PEER_DOWN:
+        if op == c.Op.PEER_DOWN:
             peer = self.state.peers.get(data.draw(st.sampled_from(PEERS)))
-            cmd = c.peer_down(
+            cmd = c.PeerDown(
                 cid, at, peer.id if peer else "p0", peer.incarnation if peer else "i-never"
-            )
+            ).to_wire()
             if data.draw(st.booleans()):
                 cmd["peer"] = data.draw(st.lists(st.sampled_from(PEERS), min_size=1, max_size=1))
             else:
                 del cmd[data.draw(st.sampled_from(["peer", "incarnation"]))]
             return cmd
-        cmd = c.configure(cid, at, {"t0": 1}, None)
+        cmd = c.Configure(cid, at, {"t0": 1}, None).to_wire()
         broken = data.draw(st.sampled_from(["caps", "cap value", "default", "missing"]))
         if broken == "caps":
             cmd["tenant_caps"] = data.draw(GARBAGE.filter(lambda v: not isinstance(v, dict)))
@@ -874,12 +891,12 @@ class MeshMachine(RuleBasedStateMachine):
             assert run.id not in self.finished, "a finished run is back in state"
             assert run.epoch >= self.last_epoch.get(run.id, 0), "an epoch went backwards"
             self.last_epoch[run.id] = run.epoch
-            if run.status == RUNNING:
+            if run.status == RunStatus.RUNNING:
                 # owned by the very incarnation it was assigned to
                 peer = self.state.peers[run.owner]
                 assert self.assigned[(run.id, run.epoch)] == (run.owner, peer.incarnation)
             else:
-                assert run.status == QUEUED and run.owner is None
+                assert run.status == RunStatus.QUEUED and run.owner is None
         for _op, rid, epoch, issuer, owner, current in self.ends:
             assert epoch == current and (issuer is None or issuer == owner), (rid, epoch)
         assert all(n == 1 for n in self.finishes.values())
@@ -925,12 +942,12 @@ def _command_strategy() -> st.SearchStrategy[Any]:
     )
     triple = st.tuples(rid, peer, st.integers(0, 3)).map(list)
     return st.one_of(
-        st.builds(c.submit, cid, at, st.lists(spec, max_size=3)),
-        st.builds(c.assign, cid, at, st.integers(0, 3), st.lists(triple, max_size=3)),
-        st.builds(c.finish, cid, at, rid, st.integers(0, 3), st.sampled_from(STATUSES), st.none()),
-        st.builds(c.release, cid, at, rid, st.integers(0, 3)),
+        st.builds(c.Submit, cid, at, st.lists(spec, max_size=3)),
+        st.builds(c.Assign, cid, at, st.integers(0, 3), st.lists(triple, max_size=3)),
+        st.builds(c.Finish, cid, at, rid, st.integers(0, 3), st.sampled_from(STATUSES), st.none()),
+        st.builds(c.Release, cid, at, rid, st.integers(0, 3)),
         st.builds(
-            c.peer_up,
+            c.PeerUp,
             cid,
             at,
             peer,
@@ -940,9 +957,9 @@ def _command_strategy() -> st.SearchStrategy[Any]:
             st.integers(0, 2),
             st.sampled_from(PEER_LABELS),
         ),
-        st.builds(c.peer_down, cid, at, peer, inc),
+        st.builds(c.PeerDown, cid, at, peer, inc),
         st.builds(
-            c.configure,
+            c.Configure,
             cid,
             at,
             st.dictionaries(st.sampled_from(TENANTS), st.integers(0, 2)),
@@ -950,7 +967,7 @@ def _command_strategy() -> st.SearchStrategy[Any]:
         ),
         GARBAGE,
         st.fixed_dictionaries(
-            {"op": GARBAGE | st.sampled_from(sorted(c.OPS)), "cid": cid, "at_ms": at}
+            {"op": GARBAGE | st.sampled_from(sorted(c.Op)), "cid": cid, "at_ms": at}
         ),
     )
 
@@ -964,7 +981,7 @@ def test_apply_is_total_and_deterministic(commands):
     one, two = MeshState(), MeshState()
     for command in commands:
         first = one.apply(wire(command))
-        assert isinstance(first, dict) and isinstance(first.get("ok"), bool)
+        assert isinstance(first.ok, bool)
         assert two.apply(wire(command)) == first
     assert one.to_dict() == two.to_dict()
     assert snapshot_roundtrip(one).to_dict() == one.to_dict()

@@ -170,7 +170,7 @@ async def test_fan_out_limits_fail_clearly_and_spare_other_runs(make_mesh, open_
         rows = await store.list_runs(limit=500)
         children: dict[str | None, list[str]] = {}
         for row in rows:
-            children.setdefault(row.parent_id, []).append(row.id)
+            children.setdefault(row.spec.parent_id, []).append(row.id)
         assert len(children[ok]) == 2 and all(len(children[k]) == 2 for k in children[ok])
         # Spawns before the refused one may have been submitted when the parent
         # failed (their submission is then stopped), but never a 4th child.

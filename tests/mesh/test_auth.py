@@ -16,6 +16,7 @@ from test_api_routes import StandIn
 
 from raftmesh.chaos.secure import write_tokens_file
 from raftmesh.consensus import commands
+from raftmesh.consensus.results import Submitted
 from raftmesh.consensus.state import MeshState
 from raftmesh.mesh.api import build_app
 from raftmesh.mesh.auth import Authenticator, TokensFileError, load_tokens
@@ -72,18 +73,18 @@ def test_tenants_have_a_queued_maximum_by_default() -> None:
 def test_one_idempotency_key_two_tenants_two_runs() -> None:
     state = MeshState()
 
-    def submit(n: int, tenant: str) -> dict[str, Any]:
+    def submit(n: int, tenant: str) -> tuple[str | None, bool]:
         spec = {"id": f"r{n}", "agent": "a", "input": 1, "tenant": tenant}
-        result = state.apply(
-            commands.submit(f"c{n}", 1000 + n, [{**spec, "idempotency_key": "order-42"}])
-        )
-        return dict(result["runs"][0])
+        run = {**spec, "idempotency_key": "order-42"}
+        result = state.apply(commands.Submit(f"c{n}", 1000 + n, [run]))
+        assert isinstance(result, Submitted)
+        (outcome,) = result.runs
+        assert outcome.rejection is None, outcome.message
+        return outcome.id, outcome.created
 
-    victim = submit(1, "victim")
-    attacker = submit(2, "attacker")
-    assert victim == {"id": "r1", "created": True}
-    assert attacker == {"id": "r2", "created": True}, "the key must not find another tenant's run"
-    assert submit(3, "victim") == {"id": "r1", "created": False}
+    assert submit(1, "victim") == ("r1", True)
+    assert submit(2, "attacker") == ("r2", True), "the key must not find another tenant's run"
+    assert submit(3, "victim") == ("r1", False)
     restored = MeshState.from_dict(state.to_dict())
     assert restored.idempotency == state.idempotency
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from raftmesh.consensus import commands as c
 from raftmesh.consensus.state import MeshState
 from raftmesh.mesh.leader import Leader
@@ -20,12 +18,10 @@ def state_with(peers: dict[str, int], runs: int) -> MeshState:
     n = 0
     for peer_id, slots in peers.items():
         n += 1
-        assert state.apply(c.peer_up(f"c{n}", T0, peer_id, "i1", "r" + peer_id, "h", slots, {}))[
-            "ok"
-        ]
+        assert state.apply(c.PeerUp(f"c{n}", T0, peer_id, "i1", "r" + peer_id, "h", slots, {})).ok
     specs = [{"id": f"r{i}", "agent": "echo", "input": i} for i in range(runs)]
-    assert state.apply(c.submit("s", T0, specs))["ok"]
-    assert state.apply(c.configure("cfg", T0, **POLICY))["ok"]
+    assert state.apply(c.Submit("s", T0, specs)).ok
+    assert state.apply(c.Configure("cfg", T0, **POLICY)).ok
     return state
 
 
@@ -33,8 +29,8 @@ def leader(ttl_s: float = 2.0) -> Leader:
     return Leader("a", "i1", Scheduler("least-loaded", 60.0), Liveness(ttl_s), POLICY)
 
 
-def ops(cmds: list[dict[str, Any]]) -> list[str]:
-    return [cmd["op"] for cmd in cmds]
+def ops(cmds: list[c.Command]) -> list[str]:
+    return [cmd.op for cmd in cmds]
 
 
 def test_a_follower_proposes_nothing() -> None:
@@ -45,11 +41,11 @@ def test_the_leader_assigns_queued_runs_within_free_slots() -> None:
     state = state_with({"a": 2, "b": 1}, 5)
     cmds = leader().tick(state, 7, T0, 0.0)
     assert ops(cmds) == ["assign"]
-    assert cmds[0]["term"] == 7
-    batch = cmds[0]["batch"]
+    assert cmds[0].term == 7
+    batch = cmds[0].batch
     assert len(batch) == 3
     result = state.apply(cmds[0])
-    assert len(result["accepted"]) == 3
+    assert len(result.accepted) == 3
     assert leader().tick(state, 7, T0, 0.0) == [], "no free slot is left to fill"
 
 
@@ -62,7 +58,7 @@ def test_a_silent_peer_is_proposed_down_one_ttl_after_the_leader_took_over() -> 
     assert duty.tick(state, 1, T0, 102.5) == [], "b reported 1.5 s ago"
     cmds = duty.tick(state, 1, T0, 103.5)
     assert ops(cmds) == ["peer_down"]
-    assert (cmds[0]["peer"], cmds[0]["incarnation"]) == ("b", "i1")
+    assert (cmds[0].peer, cmds[0].incarnation) == ("b", "i1")
 
 
 def test_a_policy_that_differs_from_the_replicated_one_is_configured_first() -> None:
@@ -72,17 +68,17 @@ def test_a_policy_that_differs_from_the_replicated_one_is_configured_first() -> 
     cmds = duty.tick(state, 1, T0, 0.0)
     assert ops(cmds) == ["configure", "assign"]
     for cmd in cmds:
-        assert state.apply(cmd)["ok"]
+        assert state.apply(cmd).ok
     assert state.default_tenant_cap == 3
     assert ops(duty.tick(state, 1, T0, 0.0)) == []
 
 
 def test_decided_endings_are_listed_for_storage_before_they_settle() -> None:
     state = state_with({"a": 1}, 2)
-    assert state.apply(c.cancel("x", T0, "r0"))["ok"]
+    assert state.apply(c.Cancel("x", T0, "r0")).ok
     decided = Leader.decided(state)
     assert [(d.row.id, d.outcome, d.message) for d in decided] == [
         ("r0", "cancelled", "cancelled by request")
     ]
-    assert state.apply(c.settle("y", T0, "r0"))["ok"]
+    assert state.apply(c.Settle("y", T0, "r0")).ok
     assert Leader.decided(state) == []

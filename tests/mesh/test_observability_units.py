@@ -9,7 +9,10 @@ from rich.console import Console
 
 from raftmesh.cli.top import render, sparkline
 from raftmesh.consensus import commands
-from raftmesh.consensus.state import QUEUED, RUNNING, MeshState, Run
+from raftmesh.consensus import results as res
+from raftmesh.consensus.model import Run
+from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh import logs
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.observe import CHURN_WINDOW_MS, THROUGHPUT_BUCKET_MS, Failovers, Observer
@@ -56,18 +59,21 @@ def test_a_requests_traceparent_wins_over_the_run_id() -> None:
 
 def test_observer_counts_peers_marked_down_within_the_window_and_throughput() -> None:
     obs = Observer(Metrics())
-    down = commands.peer_down("c1", 1_000, "p2", "inc")
-    submit = commands.submit("c2", 5_000, [])
-    finish = commands.finish("c3", 12_000, "r1", 1, "succeeded", None)
+    down = commands.PeerDown("c1", 1_000, "p2", "inc")
+    submit = commands.Submit("c2", 5_000, [])
+    finish = commands.Finish("c3", 12_000, "r1", 1, "succeeded", None)
     obs.applied(
-        [down, submit, finish],
+        [cmd.to_wire() for cmd in (down, submit, finish)],
         [
-            {"ok": True, "requeued": 2},
-            {"ok": True, "runs": [{"created": True}, {"created": False}]},
-            {"ok": True},
+            res.Requeued(2),
+            res.Submitted([res.RunOutcome("a", created=True), res.RunOutcome("b")]),
+            res.Done(),
         ],
     )
-    obs.applied([commands.peer_down("c4", 2_000, "p3", "inc")], [{"ok": False}])
+    obs.applied(
+        [commands.PeerDown("c4", 2_000, "p3", "inc").to_wire()],
+        [res.Rejected(res.Rejection.CONFLICT, "peer has restarted since it was judged")],
+    )
     assert obs.recent_downs(2_000) == [(1_000, "p2")]
     assert obs.recent_downs(1_000 + CHURN_WINDOW_MS + 1) == []
     series = obs.throughput_series(12_000)
@@ -86,13 +92,13 @@ def test_observer_counts_a_leader_change_not_the_first_leader() -> None:
 
 def test_failover_lasts_from_the_loss_to_the_reassignment() -> None:
     state = MeshState()
-    state.runs["r1"] = Run(id="r1", agent="a", input=None, status=RUNNING, owner="p2")
-    state.runs["r2"] = Run(id="r2", agent="a", input=None, status=RUNNING, owner="p3")
+    state.runs["r1"] = Run(id="r1", agent="a", input=None, status=RunStatus.RUNNING, owner="p2")
+    state.runs["r2"] = Run(id="r2", agent="a", input=None, status=RunStatus.RUNNING, owner="p3")
     failovers = Failovers()
     assert failovers.owner_lost(state, "p2", lost_at_ms=10_000) == 1
-    state.runs["r1"].status = QUEUED
+    state.runs["r1"].status = RunStatus.QUEUED
     assert failovers.resumed(state) == []
-    state.runs["r1"].status = RUNNING
+    state.runs["r1"].status = RunStatus.RUNNING
     state.runs["r1"].owner = "p1"
     state.runs["r1"].assigned_at_ms = 12_500
     assert failovers.resumed(state) == [2.5]

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus import results as res
 from raftmesh.consensus.spec import SPEC_FIELDS, RunSpec, SpecError
 from raftmesh.consensus.state import MeshState
 from raftmesh.mesh.scheduler import PLACEMENTS
@@ -49,8 +50,8 @@ specs = st.builds(
 
 
 def submitted(state: MeshState, entry: dict[str, object], cid: str) -> RunSpec:
-    result = state.apply(c.submit(cid, 1_000, [entry]))
-    assert result["ok"] and result["runs"][0].get("created"), result
+    result = state.apply(c.Submit(cid, 1_000, [entry]))
+    assert isinstance(result, res.Submitted) and result.runs[0].created, result
     return state.runs[str(entry["id"])].spec()
 
 
