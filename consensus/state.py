@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
@@ -194,12 +194,8 @@ class MeshState:
         Runs on every apply; cheap because entries are dropped in insertion
         order (dicts keep it) and expiry times grow roughly with it.
         """
-        for table in (self.seen, self.idempotency):
-            while table:
-                key = next(iter(table))
-                if table[key][1] > now_ms:
-                    break
-                del table[key]
+        _expire_oldest(self.seen, now_ms)
+        _expire_oldest(self.idempotency, now_ms)
 
     def _submit(self, cmd: c.Submit, at_ms: int) -> res.Submitted:
         out = []
@@ -777,3 +773,16 @@ def _limits(values: Any, what: str) -> dict[str, int]:
     if not isinstance(values, dict):
         raise Refused(f"{what} must map tenants to non-negative integers")
     return {str(k): _int(v, what, 0) for k, v in values.items()}
+
+
+_Key = TypeVar("_Key")
+
+
+def _expire_oldest(table: dict[_Key, tuple[Any, int]], now_ms: int) -> None:
+    """Drop the entries of ``table``, oldest first, whose expiry (the tuple's
+    second item) has passed."""
+    while table:
+        key = next(iter(table))
+        if table[key][1] > now_ms:
+            break
+        del table[key]
