@@ -29,7 +29,8 @@ CHECKS = ",".join(
 )
 
 
-async def _schemathesis(url: str, token: str, ca: Path, exclude: str) -> tuple[int, str]:
+async def _schemathesis(url: str, token: str, ca: Path, exclude: str, cwd: Path) -> tuple[int, str]:
+    """Runs in ``cwd``: schemathesis keeps its example database there."""
     st = Path(sys.executable).with_name("st")
     proc = await asyncio.create_subprocess_exec(
         str(st),
@@ -50,6 +51,7 @@ async def _schemathesis(url: str, token: str, ca: Path, exclude: str) -> tuple[i
         "--exclude-path-regex",
         exclude,
         "--no-color",
+        cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -62,10 +64,12 @@ async def test_the_api_answers_as_its_openapi_document_says(make_mesh, tmp_path)
     setup = make_secure_setup(tmp_path / "secure")
     mesh = await make_mesh("postgres", env=setup.peer_env())
     tenant = setup.tenant_tokens["alpha"]
-    code, out = await _schemathesis(mesh.peers[0].url, tenant, setup.ca, r"/events$")
+    code, out = await _schemathesis(mesh.peers[0].url, tenant, setup.ca, r"/events$", tmp_path)
     print(out[-3000:])
     assert code == 0, out[-6000:]
     admin_exclude = r"(/events$|^/internal/|^/v1/peers)"
-    code, out = await _schemathesis(mesh.peers[1].url, setup.admin_token, setup.ca, admin_exclude)
+    code, out = await _schemathesis(
+        mesh.peers[1].url, setup.admin_token, setup.ca, admin_exclude, tmp_path
+    )
     print(out[-3000:])
     assert code == 0, out[-6000:]
