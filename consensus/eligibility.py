@@ -12,6 +12,7 @@ has already planned added).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -55,11 +56,11 @@ class Load(Protocol):
     def tenant_cap(self, tenant: str) -> int | None: ...
 
 
-def labels_fit(offered: dict[str, str], wanted: dict[str, str]) -> bool:
+def labels_fit(offered: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
     return all(offered.get(k) == v for k, v in wanted.items())
 
 
-def describe_labels(labels: dict[str, str]) -> str:
+def describe_labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(none)"
 
 
@@ -84,9 +85,11 @@ def not_ready(run: Run, load: Load, now_ms: int) -> Reason | None:
         return Reason(Why.NOT_QUEUED, f"run is {run.status}")
     if run.not_before_ms > now_ms:
         return Reason(Why.BACKOFF, "retry backoff after a failed attempt")
-    cap = load.tenant_cap(run.tenant)
-    if cap is not None and load.running_for_tenant(run.tenant) >= cap:
-        return Reason(Why.TENANT_CAP, f"tenant {run.tenant!r} is at its in-flight cap of {cap}")
+    cap = load.tenant_cap(run.spec.tenant)
+    if cap is not None and load.running_for_tenant(run.spec.tenant) >= cap:
+        return Reason(
+            Why.TENANT_CAP, f"tenant {run.spec.tenant!r} is at its in-flight cap of {cap}"
+        )
     return None
 
 
@@ -96,10 +99,10 @@ def refused_by(run: Run, peer: Peer, load: Load) -> Reason | None:
         if peer.status != PEER_UP:
             return Reason(Why.PEER_NOT_UP, "peer is not up")
         return Reason(Why.PEER_CLOSED, "peer is draining or stopping")
-    if not peer.can_run(run.agent):
-        return Reason(Why.AGENT, f"peer does not run agent {run.agent!r}")
-    if not labels_fit(peer.labels, run.labels):
-        return Reason(Why.LABELS, f"peer does not offer labels {describe_labels(run.labels)}")
+    if not peer.can_run(run.spec.agent):
+        return Reason(Why.AGENT, f"peer does not run agent {run.spec.agent!r}")
+    if not labels_fit(peer.labels, run.spec.labels):
+        return Reason(Why.LABELS, f"peer does not offer labels {describe_labels(run.spec.labels)}")
     if not has_room(peer, load):
         return Reason(Why.SLOT, "peer has no free slot")
     return None

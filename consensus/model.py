@@ -32,28 +32,17 @@ DRAIN_MODES = frozenset({"", DRAIN_FINISH, DRAIN_RELEASE})
 
 @dataclass
 class Run:
+    """An active run: what it was submitted as (``spec``, never changed), and
+    where it stands (everything else, changed only by apply)."""
+
     id: str
-    agent: str
-    input: Any
-    tenant: str = "default"
-    priority: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    timeout_s: float | None = None
-    max_attempts: int = 1
-    idempotency_key: str | None = None
-    parent_id: str | None = None
+    spec: RunSpec
     submitted_at_ms: int = 0
-    depth: int = 0
-    budget: dict[str, int] | None = None
-    isolation: str = "task"
-    memory_limit_mb: int | None = None
     status: RunStatus = RunStatus.QUEUED
     owner: str | None = None
     epoch: int = 0
     attempts: int = 0
     assigned_at_ms: int | None = None
-    session: str | None = None
-    placement: str | None = None
     not_before_ms: int = 0
     errors: int = 0
     timeouts: int = 0
@@ -68,12 +57,20 @@ class Run:
         if self.outcome is not None:
             self.outcome = RunStatus(self.outcome)
 
-    def spec(self) -> RunSpec:
-        """What the run was submitted as (every field a retry needs)."""
-        return RunSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
-
     def public(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """Plain values, for snapshots."""
+        return {**self.__dict__, "spec": self.spec.to_wire()}
+
+    @classmethod
+    def from_public(cls, data: dict[str, Any]) -> Run:
+        """A snapshot's run; snapshots before version 3 kept the spec's fields
+        flat beside the others."""
+        values = dict(data)
+        if "spec" in values:
+            spec = RunSpec(**values.pop("spec"))
+        else:
+            spec = RunSpec(**{k: values.pop(k) for k in SPEC_FIELDS if k in values})
+        return cls(spec=spec, **values)
 
 
 @dataclass

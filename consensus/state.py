@@ -36,6 +36,7 @@ from raftmesh.consensus.model import (
     Run,
 )
 from raftmesh.consensus.results import Rejected, Rejection, Result
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
 log = logging.getLogger("raftmesh.state")
@@ -245,7 +246,7 @@ class MeshState:
         if existing is not None:
             # A replay of the same submission; a different key under the same
             # id would answer one key with two runs.
-            if existing.idempotency_key != key or existing.tenant != tenant:
+            if existing.spec.idempotency_key != key or existing.spec.tenant != tenant:
                 raise Refused(
                     f"run id {run_id} is taken by a run with another idempotency key",
                     Rejection.CONFLICT,
@@ -270,27 +271,29 @@ class MeshState:
             )
         run = Run(
             id=run_id,
-            agent=spec["agent"],
-            input=run_input,
-            tenant=tenant,
-            priority=numbers["priority"],
-            labels={str(k): str(v) for k, v in labels.items()},
-            timeout_s=timeout_s,
-            max_attempts=max(1, numbers["max_attempts"]),
-            idempotency_key=key,
-            parent_id=spec.get("parent_id"),
+            spec=RunSpec(
+                agent=spec["agent"],
+                input=run_input,
+                tenant=tenant,
+                priority=numbers["priority"],
+                labels={str(k): str(v) for k, v in labels.items()},
+                timeout_s=timeout_s,
+                max_attempts=max(1, numbers["max_attempts"]),
+                idempotency_key=key,
+                parent_id=spec.get("parent_id"),
+                depth=numbers["depth"],
+                budget=budget,
+                isolation=str(spec.get("isolation") or "task"),
+                memory_limit_mb=memory_mb,
+                session=spec.get("session"),
+                placement=spec.get("placement"),
+            ),
             submitted_at_ms=at_ms,
-            depth=numbers["depth"],
-            budget=budget,
-            isolation=str(spec.get("isolation") or "task"),
-            memory_limit_mb=memory_mb,
-            session=spec.get("session"),
-            placement=spec.get("placement"),
             epoch=max(0, numbers["epoch"]),
             attempts=max(0, numbers["attempts"]),
         )
         self.runs[run_id] = run
-        self._count_queued(run.tenant, 1)
+        self._count_queued(run.spec.tenant, 1)
         if key is not None:
             self.idempotency[(tenant, key)] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
         return res.RunOutcome(run_id, created=True)
@@ -315,9 +318,9 @@ class MeshState:
             run.epoch = epoch
             run.attempts += 1
             run.assigned_at_ms = at_ms
-            self._count_queued(run.tenant, -1)
+            self._count_queued(run.spec.tenant, -1)
             self.by_owner.setdefault(peer_id, set()).add(run_id)
-            self.tenant_running[run.tenant] = self.tenant_running.get(run.tenant, 0) + 1
+            self.tenant_running[run.spec.tenant] = self.tenant_running.get(run.spec.tenant, 0) + 1
             accepted.append(run_id)
         return res.Assigned(accepted, rejected)
 
@@ -365,7 +368,7 @@ class MeshState:
         retryable = kind == "error" or self.retry.retry_timeouts
         if run.cancel_requested:
             self._settle_as(run, RunStatus.CANCELLED)
-        elif retryable and self.retry.used(run) < run.max_attempts:
+        elif retryable and self.retry.used(run) < run.spec.max_attempts:
             self._requeue(run)
             policy = self.retry
             delay = backoff_ms(
@@ -389,7 +392,7 @@ class MeshState:
             raise Refused(f"run is already ending as {run.outcome}", Rejection.CONFLICT)
         doomed = [run.id]
         for parent in doomed:  # grows while walking: breadth-first over descendants
-            doomed.extend(r.id for r in self.runs.values() if r.parent_id == parent)
+            doomed.extend(r.id for r in self.runs.values() if r.spec.parent_id == parent)
         for victim in (self.runs[i] for i in doomed):
             if victim.status == RunStatus.SETTLING:
                 continue
@@ -601,17 +604,17 @@ class MeshState:
         if run.status != RunStatus.RUNNING or run.owner is None:
             return
         self.by_owner.get(run.owner, set()).discard(run.id)
-        left = self.tenant_running.get(run.tenant, 0) - 1
+        left = self.tenant_running.get(run.spec.tenant, 0) - 1
         if left > 0:
-            self.tenant_running[run.tenant] = left
+            self.tenant_running[run.spec.tenant] = left
         else:
-            self.tenant_running.pop(run.tenant, None)
+            self.tenant_running.pop(run.spec.tenant, None)
 
     def _requeue(self, run: Run) -> None:
         """Back to the queue; the epoch stays, so the next owner gets epoch + 1."""
         self._stop_running(run)
         if run.status != RunStatus.QUEUED:
-            self._count_queued(run.tenant, 1)
+            self._count_queued(run.spec.tenant, 1)
         run.status = RunStatus.QUEUED
         run.owner = None
         run.assigned_at_ms = None
@@ -625,7 +628,7 @@ class MeshState:
             run.losses += 1
             if run.cancel_requested:
                 self._settle_as(run, RunStatus.CANCELLED)
-            elif self.retry.count_lost_owner and self.retry.used(run) >= run.max_attempts:
+            elif self.retry.count_lost_owner and self.retry.used(run) >= run.spec.max_attempts:
                 run.last_error = f"owner lost {run.losses} times"
                 self._settle_as(run, RunStatus.FAILED)
             else:
@@ -635,7 +638,7 @@ class MeshState:
     def _settle_as(self, run: Run, outcome: RunStatus) -> None:
         self._stop_running(run)
         if run.status == RunStatus.QUEUED:
-            self._count_queued(run.tenant, -1)
+            self._count_queued(run.spec.tenant, -1)
         run.status = RunStatus.SETTLING
         run.outcome = outcome
         run.owner = None
@@ -644,7 +647,7 @@ class MeshState:
     def _evict(self, run: Run) -> None:
         self._stop_running(run)
         if run.status == RunStatus.QUEUED:
-            self._count_queued(run.tenant, -1)
+            self._count_queued(run.spec.tenant, -1)
         del self.runs[run.id]
 
     def _count_queued(self, tenant: str, delta: int) -> None:
@@ -680,7 +683,7 @@ class MeshState:
     def queued(self) -> list[Run]:
         """Queued runs in scheduling order: priority first, then age."""
         waiting = [r for r in self.runs.values() if r.status == RunStatus.QUEUED]
-        waiting.sort(key=lambda r: (-r.priority, r.submitted_at_ms, r.id))
+        waiting.sort(key=lambda r: (-r.spec.priority, r.submitted_at_ms, r.id))
         return waiting
 
     def owned_by(self, peer_id: str) -> list[Run]:
@@ -696,8 +699,9 @@ class MeshState:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            # v2: remembered results are typed (results.to_wire), no longer maps.
-            "v": 2,
+            # v2: remembered results are typed (results.to_wire), no longer maps;
+            # v3: a run's spec is one map (Run.public).
+            "v": 3,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
             "idempotency": [[list(k), v[0], v[1]] for k, v in self.idempotency.items()],
@@ -713,7 +717,7 @@ class MeshState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MeshState:
         state = cls()
-        state.runs = {r["id"]: Run(**r) for r in data["runs"]}
+        state.runs = {r["id"]: Run.from_public(r) for r in data["runs"]}
         state.peers = {p["id"]: Peer(**p) for p in data["peers"]}
         state.idempotency = {
             # a key from before tenants scoped them was the default tenant's
@@ -730,10 +734,12 @@ class MeshState:
         state.applied = data["applied"]
         for run in state.runs.values():
             if run.status == RunStatus.QUEUED:
-                state._count_queued(run.tenant, 1)
+                state._count_queued(run.spec.tenant, 1)
             if run.status == RunStatus.RUNNING and run.owner is not None:
                 state.by_owner.setdefault(run.owner, set()).add(run.id)
-                state.tenant_running[run.tenant] = state.tenant_running.get(run.tenant, 0) + 1
+                state.tenant_running[run.spec.tenant] = (
+                    state.tenant_running.get(run.spec.tenant, 0) + 1
+                )
         return state
 
 

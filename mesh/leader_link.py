@@ -64,15 +64,23 @@ class LeaderLink:
             return {}
         return ack if isinstance(ack, dict) else {}
 
-    async def ask_leader(
+    async def ask(
         self, path: str, body: dict[str, Any], timeout_s: float, not_to: str = ""
-    ) -> None:
-        """An internal request the leader must carry out; ``not_to`` names a
-        Raft address that must not be the one answering (a leaving leader)."""
+    ) -> tuple[Peer, int, str]:
+        """An internal request to the leader: who answered, its status and its
+        body. ``not_to`` names a Raft address that must not be the one
+        answering (a leaving leader)."""
         leader = self.leader()
         if leader is None or (not_to and leader.raft == not_to):
             raise NoQuorumError("no other voter leads yet")
         status, text = await self._post(leader, path, body, timeout_s)
+        return leader, status, text
+
+    async def ask_leader(
+        self, path: str, body: dict[str, Any], timeout_s: float, not_to: str = ""
+    ) -> None:
+        """``ask``, for a request the leader must carry out (200 or an error)."""
+        leader, status, text = await self.ask(path, body, timeout_s, not_to)
         if status != 200:
             raise Unavailable(f"{leader.id} answered {status}: {text}")
 

@@ -24,9 +24,11 @@ they are checked here first only to answer without draining anyone.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,16 +51,20 @@ from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
     MeshError,
-    NoQuorumError,
     NotLeader,
     PeerNotFound,
     Unavailable,
     refusal,
 )
 from raftmesh.mesh.schemas import JoinRequest, parse_request
+from raftmesh.mesh.settings import Settings
 
 if TYPE_CHECKING:
-    from raftmesh.mesh.peer import Peer
+    # Types only: `mesh join` imports this module for its data-dir markers,
+    # and a client command must not load the Raft binding.
+    from raftmesh.mesh.leader_link import LeaderLink
+    from raftmesh.mesh.proposer import Proposer
+    from raftmesh.runner.slots import Slots
 
 log = logging.getLogger("raftmesh.membership")
 
@@ -96,15 +102,33 @@ class PromotionRefused(Exception):
     """The leader will never promote this learner (its reservation is gone)."""
 
 
+def is_learner(settings: Settings) -> bool:
+    """A voter that joined and has not been promoted yet starts as a learner."""
+    return settings.role == VOTER and (Path(settings.data_dir) / LEARNER_MARKER).exists()
+
+
 class Membership:
-    def __init__(self, peer: Peer) -> None:
-        self._peer = peer
+    """Takes the parts it acts through, not the peer: the proposer (commit,
+    read the state, the Raft node), this peer's slots, the link to the leader."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        incarnation: str,
+        proposer: Proposer,
+        slots: Slots,
+        link: LeaderLink,
+        request_exit: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._incarnation = incarnation
+        self._proposer = proposer
+        self._slots = slots
+        self._link = link
+        self._request_exit = request_exit
         self.leaving = False
         self.shutting_down = False
-        settings = peer.settings
-        self.learning = (
-            settings.role == VOTER and (Path(settings.data_dir) / LEARNER_MARKER).exists()
-        )
+        self.learning = is_learner(settings)
         self.exit_status = 0
 
     # -- join -------------------------------------------------------------
@@ -117,13 +141,12 @@ class Membership:
         peer_id, http = request.id, request.http
         role = request.role or VOTER
         raft = (request.raft or "") if role == VOTER else ""
-        peer = self._peer
-        result = await peer._propose(
+        result = await self._proposer.propose(
             commands.PeerJoin(_cid(), _now_ms(), peer_id, raft, http, role)
         )
         if isinstance(result, Rejected):
             raise refusal(result.reason, f"cannot join {peer_id}: {result.message}")
-        voters = peer._raft().voters()
+        voters = self._proposer.raft.voters()
         learner = role == VOTER and raft not in voters
         if learner:
             log.info("voter %s (%s) reserved: it joins as a learner first", peer_id, raft)
@@ -142,8 +165,7 @@ class Membership:
             or not isinstance(applied, int)
         ):
             raise BadRequest("promotion needs 'id', 'raft' and 'applied' (the applied log index)")
-        peer = self._peer
-        raft = peer._raft()
+        raft = self._proposer.raft
         if not raft.is_leader:
             raise NotLeader("this peer is not the leader")
         voters = raft.voters()
@@ -167,10 +189,10 @@ class Membership:
         if member.status != PEER_JOINING:
             raise Conflict(f"{peer_id} is {member.status}, not a pending join")
         # Leave the promoted voter time to come up before the reservation expires.
-        timeout_ms = peer.settings.join_timeout_s * 1000
+        timeout_ms = self._settings.join_timeout_s * 1000
         if _now_ms() - member.since_ms > 0.75 * timeout_ms:
             raise Conflict(
-                f"the join of {peer_id} is about to expire ({peer.settings.join_timeout_s:g} s): "
+                f"the join of {peer_id} is about to expire ({self._settings.join_timeout_s:g} s): "
                 "join again with a fresh --data-dir"
             )
         commit = int(raft.status()["commit_idx"])
@@ -200,8 +222,7 @@ class Membership:
         up (and the process exits 1) when its join expires."""
         if not self.learning:
             return
-        peer = self._peer
-        deadline = time.monotonic() + peer.settings.join_timeout_s
+        deadline = time.monotonic() + self._settings.join_timeout_s
         while True:
             try:
                 voters = await self._ask_promotion()
@@ -211,57 +232,51 @@ class Membership:
             except (aiohttp.ClientError, TimeoutError, ValueError, MeshError) as exc:
                 if time.monotonic() >= deadline:
                     return self._give_up(
-                        f"not promoted within {peer.settings.join_timeout_s:g} s ({exc}): "
+                        f"not promoted within {self._settings.join_timeout_s:g} s ({exc}): "
                         "check that this peer reaches the voters' Raft ports and they reach its own"
                     )
                 log.debug("not promoted yet: %s", exc)
             await asyncio.sleep(PROMOTE_RETRY_S)
         try:
-            await peer._raft().become_voter(peer.settings.raft, voters)
+            await self._proposer.raft.become_voter(self._settings.raft, voters)
         except Exception as exc:  # a task boundary: the process must not hang as a zombie learner
             log.exception("could not restart as a voter")
             return self._give_up(
-                f"promoted, but could not start as voter {peer.settings.raft}: {exc}"
+                f"promoted, but could not start as voter {self._settings.raft}: {exc}"
             )
-        (Path(peer.settings.data_dir) / LEARNER_MARKER).unlink(missing_ok=True)
+        (Path(self._settings.data_dir) / LEARNER_MARKER).unlink(missing_ok=True)
         self.learning = False
         log.info("promoted: a voter now (voters %s)", ", ".join(voters))
 
     def _give_up(self, why: str) -> None:
         log.error("join failed: %s", why)
         self.exit_status = 1
-        self._peer.request_exit()
+        self._request_exit()
 
     async def _ask_promotion(self) -> list[str]:
-        peer = self._peer
-        raft = peer._raft()
-        leader_addr = raft.leader_addr
-        with raft.lock:
-            leader = raft.state.peer_by_raft(leader_addr) if leader_addr else None
-        if leader is None or peer._client is None:
-            raise Unavailable("no leader known yet: the log has not reached this learner")
-        body = {"id": peer.id, "raft": peer.settings.raft, "applied": raft.status()["last_applied"]}
-        async with peer._client.post(
-            peer.link.url(leader.http, "/internal/v1/voters/promote"),
-            json=body,
-            headers={"Authorization": f"Bearer {peer.internal_token}"},
-            timeout=aiohttp.ClientTimeout(total=MEMBERSHIP_RETRY_S + 5),
-        ) as resp:
-            answer = await resp.json(content_type=None)
-            if resp.status == 409:
-                raise PromotionRefused(answer["error"]["message"])
-            if resp.status != 200:
-                raise Unavailable(f"{leader.id} answered {resp.status}: {answer}")
-            return list(answer["voters"])
+        raft = self._proposer.raft
+        body = {
+            "id": self._settings.id,
+            "raft": self._settings.raft,
+            "applied": raft.status()["last_applied"],
+        }
+        leader, status, text = await self._link.ask(
+            "/internal/v1/voters/promote", body, MEMBERSHIP_RETRY_S + 5
+        )
+        answer = json.loads(text) if text else {}
+        if status == 409:
+            raise PromotionRefused(answer["error"]["message"])
+        if status != 200:
+            raise Unavailable(f"{leader.id} answered {status}: {text}")
+        return list(answer["voters"])
 
     # -- leader duties ------------------------------------------------------
 
     async def tend(self) -> None:
         """Leader: remove expired join reservations, and after ``mesh recover``
         the voters the mesh lost for good."""
-        peer = self._peer
-        raft = peer._raft()
-        timeout_ms = peer.settings.join_timeout_s * 1000
+        raft = self._proposer.raft
+        timeout_ms = self._settings.join_timeout_s * 1000
         now = _now_ms()
         kept = raft.recovered_voters
         voters = raft.voters()
@@ -273,7 +288,7 @@ class Membership:
                     await self._retry_membership(
                         lambda a=member.raft: raft.remove_voter(a), f"removing voter {member.raft}"
                     )
-                result = await peer._propose(commands.PeerLeave(_cid(), now, member.id))
+                result = await self._proposer.propose(commands.PeerLeave(_cid(), now, member.id))
                 if isinstance(result, Rejected):
                     log.debug("expired join of %s not removed yet: %s", member.id, result.message)
                     continue
@@ -282,7 +297,7 @@ class Membership:
                     "%g s; reservation removed",
                     member.id,
                     member.raft or member.http,
-                    peer.settings.join_timeout_s,
+                    self._settings.join_timeout_s,
                 )
             elif (
                 kept is not None
@@ -291,7 +306,9 @@ class Membership:
                 and member.raft not in kept
                 and member.raft not in voters
             ):
-                result = await peer._propose(commands.PeerLeave(_cid(), now, member.id, True))
+                result = await self._proposer.propose(
+                    commands.PeerLeave(_cid(), now, member.id, True)
+                )
                 log.warning("recovery: voter %s lost for good, removed (%s)", member.id, result)
 
     async def _retry_membership(self, change: Any, what: str) -> None:
@@ -311,13 +328,13 @@ class Membership:
 
     async def drain(self, peer_id: str, mode: str) -> dict[str, Any]:
         """``mode``: "finish", "release", or "" (undrain)."""
-        result = await self._peer._propose(commands.PeerDrain(_cid(), _now_ms(), peer_id, mode))
+        result = await self._proposer.propose(commands.PeerDrain(_cid(), _now_ms(), peer_id, mode))
         if isinstance(result, Rejected):
             raise refusal(result.reason, f"cannot drain {peer_id}: {result.message}")
         return self.describe(peer_id)
 
     def describe(self, peer_id: str) -> dict[str, Any]:
-        raft = self._peer._raft()
+        raft = self._proposer.raft
         with raft.lock:
             member = raft.state.peers.get(peer_id)
             if member is None:
@@ -333,8 +350,7 @@ class Membership:
     # -- leave ------------------------------------------------------------
 
     async def leave(self, peer_id: str, release: bool) -> dict[str, Any]:
-        peer = self._peer
-        raft = peer._raft()
+        raft = self._proposer.raft
         with raft.lock:
             member = raft.state.peers.get(peer_id)
             why = None if member is None else leave_refusal(raft.state, member)
@@ -342,12 +358,12 @@ class Membership:
             raise PeerNotFound(f"no peer {peer_id!r} in this mesh")
         if why is not None:
             raise Conflict(f"cannot remove {peer_id}: {why}")
-        if peer_id != peer.id and member.status == PEER_UP:
+        if peer_id != self._settings.id and member.status == PEER_UP:
             raise Conflict(
                 f"peer {peer_id} is up: ask it to leave itself (mesh leave --peer http://{member.http}) "
                 "so that its runs are drained first"
             )
-        if peer_id == peer.id:
+        if peer_id == self._settings.id:
             if self.leaving:
                 raise Conflict(f"{peer_id} is already leaving")
             self.leaving = True
@@ -356,50 +372,48 @@ class Membership:
             except MeshError:
                 self.leaving = False
                 raise
-        result = await peer._propose(commands.PeerLeave(_cid(), _now_ms(), peer_id))
+        result = await self._proposer.propose(commands.PeerLeave(_cid(), _now_ms(), peer_id))
         if not isinstance(result, Requeued):
             self.leaving = False
             message = result.message if isinstance(result, Rejected) else repr(result)
             raise Conflict(f"cannot remove {peer_id}: {message}")
         # A voter's pending join (a learner) never was a Raft voter.
         if member.role == VOTER and member.raft in raft.voters():
-            await self._remove_voter(member.raft, own=peer_id == peer.id)
+            await self._remove_voter(member.raft, own=peer_id == self._settings.id)
         log.info("peer %s left the mesh (%d runs requeued)", peer_id, result.requeued)
-        if peer_id == peer.id:
-            left_marker(peer.settings.data_dir).write_text(
+        if peer_id == self._settings.id:
+            left_marker(self._settings.data_dir).write_text(
                 f"{peer_id} left the mesh at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
             )
-            peer.request_exit()
+            self._request_exit()
         return {"id": peer_id, "left": True, "requeued": result.requeued}
 
     async def _drain_self(self, mode: str) -> None:
         """Stop getting runs; wait until this peer owns none (releasing what is
         left once the grace period is over)."""
-        peer = self._peer
-        await self.drain(peer.id, mode)
-        grace_s = peer.settings.shutdown_grace_s
+        await self.drain(self._settings.id, mode)
+        grace_s = self._settings.shutdown_grace_s
         if not await self._wait_owning_nothing(grace_s):
             log.warning("runs still here after %.0fs: releasing them", grace_s)
-            for run_id in peer.slots.running():
-                peer.slots.release(run_id)
+            for run_id in self._slots.running():
+                self._slots.release(run_id)
             if not await self._wait_owning_nothing(5.0):
-                raise Unavailable(f"{peer.id} could not hand over its runs; try again")
+                raise Unavailable(f"{self._settings.id} could not hand over its runs; try again")
 
     async def _wait_owning_nothing(self, timeout_s: float) -> bool:
-        peer = self._peer
-        raft = peer._raft()
+        raft = self._proposer.raft
         deadline = time.monotonic() + timeout_s
         while True:
             with raft.lock:
-                owned = raft.state.running_on(peer.id)
-            if owned == 0 and peer.slots.busy == 0:
+                owned = raft.state.running_on(self._settings.id)
+            if owned == 0 and self._slots.busy == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.1)
 
     async def _remove_voter(self, addr: str, own: bool) -> None:
-        raft = self._peer._raft()
+        raft = self._proposer.raft
         if not own:
             await self._retry_membership(lambda: raft.remove_voter(addr), f"removing voter {addr}")
             return
@@ -418,29 +432,16 @@ class Membership:
                 await asyncio.sleep(0.3)
 
     async def _ask_leader_to_remove(self, addr: str) -> None:
-        peer = self._peer
-        raft = peer._raft()
-        leader_addr = raft.leader_addr
-        with raft.lock:
-            leader = raft.state.peer_by_raft(leader_addr) if leader_addr else None
-        if leader is None or leader.raft == addr or peer._client is None:
-            raise NoQuorumError("no other voter leads yet")
-        async with peer._client.post(
-            peer.link.url(leader.http, "/internal/v1/voters/remove"),
-            json={"raft": addr},
-            headers={"Authorization": f"Bearer {peer.internal_token}"},
-            timeout=aiohttp.ClientTimeout(total=MEMBERSHIP_RETRY_S),
-        ) as resp:
-            body = await resp.text()
-            if resp.status != 200:
-                raise Unavailable(f"{leader.id} answered {resp.status}: {body}")
+        await self._link.ask_leader(
+            "/internal/v1/voters/remove", {"raft": addr}, MEMBERSHIP_RETRY_S, not_to=addr
+        )
 
     async def remove_voter(self, body: Any) -> None:
         """Internal: another voter, about to leave, asks for its own removal."""
         addr = body.get("raft") if isinstance(body, dict) else None
         if not isinstance(addr, str):
             raise BadRequest("field 'raft' must be the leaving voter's Raft address")
-        raft = self._peer._raft()
+        raft = self._proposer.raft
         if addr not in raft.voters():
             return
         await self._retry_membership(lambda: raft.remove_voter(addr), f"removing voter {addr}")
@@ -451,21 +452,20 @@ class Membership:
         """SIGTERM: take nothing new, hand back or finish what runs here within
         the grace period, and leave owning nothing. The peer stays a member:
         started again with the same id, it takes runs again."""
-        peer = self._peer
         self.shutting_down = True
-        grace_s = peer.settings.shutdown_grace_s
+        grace_s = self._settings.shutdown_grace_s
         started = time.monotonic()
         log.info("shutting down: releasing runs at their next step (grace %.0fs)", grace_s)
         await self._propose_quietly(
-            commands.PeerStopping(_cid(), _now_ms(), peer.id, peer.incarnation)
+            commands.PeerStopping(_cid(), _now_ms(), self._settings.id, self._incarnation)
         )
-        for run_id in peer.slots.running():
-            peer.slots.release(run_id)
+        for run_id in self._slots.running():
+            self._slots.release(run_id)
         if not await self._wait_slots_empty(grace_s):
-            left = peer.slots.running()
+            left = self._slots.running()
             log.warning("grace period over: stopping %d runs and releasing them", len(left))
             for run_id in left:
-                peer.slots.stop(run_id)
+                self._slots.stop(run_id)
             await asyncio.gather(
                 *(
                     self._propose_quietly(commands.Release(_cid(), _now_ms(), run_id, epoch))
@@ -473,15 +473,17 @@ class Membership:
                 )
             )
         # Anything assigned but never started goes back to the queue too.
-        await self._propose_quietly(commands.PeerDown(_cid(), _now_ms(), peer.id, peer.incarnation))
-        raft = peer._raft()
+        await self._propose_quietly(
+            commands.PeerDown(_cid(), _now_ms(), self._settings.id, self._incarnation)
+        )
+        raft = self._proposer.raft
         if raft.is_voter and raft.is_leader:
             await raft.transfer_leadership(timeout_s=2.0)
         log.info("handed everything back in %.1fs", time.monotonic() - started)
 
     async def _wait_slots_empty(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        while self._peer.slots.busy:
+        while self._slots.busy:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
@@ -491,7 +493,7 @@ class Membership:
         """Shutdown goes on without a quorum: the leader then takes the peer
         down by its TTL, which requeues the same runs."""
         try:
-            await self._peer._propose(cmd, budget_s=3.0)
+            await self._proposer.propose(cmd, budget_s=3.0)
         except Unavailable as exc:
             log.warning("could not commit %s while stopping: %s", cmd.op, exc.message)
 

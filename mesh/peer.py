@@ -20,11 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import uvloop
 from aiohttp import web
 
-from raftmesh.consensus import commands
 from raftmesh.consensus.model import VOTER
 from raftmesh.consensus.raft import RaftNode, persisted_voters
 from raftmesh.consensus.results import Result
@@ -36,7 +34,7 @@ from raftmesh.mesh.events import EventHub
 from raftmesh.mesh.leader import Leader, LeaderDuty
 from raftmesh.mesh.leader_link import LeaderLink
 from raftmesh.mesh.liveness import LeaderContact, Liveness
-from raftmesh.mesh.membership import Membership, check_not_left
+from raftmesh.mesh.membership import Membership, check_not_left, is_learner
 from raftmesh.mesh.membership_api import add_membership_routes
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.observe import Observer
@@ -53,7 +51,6 @@ from raftmesh.mesh.tracing import Tracing
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
 from raftmesh.runner.registry import build_registry
-from raftmesh.runner.slots import Slots
 from raftmesh.storage import open_store
 from raftmesh.storage.base import StorageUnavailable
 
@@ -97,7 +94,6 @@ class Peer:
         self._background: list[asyncio.Task[None]] = []
         self._http: web.AppRunner | None = None
         self.raft: RaftNode | None = None
-        self.membership = Membership(self)
         self.exit_requested = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------
@@ -114,7 +110,7 @@ class Peer:
         # The voters this data dir last saw beat the command line, which may
         # predate joins and leaves (or, for a joined peer, name only the seed).
         partners = persisted_voters(s.data_dir) or list(s.peers)
-        voter = s.role == VOTER and not self.membership.learning
+        voter = s.role == VOTER and not is_learner(s)
         if not voter and not partners:
             raise SystemExit("an executor needs --peers: the voters' Raft addresses")
         await self._open_store()
@@ -142,6 +138,9 @@ class Peer:
             s.slots,
             self._attempt,
             lambda: self.membership.shutting_down,
+        )
+        self.membership = Membership(
+            s, self.incarnation, self.proposer, self.reconciler.slots, self.link, self.request_exit
         )
         self.service = MeshService(
             s,
@@ -277,7 +276,7 @@ class Peer:
 
     async def _beat(self) -> None:
         await self.presence.beat()
-        self.observer.tick(self._raft().leader_addr, self.store)
+        self.observer.tick(self.proposer.raft.leader_addr, self.store)
         self.reconciler.self_fence_if_cut_off()
 
     async def _reconcile(self) -> None:
@@ -304,23 +303,6 @@ class Peer:
             release=release,
             models=s.models,
         )
-
-    # -- what membership still reaches through the peer -------------------
-
-    @property
-    def slots(self) -> Slots:
-        return self.reconciler.slots
-
-    def _raft(self) -> RaftNode:
-        assert self.raft is not None, "peer not started"
-        return self.raft
-
-    async def _propose(self, cmd: commands.Command, budget_s: float | None = None) -> Result:
-        return await self.proposer.propose(cmd, budget_s)
-
-    @property
-    def _client(self) -> aiohttp.ClientSession:
-        return self.link._session
 
 
 async def _serve(settings: Settings) -> int:

@@ -22,7 +22,7 @@ def queue_summary(state: MeshState, scheduler: Scheduler, now_ms: int) -> dict[s
     depth = 0
     oldest: int | None = None
     for run in state.runs.values():
-        entry = tenants.setdefault(run.tenant, {"queued": 0, "running": 0, "oldest_ms": None})
+        entry = tenants.setdefault(run.spec.tenant, {"queued": 0, "running": 0, "oldest_ms": None})
         if run.status == RunStatus.RUNNING:
             entry["running"] += 1
         if run.status != RunStatus.QUEUED:

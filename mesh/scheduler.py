@@ -44,7 +44,7 @@ def affinity(key: str, peer_id: str) -> int:
 
 
 def hash_key(run: Run) -> str:
-    return run.session if run.session is not None else run.id
+    return run.spec.session if run.spec.session is not None else run.id
 
 
 class _Planned:
@@ -67,7 +67,7 @@ class _Planned:
 
     def place(self, run: Run, peer_id: str) -> None:
         self._on_peer[peer_id] += 1
-        self._for_tenant[run.tenant] += 1
+        self._for_tenant[run.spec.tenant] += 1
 
 
 @dataclass
@@ -80,9 +80,9 @@ class Scheduler:
 
     def effective_priority(self, run: Run, now_ms: int) -> int:
         if self.aging_s <= 0:
-            return run.priority
+            return run.spec.priority
         waited_ms = max(0, now_ms - run.submitted_at_ms)
-        return run.priority + int(waited_ms // (self.aging_s * 1000))
+        return run.spec.priority + int(waited_ms // (self.aging_s * 1000))
 
     def order(self, state: MeshState, now_ms: int) -> list[Run]:
         """Queued runs, higher (aged) priority first, FIFO within one."""
@@ -115,7 +115,7 @@ class Scheduler:
         load: _Planned,
         state: MeshState,
     ) -> str | None:
-        placement = run.placement or self.placement
+        placement = run.spec.placement or self.placement
         if placement == CONSISTENT_HASH:
             # Same key, same peer while it is up: wait for its slot, never spill.
             home = _home(run, verdicts)
@@ -150,16 +150,18 @@ class Scheduler:
             if accepts_work(state.peers[pid])
         }
         if all(v is not None and v.code == Why.AGENT for v in verdicts.values()):
-            return Reason(Why.AGENT, f"no up peer runs agent {run.agent!r}")
+            return Reason(Why.AGENT, f"no up peer runs agent {run.spec.agent!r}")
         home = _home(run, verdicts)
         if home is None:
-            return Reason(Why.LABELS, f"no up peer offers labels {describe_labels(run.labels)}")
-        if (run.placement or self.placement) == CONSISTENT_HASH:
+            return Reason(
+                Why.LABELS, f"no up peer offers labels {describe_labels(run.spec.labels)}"
+            )
+        if (run.spec.placement or self.placement) == CONSISTENT_HASH:
             if verdicts[home] is not None:
                 return Reason(Why.SLOT, f"a free slot on {home} (consistent-hash placement)")
         elif all(v is not None for v in verdicts.values()):
             return Reason(
-                Why.SLOT, f"a free slot on a peer with labels {describe_labels(run.labels)}"
+                Why.SLOT, f"a free slot on a peer with labels {describe_labels(run.spec.labels)}"
             )
         return Reason(Why.TURN, "its turn: higher-priority or older runs go first")
 

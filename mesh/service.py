@@ -224,7 +224,7 @@ class MeshService:
             return
         with self._proposer.read() as state:
             active = state.runs.get(run_id)
-            owner_tenant = active.tenant if active is not None else None
+            owner_tenant = active.spec.tenant if active is not None else None
         if owner_tenant is None:
             row = await from_storage(self.store.get_run(run_id))
             owner_tenant = row.spec.tenant if row is not None else None
@@ -252,7 +252,8 @@ class MeshService:
             mine = [
                 r
                 for r in state.runs.values()
-                if (tenant is None or r.tenant == tenant) and (agent is None or r.agent == agent)
+                if (tenant is None or r.spec.tenant == tenant)
+                and (agent is None or r.spec.agent == agent)
             ]
             picked = heapq.nlargest(
                 offset + limit,

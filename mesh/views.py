@@ -35,7 +35,7 @@ def listed_status(run: Run) -> str:
 def view_from_state(run: Run) -> dict[str, Any]:
     return {
         "id": run.id,
-        "agent": run.agent,
+        "agent": run.spec.agent,
         "status": listed_status(run),
         "owner": run.owner,
         "epoch": run.epoch,
@@ -46,10 +46,10 @@ def view_from_state(run: Run) -> dict[str, Any]:
         "retry_at": _s(run.not_before_ms) if run.not_before_ms else None,
         # Counted apart: which of them use up max_attempts is the mesh's retry policy.
         "failures": {"error": run.errors, "timeout": run.timeouts, "lost_owner": run.losses},
-        "session": run.session,
-        "tenant": run.tenant,
-        "priority": run.priority,
-        "labels": dict(run.labels),
+        "session": run.spec.session,
+        "tenant": run.spec.tenant,
+        "priority": run.spec.priority,
+        "labels": dict(run.spec.labels),
         "submitted_at": _s(run.submitted_at_ms),
         "started_at": _s(run.assigned_at_ms),
         "finished_at": None,

@@ -77,7 +77,7 @@ class Assignment:
             run_id=run.id,
             epoch=run.epoch,
             attempt=run.attempts,
-            spec=run.spec(),
+            spec=run.spec,
             submitted_at_ms=run.submitted_at_ms,
             cancel_requested=run.cancel_requested,
         )

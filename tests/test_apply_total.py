@@ -88,7 +88,7 @@ def consistent(state: MeshState) -> None:
     queued: dict[str, int] = {}
     for run in state.runs.values():
         if run.status == "queued":
-            queued[run.tenant] = queued.get(run.tenant, 0) + 1
+            queued[run.spec.tenant] = queued.get(run.spec.tenant, 0) + 1
     assert state.tenant_queued == queued
 
 

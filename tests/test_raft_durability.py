@@ -100,7 +100,7 @@ async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path
                 break
             await asyncio.sleep(0.05)
         assert [len(n.state.runs) for n in nodes] == [61, 61, 61]
-        assert all(n.state.runs["run-5"].input == 5 for n in nodes)
+        assert all(n.state.runs["run-5"].spec.input == 5 for n in nodes)
     finally:
         for n in nodes:
             n.close()
@@ -151,7 +151,7 @@ async def test_entries_near_the_size_limit_pass_the_guarded_raft_port(tmp_path: 
         while not all("big" in n.state.runs for n in nodes):
             assert time.monotonic() < deadline, "the big entry did not reach every node"
             await asyncio.sleep(0.05)
-        assert all(n.state.runs["big"].input == big for n in nodes)
+        assert all(n.state.runs["big"].spec.input == big for n in nodes)
     finally:
         for n in nodes:
             n.close()

@@ -57,9 +57,9 @@ def recount(state: MeshState) -> tuple[Counter[str], Counter[str], Counter[str]]
     for run in state.runs.values():
         if run.status == RunStatus.RUNNING:
             on_peer[run.owner] += 1
-            tenant_running[run.tenant] += 1
+            tenant_running[run.spec.tenant] += 1
         elif run.status == RunStatus.QUEUED:
-            tenant_queued[run.tenant] += 1
+            tenant_queued[run.spec.tenant] += 1
     return on_peer, tenant_running, tenant_queued
 
 
@@ -100,15 +100,17 @@ class SchedulingMachine(RuleBasedStateMachine):
             old, run = pre.runs[run_id], self.state.runs[run_id]
             peer = pre.peers[run.owner]
             on_peer[run.owner] += 1
-            tenant_running[run.tenant] += 1
+            tenant_running[run.spec.tenant] += 1
             assert on_peer[run.owner] <= peer.slots, "assign took a peer above its slots"
-            cap = pre.tenant_cap(run.tenant)
-            assert cap is None or tenant_running[run.tenant] <= cap, "assign broke a tenant cap"
+            cap = pre.tenant_cap(run.spec.tenant)
+            assert cap is None or tenant_running[run.spec.tenant] <= cap, (
+                "assign broke a tenant cap"
+            )
             assert old.status == RunStatus.QUEUED and not old.cancel_requested
             assert old.not_before_ms <= cmd["at_ms"], "a run in backoff was assigned"
             assert run_id not in self.ended and run_id not in self.cancelled
             assert peer.status == PEER_UP
-            assert all(peer.labels.get(k) == v for k, v in run.labels.items())
+            assert all(peer.labels.get(k) == v for k, v in run.spec.labels.items())
 
     def check_submit(self, pre: MeshState, result: dict[str, Any]) -> None:
         _, _, queued = recount(pre)
@@ -116,9 +118,11 @@ class SchedulingMachine(RuleBasedStateMachine):
             if not entry.created:
                 continue
             run = self.state.runs[entry.id]
-            queued[run.tenant] += 1
-            limit = pre.tenant_queue_limit(run.tenant)
-            assert limit is None or queued[run.tenant] <= limit, "submit broke a queued maximum"
+            queued[run.spec.tenant] += 1
+            limit = pre.tenant_queue_limit(run.spec.tenant)
+            assert limit is None or queued[run.spec.tenant] <= limit, (
+                "submit broke a queued maximum"
+            )
 
     # -- rules --------------------------------------------------------------
 
@@ -291,7 +295,7 @@ class SchedulingMachine(RuleBasedStateMachine):
             policy = self.state.retry
             expected = backoff_ms(run_id, used, policy.backoff_base_ms, policy.backoff_max_ms)
             assert run.status == RunStatus.QUEUED and run.not_before_ms == self.clock + expected
-            assert used < run.max_attempts
+            assert used < run.spec.max_attempts
         else:
             assert run.status == RunStatus.SETTLING and run.owner is None
             assert run.outcome in ("failed", "timed_out", "cancelled")

@@ -117,7 +117,7 @@ def recomputed_indexes(state: MeshState) -> tuple[dict[str, set[str]], dict[str,
     for run in state.runs.values():
         if run.status == RunStatus.RUNNING:
             by_owner.setdefault(run.owner, set()).add(run.id)
-            tenants[run.tenant] += 1
+            tenants[run.spec.tenant] += 1
     return by_owner, dict(tenants)
 
 
@@ -144,25 +144,25 @@ def plan_assignments(state: MeshState, peer_order: list[str], limit: int) -> lis
     tenant_load = Counter(tenants)
     queued = sorted(
         (r for r in state.runs.values() if r.status == RunStatus.QUEUED),
-        key=lambda r: (-r.priority, r.submitted_at_ms, r.id),
+        key=lambda r: (-r.spec.priority, r.submitted_at_ms, r.id),
     )
     batch: list[list[Any]] = []
     for run in queued:
         if len(batch) >= limit:
             break
-        cap = cap_of(state, run.tenant)
-        if cap is not None and tenant_load[run.tenant] >= cap:
+        cap = cap_of(state, run.spec.tenant)
+        if cap is not None and tenant_load[run.spec.tenant] >= cap:
             continue
         for pid in peer_order:
             peer = state.peers[pid]
             if (
                 peer.status == PEER_UP
                 and running[pid] < peer.slots
-                and labels_fit(peer.labels, run.labels)
+                and labels_fit(peer.labels, run.spec.labels)
             ):
                 batch.append([run.id, pid, run.epoch + 1])
                 running[pid] += 1
-                tenant_load[run.tenant] += 1
+                tenant_load[run.spec.tenant] += 1
                 break
     return batch
 
@@ -292,7 +292,7 @@ class MeshMachine(RuleBasedStateMachine):
             key = spec.get("idempotency_key")
             if entry.created:
                 assert entry.id == spec["id"]
-                assert post.runs[entry.id].idempotency_key == key
+                assert post.runs[entry.id].spec.idempotency_key == key
             if key is None:
                 assert entry.id == spec["id"]
                 continue
@@ -334,15 +334,15 @@ class MeshMachine(RuleBasedStateMachine):
                 or peer is None
                 or peer.status != PEER_UP
                 or running[pid] >= peer.slots
-                or not labels_fit(peer.labels, run.labels)
+                or not labels_fit(peer.labels, run.spec.labels)
             ):
                 continue
-            cap = cap_of(pre, run.tenant)
-            if cap is not None and tenant_load[run.tenant] >= cap:
+            cap = cap_of(pre, run.spec.tenant)
+            if cap is not None and tenant_load[run.spec.tenant] >= cap:
                 continue
             expected.append(rid)
             running[pid] += 1
-            tenant_load[run.tenant] += 1
+            tenant_load[run.spec.tenant] += 1
         assert result.accepted == expected, (cmd["batch"], result)
 
         # invariant 6 at the moment of assignment, from the accepted list alone
@@ -352,14 +352,16 @@ class MeshMachine(RuleBasedStateMachine):
             run, old = post.runs[rid], pre.runs[rid]
             peer = pre.peers[run.owner]
             running[run.owner] += 1
-            tenant_load[run.tenant] += 1
+            tenant_load[run.spec.tenant] += 1
             assert running[run.owner] <= peer.slots, "assign took a peer above its slots"
-            cap = cap_of(pre, run.tenant)
-            assert cap is None or tenant_load[run.tenant] <= cap, "assign exceeded a tenant cap"
+            cap = cap_of(pre, run.spec.tenant)
+            assert cap is None or tenant_load[run.spec.tenant] <= cap, (
+                "assign exceeded a tenant cap"
+            )
             # invariant 2: epochs move forward by one; the owner is an up peer
             assert old.status == RunStatus.QUEUED and run.status == RunStatus.RUNNING
             assert run.epoch == old.epoch + 1 and run.attempts == old.attempts + 1
-            assert peer.status == PEER_UP and labels_fit(peer.labels, run.labels)
+            assert peer.status == PEER_UP and labels_fit(peer.labels, run.spec.labels)
             assert run.assigned_at_ms == now
             assert (rid, run.epoch) not in self.assigned, "an epoch was handed out twice"
             self.assigned[(rid, run.epoch)] = (run.owner, peer.incarnation)

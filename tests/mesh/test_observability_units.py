@@ -11,6 +11,7 @@ from raftmesh.cli.top import render, sparkline
 from raftmesh.consensus import commands
 from raftmesh.consensus import results as res
 from raftmesh.consensus.model import Run
+from raftmesh.consensus.spec import RunSpec
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh import logs
@@ -92,8 +93,8 @@ def test_observer_counts_a_leader_change_not_the_first_leader() -> None:
 
 def test_failover_lasts_from_the_loss_to_the_reassignment() -> None:
     state = MeshState()
-    state.runs["r1"] = Run(id="r1", agent="a", input=None, status=RunStatus.RUNNING, owner="p2")
-    state.runs["r2"] = Run(id="r2", agent="a", input=None, status=RunStatus.RUNNING, owner="p3")
+    state.runs["r1"] = Run(id="r1", spec=RunSpec("a"), status=RunStatus.RUNNING, owner="p2")
+    state.runs["r2"] = Run(id="r2", spec=RunSpec("a"), status=RunStatus.RUNNING, owner="p3")
     failovers = Failovers()
     assert failovers.owner_lost(state, "p2", lost_at_ms=10_000) == 1
     state.runs["r1"].status = RunStatus.QUEUED

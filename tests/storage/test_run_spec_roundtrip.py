@@ -52,7 +52,7 @@ specs = st.builds(
 def submitted(state: MeshState, entry: dict[str, object], cid: str) -> RunSpec:
     result = state.apply(c.Submit(cid, 1_000, [entry]))
     assert isinstance(result, res.Submitted) and result.runs[0].created, result
-    return state.runs[str(entry["id"])].spec()
+    return state.runs[str(entry["id"])].spec
 
 
 async def roundtrip(store: Store, spec: RunSpec, n: int) -> None:
