@@ -56,6 +56,12 @@ def chaos() -> None:
     is_flag=True,
     help="UNSAFE: peers accept stale-epoch writes; only to see the checker catch them",
 )
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="peers serve https (a made-up CA) and take tokens from a tokens file; "
+    "the workload uses the admin token and the CA",
+)
 def run_cmd(
     peers: int,
     duration: float,
@@ -70,6 +76,7 @@ def run_cmd(
     failover_bound: float,
     keep_schema: bool,
     unsafe_disable_fencing: bool,
+    secure: bool,
 ) -> None:
     """Start PEERS peers, load them, inflict the seeded faults, check, report into OUT.
 
@@ -94,6 +101,7 @@ def run_cmd(
             failover_bound_s=failover_bound,
             keep_schema=keep_schema,
             unsafe_disable_fencing=unsafe_disable_fencing,
+            secure=secure,
         )
         outcome = asyncio.run(run(config))
     except ChaosError as exc:

@@ -35,6 +35,7 @@ from raftmesh.chaos.nemesis import ALL_KINDS, DB, Nemesis, now_ms, plan
 from raftmesh.chaos.pgcluster import PrivatePostgres
 from raftmesh.chaos.proxy import Proxies
 from raftmesh.chaos.report import CHAOS_EXTRA_HINT, text_report, timeline_png
+from raftmesh.chaos.secure import make_secure_setup
 from raftmesh.chaos.workload import TENANT_CAPS, Workload, WorkloadSpec, canonical
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 from raftmesh.mesh.devmesh import DevMesh
@@ -69,6 +70,10 @@ class ChaosConfig:
     keep_schema: bool = False
     # UNSAFE: peers run with fencing off. Only for showing the checker works.
     unsafe_disable_fencing: bool = False
+    # The security settings on: peers serve https from a made-up CA and take
+    # tokens from a tokens file; the workload and the nemesis use the admin
+    # token (the workload submits for several tenants) and check the CA.
+    secure: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(ALL_KINDS)
@@ -162,13 +167,23 @@ async def proxied_mesh(
 class MeshControl:
     """The nemesis's handle on the mesh and the proxies."""
 
-    def __init__(self, mesh: DevMesh, proxies: Proxies, pg: PrivatePostgres | None = None) -> None:
+    def __init__(
+        self,
+        mesh: DevMesh,
+        proxies: Proxies,
+        pg: PrivatePostgres | None = None,
+        token: str | None = None,
+    ) -> None:
         self.mesh = mesh
         self.proxies = proxies
         self.pg = pg
         self.peer_ids = [p.id for p in mesh.peers]
         self._paused: set[str] = set()
-        self._clients = {p.id: MeshClient(p.url, timeout_s=1.5) for p in mesh.peers}
+        self._token = token
+        self._clients = {p.id: self._client(p.url, 1.5) for p in mesh.peers}
+
+    def _client(self, url: str, timeout_s: float) -> MeshClient:
+        return MeshClient(url, self._token, timeout_s=timeout_s, ca=self.mesh.ca)
 
     def kill(self, peer_id: str, sig: int) -> None:
         if not self.mesh.peer(peer_id).running:
@@ -225,7 +240,7 @@ class MeshControl:
         """``mesh leave`` through the peer itself: its runs are handed back at
         their next step, it leaves the voters and its process exits."""
         peer = self.mesh.peer(peer_id)
-        async with MeshClient(peer.url, timeout_s=90) as client:
+        async with self._client(peer.url, 90) as client:
             await client.leave(peer_id, release=True)
         assert peer.process is not None
         await asyncio.to_thread(peer.process.wait, 30)
@@ -253,7 +268,7 @@ class MeshControl:
         peer = self.mesh.join(seed, peer_id=new_id)
         await self.mesh.wait_ready(timeout_s=60, peer_ids=[new_id])
         self.peer_ids[self.peer_ids.index(replacing)] = new_id
-        self._clients[new_id] = MeshClient(peer.url, timeout_s=1.5)
+        self._clients[new_id] = self._client(peer.url, 1.5)
         return new_id
 
     async def close(self) -> None:
@@ -292,14 +307,27 @@ async def run(config: ChaosConfig) -> Outcome:
     if config.unsafe_disable_fencing:
         env["MESH_UNSAFE_DISABLE_FENCING"] = "true"
         env[UNSAFE_FENCING_ACK_ENV] = UNSAFE_FENCING_ACK
+    token: str | None = None
+    if config.secure:
+        setup = make_secure_setup(out / "secure")
+        env.update(setup.peer_env())
+        token = setup.admin_token
+        # A peer the member fault joins asks the seed with this admin token.
+        env["MESH_API_TOKEN_FILE"] = str(setup.admin_token_file)
     mesh, proxies = await proxied_mesh(out / "mesh", config.peers, storage, config.slots, env)
 
     history = History()
-    cluster = MeshControl(mesh, proxies, pg)
+    cluster = MeshControl(mesh, proxies, pg, token)
     schedule = plan(config.seed, config.duration_s, config.peers, config.faults)
     (out / "schedule.json").write_text(json.dumps([asdict(f) for f in schedule], indent=1))
     workload = Workload(
-        {p.id: p.url for p in mesh.peers}, config.workload, config.seed, tag, history
+        {p.id: p.url for p in mesh.peers},
+        config.workload,
+        config.seed,
+        tag,
+        history,
+        token=token,
+        ca=mesh.ca,
     )
     nemesis = Nemesis(cluster, schedule)
     nemesis_task: asyncio.Task[None] | None = None
@@ -360,8 +388,11 @@ async def run(config: ChaosConfig) -> Outcome:
             else ""
         ),
         "fencing: " + ("DISABLED (unsafe debug mode)" if config.unsafe_disable_fencing else "on"),
+        "security: "
+        + ("tokens file and TLS (https, CA-verified)" if config.secure else "off (plain http)"),
         f"replay: python -m raftmesh.chaos run --peers {config.peers} --duration {config.duration_s:g}"
-        f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR",
+        f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR"
+        + (" --secure" if config.secure else ""),
         f"ledger entries {len(ledger)}; peer logs in {mesh.dir}",
         *(f"NEMESIS ERROR: {e}" for e in nemesis.errors),
     ]

@@ -62,8 +62,17 @@ class WorkloadSpec:
 
 class Workload:
     def __init__(
-        self, urls: dict[str, str], spec: WorkloadSpec, seed: int, tag: str, history: History
+        self,
+        urls: dict[str, str],
+        spec: WorkloadSpec,
+        seed: int,
+        tag: str,
+        history: History,
+        token: str | None = None,
+        ca: str | None = None,
     ) -> None:
+        """``token`` may submit for every tenant the workload uses (an admin
+        token); ``ca`` checks https peers."""
         self.urls = urls
         self.spec = spec
         self.seed = seed
@@ -73,7 +82,9 @@ class Workload:
         self.terminal: set[str] = set()
         self._last_status: dict[str, str] = {}
         self._stop = asyncio.Event()
-        self._clients = {p: MeshClient(u, timeout_s=_ATTEMPT_TIMEOUT_S) for p, u in urls.items()}
+        self._clients = {
+            p: MeshClient(u, token, timeout_s=_ATTEMPT_TIMEOUT_S, ca=ca) for p, u in urls.items()
+        }
 
     def stop(self) -> None:
         self._stop.set()

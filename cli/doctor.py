@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from raftmesh.cli.remote import peer_option, token_option
+from raftmesh.cli.remote import ca_path, peer_option, token_option
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -190,7 +190,8 @@ async def observe(
     peer_url: str, token: str | None, timeout_s: float, window_s: float
 ) -> Observation:
     obs = Observation(peer_url, window_s=window_s)
-    async with MeshClient(peer_url, token, timeout_s=timeout_s) as entry:
+    ca = ca_path()
+    async with MeshClient(peer_url, token, timeout_s=timeout_s, ca=ca) as entry:
         try:
             obs.cluster = await entry.cluster()
         except MeshHTTPError as exc:
@@ -212,7 +213,11 @@ async def observe(
         for p in obs.cluster.get("peers", [])
         if p["status"] != "left"
     ]
-    clients = {p.id: MeshClient(f"http://{p.http}", token, timeout_s=timeout_s) for p in obs.peers}
+    scheme = peer_url.partition("://")[0]
+    clients = {
+        p.id: MeshClient(f"{scheme}://{p.http}", token, timeout_s=timeout_s, ca=ca)
+        for p in obs.peers
+    }
     try:
         await asyncio.gather(*(_probe(p, clients[p.id]) for p in obs.peers))
         if window_s > 0:

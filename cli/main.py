@@ -63,7 +63,13 @@ class _MeshGroup(click.Group):
 
 
 @click.group(cls=_MeshGroup)
-def main() -> None:
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False),
+    envvar="MESH_CA",
+    help="PEM CA that an https peer's certificate is checked against (env MESH_CA).",
+)
+def main(ca: str | None) -> None:
     """raftmesh: a peer-to-peer mesh that runs long-lived agent runs."""
 
 
@@ -96,6 +102,7 @@ def up(config: str | None, **flags: Any) -> None:
         # Checked here too so a missing secret is a usage error before anything
         # starts; the peer itself makes up a secret of its own on loopback.
         settings.check_secret()
+        settings.check_auth()
     except (SettingsError, OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(str(exc)) from exc
     # Imported here: the peer pulls in Raft and storage, which the client

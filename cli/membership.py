@@ -54,6 +54,7 @@ def join(seed_url: str, id_: str, executor: bool, config: str | None, **flags: A
     try:
         settings = Settings.load({**flags, "id": id_, "role": role}, config)
         settings.check_secret()
+        settings.check_auth()
     except (SettingsError, OSError, tomllib.TOMLDecodeError) as exc:
         raise click.UsageError(str(exc)) from exc
     if role == "voter" and not flags.get("raft") and not os.environ.get("MESH_RAFT"):
@@ -112,7 +113,7 @@ def leave(
         member = next((p for p in cluster["peers"] if p["id"] == target), None)
         if member is None or target == cluster["self"] or member["status"] != "up":
             return await client.leave(target, release)
-        async with MeshClient(f"http://{member['http']}", token, timeout_s=timeout) as own:
+        async with client.sibling(member["http"], timeout) as own:
             return await own.leave(target, release)
 
     answer = call(peer, token, go, timeout)

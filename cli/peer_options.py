@@ -52,6 +52,21 @@ _OPTIONS = [
         help="Deprecated: use MESH_API_TOKEN_FILE (or MESH_API_TOKEN). Bearer token for the API.",
     ),
     click.option(
+        "--api-tokens-file",
+        help="TOML file of [[token]] tables (sha256, tenant, admin) (env MESH_API_TOKENS_FILE).",
+    ),
+    click.option(
+        "--insecure-no-auth",
+        is_flag=True,
+        default=None,
+        help="Serve the API without tokens on a non-loopback address (env MESH_INSECURE_NO_AUTH).",
+    ),
+    click.option("--tls-cert", help="PEM certificate: serve HTTPS (env MESH_TLS_CERT)."),
+    click.option("--tls-key", help="PEM private key of --tls-cert (env MESH_TLS_KEY)."),
+    click.option(
+        "--ca", help="PEM CA the other peers' certificates are checked against (env MESH_CA)."
+    ),
+    click.option(
         "--demo-agents",
         is_flag=True,
         default=None,

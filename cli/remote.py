@@ -2,7 +2,9 @@
 one call wrapper that turns every client failure into a one-line CLI error.
 
 The token comes from the file MESH_API_TOKEN_FILE names, or MESH_API_TOKEN;
-``--token`` still works, with a warning, since argv shows in ``ps``."""
+``--token`` still works, with a warning, since argv shows in ``ps``; a token
+inside the --peer URL is refused. An https peer is checked against ``mesh --ca``
+(MESH_CA), else the system's roots."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import click
@@ -53,6 +56,13 @@ token_option = click.option(
 )
 
 
+def ca_path() -> str | None:
+    """The CA an https peer is checked against: ``mesh --ca`` or MESH_CA."""
+    ctx = click.get_current_context(silent=True)
+    ca = ctx.find_root().params.get("ca") if ctx is not None else None
+    return ca or os.environ.get("MESH_CA") or None
+
+
 def call(
     peer: str,
     token: str | None,
@@ -61,8 +71,16 @@ def call(
 ) -> T:
     """Run one client interaction against ``peer``; failures exit with one line."""
 
+    parts = urlsplit(peer)
+    if parts.username or parts.password or parts.query:
+        raise click.UsageError(
+            "--peer must be a bare base URL: a token in it would show in ps and in logs; "
+            "put the token in the file MESH_API_TOKEN_FILE names"
+        )
+    ca = ca_path()
+
     async def go() -> T:
-        async with MeshClient(peer, token, timeout_s=timeout_s) as client:
+        async with MeshClient(peer, token, timeout_s=timeout_s, ca=ca) as client:
             return await fn(client)
 
     try:

@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from raftmesh.cli.remote import peer_option, token_option
+from raftmesh.cli.remote import ca_path, peer_option, token_option
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
 
 _SPARK = " ▁▂▃▄▅▆▇█"
@@ -112,7 +112,7 @@ def top(peer: str, token: str | None, interval: float, once: bool) -> None:
 
 
 async def _top(peer: str, token: str | None, interval: float, once: bool, console: Console) -> None:
-    async with MeshClient(peer, token, timeout_s=max(2.0, interval)) as client:
+    async with MeshClient(peer, token, timeout_s=max(2.0, interval), ca=ca_path()) as client:
         if once:
             console.print(render(await _cluster(client, peer), peer, time.time()))
             return

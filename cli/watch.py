@@ -76,7 +76,7 @@ def agents(peer: str, token: str | None) -> None:
         cluster = await client.cluster()
         rows = []
         for p in cluster["peers"]:
-            async with MeshClient(f"http://{p['http']}", timeout_s=3) as other:
+            async with client.sibling(p["http"], 3) as other:
                 try:
                     names = (await other.agents())["agents"]
                 except (aiohttp.ClientError, TimeoutError, MeshHTTPError):

@@ -91,7 +91,7 @@ def _text(v: Any) -> bool:
 
 
 def _str_map(v: Any) -> bool:
-    return isinstance(v, Mapping) and all(isinstance(k, str) and _text(x) for k, x in v.items())
+    return isinstance(v, Mapping) and all(_text(k) and _text(x) for k, x in v.items())
 
 
 def _budget(v: Any) -> bool:

@@ -19,7 +19,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
@@ -138,7 +138,9 @@ class MeshState:
         self.by_owner: dict[str, set[str]] = {}
         self.tenant_running: dict[str, int] = {}
         self.tenant_queued: dict[str, int] = {}
-        self.idempotency: dict[str, tuple[str, int]] = {}
+        # (tenant, idempotency key) -> (run id, expiry): one tenant's key never
+        # finds another tenant's run.
+        self.idempotency: dict[tuple[str, str], tuple[str, int]] = {}
         self.seen: dict[str, tuple[Any, int]] = {}
         self.tenant_caps: dict[str, int] = {}
         self.default_tenant_cap: int | None = None
@@ -193,12 +195,8 @@ class MeshState:
         Runs on every apply; cheap because entries are dropped in insertion
         order (dicts keep it) and expiry times grow roughly with it.
         """
-        for table in (self.seen, self.idempotency):
-            while table:
-                key = next(iter(table))
-                if table[key][1] > now_ms:
-                    break
-                del table[key]
+        _expire_oldest(self.seen, now_ms)
+        _expire_oldest(self.idempotency, now_ms)
 
     def _submit(self, cmd: c.Submit, at_ms: int) -> res.Submitted:
         out = []
@@ -238,8 +236,9 @@ class MeshState:
             raise Refused(f"timeout_s must be a number of seconds up to {MAX_TIMEOUT_S:.0f}")
         run_input = _plain(spec.get("input"), "input")
         key = spec.get("idempotency_key")
+        tenant = spec.get("tenant") or "default"
         if key is not None:
-            known = self.idempotency.get(key)
+            known = self.idempotency.get((tenant, key))
             if known is not None:
                 return res.RunOutcome(known[0])
         run_id = spec["id"]
@@ -247,7 +246,7 @@ class MeshState:
         if existing is not None:
             # A replay of the same submission; a different key under the same
             # id would answer one key with two runs.
-            if existing.spec.idempotency_key != key:
+            if existing.spec.idempotency_key != key or existing.spec.tenant != tenant:
                 raise Refused(
                     f"run id {run_id} is taken by a run with another idempotency key",
                     Rejection.CONFLICT,
@@ -264,7 +263,6 @@ class MeshState:
         memory_mb = spec.get("memory_limit_mb")
         if memory_mb is not None:
             _int(memory_mb, "memory_limit_mb", 1)
-        tenant = spec.get("tenant") or "default"
         limit = self.tenant_queue_limit(tenant)
         if limit is not None and self.queued_for_tenant(tenant) >= limit:
             raise Refused(
@@ -297,7 +295,7 @@ class MeshState:
         self.runs[run_id] = run
         self._count_queued(run.spec.tenant, 1)
         if key is not None:
-            self.idempotency[key] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
+            self.idempotency[(tenant, key)] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
         return res.RunOutcome(run_id, created=True)
 
     def _assign(self, cmd: c.Assign, at_ms: int) -> res.Assigned:
@@ -706,7 +704,7 @@ class MeshState:
             "v": 3,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
-            "idempotency": [[k, v[0], v[1]] for k, v in self.idempotency.items()],
+            "idempotency": [[list(k), v[0], v[1]] for k, v in self.idempotency.items()],
             "seen": [[k, res.to_wire(v[0]), v[1]] for k, v in self.seen.items()],
             "tenant_caps": self.tenant_caps,
             "default_tenant_cap": self.default_tenant_cap,
@@ -721,7 +719,11 @@ class MeshState:
         state = cls()
         state.runs = {r["id"]: Run.from_public(r) for r in data["runs"]}
         state.peers = {p["id"]: Peer(**p) for p in data["peers"]}
-        state.idempotency = {k: (run_id, exp) for k, run_id, exp in data["idempotency"]}
+        state.idempotency = {
+            # a key from before tenants scoped them was the default tenant's
+            (tuple(k) if isinstance(k, list | tuple) else ("default", k)): (run_id, exp)
+            for k, run_id, exp in data["idempotency"]
+        }
         read = res.from_wire if data.get("v", 1) >= 2 else res.from_legacy
         state.seen = {k: (read(result), exp) for k, result, exp in data["seen"]}
         state.tenant_caps = dict(data["tenant_caps"])
@@ -777,3 +779,16 @@ def _limits(values: Any, what: str) -> dict[str, int]:
     if not isinstance(values, dict):
         raise Refused(f"{what} must map tenants to non-negative integers")
     return {str(k): _int(v, what, 0) for k, v in values.items()}
+
+
+_Key = TypeVar("_Key")
+
+
+def _expire_oldest(table: dict[_Key, tuple[Any, int]], now_ms: int) -> None:
+    """Drop the entries of ``table``, oldest first, whose expiry (the tuple's
+    second item) has passed."""
+    while table:
+        key = next(iter(table))
+        if table[key][1] > now_ms:
+            break
+        del table[key]

@@ -13,7 +13,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from raftmesh.consensus.errors import UnencodableCommand
-from raftmesh.mesh.errors import BadRequest, MalformedJSON, MeshError, PayloadTooLarge, Unauthorized
+from raftmesh.mesh.auth import Authenticator, Principal
+from raftmesh.mesh.errors import (
+    BadRequest,
+    Forbidden,
+    MalformedJSON,
+    MeshError,
+    PayloadTooLarge,
+    TooManyStreams,
+    Unauthorized,
+)
 from raftmesh.mesh.events import Frame, encode
 from raftmesh.mesh.openapi import openapi_document
 from raftmesh.mesh.schemas import (
@@ -30,17 +39,23 @@ log = logging.getLogger("raftmesh.api")
 SUBMIT_FIELDS = {f.name: f.type for f in msgspec.structs.fields(SubmitRequest)}
 
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+AUTH_KEY = web.AppKey("auth", Authenticator)
 
 
 class PeerAPI(Protocol):
     """What the HTTP layer needs from a peer; it never touches Raft itself."""
 
     max_body_bytes: int
-    api_token: str
+    auth: Authenticator
     internal_token: str
+    # Concurrent event streams this peer serves, in all and per token.
+    max_streams: int
+    max_streams_per_token: int
 
+    # ``tenant`` None: every tenant (an admin); otherwise another tenant's run
+    # is answered as if it did not exist.
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]: ...
-    async def get_run(self, run_id: str) -> dict[str, Any]: ...
+    async def get_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
     async def list_runs(
         self,
         status: str | None,
@@ -49,8 +64,8 @@ class PeerAPI(Protocol):
         agent: str | None = None,
         offset: int = 0,
     ) -> list[dict[str, Any]]: ...
-    async def cancel_run(self, run_id: str) -> dict[str, Any]: ...
-    async def retry_run(self, run_id: str) -> dict[str, Any]: ...
+    async def cancel_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
+    async def retry_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
     def cluster(self) -> dict[str, Any]: ...
     async def readiness(self) -> tuple[bool, str]: ...
     def heartbeat(self, report: dict[str, Any]) -> None: ...
@@ -104,12 +119,56 @@ def _check_token(request: web.Request, expected: str, what: str) -> None:
         raise Unauthorized(f"missing or wrong {what} token: send 'Authorization: Bearer <token>'")
 
 
-def require_admin(request: web.Request, api_token: str) -> None:
-    """Membership changes (join, leave, drain) can cost the mesh its quorum, so
-    they take the admin scope. The one place that decides it: today the single
-    API token is the admin token (and, with no token configured, the API is
-    open as everywhere else); a tokens file with scopes plugs in here."""
-    _check_token(request, api_token, "admin")
+def principal(request: web.Request) -> Principal:
+    """Who the request acts as (mesh.auth); 401 without a known token."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    found = request.app[AUTH_KEY].principal(token if scheme.lower() == "bearer" else None)
+    if found is None:
+        raise Unauthorized("missing or wrong API token: send 'Authorization: Bearer <token>'")
+    return found
+
+
+def require_admin(request: web.Request) -> Principal:
+    """Membership changes (join, leave, drain) can cost the mesh its quorum and
+    the cluster view and metrics name every tenant, so they take the admin scope."""
+    who = principal(request)
+    if not who.admin:
+        raise Forbidden("this route needs an admin token; a tenant token cannot use it")
+    return who
+
+
+class StreamLimits:
+    """Counts open event streams, in all and per token; past a limit a new one is a 429."""
+
+    def __init__(self, max_streams: int, max_per_token: int) -> None:
+        self._max = max_streams
+        self._max_per_token = max_per_token
+        self._open = 0
+        self._by_token: dict[str, int] = {}
+
+    def acquire(self, token_key: str) -> None:
+        if self._open >= self._max:
+            raise TooManyStreams(
+                f"this peer already serves {self._max} event streams (max_streams); "
+                "close one, or watch through another peer",
+                retry_after_s=5,
+            )
+        if self._by_token.get(token_key, 0) >= self._max_per_token:
+            raise TooManyStreams(
+                f"this token already holds {self._max_per_token} event streams on this peer "
+                "(max_streams_per_token); close one first",
+                retry_after_s=5,
+            )
+        self._open += 1
+        self._by_token[token_key] = self._by_token.get(token_key, 0) + 1
+
+    def release(self, token_key: str) -> None:
+        self._open -= 1
+        left = self._by_token[token_key] - 1
+        if left:
+            self._by_token[token_key] = left
+        else:
+            del self._by_token[token_key]
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -154,10 +213,19 @@ def _event_seq(raw: str) -> int:
 def build_app(peer: PeerAPI) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=peer.max_body_bytes)
     app[MAX_BODY_KEY] = peer.max_body_bytes
+    app[AUTH_KEY] = peer.auth
+    streams = StreamLimits(peer.max_streams, peer.max_streams_per_token)
 
     async def submit(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        who = principal(request)
         spec = validate_submission(await _json_body(request))
+        tenant = who.submission_tenant(spec.get("tenant"))
+        if tenant is None and who.tenant is not None:
+            raise Forbidden(
+                f"this token submits as tenant {who.tenant!r}, not {spec['tenant']!r}: "
+                "leave 'tenant' out or use a token of that tenant"
+            )
+        spec["tenant"] = tenant
         run_id, created = await peer.submit(spec)
         return web.json_response(
             {"id": run_id, "status": "queued" if created else "existing"},
@@ -165,11 +233,11 @@ def build_app(peer: PeerAPI) -> web.Application:
         )
 
     async def get_run(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
-        return web.json_response(await peer.get_run(request.match_info["id"]))
+        who = principal(request)
+        return web.json_response(await peer.get_run(request.match_info["id"], who.tenant))
 
     async def list_runs(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        who = principal(request)
         try:
             limit = int(request.query.get("limit", "100"))
         except ValueError:
@@ -183,21 +251,33 @@ def build_app(peer: PeerAPI) -> web.Application:
         if not 0 <= offset <= 1_000_000:
             raise BadRequest("query parameter 'offset' must be between 0 and 1000000")
         q = request.query
+        for name in ("status", "tenant", "agent"):
+            if "\x00" in q.get(name, ""):
+                # No stored run has one (RunSpec refuses NUL), and PostgreSQL
+                # text cannot carry it to the query.
+                raise BadRequest(f"query parameter {name!r} must not contain NUL")
+        tenant = q.get("tenant") or None
+        if who.tenant is not None:
+            if tenant not in (None, who.tenant):
+                return web.json_response({"runs": []})  # no run of another tenant is visible
+            tenant = who.tenant
         runs = await peer.list_runs(
-            q.get("status") or None, limit, q.get("tenant") or None, q.get("agent") or None, offset
+            q.get("status") or None, limit, tenant, q.get("agent") or None, offset
         )
         return web.json_response({"runs": runs})
 
     async def cancel_run(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
-        return web.json_response(await peer.cancel_run(request.match_info["id"]), status=202)
+        who = principal(request)
+        run = await peer.cancel_run(request.match_info["id"], who.tenant)
+        return web.json_response(run, status=202)
 
     async def retry_run(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
-        return web.json_response(await peer.retry_run(request.match_info["id"]), status=202)
+        who = principal(request)
+        run = await peer.retry_run(request.match_info["id"], who.tenant)
+        return web.json_response(run, status=202)
 
     async def cluster(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        require_admin(request)
         return web.json_response(peer.cluster())
 
     async def healthz(request: web.Request) -> web.Response:
@@ -208,6 +288,7 @@ def build_app(peer: PeerAPI) -> web.Application:
         return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
 
     async def metrics(request: web.Request) -> web.Response:
+        require_admin(request)  # the series name tenants
         return web.Response(body=peer.metrics_text(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def heartbeat(request: web.Request) -> web.Response:
@@ -220,12 +301,19 @@ def build_app(peer: PeerAPI) -> web.Application:
         return web.json_response({"ok": True, "wall_ms": int(time.time() * 1000)})
 
     async def events(request: web.Request) -> web.StreamResponse:
-        _check_token(request, peer.api_token, "API")
+        who = principal(request)
         run_id = request.match_info["id"]
         after = _event_seq(
             request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
         )
-        await peer.get_run(run_id)  # 404 before the stream starts
+        await peer.get_run(run_id, who.tenant)  # 404 before the stream starts
+        streams.acquire(who.key)
+        try:
+            return await _stream(request, run_id, after)
+        finally:
+            streams.release(who.key)
+
+    async def _stream(request: web.Request, run_id: str, after: int) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -242,7 +330,7 @@ def build_app(peer: PeerAPI) -> web.Application:
         return resp
 
     async def agents(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        principal(request)
         return web.json_response(peer.agents())
 
     async def openapi(request: web.Request) -> web.Response:

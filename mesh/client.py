@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from raftmesh.consensus.status import TERMINAL_STATUSES
+from raftmesh.mesh.tls import client_context
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,13 @@ class MeshHTTPError(Exception):
 class MeshClient:
     """One peer's API. Use as ``async with MeshClient(url) as client: ...``."""
 
-    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 10) -> None:
+    def __init__(
+        self, base_url: str, token: str | None = None, timeout_s: float = 10, ca: str | None = None
+    ) -> None:
+        """``ca``: the PEM file an https peer's certificate is checked against
+        (the system's roots without it)."""
         self.base_url = base_url.rstrip("/")
+        self._ca = ca
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         # Created on first use: an aiohttp session binds to the running loop.
@@ -263,9 +269,20 @@ class MeshClient:
             data: dict[str, Any] = await resp.json()
             return data
 
+    def sibling(self, http: str, timeout_s: float | None = None) -> MeshClient:
+        """A client of another peer (its advertised HOST:PORT), with this one's
+        scheme, token and CA."""
+        scheme = self.base_url.partition("://")[0]
+        token = self._headers.get("Authorization", "").removeprefix("Bearer ") or None
+        timeout = self._timeout.total if timeout_s is None else timeout_s
+        return MeshClient(f"{scheme}://{http}", token, timeout or 10, self._ca)
+
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            connector = aiohttp.TCPConnector(ssl=client_context(self._ca)) if self._ca else None
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=self._timeout, connector=connector
+            )
         return self._session
 
 

@@ -42,10 +42,11 @@ class DevPeer:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     role: str = "voter"
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.http}"
+        return f"{self.scheme}://{self.http}"
 
     @property
     def running(self) -> bool:
@@ -88,6 +89,8 @@ class DevMesh:
         host: str = "127.0.0.1",
         executors: int = 0,
     ) -> None:
+        """With MESH_TLS_CERT in ``env`` the peers serve https, and this mesh's
+        own clients check them against MESH_CA."""
         if not 1 <= nodes <= HTTP_PORT_OFFSET:
             raise DevMeshError(f"nodes must be between 1 and {HTTP_PORT_OFFSET}, got {nodes}")
         self.dir = Path(dir).resolve()
@@ -105,6 +108,8 @@ class DevMesh:
                 f"executors must leave at least one voter, got {executors} of {nodes}"
             )
         self.host = host
+        self.scheme = "https" if self._env.get("MESH_TLS_CERT") else "http"
+        self.ca = self._env.get("MESH_CA") or None
         raft_ports, http_ports = _pick_ports(host, nodes, base_port)
         self.peers = [
             DevPeer(
@@ -114,6 +119,7 @@ class DevMesh:
                 data_dir=self.dir / f"peer-{i + 1}",
                 log_path=self.dir / f"peer-{i + 1}.log",
                 role="executor" if i >= nodes - executors else "voter",
+                scheme=self.scheme,
             )
             for i in range(nodes)
         ]
@@ -201,6 +207,7 @@ class DevMesh:
             data_dir=self.dir / peer_id,
             log_path=self.dir / f"{peer_id}.log",
             role=role,
+            scheme=self.scheme,
         )
         argv = ["join", self.url(seed_id), "--id", peer.id, "--http", peer.http]
         if role == "voter":
@@ -222,7 +229,7 @@ class DevMesh:
         """
         pending = [self.peer(i) for i in peer_ids] if peer_ids is not None else list(self.peers)
         deadline = time.monotonic() + timeout_s
-        clients = {p.id: MeshClient(p.url, timeout_s=2) for p in pending}
+        clients = {p.id: MeshClient(p.url, timeout_s=2, ca=self.ca) for p in pending}
         try:
             while pending:
                 for peer in pending:

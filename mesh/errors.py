@@ -39,6 +39,14 @@ class Unauthorized(MeshError):
     code = "unauthorized"
 
 
+class Forbidden(MeshError):
+    """A known token asked for what its scope does not cover (another
+    tenant's submission, an admin route)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class RunNotFound(MeshError):
     status = 404
     code = "run_not_found"
@@ -67,6 +75,13 @@ class TooManyRequests(MeshError):
 
     status = 429
     code = "tenant_queue_full"
+
+
+class TooManyStreams(TooManyRequests):
+    """Event streams are held open for hours: each peer and each token may
+    hold only so many at once."""
+
+    code = "too_many_streams"
 
 
 class NotLeader(MeshError):

@@ -15,16 +15,32 @@ import aiohttp
 from raftmesh.consensus.model import Peer
 from raftmesh.mesh.errors import NoQuorumError, Unavailable
 from raftmesh.mesh.proposer import Proposer
+from raftmesh.mesh.settings import Settings
+from raftmesh.mesh.tls import client_context
 
 
 class LeaderLink:
     def __init__(
-        self, proposer: Proposer, internal_token: str, dial: dict[str, str], timeout_s: float = 1.0
+        self,
+        proposer: Proposer,
+        internal_token: str,
+        settings: Settings,
+        timeout_s: float = 1.0,
     ) -> None:
         self._proposer = proposer
         self._token = internal_token
-        self._dial = dial
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        self._settings = settings
+        # With TLS on, every peer is reached over https and checked against the CA.
+        connector = aiohttp.TCPConnector(
+            ssl=client_context(settings.ca) if settings.tls_cert else False
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        )
+
+    def url(self, http: str, path: str) -> str:
+        """The URL of ``path`` on the peer whose API is advertised at ``http``."""
+        return f"{self._settings.http_scheme}://{self._settings.dial_addr(http)}{path}"
 
     def leader(self) -> Peer | None:
         """The leading peer as the replicated membership knows it."""
@@ -75,7 +91,7 @@ class LeaderLink:
         # a frozen leader would then hang the heartbeat (and self-fencing).
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else self._session.timeout
         async with self._session.post(
-            f"http://{self._dial.get(leader.http, leader.http)}{path}",
+            self.url(leader.http, path),
             json=body,
             headers={"Authorization": f"Bearer {self._token}"},
             timeout=timeout,

@@ -67,6 +67,19 @@ OPERATIONS: dict[tuple[str, str], _Operation] = {
     ),
     ("GET", "/metrics"): ("Prometheus metrics", None, {"200": (None, "text exposition format")}),
     ("POST", "/v1/peers"): ("Admit a new peer", JoinRequest, {"200": (JoinResponse, "reserved")}),
+    ("GET", "/v1/peers/{id}"): ("One peer (admin)", None, {"200": (None, "the peer")}),
+    ("POST", "/v1/peers/{id}/drain"): ("Drain a peer (admin)", None, {"200": (None, "draining")}),
+    ("POST", "/v1/peers/{id}/undrain"): ("Undrain a peer (admin)", None, {"200": (None, "up")}),
+    ("POST", "/v1/peers/{id}/leave"): ("Remove a peer (admin)", None, {"200": (None, "left")}),
+    ("GET", "/v1/runs/{id}/steps"): (
+        "The run's step journal and who ran it",
+        None,
+        {"200": (None, "steps and owners")},
+    ),
+    ("GET", "/v1/diagnostics"): ("This peer's checks (admin)", None, {"200": (None, "checks")}),
+    ("POST", "/internal/v1/heartbeat"): ("Internal", None, {"200": (None, "heard")}),
+    ("POST", "/internal/v1/voters/remove"): ("Internal", None, {"200": (None, "removed")}),
+    ("POST", "/internal/v1/voters/promote"): ("Internal", None, {"200": (None, "promoted")}),
 }
 
 _PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
@@ -77,6 +90,13 @@ _PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
             "in": "query",
             "schema": {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 100},
         },
+        {
+            "name": "offset",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000, "default": 0},
+        },
+        {"name": "tenant", "in": "query", "schema": {"type": "string"}},
+        {"name": "agent", "in": "query", "schema": {"type": "string"}},
     ],
     ("GET", "/v1/runs/{id}/events"): [
         {
@@ -129,7 +149,8 @@ def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(_SCHEMAS, ref_template=REF)
     paths: dict[str, dict[str, Any]] = {}
     for method, path in sorted(routes, key=lambda r: (r[1], r[0])):
-        if method in ("HEAD", "*"):
+        # The web UI's pages and files are not the API.
+        if method in ("HEAD", "*") or path == "/ui" or path.startswith("/ui/"):
             continue
         paths.setdefault(path, {})[method.lower()] = _operation(method, path)
     return {

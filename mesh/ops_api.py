@@ -9,16 +9,17 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from raftmesh.mesh import logs
-from raftmesh.mesh.api import _check_token
+from raftmesh.mesh.api import principal, require_admin
+from raftmesh.mesh.auth import Authenticator
 
 UI_DIR = Path(__file__).with_name("ui")
 
 
 class OpsAPI(Protocol):
-    api_token: str
+    auth: Authenticator
 
     async def diagnostics(self) -> dict[str, Any]: ...
-    async def run_steps(self, run_id: str) -> dict[str, Any]: ...
+    async def run_steps(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
 
 
 @web.middleware
@@ -35,15 +36,15 @@ def add_ops_routes(app: web.Application, peer: OpsAPI) -> None:
     app.middlewares.append(trace_middleware)
 
     async def diagnostics(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
+        require_admin(request)  # the whole mesh's health, every tenant's queue
         return web.json_response(await peer.diagnostics())
 
     async def steps(request: web.Request) -> web.Response:
-        _check_token(request, peer.api_token, "API")
-        return web.json_response(await peer.run_steps(request.match_info["id"]))
+        who = principal(request)
+        return web.json_response(await peer.run_steps(request.match_info["id"], who.tenant))
 
     index = (UI_DIR / "index.html").read_text()
-    page = index.replace("{{TOKEN_REQUIRED}}", "1" if peer.api_token else "0")
+    page = index.replace("{{TOKEN_REQUIRED}}", "0" if peer.auth.open else "1")
 
     async def ui_index(request: web.Request) -> web.Response:
         # No token here: the page holds no data. It is told whether the API

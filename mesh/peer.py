@@ -46,6 +46,7 @@ from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.timed_store import TimedStore
+from raftmesh.mesh.tls import server_context
 from raftmesh.mesh.tracing import Tracing
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
@@ -72,7 +73,6 @@ class Peer:
         self.internal_token = hmac.new(
             secret.encode(), b"raftmesh-internal-v1", hashlib.sha256
         ).hexdigest()
-        self.api_token = settings.api_token
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
         self.registry = build_registry(settings.agent_modules, demo=settings.demo_agents)
@@ -128,7 +128,7 @@ class Peer:
         self.proposer = Proposer(
             self.raft, s.commit_timeout_s, self._stopping, self.metrics.raft_commit_seconds.observe
         )
-        self.link = LeaderLink(self.proposer, self.internal_token, dict(s.dial))
+        self.link = LeaderLink(self.proposer, self.internal_token, s)
         self.reconciler = Reconciler(
             self.id,
             self.incarnation,
@@ -182,7 +182,8 @@ class Peer:
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         host, port = _host_port(s.http)
-        await web.TCPSite(self._http, host, port, reuse_address=True).start()
+        tls = server_context(s)
+        await web.TCPSite(self._http, host, port, reuse_address=True, ssl_context=tls).start()
         self._background = [
             asyncio.create_task(self._every(s.heartbeat_interval_s, None, self._beat), name="beat"),
             asyncio.create_task(
@@ -294,7 +295,7 @@ class Peer:
             store=self.attempt_store,
             registry=self.registry,
             clock_ms=now_ms,
-            limits=Limits(max_children=s.max_children, max_depth=s.max_depth),
+            limits=Limits(s.max_children, s.max_depth, s.max_events_per_run),
             mesh=self.service,
             default_memory_limit_mb=s.isolation_memory_mb,
             isolation_env=s.isolation_env,

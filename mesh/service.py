@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
 import os
 import shutil
@@ -34,6 +35,7 @@ from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES, RunStatus
 from raftmesh.mesh import diagnostics
 from raftmesh.mesh.api import SUBMIT_FIELDS, validate_submission
+from raftmesh.mesh.auth import Authenticator
 from raftmesh.mesh.errors import (
     BadRequest,
     Conflict,
@@ -54,7 +56,7 @@ from raftmesh.mesh.queue_view import queue_summary, slot_use
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.tracing import Tracing
-from raftmesh.mesh.views import active_view, view_from_row, view_from_state
+from raftmesh.mesh.views import active_view, listed_status, view_from_row, view_from_state
 from raftmesh.runner.payload import pack, unpack
 from raftmesh.runner.registry import InvalidInput, Registry
 from raftmesh.storage.base import RunRow, StorageUnavailable, Store
@@ -90,9 +92,11 @@ class MeshService:
         self.settings = settings
         self.id = settings.id
         self.incarnation = incarnation
-        self.api_token = settings.api_token
+        self.auth = Authenticator.build(settings.api_token, settings.api_tokens_file)
         self.internal_token = internal_token
         self.max_body_bytes = settings.max_body_bytes
+        self.max_streams = settings.max_streams
+        self.max_streams_per_token = settings.max_streams_per_token
         self._proposer = proposer
         self.store = store
         self.events = events
@@ -205,14 +209,27 @@ class MeshService:
         except Exception as exc:  # history is advisory here; the claim writes it for real
             log.warning("could not record run history: %s", exc, extra={"run_id": run_id})
 
-    async def get_run(self, run_id: str) -> dict[str, Any]:
+    async def get_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         view, _ = await self._settled_view(run_id)
-        if view is not None:
-            return view
-        row = await from_storage(self.store.get_run(run_id))
-        if row is None:
+        if view is None:
+            row = await from_storage(self.store.get_run(run_id))
+            view = view_from_row(row) if row is not None else None
+        if view is None or (tenant is not None and view["tenant"] != tenant):
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
-        return view_from_row(row)
+        return view
+
+    async def _check_visible(self, run_id: str, tenant: str | None) -> None:
+        """RunNotFound unless the run exists and belongs to ``tenant`` (None: any)."""
+        if tenant is None:
+            return
+        with self._proposer.read() as state:
+            active = state.runs.get(run_id)
+            owner_tenant = active.spec.tenant if active is not None else None
+        if owner_tenant is None:
+            row = await from_storage(self.store.get_run(run_id))
+            owner_tenant = row.spec.tenant if row is not None else None
+        if owner_tenant != tenant:
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
 
     async def list_runs(
         self,
@@ -222,33 +239,37 @@ class MeshService:
         agent: str | None = None,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Active runs first come from the state, ended ones from storage; one
-        page is cut from both, newest first, so offsets page through both."""
+        """Active runs come from the state, ended ones from storage; one page is
+        cut from both, newest first, so offsets page through both. Under the
+        state's lock only the runs that can be on the page are picked (by the
+        fields lists filter and sort on); views are built for those alone."""
         if status is not None and status not in ALL_STATUSES:
             raise BadRequest(
                 f"unknown status {status!r}; use one of {', '.join(sorted(ALL_STATUSES))}"
             )
         with self._proposer.read() as state:
             now = now_ms()
-            active = [active_view(state, r, self.scheduler, now) for r in state.runs.values()]
-        active = [
-            v
-            for v in active
-            if (status is None or v["status"] == status)
-            and (tenant is None or v["tenant"] == tenant)
-            and (agent is None or v["agent"] == agent)
-        ]
+            mine = [
+                r
+                for r in state.runs.values()
+                if (tenant is None or r.spec.tenant == tenant)
+                and (agent is None or r.spec.agent == agent)
+            ]
+            picked = heapq.nlargest(
+                offset + limit,
+                (r for r in mine if status is None or listed_status(r) == status),
+                key=lambda r: (r.submitted_at_ms, r.id),
+            )
+            active = [active_view(state, r, self.scheduler, now) for r in picked]
         stored: list[dict[str, Any]] = []
         if status is None or status in TERMINAL_STATUSES:
             # Storage also holds the active runs (as queued or running rows):
             # ask for enough to fill the page after dropping them.
             rows = await from_storage(
-                self.store.list_runs(
-                    status, offset + limit + len(active), tenant=tenant, agent=agent
-                )
+                self.store.list_runs(status, offset + limit + len(mine), tenant=tenant, agent=agent)
             )
-            seen = {v["id"] for v in active}
-            stored = [view_from_row(r) for r in rows if r.id not in seen]
+            with self._proposer.read() as state:
+                stored = [view_from_row(r) for r in rows if r.id not in state.runs]
         views = active + stored
         views.sort(key=lambda v: v["submitted_at"] or 0, reverse=True)
         return views[offset : offset + limit]
@@ -266,8 +287,9 @@ class MeshService:
     def agents(self) -> dict[str, Any]:
         return {"peer": self.id, "agents": self.registry.names()}
 
-    async def cancel_run(self, run_id: str) -> dict[str, Any]:
+    async def cancel_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         """Queued runs end at once; a running one is stopped by its owner."""
+        await self._check_visible(run_id, tenant)
         result = await self._proposer.propose(commands.Cancel(new_id(), now_ms(), run_id))
         if isinstance(result, CancelRequested):
             status = "cancelled" if result.status == RunStatus.SETTLING else "cancelling"
@@ -282,11 +304,12 @@ class MeshService:
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
         raise Conflict(f"run {run_id} cannot be cancelled: it already {row.status}")
 
-    async def retry_run(self, run_id: str) -> dict[str, Any]:
+    async def retry_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         """Re-queue a dead letter under its own id. Storage is reopened first,
         then the run re-enters Raft state at its stored epoch, so its next
         owner claims epoch + 1. Calling again after a failure in between is
         safe: a reopened run that never made it back into Raft is re-submitted."""
+        await self._check_visible(run_id, tenant)
         view, settling = await self._settled_view(run_id)
         if settling:
             raise Unavailable(f"run {run_id}'s outcome is still being recorded; retry shortly")
@@ -426,12 +449,14 @@ class MeshService:
             self.metrics.storage_pool_size.set(size)
         return generate_latest(self.metrics.registry)
 
-    async def run_steps(self, run_id: str) -> dict[str, Any]:
+    async def run_steps(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         """The step journal and who ran it: which peer ran which steps under
         which epoch, from storage, the only place that outlives attempts."""
         row = await from_storage(self.store.get_run(run_id))
+        if row is not None and tenant is not None and row.spec.tenant != tenant:
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
         if row is None:
-            await self.get_run(run_id)  # a run only the state knows yet: no steps
+            await self.get_run(run_id, tenant)  # a run only the state knows yet: no steps
             return {"id": run_id, "steps": [], "owners": []}
         steps = await from_storage(self.store.load_steps(run_id))
         out = []

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from raftmesh.mesh.auth import TokensFileError, load_tokens
 from raftmesh.runner.models import (
     DEFAULT_MODEL,
     ModelConfigError,
@@ -50,6 +51,25 @@ class Settings:
     secret_file: str = ""
     api_token: str = field(default="", repr=False)
     api_token_file: str = ""
+    # Tenant and admin tokens (mesh/auth.py): TOML [[token]] tables of sha256,
+    # tenant, admin. ``api_token`` is one more admin token beside them.
+    api_tokens_file: str = ""
+    # A peer whose HTTP address is not loopback refuses to serve an open API
+    # (no token of any kind) unless this says so.
+    insecure_no_auth: bool = False
+    # HTTPS for the API and the peers' internal calls: the peer's certificate
+    # and key (PEM), and the CA that signs the peers' certificates, which
+    # every peer verifies the others against.
+    tls_cert: str = ""
+    tls_key: str = ""
+    ca: str = ""
+    # Event streams (SSE) are held open for a run's life: at most this many
+    # on one peer, and per token.
+    max_streams: int = 1000
+    max_streams_per_token: int = 100
+    # Events one run may store; ctx.emit past it fails the step (see
+    # runner/context.py), so a runaway loop cannot fill storage.
+    max_events_per_run: int = 100_000
     max_body_bytes: int = 1024 * 1024
     heartbeat_interval_s: float = 0.5
     peer_ttl_s: float = 2.0
@@ -82,7 +102,9 @@ class Settings:
     tenant_caps: dict[str, int] = field(default_factory=dict)
     default_tenant_cap: int | None = None
     tenant_max_queued: dict[str, int] = field(default_factory=dict)
-    default_tenant_max_queued: int | None = None
+    # Backpressure by default: past this many queued runs a tenant's
+    # submissions are answered 429 (None: no maximum).
+    default_tenant_max_queued: int | None = 10_000
     retry_backoff_base_s: float = 1.0
     retry_backoff_max_s: float = 60.0
     retry_timeouts: bool = True
@@ -123,6 +145,12 @@ class Settings:
             raise SettingsError("join_timeout_s must be positive")
         if self.shutdown_grace_s < 0:
             raise SettingsError("shutdown_grace_s must be >= 0")
+        if min(self.max_streams, self.max_streams_per_token, self.max_events_per_run) < 1:
+            raise SettingsError(
+                "max_streams, max_streams_per_token, max_events_per_run must be >= 1"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("--tls-cert and --tls-key go together: give both or neither")
         if self.peer_ttl_s <= self.heartbeat_interval_s:
             raise SettingsError("peer_ttl_s must exceed heartbeat_interval_s")
         placements = ("least-loaded", "round-robin", "consistent-hash")
@@ -200,6 +228,29 @@ class Settings:
                 "a cluster secret is required when any address (own, peer or dial target) "
                 "is not loopback: set MESH_SECRET_FILE to a file holding it (or MESH_SECRET); "
                 "Raft traffic must be encrypted with it"
+            )
+
+    @property
+    def http_scheme(self) -> str:
+        """How peers (and this peer's clients) reach each other's HTTP API."""
+        return "https" if self.tls_cert else "http"
+
+    def check_auth(self) -> None:
+        """Refuse an open API where others can reach it, and a broken tokens file.
+
+        Without a token of any kind every caller is an admin of every tenant;
+        that is only the peer's own user's business on loopback.
+        """
+        if self.api_tokens_file:
+            try:
+                load_tokens(self.api_tokens_file)
+            except TokensFileError as exc:
+                raise SettingsError(str(exc)) from exc
+        elif not self.api_token and not self.insecure_no_auth and not _is_loopback(self.http):
+            raise SettingsError(
+                f"the HTTP API binds {self.http}, which is not loopback, and no token is "
+                "configured: set --api-tokens-file (MESH_API_TOKENS_FILE) or "
+                "MESH_API_TOKEN_FILE, or pass --insecure-no-auth to serve it open"
             )
 
     @classmethod

@@ -26,12 +26,17 @@ def active_view(state: MeshState, run: Run, scheduler: Scheduler, now_ms: int) -
     return view
 
 
+def listed_status(run: Run) -> str:
+    """The status a view shows: a settling run's outcome is decided; only its
+    storage write is pending."""
+    return run.outcome if run.status == RunStatus.SETTLING and run.outcome else run.status
+
+
 def view_from_state(run: Run) -> dict[str, Any]:
     return {
         "id": run.id,
         "agent": run.spec.agent,
-        # A settling run's outcome is decided; only its storage write is pending.
-        "status": run.outcome if run.status == RunStatus.SETTLING and run.outcome else run.status,
+        "status": listed_status(run),
         "owner": run.owner,
         "epoch": run.epoch,
         "attempts": run.attempts,

@@ -72,6 +72,12 @@ class BudgetExhausted(LimitExceeded):
     pass
 
 
+class EventLimit(LimitExceeded):
+    """The run stored ``Limits.max_events`` events: a loop emitting without end
+    fails its run (no retry: the stored events still count) instead of filling
+    storage."""
+
+
 class ChildFailed(Exception):
     """A child run ended in a status other than succeeded."""
 
@@ -88,6 +94,7 @@ class Limits:
 
     max_children: int = 16
     max_depth: int = 3
+    max_events: int = 100_000
 
 
 class MeshLink(Protocol):
@@ -136,6 +143,7 @@ class RunContext:
         self._mesh = mesh
         self._seq = 0
         self._emit_ranks: dict[int, int] = {}
+        self._new_events = 0
         self._children = 0
         self._spent = dict.fromkeys(BUDGET_KEYS, 0)
         self._write_lock = asyncio.Lock()
@@ -232,6 +240,12 @@ class RunContext:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
+        if len(self._stored_events) + self._new_events >= self.limits.max_events:
+            raise EventLimit(
+                f"run {self.run_id}: event limit reached: it stored {self.limits.max_events} "
+                f"events (max_events_per_run); emit fewer, coarser events (event {kind!r} refused)"
+            )
+        self._new_events += 1
         payload = pack({"at": list(place), "data": data})
         fut = asyncio.ensure_future(self._write_event(kind, payload))
         self._pending.append(fut)

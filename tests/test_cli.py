@@ -459,3 +459,18 @@ def test_recover_refuses_what_is_not_a_surviving_voters_data_dir(tmp_path: Path)
     result = CliRunner().invoke(main, ["recover", "--data-dir", str(voter), "--voters", "a:1"])
     assert result.exit_code == 1 and "has no Raft journal" in result.output, result.output
     assert not (voter / "recovery.json").exists()
+
+
+def test_up_refuses_an_open_api_on_a_non_loopback_address(started: list[Settings]) -> None:
+    exposed = ("up", "--http", "0.0.0.0:8201", "--raft", "0.0.0.0:7101")
+    result = invoke(*exposed, env={"MESH_SECRET": "s"})
+    assert result.exit_code == 2 and "--api-tokens-file" in result.output, result.output
+    assert started == []
+    result = invoke(*exposed, "--insecure-no-auth", env={"MESH_SECRET": "s"})
+    assert result.exit_code == 3, result.output
+    assert started[0].insecure_no_auth
+
+
+def test_client_commands_refuse_a_token_in_the_peer_url() -> None:
+    result = invoke("status", "--peer", "http://user:secret-token@127.0.0.1:1")
+    assert result.exit_code == 2 and "MESH_API_TOKEN_FILE" in result.output, result.output

@@ -135,3 +135,14 @@ def test_the_spelled_out_literals_match_the_runtime_tuples() -> None:
     assert get_args(schemas.IsolationMode) == tuple(ISOLATION_MODES)
     assert get_args(schemas.PlacementName) == tuple(PLACEMENTS)
     assert set(get_args(schemas.RoleName)) == set(ROLES)
+
+
+def test_a_nul_in_a_label_key_is_refused_like_one_in_its_value() -> None:
+    """Found by schemathesis: PostgreSQL JSONB cannot hold NUL, and a run whose
+    label key had one was accepted, then could never be recorded (its cancel
+    settled forever and answered 503)."""
+    from raftmesh.consensus.spec import RunSpec, SpecError
+
+    for labels in ({"k\x00": "v"}, {"k": "v\x00"}):
+        with pytest.raises(SpecError, match="labels"):
+            RunSpec.from_wire({"agent": "a", "input": 1, "labels": labels})

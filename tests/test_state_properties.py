@@ -191,7 +191,8 @@ class MeshMachine(RuleBasedStateMachine):
         self.last_epoch: dict[str, int] = {}
         self.ends: list[tuple[str, str, int, str | None, str, int]] = []
         self.incarnations: dict[str, list[str]] = {}
-        self.keys: dict[Any, tuple[str, int]] = {}  # idempotency key -> (run id, expiry)
+        # (tenant, idempotency key) -> (run id, expiry)
+        self.keys: dict[Any, tuple[str, int]] = {}
         self.high_water = 0  # the latest at_ms any applied command carried
 
     # -- plumbing -----------------------------------------------------------
@@ -299,13 +300,15 @@ class MeshMachine(RuleBasedStateMachine):
             # gets the same run
             # ("remembered": no command so far carried a time past its expiry;
             # a replayed command carries its old at_ms, so ``now`` is not it)
-            known = self.keys.get(key)
+            # keys are scoped per tenant: another tenant's key is another key
+            scoped = (spec.get("tenant") or "default", key)
+            known = self.keys.get(scoped)
             if known is not None and known[1] > self.high_water:
-                assert entry.id == known[0], f"key {key!r}: {known[0]} then {entry['id']}"
+                assert entry.id == known[0], f"key {scoped!r}: {known[0]} then {entry.id}"
             if entry.created:
-                assert post.idempotency[key][0] == entry.id
-            if key in post.idempotency:
-                self.keys[key] = post.idempotency[key]
+                assert post.idempotency[scoped][0] == entry.id
+            if scoped in post.idempotency:
+                self.keys[scoped] = post.idempotency[scoped]
 
     def check_assign(self, pre, cmd, result, issuer):
         post = self.state

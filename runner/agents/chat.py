@@ -31,6 +31,7 @@ import json
 import operator
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -307,11 +308,43 @@ def _retry_after(header: str | None, default_s: float) -> float:
         return default_s
 
 
+# A model streams a token or two per chunk: one stored event each would cost a
+# write per token and use up the run's event limit. Watchers get the text in
+# batches of at most this many characters or this much delay instead.
+TOKEN_BATCH_CHARS = 200
+TOKEN_BATCH_S = 0.25
+
+
+class TokenBatch:
+    """Coalesces streamed text into ``token`` events."""
+
+    def __init__(self, ctx: RunContext, turn: int) -> None:
+        self._ctx = ctx
+        self._turn = turn
+        self._parts: list[str] = []
+        self._size = 0
+        self._since = 0.0
+
+    def add(self, text: str) -> None:
+        if not self._parts:
+            self._since = time.monotonic()
+        self._parts.append(text)
+        self._size += len(text)
+        if self._size >= TOKEN_BATCH_CHARS or time.monotonic() - self._since >= TOKEN_BATCH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            self._ctx.emit("token", {"turn": self._turn, "text": "".join(self._parts)})
+            self._parts, self._size = [], 0
+
+
 async def _read_stream(ctx: RunContext, resp: aiohttp.ClientResponse, turn: int) -> dict[str, Any]:
     """Assemble a streamed completion: content, tool calls (by index) and usage."""
     content: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
     usage: dict[str, Any] = {}
+    pending = TokenBatch(ctx, turn)
     async for raw in resp.content:
         line = raw.decode().strip()
         if not line.startswith("data:"):
@@ -325,7 +358,7 @@ async def _read_stream(ctx: RunContext, resp: aiohttp.ClientResponse, turn: int)
             delta = choice.get("delta") or {}
             if delta.get("content"):
                 content.append(delta["content"])
-                ctx.emit("token", {"turn": turn, "text": delta["content"]})
+                pending.add(delta["content"])
             for part in delta.get("tool_calls") or []:
                 call = calls.setdefault(
                     part.get("index", 0),
@@ -335,6 +368,7 @@ async def _read_stream(ctx: RunContext, resp: aiohttp.ClientResponse, turn: int)
                 fn = part.get("function") or {}
                 call["function"]["name"] += fn.get("name") or ""
                 call["function"]["arguments"] += fn.get("arguments") or ""
+    pending.flush()
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None}
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]

@@ -89,3 +89,32 @@ def outcome_faults(out: Path):
     from raftmesh.chaos.history import History
 
     return History.load(out / "history.jsonl").faults
+
+
+async def test_a_secure_run_with_tokens_and_tls_passes(tmp_path: Path) -> None:
+    """Issue 10: the security settings on (a tokens file, TLS between every
+    peer and for every client) change nothing the checker can see."""
+    outcome = await run(
+        ChaosConfig(
+            out=tmp_path,
+            storage=PG_URL,
+            seed=5,
+            peers=3,
+            duration_s=30,
+            faults=("kill", "leader"),
+            slots=3,
+            workload=WorkloadSpec(clients=3, rate_per_s=3.0),
+            drain_s=45,
+            secure=True,
+        )
+    )
+    print(outcome.report)
+    assert outcome.nemesis_errors == []
+    assert outcome.verdict.passed, outcome.report
+    assert outcome.verdict.acknowledged > 20
+    assert outcome.verdict.completed == outcome.verdict.acknowledged
+    for log in (tmp_path / "mesh").glob("peer-*.log"):
+        text = log.read_text(errors="replace")
+        assert "SSL" not in text and "unauthorized" not in text, log.name
+    assert (tmp_path / "secure" / "tokens.toml").exists()
+    assert outcome.exit_code == 0

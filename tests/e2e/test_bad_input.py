@@ -119,7 +119,7 @@ async def test_each_bad_input_gets_its_status_and_a_valid_submission_still_works
             assert resp.status in (200, 503)
         async with s.get(f"{url}/healthz") as resp:
             assert resp.status == 200
-        async with s.get(f"{url}/metrics") as resp:
+        async with s.get(f"{url}/metrics", headers=auth) as resp:  # the admin token
             text = await resp.text()
             assert "raftmesh_submissions_total" in text and "raftmesh_queue_depth" in text
 

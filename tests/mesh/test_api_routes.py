@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from raftmesh.mesh.api import build_app
+from raftmesh.mesh.auth import Authenticator
 from raftmesh.mesh.errors import NoQuorumError, RunNotFound, TooManyRequests
 from raftmesh.mesh.events import Frame
 
@@ -18,8 +19,10 @@ class StandIn:
     """Records what the routes asked for; answers as a peer would."""
 
     max_body_bytes = 4096
-    api_token = "tok"
+    auth = Authenticator.build("tok")
     internal_token = "internal"
+    max_streams = 10
+    max_streams_per_token = 10
 
     def __init__(self) -> None:
         self.submitted: list[dict[str, Any]] = []
@@ -32,7 +35,7 @@ class StandIn:
         self.submitted.append(spec)
         return f"run-{len(self.submitted)}", spec.get("idempotency_key") != "seen"
 
-    async def get_run(self, run_id: str) -> dict[str, Any]:
+    async def get_run(self, run_id: str, tenant: str | None) -> dict[str, Any]:
         if run_id != "run-1":
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
         return {"id": run_id, "status": "running"}
@@ -56,10 +59,10 @@ class StandIn:
             }
         ]
 
-    async def cancel_run(self, run_id: str) -> dict[str, Any]:
+    async def cancel_run(self, run_id: str, tenant: str | None) -> dict[str, Any]:
         return {"id": run_id, "status": "cancelling"}
 
-    async def retry_run(self, run_id: str) -> dict[str, Any]:
+    async def retry_run(self, run_id: str, tenant: str | None) -> dict[str, Any]:
         return {"id": run_id, "status": "queued"}
 
     def cluster(self) -> dict[str, Any]:

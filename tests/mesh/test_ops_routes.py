@@ -26,7 +26,7 @@ class OpsStandIn(StandIn):
         self.traces.append(logs.trace_id.get())
         return {"peer": "p1", "status": "pass", "checks": [], "notes": []}
 
-    async def run_steps(self, run_id: str) -> dict[str, Any]:
+    async def run_steps(self, run_id: str, tenant: str | None) -> dict[str, Any]:
         return {"id": run_id, "steps": [], "owners": []}
 
 
@@ -87,3 +87,12 @@ async def test_a_requests_traceparent_reaches_the_log_context(ops) -> None:
     await client.get("/v1/diagnostics", headers=headers)
     await client.get("/v1/diagnostics", headers=AUTH)
     assert peer.traces == [TRACE, None]
+
+
+async def test_a_nul_in_a_run_list_filter_is_a_400(ops) -> None:
+    """Found by schemathesis: it reached PostgreSQL and came back a 500."""
+    client, peer = ops
+    for name in ("status", "tenant", "agent"):
+        resp = await client.get(f"/v1/runs?{name}=a%00b", headers=AUTH)
+        assert resp.status == 400, name
+        assert "NUL" in (await resp.json())["error"]["message"]

@@ -17,7 +17,7 @@ import pytest
 
 from raftmesh.consensus.spec import RunSpec
 from raftmesh.runner.attempt import FAILED, SUCCEEDED, Assignment, run_attempt
-from raftmesh.runner.context import RunContext
+from raftmesh.runner.context import Limits, RunContext
 from raftmesh.runner.payload import event_data, unpack
 from raftmesh.runner.registry import Registry
 from raftmesh.storage import Store, open_store
@@ -229,3 +229,46 @@ async def test_isolated_agent_is_held_to_its_budget_by_the_peer(store):
         out.error
         == "BudgetExhausted: run run-1: budget exhausted: needs 6 model_calls, 5 left of 5"
     )
+
+
+async def test_a_run_past_its_event_limit_fails_and_a_new_attempt_counts_the_stored_ones(store):
+    registry = Registry()
+
+    async def chatty(ctx: RunContext, input: Any) -> Any:
+        for i in range(input):
+            await ctx.emit("progress", {"i": i})
+        return "done"
+
+    registry.add("chatty", chatty)
+    limits = Limits(max_events=5)
+
+    async def go(j: Assignment) -> Any:
+        return await run_attempt(
+            j, peer_id="p", store=store, registry=registry, clock_ms=clock, limits=limits
+        )
+
+    within = await go(Assignment(run_id="ok", epoch=1, attempt=1, spec=RunSpec("chatty", 5)))
+    assert within.status == SUCCEEDED
+    past = await go(job("chatty", 1, 50, max_attempts=3))
+    assert past.status == FAILED, "the limit fails the run; another attempt cannot fix it"
+    assert past.error.startswith("EventLimit: run run-1: event limit reached")
+    assert "max_events_per_run" in past.error
+    assert len(await store.read_events("run-1", after_seq=0)) == 5
+
+
+async def test_streamed_tokens_are_coalesced_into_few_events(store):
+    from raftmesh.runner.agents.chat import TOKEN_BATCH_CHARS, TokenBatch
+
+    ctx = RunContext(
+        run_id="run-1", epoch=1, attempt=1, peer_id="p", store=store, journal=[], clock_ms=clock
+    )
+    await store.claim(job("x", 1).row(), 1, "p", clock())
+    batch = TokenBatch(ctx, turn=0)
+    for _ in range(1000):
+        batch.add("ab")
+    batch.flush()
+    await ctx.drain()
+    events = await store.read_events("run-1", after_seq=0)
+    text = "".join(event_data(e.data)["text"] for e in events)
+    assert text == "ab" * 1000
+    assert len(events) <= 2000 // TOKEN_BATCH_CHARS + 1
