@@ -656,7 +656,7 @@ def test_autoscalers_scale_executors_on_the_queue_with_a_floor_of_one():
 
 
 def test_secret_holds_exactly_what_the_peers_read():
-    assert secret_keys() == {"cluster_secret", "api_token", "storage_url"}
+    assert secret_keys() == {"cluster_secret", "api_token", "api_tokens.toml", "storage_url"}
     (example,) = by_kind("Secret")
     assert set(example["stringData"]) == secret_keys()
     used = set()
