@@ -509,18 +509,20 @@ class RaftNode:
 
     # -- proposing (loop side) --------------------------------------------
 
-    async def propose(self, command: Command) -> Result:
+    async def propose(self, command: Command, timeout_s: float | None = None) -> Result:
         """Commit one command (grouped with others) and return its result.
 
         Raises UnencodableCommand at once, before anything is queued, for a
         command msgpack cannot encode: only this caller fails. Raises NoQuorum
-        when nothing committed within the timeout; the outcome is then
-        unknown, and retrying with the same ``cid`` is safe.
+        when nothing committed within ``timeout_s`` (default: the commit
+        timeout); the outcome is then unknown, and retrying with the same
+        ``cid`` is safe.
         """
         fut: asyncio.Future[Result] = self._loop.create_future()
         # Armed before anything can fail, so no caller waits past the timeout
         # whatever happens to the entry its command travels in.
-        timer = self._loop.call_later(self._commit_timeout_s, _expire, fut)
+        wait_s = self._commit_timeout_s if timeout_s is None else timeout_s
+        timer = self._loop.call_later(wait_s, _expire, fut)
         try:
             self._pending.append((encode_command(command), fut))
             self._schedule_flush()

@@ -54,13 +54,16 @@ class Proposer:
 
     async def propose(self, cmd: commands.Command, budget_s: float | None = None) -> Result:
         """Commit ``cmd``, retrying ambiguous outcomes with the same cid (the
-        state machine applies a cid once) until the budget runs out."""
+        state machine applies a cid once) until the budget runs out. Each try
+        waits only for what is left of the budget, so the caller has its
+        answer (or a 503) within the budget, not a try's timeout after it."""
         budget = self.commit_timeout_s if budget_s is None else budget_s
         started = time.monotonic()
         deadline = started + budget
         while True:
             try:
-                result = await self.raft.propose(cmd)
+                left = max(0.05, deadline - time.monotonic())
+                result = await self.raft.propose(cmd, timeout_s=left)
                 if self._on_commit is not None:
                     self._on_commit(time.monotonic() - started)
                 return result

@@ -30,6 +30,11 @@ class TimedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    @property
+    def wrapped(self) -> Store:
+        """The backend underneath, for tables of its own (LangGraph checkpoints)."""
+        return self._inner
+
     async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
         began = time.time_ns()
         claim = await self._inner.claim(run, epoch, peer, now_ms)

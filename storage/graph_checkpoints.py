@@ -87,6 +87,8 @@ class GraphCheckpoints:
         from raftmesh.storage.postgres import PostgresStore
         from raftmesh.storage.sqlite import SqliteStore
 
+        # A peer's store may be wrapped (mesh/timed_store.py times its calls).
+        store = getattr(store, "wrapped", store)
         if isinstance(store, PostgresStore):
             self.dialect: Dialect = "postgres"
         elif isinstance(store, SqliteStore):

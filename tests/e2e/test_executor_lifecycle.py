@@ -11,6 +11,7 @@ the kubelet's $(VAR) expansion and the client Service mapped to a voter.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import socket
@@ -65,6 +66,11 @@ class Pod:
         secret_dir.mkdir()
         (secret_dir / "cluster_secret").write_text(mesh.secret_file.read_text())
         (secret_dir / "api_token").write_text(f"token-of-{name}\n")
+        # The tokens file of the Secret: one tenant token beside the admin token.
+        tenant_digest = hashlib.sha256(b"tenant-token").hexdigest()
+        (secret_dir / "api_tokens.toml").write_text(
+            f'[[token]]\nsha256 = "{tenant_digest}"\ntenant = "acme"\nadmin = false\n'
+        )
         secret_keys = {"storage_url": mesh.storage}
         env: dict[str, str] = {}
         for entry in container["env"]:
