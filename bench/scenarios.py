@@ -136,15 +136,28 @@ async def short_runs(p: Params) -> Result:
     rates: dict[str, float] = {}
     if "raftmesh" in p.systems:
         async with bench_mesh(p.pg_url, peers=PEERS, slots=SLOTS) as m:
-            rates["raftmesh"] = await _mesh_short_runs(m, n, timeout_s)
+            mesh_figures = await _mesh_short_runs(m, n, timeout_s)
+        rates["raftmesh"] = mesh_figures.per_s
         result.add(
             Figure(
                 "raftmesh runs/s end to end",
-                rates["raftmesh"],
+                mesh_figures.per_s,
                 "/s",
                 at_least(1000, "≥ 1,000/s"),
                 f"{PEERS} peers × {SLOTS} slots, {IN_FLIGHT} in flight over HTTP",
-            )
+            ),
+            Figure(
+                "raftmesh claim → result p50",
+                mesh_figures.claim_to_result_ms,
+                "ms",
+                note="a run's time on its slot: storage's started_at to finished_at",
+            ),
+            Figure(
+                "raftmesh journal syncs per run, a follower",
+                mesh_figures.follower_syncs_per_run,
+                "",
+                note="Raft journal fsyncs of one non-leader peer ÷ runs",
+            ),
         )
     workdir = p.workdir
     redis = RedisServer(p.redis)
@@ -205,13 +218,53 @@ async def short_runs(p: Params) -> Result:
     return result
 
 
-async def _mesh_short_runs(m: BenchMesh, n: int, timeout_s: float) -> float:
+@dataclass(frozen=True)
+class _MeshShortRuns:
+    per_s: float
+    claim_to_result_ms: float | None
+    follower_syncs_per_run: float | None
+
+
+async def _mesh_short_runs(m: BenchMesh, n: int, timeout_s: float) -> _MeshShortRuns:
     warm = min(100, max(1, n // 10))
     await submit_closed_loop(m.clients, warm, 16, lambda i: ("echo", None))
     await m.wait_finished(warm, timeout_s)
+    follower = await _follower(m)
+    syncs_before = await _journal_syncs(follower) if follower is not None else None
     sent = await submit_closed_loop(m.clients, n, IN_FLIGHT, lambda i: ("echo", None))
     last = await m.wait_finished(warm + n, timeout_s)
-    return n / (last - sent.first_at)
+    syncs_after = await _journal_syncs(follower) if follower is not None else None
+    (on_slot,) = (
+        await m.sql(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY finished_at_ms - started_at_ms)"
+            f" FROM {m.table} WHERE id = ANY($1::text[]) AND status = 'succeeded'",
+            sent.ids,
+        )
+    )[0]
+    syncs = (
+        (syncs_after - syncs_before) / n
+        if syncs_before is not None and syncs_after is not None
+        else None
+    )
+    return _MeshShortRuns(
+        n / (last - sent.first_at), None if on_slot is None else float(on_slot), syncs
+    )
+
+
+async def _follower(m: BenchMesh) -> MeshClient | None:
+    leader = await poll(m.leader, 20)
+    for client, peer in zip(m.clients, m.mesh.peers, strict=True):
+        if peer.id != leader:
+            return client
+    return None
+
+
+async def _journal_syncs(client: MeshClient) -> float | None:
+    """The peer's ``raftmesh_journal_syncs`` gauge, from its /metrics."""
+    for line in (await client.metrics()).splitlines():
+        if line.startswith("raftmesh_journal_syncs "):
+            return float(line.split()[1])
+    return None
 
 
 # --- steps --------------------------------------------------------------------

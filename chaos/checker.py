@@ -1,4 +1,4 @@
-"""The checker: the seven invariants of DESIGN.md judged against what really happened.
+"""The checker: the ten invariants of DESIGN.md judged against what really happened.
 
 Pure: it reads a History (what clients saw), the side-effect ledger (what the
 agents executed) and a StorageSnapshot (what was recorded), and returns a
@@ -18,14 +18,33 @@ trusting any peer's view of ownership:
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from raftmesh.chaos.history import FAIL, INFO, OK, History, StorageSnapshot
-from raftmesh.chaos.ledger import ATTEMPT_END, ATTEMPT_START, STEP_START, LedgerEntry
-from raftmesh.consensus.status import TERMINAL_STATUSES
+from raftmesh.chaos.history import (
+    FAIL,
+    INFO,
+    OK,
+    SIGNAL_NAME,
+    Fault,
+    History,
+    ScheduleRecord,
+    SignalOp,
+    StorageSnapshot,
+    StoredSignal,
+)
+from raftmesh.chaos.ledger import (
+    ATTEMPT_END,
+    ATTEMPT_START,
+    ATTEMPT_SUSPEND,
+    STEP_START,
+    LedgerEntry,
+)
+from raftmesh.consensus.schedules import CATCHUP_ALL, tick_key
+from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
 MAX_EXAMPLES = 10
 
@@ -37,7 +56,16 @@ NAMES = {
     5: "one idempotency key, one run",
     6: "caps hold (peer slots, tenant in-flight caps)",
     7: "dead owners' runs resume within the bound",
+    8: "acknowledged signals delivered once, in order",
+    9: "schedule ticks fired at most once, and at least once",
+    10: "waiting and paused runs hold no slot and no owner",
 }
+# Invariant 9 owes no tick this close to the schedule's deletion (or the end).
+TICK_MARGIN_TICKS = 2
+# Under a catch-up policy that drops late ticks, a tick is excused when a
+# fault was in force from this long before it to this long after it.
+TICK_EXCUSE_BEFORE_MS = 1_000
+TICK_EXCUSE_AFTER_MS = 10_000
 
 
 @dataclass
@@ -78,6 +106,25 @@ class Window:
         return self.end_ms - self.start_ms
 
 
+@dataclass(frozen=True)
+class WaitFigures:
+    """How much of the run waited: what invariants 8 to 10 had to judge."""
+
+    sleepers: int = 0
+    signal_runs: int = 0
+    parents: int = 0
+    children: int = 0
+    signal_attempts: int = 0
+    signals_acked: int = 0
+    signals_resent: int = 0
+    signals_delivered: int = 0
+    ticks_owed: int = 0
+    ticks_fired: int = 0
+    pauses_acked: int = 0
+    parked_seen: int = 0
+    paused_seen: int = 0
+
+
 @dataclass
 class Verdict:
     invariants: list[InvariantResult]
@@ -86,6 +133,7 @@ class Verdict:
     acknowledged: int
     completed: int
     attempts: int
+    waits: WaitFigures = field(default_factory=WaitFigures)
 
     @property
     def passed(self) -> bool:
@@ -125,6 +173,9 @@ def check(
         _check_idempotency(history, storage),
         _check_caps(history),
         _check_failovers(failovers, failover_bound_ms),
+        check_signals(history, storage),
+        check_ticks(history, storage),
+        check_parked(history),
     ]
     completed = sum(
         1
@@ -138,6 +189,7 @@ def check(
         acknowledged=len(set(acked.values())),
         completed=completed,
         attempts=len(history.submits),
+        waits=wait_figures(history, storage),
     )
 
 
@@ -328,7 +380,9 @@ def measure_failovers(
     for e in ledger:
         if e.kind == ATTEMPT_START:
             attempts[e.run_id].append(e)
-        elif e.kind == ATTEMPT_END:
+        elif e.kind in (ATTEMPT_END, ATTEMPT_SUSPEND):
+            # A suspended attempt left its owner on purpose: losing that
+            # peer afterwards costs the run nothing.
             ended_at[(e.run_id, e.epoch)] = e.at_ms
     failovers: list[Failover] = []
     for fault in history.faults:
@@ -412,3 +466,249 @@ def submission_outages(history: History, min_ms: int) -> list[Window]:
     if failing and history.end_ms - last_ok >= min_ms:
         windows.append(Window(last_ok, history.end_ms))
     return windows
+
+
+def _acked_signals(history: History) -> list[tuple[SignalOp, int]]:
+    """Every acknowledged signal attempt with the seq its 202 answered."""
+    return [(op, op.seq) for op in history.signals if op.outcome == OK and op.seq is not None]
+
+
+def check_signals(history: History, storage: StorageSnapshot) -> InvariantResult:
+    """Invariant 8. An acknowledged signal is stored under the seq it was
+    acknowledged with, one key one seq; the run's journaled waits consume
+    the stored signals of a name in seq order (the i-th wait takes seq i),
+    each once; and a run that succeeded consumed every acknowledged one and
+    returned exactly what it consumed."""
+    acked = _acked_signals(history)
+    result = InvariantResult(8, NAMES[8], checked=len(acked))
+    stored = {(s.run_id, s.name, s.seq): s for s in storage.signals}
+    delivered: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    for d in storage.deliveries:
+        if d.data is not None:  # a wait that timed out consumed nothing
+            delivered[(d.run_id, d.name)][d.index] = d.data
+    result.violations += _stored_once(acked, storage, stored)
+    result.violations += _consumed_in_order(delivered, stored)
+    result.violations += _consumed_by_success(acked, storage, delivered)
+    return result
+
+
+def _stored_once(
+    acked: list[tuple[SignalOp, int]],
+    storage: StorageSnapshot,
+    stored: dict[tuple[str, str, int], StoredSignal],
+) -> list[str]:
+    """One key, one stored signal, under the seq every acknowledgement named."""
+    violations = []
+    stored_seqs: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for s in storage.signals:
+        if s.key is not None:
+            stored_seqs[(s.run_id, s.name, s.key)].append(s.seq)
+    acked_seqs: dict[tuple[str, str, str], set[int]] = defaultdict(set)
+    for op, seq in acked:
+        acked_seqs[(op.run_id, op.name, op.key)].add(seq)
+    for (run_id, name, key), seqs in sorted(stored_seqs.items()):
+        if len(seqs) > 1:
+            violations.append(
+                f"run {run_id}: signal {name} key {key} stored {len(seqs)} times"
+                f" (seqs {sorted(seqs)})"
+            )
+    for (run_id, name, key), found in sorted(acked_seqs.items()):
+        if len(found) > 1:
+            violations.append(
+                f"run {run_id}: signal {name} key {key} acknowledged under seqs {sorted(found)}"
+            )
+    for op, seq in acked:
+        row = stored.get((op.run_id, op.name, seq))
+        if row is None or row.key != op.key:
+            where = "missing" if row is None else f"holds key {row.key}"
+            violations.append(
+                f"run {op.run_id}: signal {op.name} key {op.key} acknowledged as seq {seq} "
+                f"at {op.end_ms}, but storage's seq {seq} is {where}"
+            )
+    return violations
+
+
+def _consumed_in_order(
+    delivered: dict[tuple[str, str], dict[int, str]],
+    stored: dict[tuple[str, str, int], StoredSignal],
+) -> list[str]:
+    """The i-th wait for a name consumed the signal stored as seq i, and no
+    key twice."""
+    violations = []
+    for (run_id, name), by_index in sorted(delivered.items()):
+        seen: dict[str, int] = {}
+        for index, data in sorted(by_index.items()):
+            row = stored.get((run_id, name, index))
+            if row is None or row.data != data:
+                violations.append(
+                    f"run {run_id}: wait {index} for {name} consumed {data}, but the signal "
+                    f"stored as seq {index} is {row.data if row else 'missing'} (out of order)"
+                )
+            if row is None or row.key is None:
+                continue
+            if row.key in seen:
+                violations.append(
+                    f"run {run_id}: signal {name} key {row.key} consumed twice "
+                    f"(waits {seen[row.key]} and {index})"
+                )
+            seen.setdefault(row.key, index)
+    return violations
+
+
+def _consumed_by_success(
+    acked: list[tuple[SignalOp, int]],
+    storage: StorageSnapshot,
+    delivered: dict[tuple[str, str], dict[int, str]],
+) -> list[str]:
+    """A run that succeeded consumed every signal acknowledged to it, and
+    returned (chaos_signal does) what its journal consumed."""
+    violations = []
+    for op, seq in {(o.run_id, o.name, o.key): (o, q) for o, q in acked}.values():
+        run = storage.runs.get(op.run_id)
+        if run is None or run.status != RunStatus.SUCCEEDED:
+            continue
+        if seq not in delivered.get((op.run_id, op.name), {}):
+            violations.append(
+                f"run {op.run_id} succeeded without consuming signal {op.name} key {op.key} "
+                f"(acknowledged as seq {seq} at {op.end_ms})"
+            )
+    for run in storage.runs.values():
+        returned = _returned_signals(run.result)
+        if run.status != RunStatus.SUCCEEDED or returned is None:
+            continue
+        journal = [data for _, data in sorted(delivered.get((run.id, SIGNAL_NAME), {}).items())]
+        if returned != journal:
+            violations.append(
+                f"run {run.id} returned the signals {returned}, but its journal consumed {journal}"
+            )
+    return violations
+
+
+def _returned_signals(result: str | None) -> list[str] | None:
+    """The canonical data of the signals a chaos_signal run returned, if it did."""
+    if result is None:
+        return None
+    value = json.loads(result)
+    if not isinstance(value, dict) or not isinstance(value.get("signals"), list):
+        return None
+    return [json.dumps(v, sort_keys=True, separators=(",", ":")) for v in value["signals"]]
+
+
+def _tick_of(key: str | None, schedule_id: str) -> int | None:
+    """The tick whose run carries idempotency key ``key``, if it is one of the schedule's."""
+    tail = (key or "").rpartition(":")[2]
+    if not tail.isdigit():
+        return None
+    tick = int(tail)
+    return tick if tick_key(schedule_id, tick) == key else None
+
+
+def check_ticks(history: History, storage: StorageSnapshot) -> InvariantResult:
+    """Invariant 9. At most once: one run per tick key, on the schedule's
+    period, after its creation. At least once: every tick from creation to
+    a couple of ticks before its deletion (or the end) has its run, except,
+    under a catch-up policy that drops late ticks, one a fault overlapped."""
+    result = InvariantResult(9, NAMES[9])
+    for record in history.schedules:
+        runs: dict[int, list[str]] = defaultdict(list)
+        for run in storage.runs.values():
+            tick = _tick_of(run.idempotency_key, record.id)
+            if tick is not None:
+                runs[tick].append(run.id)
+        for tick, ids in sorted(runs.items()):
+            if len(ids) > 1:
+                result.violations.append(
+                    f"schedule {record.id}: tick {tick} fired {len(ids)} runs {sorted(ids)}"
+                )
+            if tick % record.every_ms or tick <= record.created_ms:
+                result.violations.append(
+                    f"schedule {record.id}: tick {tick} fired, but its ticks fall every "
+                    f"{record.every_ms} ms after {record.created_ms}"
+                )
+        owed = owed_ticks(record, history.end_ms)
+        result.checked += len(owed)
+        for tick in owed:
+            if tick in runs:
+                continue
+            if record.catchup != CATCHUP_ALL and _excused(tick, history.faults):
+                continue
+            result.violations.append(
+                f"schedule {record.id}: tick {tick} ({record.catchup} catch-up) never fired"
+            )
+    if not history.schedules:
+        result.note = "no schedule in this run"
+    return result
+
+
+def owed_ticks(record: ScheduleRecord, end_ms: int) -> list[int]:
+    """The ticks the schedule must have fired by the time it was deleted (or the run ended)."""
+    until = (record.deleted_ms or end_ms) - TICK_MARGIN_TICKS * record.every_ms
+    first = (record.created_ms // record.every_ms + 1) * record.every_ms
+    return list(range(first, until + 1, record.every_ms))
+
+
+def _excused(tick: int, faults: list[Fault]) -> bool:
+    return any(
+        f.start_ms - TICK_EXCUSE_BEFORE_MS <= tick <= f.end_ms + TICK_EXCUSE_AFTER_MS
+        for f in faults
+    )
+
+
+def check_parked(history: History) -> InvariantResult:
+    """Invariant 10, in every sample of a peer's committed state: a waiting
+    or paused run it lists has no owner, and its peers hold no more slots
+    than it has running runs (a parked run still counted would show there)."""
+    result = InvariantResult(10, NAMES[10])
+    unlisted = sum(1 for s in history.samples if s.parked is None)
+    if unlisted:
+        result.note = (
+            f"{unlisted} of {len(history.samples)} samples could not list the parked runs;"
+            " only their slots were checked"
+        )
+    for s in history.samples:
+        if s.runs:
+            result.checked += 1
+            held = sum(p.running for p in s.peers)
+            running = s.runs.get(RunStatus.RUNNING, 0)
+            if held > running:
+                result.violations.append(
+                    f"at {s.at_ms} ({s.source}'s view): peers hold {held} slots, but only "
+                    f"{running} runs are running ({s.runs})"
+                )
+        for run in s.parked or ():
+            result.checked += 1
+            if run.owner is not None:
+                result.violations.append(
+                    f"at {s.at_ms} ({s.source}'s view): {run.status} run {run.id} "
+                    f"has owner {run.owner}"
+                )
+    return result
+
+
+def wait_figures(history: History, storage: StorageSnapshot) -> WaitFigures:
+    agents: dict[str, int] = defaultdict(int)
+    for run in storage.runs.values():
+        agents[run.agent or ""] += 1
+    acked = _acked_signals(history)
+    return WaitFigures(
+        sleepers=agents["chaos_sleep"],
+        signal_runs=agents["chaos_signal"],
+        parents=agents["chaos_parent"],
+        children=sum(1 for r in storage.runs.values() if r.parent_id is not None),
+        signal_attempts=len(history.signals),
+        signals_acked=len({(o.run_id, o.name, o.key) for o, _ in acked}),
+        signals_resent=sum(1 for o, _ in acked if o.deliberate),
+        signals_delivered=sum(1 for d in storage.deliveries if d.data is not None),
+        ticks_owed=sum(len(owed_ticks(r, history.end_ms)) for r in history.schedules),
+        ticks_fired=sum(
+            1
+            for record in history.schedules
+            for run in storage.runs.values()
+            if _tick_of(run.idempotency_key, record.id) is not None
+        ),
+        pauses_acked=sum(1 for p in history.pauses if p.action == "pause" and p.outcome == OK),
+        parked_seen=len({r.id for s in history.samples for r in s.parked or ()}),
+        paused_seen=len(
+            {r.id for s in history.samples for r in s.parked or () if r.status == "paused"}
+        ),
+    )

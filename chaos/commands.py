@@ -57,6 +57,12 @@ def chaos() -> None:
     help="UNSAFE: peers accept stale-epoch writes; only to see the checker catch them",
 )
 @click.option(
+    "--suspend-after",
+    default=1.0,
+    show_default=True,
+    help="peers' suspend_after_s: waits this long or longer leave their slot",
+)
+@click.option(
     "--secure",
     is_flag=True,
     help="peers serve https (a made-up CA) and take tokens from a tokens file; "
@@ -76,6 +82,7 @@ def run_cmd(
     failover_bound: float,
     keep_schema: bool,
     unsafe_disable_fencing: bool,
+    suspend_after: float,
     secure: bool,
 ) -> None:
     """Start PEERS peers, load them, inflict the seeded faults, check, report into OUT.
@@ -102,6 +109,7 @@ def run_cmd(
             keep_schema=keep_schema,
             unsafe_disable_fencing=unsafe_disable_fencing,
             secure=secure,
+            suspend_after_s=suspend_after,
         )
         outcome = asyncio.run(run(config))
     except ChaosError as exc:

@@ -21,6 +21,7 @@ import signal
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 
 from raftmesh.chaos.checker import Verdict, check
-from raftmesh.chaos.history import History, StorageSnapshot, StoredRun, StoredWrite
+from raftmesh.chaos.history import (
+    Delivery,
+    History,
+    StorageSnapshot,
+    StoredRun,
+    StoredSignal,
+    StoredWrite,
+)
 from raftmesh.chaos.ledger import LEDGER_DIR_ENV, read_ledger
 from raftmesh.chaos.nemesis import ALL_KINDS, DB, Nemesis, now_ms, plan
 from raftmesh.chaos.pgcluster import PrivatePostgres
@@ -42,6 +50,7 @@ from raftmesh.mesh.devmesh import DevMesh
 from raftmesh.mesh.settings import UNSAFE_FENCING_ACK, UNSAFE_FENCING_ACK_ENV
 from raftmesh.runner.payload import unpack
 from raftmesh.storage import open_store
+from raftmesh.storage.base import Step
 
 log = logging.getLogger("chaos")
 
@@ -74,6 +83,10 @@ class ChaosConfig:
     # tokens from a tokens file; the workload and the nemesis use the admin
     # token (the workload submits for several tenants) and check the CA.
     secure: bool = False
+    # Peers suspend waits this long or longer (MESH_SUSPEND_AFTER_S): short,
+    # so the workload's sleepers, signal waits and parents really leave their
+    # slots, and faults hit runs that are waiting, suspending and waking.
+    suspend_after_s: float = 1.0
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(ALL_KINDS)
@@ -81,6 +94,8 @@ class ChaosConfig:
             raise ChaosError(
                 f"unknown fault kinds {sorted(unknown)}; choose from {', '.join(ALL_KINDS)}"
             )
+        if not 0 <= self.suspend_after_s < 1e9:
+            raise ChaosError("suspend_after_s must be a number of seconds >= 0")
         if self.peers < 3:
             raise ChaosError("a chaos run needs at least 3 peers, so a minority can fail")
         if DB in self.faults and not (_is_postgres(self.storage) or self.storage == PRIVATE):
@@ -178,6 +193,8 @@ class MeshControl:
         self.proxies = proxies
         self.pg = pg
         self.peer_ids = [p.id for p in mesh.peers]
+        # Told (left, joined, url) when a member fault replaces a peer.
+        self.on_join: Callable[[str, str, str], None] | None = None
         self._paused: set[str] = set()
         self._token = token
         self._clients = {p.id: self._client(p.url, 1.5) for p in mesh.peers}
@@ -269,6 +286,8 @@ class MeshControl:
         await self.mesh.wait_ready(timeout_s=60, peer_ids=[new_id])
         self.peer_ids[self.peer_ids.index(replacing)] = new_id
         self._clients[new_id] = self._client(peer.url, 1.5)
+        if self.on_join is not None:
+            self.on_join(replacing, new_id, peer.url)
         return new_id
 
     async def close(self) -> None:
@@ -303,6 +322,7 @@ async def run(config: ChaosConfig) -> Outcome:
         LEDGER_DIR_ENV: str(ledger_dir),
         "MESH_LOG_LEVEL": "info",
         "MESH_TENANT_CAPS": TENANT_CAPS,
+        "MESH_SUSPEND_AFTER_S": f"{config.suspend_after_s:g}",
     }
     if config.unsafe_disable_fencing:
         env["MESH_UNSAFE_DISABLE_FENCING"] = "true"
@@ -329,12 +349,14 @@ async def run(config: ChaosConfig) -> Outcome:
         token=token,
         ca=mesh.ca,
     )
+    cluster.on_join = workload.replace_peer
     nemesis = Nemesis(cluster, schedule)
     nemesis_task: asyncio.Task[None] | None = None
     try:
         mesh.start()
         await mesh.wait_ready(timeout_s=90)
         history.start_ms = now_ms()
+        await workload.create_schedule()
         started = time.monotonic()
         log.info(
             "chaos run %s: %d faults planned over %.0f s", tag, len(schedule), config.duration_s
@@ -345,6 +367,7 @@ async def run(config: ChaosConfig) -> Outcome:
         helpers = [
             asyncio.create_task(workload.watch_loop()),
             asyncio.create_task(workload.sample_loop()),
+            asyncio.create_task(workload.pause_loop()),
         ]
         nemesis_task = asyncio.create_task(nemesis.run(started))
         await asyncio.sleep(config.duration_s)
@@ -352,7 +375,9 @@ async def run(config: ChaosConfig) -> Outcome:
         await nemesis.heal()
         workload.stop()
         await asyncio.gather(*tasks, *helpers)
+        await workload.delete_schedules()
         await _drain(workload, config.drain_s)
+        await workload.stop_signallers()
         history.end_ms = now_ms()
         await _final_reads(workload)
         snapshot = await read_storage(storage)
@@ -379,7 +404,8 @@ async def run(config: ChaosConfig) -> Outcome:
     )
     header = [
         f"seed {config.seed}, {config.peers} peers, {config.duration_s:g} s,"
-        f" faults {','.join(config.faults)}, {config.slots} slots per peer",
+        f" faults {','.join(config.faults)}, {config.slots} slots per peer,"
+        f" waits of {config.suspend_after_s:g} s or more suspend",
         f"storage {storage.rpartition('@')[2]}"
         + (" (a private server the db fault may restart)" if pg else "")
         + (
@@ -391,7 +417,8 @@ async def run(config: ChaosConfig) -> Outcome:
         "security: "
         + ("tokens file and TLS (https, CA-verified)" if config.secure else "off (plain http)"),
         f"replay: python -m raftmesh.chaos run --peers {config.peers} --duration {config.duration_s:g}"
-        f" --faults {','.join(config.faults)} --seed {config.seed} --storage URL --out DIR"
+        f" --faults {','.join(config.faults)} --seed {config.seed}"
+        f" --suspend-after {config.suspend_after_s:g} --storage URL --out DIR"
         + (" --secure" if config.secure else ""),
         f"ledger entries {len(ledger)}; peer logs in {mesh.dir}",
         *(f"NEMESIS ERROR: {e}" for e in nemesis.errors),
@@ -416,6 +443,7 @@ async def run(config: ChaosConfig) -> Outcome:
                 "outages_ms": [w.duration_ms for w in verdict.outages],
                 "acknowledged": verdict.acknowledged,
                 "completed": verdict.completed,
+                "waits": asdict(verdict.waits),
                 "faults": [f.kind for f in history.faults],
             },
             indent=1,
@@ -440,6 +468,7 @@ async def _drain(workload: Workload, drain_s: float) -> None:
     rng = random.Random(0)
     deadline = time.monotonic() + drain_s
     while time.monotonic() < deadline:
+        await workload.resume_paused()
         if await workload.observe_pending(rng) == 0:
             return
         await asyncio.sleep(0.5)
@@ -475,16 +504,48 @@ async def read_storage(url: str) -> StorageSnapshot:
                 result_epoch=epoch if isinstance(epoch, int) else None,
                 finished_at_ms=row.finished_at_ms,
                 error=row.error,
+                agent=row.spec.agent,
+                parent_id=row.spec.parent_id,
             )
-            for step in await store.load_steps(row.id):
+            consumed: dict[str, int] = {}
+            for step in sorted(await store.load_steps(row.id), key=lambda s: s.seq):
                 snapshot.steps.append(
                     StoredWrite(row.id, step.seq, step.epoch, step.at_ms, step.peer)
+                )
+                if step.name.startswith(SIGNAL_STEP):
+                    snapshot.deliveries.append(
+                        _delivery(row.id, step.name[len(SIGNAL_STEP) :], step, consumed)
+                    )
+            for sig in await store.list_signals(row.id):
+                snapshot.signals.append(
+                    StoredSignal(
+                        row.id, sig.name, sig.seq, sig.idempotency_key, _json(unpack(sig.data))
+                    )
                 )
             for ev in await store.read_events(row.id, 0, 100_000):
                 snapshot.events.append(StoredWrite(row.id, ev.seq, ev.epoch, ev.at_ms))
     finally:
         await store.close()
     return snapshot
+
+
+# The journal name of a ``wait_for_signal`` (runner.context), then the signal's name.
+SIGNAL_STEP = "signal:"
+
+
+def _delivery(run_id: str, name: str, step: Step, consumed: dict[str, int]) -> Delivery:
+    """A journaled wait: the signal it consumed (the next of its name: a wait
+    that timed out consumed none) or its timeout."""
+    value = unpack(step.value)
+    index = consumed.get(name, 0)
+    if isinstance(value, dict) and "data" in value:
+        consumed[name] = index + 1
+        return Delivery(run_id, name, index, step.seq, _json(value["data"]))
+    return Delivery(run_id, name, index, step.seq, None)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def save_snapshot(snapshot: StorageSnapshot, path: Path) -> None:
@@ -494,6 +555,8 @@ def save_snapshot(snapshot: StorageSnapshot, path: Path) -> None:
                 "runs": [asdict(r) for r in snapshot.runs.values()],
                 "steps": [asdict(w) for w in snapshot.steps],
                 "events": [asdict(w) for w in snapshot.events],
+                "signals": [asdict(w) for w in snapshot.signals],
+                "deliveries": [asdict(w) for w in snapshot.deliveries],
             }
         )
     )
@@ -505,6 +568,8 @@ def load_snapshot(path: Path) -> StorageSnapshot:
         runs={r["id"]: StoredRun(**r) for r in data["runs"]},
         steps=[StoredWrite(**w) for w in data["steps"]],
         events=[StoredWrite(**w) for w in data["events"]],
+        signals=[StoredSignal(**w) for w in data.get("signals", [])],
+        deliveries=[Delivery(**w) for w in data.get("deliveries", [])],
     )
 
 

@@ -18,6 +18,9 @@ OK = "ok"  # acknowledged (202 created or 200 existing)
 FAIL = "fail"  # definitely not applied (refused connection, 4xx)
 INFO = "info"  # indeterminate (timeout, 503): it may still commit
 
+# The signal the ``chaos_signal`` agent waits for (chaos.agents).
+SIGNAL_NAME = "go"
+
 
 @dataclass(frozen=True)
 class SubmitOp:
@@ -62,6 +65,15 @@ class PeerLoad:
 
 
 @dataclass(frozen=True)
+class ParkedRun:
+    """A waiting or paused run as a peer's committed state lists it."""
+
+    id: str
+    status: str
+    owner: str | None
+
+
+@dataclass(frozen=True)
 class ClusterSample:
     at_ms: int
     source: str
@@ -69,6 +81,65 @@ class ClusterSample:
     peers: tuple[PeerLoad, ...]
     # tenant -> (running, cap); empty when the API does not expose caps.
     tenants: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Active runs by status, read in the same state as ``peers`` (so the
+    # slots the peers hold can be set against the runs that are running).
+    runs: dict[str, int] = field(default_factory=dict)
+    # The waiting and paused runs the same peer listed right after; None when
+    # that read failed.
+    parked: tuple[ParkedRun, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SignalOp:
+    """One attempt to send a signal; ``seq`` and ``duplicate`` are the 202's.
+    ``deliberate`` marks a key the client had already seen acknowledged and
+    sent again on purpose (it must be delivered once all the same)."""
+
+    run_id: str
+    name: str
+    key: str
+    data: str  # canonical JSON
+    peer: str
+    start_ms: int
+    end_ms: int
+    outcome: str
+    seq: int | None = None
+    duplicate: bool | None = None
+    deliberate: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PauseOp:
+    """An operator's pause or resume of a run; ``status`` is the view's
+    status in the answer (a running run stays running until its owner
+    releases it at a step boundary)."""
+
+    run_id: str
+    action: str  # "pause" or "resume"
+    peer: str
+    start_ms: int
+    end_ms: int
+    outcome: str
+    status: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """The schedule the workload made, as the mesh answered it. Ticks after
+    ``created_ms`` and before ``deleted_ms`` (the start of the delete, None if
+    it was never deleted) are the ones it owes."""
+
+    id: str
+    every_ms: int
+    catchup: str
+    overlap: str
+    tenant: str
+    created_ms: int
+    deleted_ms: int | None = None
+    fired: int | None = None
+    skipped: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +153,8 @@ class StoredRun:
     result_epoch: int | None
     finished_at_ms: int | None
     error: str | None = None
+    agent: str | None = None
+    parent_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,11 +168,34 @@ class StoredWrite:
     peer: str | None = None
 
 
+@dataclass(frozen=True)
+class StoredSignal:
+    run_id: str
+    name: str
+    seq: int
+    key: str | None
+    data: str  # canonical JSON
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A journaled ``wait_for_signal``: the ``index``-th signal of ``name``
+    the run consumed; ``data`` None when the wait timed out."""
+
+    run_id: str
+    name: str
+    index: int
+    step_seq: int
+    data: str | None
+
+
 @dataclass
 class StorageSnapshot:
     runs: dict[str, StoredRun] = field(default_factory=dict)
     steps: list[StoredWrite] = field(default_factory=list)
     events: list[StoredWrite] = field(default_factory=list)
+    signals: list[StoredSignal] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +206,9 @@ class History:
     observations: list[Observation] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     samples: list[ClusterSample] = field(default_factory=list)
+    signals: list[SignalOp] = field(default_factory=list)
+    schedules: list[ScheduleRecord] = field(default_factory=list)
+    pauses: list[PauseOp] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
         with path.open("w") as fh:
@@ -120,6 +219,9 @@ class History:
                 ("observe", self.observations),
                 ("fault", self.faults),
                 ("sample", self.samples),
+                ("signal", self.signals),
+                ("schedule", self.schedules),
+                ("pause", self.pauses),
             ):
                 for item in items:
                     fh.write(json.dumps({"type": kind, **asdict(item)}) + "\n")
@@ -142,5 +244,19 @@ class History:
             elif kind == "sample":
                 peers = tuple(PeerLoad(**p) for p in data.pop("peers"))
                 tenants = {k: (v[0], v[1]) for k, v in data.pop("tenants").items()}
-                history.samples.append(ClusterSample(peers=peers, tenants=tenants, **data))
+                parked = data.pop("parked", None)
+                history.samples.append(
+                    ClusterSample(
+                        peers=peers,
+                        tenants=tenants,
+                        parked=None if parked is None else tuple(ParkedRun(**r) for r in parked),
+                        **data,
+                    )
+                )
+            elif kind == "signal":
+                history.signals.append(SignalOp(**data))
+            elif kind == "schedule":
+                history.schedules.append(ScheduleRecord(**data))
+            elif kind == "pause":
+                history.pauses.append(PauseOp(**data))
         return history

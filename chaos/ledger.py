@@ -23,6 +23,10 @@ ATTEMPT_START = "attempt_start"
 STEP_START = "step_start"
 STEP_END = "step_end"
 ATTEMPT_END = "attempt_end"
+# The attempt ended by suspending (a long sleep, a signal not yet sent,
+# children still running) or by being released at a step boundary (a pause):
+# the run left its owner, nothing was lost.
+ATTEMPT_SUSPEND = "attempt_suspend"
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,20 @@ def text_report(
             f"  timed out: {timed_out} (expected: the workload gives some runs a timeout"
             " shorter than their work)"
         )
+    waits = verdict.waits
+    lines += [
+        "",
+        "waits (runs that leave their slot and come back)",
+        f"  sleepers {waits.sleepers}, signal runs {waits.signal_runs},"
+        f" parents {waits.parents} with {waits.children} children",
+        f"  signals acknowledged:  {waits.signals_acked}"
+        f" ({waits.signals_resent} sent again on purpose, {waits.signal_attempts} attempts);"
+        f" consumed by waits: {waits.signals_delivered}",
+        f"  schedule ticks:        {waits.ticks_fired} fired, {waits.ticks_owed} owed",
+        f"  pauses acknowledged:   {waits.pauses_acked}",
+        f"  parked runs sampled:   {waits.parked_seen} distinct waiting or paused runs"
+        f" ({waits.paused_seen} paused)",
+    ]
     lines += ["", f"faults ({len(history.faults)})"]
     for f in history.faults:
         lines.append(

@@ -32,6 +32,7 @@ from raftmesh.cli import membership, run_control
 from raftmesh.cli.doctor import doctor
 from raftmesh.cli.peer_options import peer_settings_options
 from raftmesh.cli.remote import DEFAULT_PEER_URL, call, peer_option, token_option
+from raftmesh.cli.schedule import schedule
 from raftmesh.cli.top import top
 from raftmesh.cli.watch import agents, follow_run, print_end, watch
 from raftmesh.mesh.client import TERMINAL_STATUSES, MeshClient, MeshHTTPError
@@ -578,4 +579,8 @@ main.add_command(watch)
 main.add_command(agents)
 main.add_command(run_control.cancel)
 main.add_command(run_control.retry)
+main.add_command(run_control.pause)
+main.add_command(run_control.resume)
+main.add_command(run_control.signal)
+main.add_command(schedule)
 main.add_command(doctor)

@@ -67,6 +67,11 @@ _OPTIONS = [
         "--ca", help="PEM CA the other peers' certificates are checked against (env MESH_CA)."
     ),
     click.option(
+        "--suspend-after-s",
+        type=click.FloatRange(min=0),
+        help="A wait at least this long leaves its slot [default: 5] (env MESH_SUSPEND_AFTER_S).",
+    ),
+    click.option(
         "--demo-agents",
         is_flag=True,
         default=None,

@@ -45,6 +45,18 @@ class Op(StrEnum):
     PEER_DRAIN = "peer_drain"
     PEER_STOPPING = "peer_stopping"
     PEER_LEAVE = "peer_leave"
+    # suspension (issue 11)
+    SUSPEND = "suspend"
+    WAKE = "wake"
+    SIGNAL = "signal"
+    PAUSE = "pause"
+    RESUME = "resume"
+    # schedules (consensus/schedules.py)
+    SCHEDULE_SET = "schedule_set"
+    SCHEDULE_DELETE = "schedule_delete"
+    SCHEDULE_PAUSE = "schedule_pause"
+    SCHEDULE_RESUME = "schedule_resume"
+    FIRE_TICK = "fire_tick"
 
 
 class CommandDecodeError(ConsensusError, ValueError):
@@ -206,6 +218,104 @@ class PeerLeave(Command):
     force: bool = False
 
 
+# -- suspension (issue 11): waiting runs hold no slot ----------------------
+
+
+@dataclass(frozen=True)
+class Suspend(Command):
+    """From the owner at ``epoch``: the run leaves its slot and waits for
+    ``wait`` (the map consensus/waits.py reads), or parks PAUSED if an
+    operator asked for a pause meanwhile."""
+
+    op: ClassVar[Op] = Op.SUSPEND
+    run: str
+    epoch: int
+    wait: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Wake(Command):
+    """From the leader: the waiting ``runs`` whose wait is over at ``at_ms``
+    go back to the queue; apply checks each again and skips the others."""
+
+    op: ClassVar[Op] = Op.WAKE
+    runs: list[Any]
+
+
+@dataclass(frozen=True)
+class Signal(Command):
+    """Announces the signal storage already holds under (run, name, seq), so
+    the leader knows to wake a run waiting for it."""
+
+    op: ClassVar[Op] = Op.SIGNAL
+    run: str
+    name: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pause(Command):
+    op: ClassVar[Op] = Op.PAUSE
+    run: str
+
+
+@dataclass(frozen=True)
+class Resume(Command):
+    op: ClassVar[Op] = Op.RESUME
+    run: str
+
+
+# -- schedules (consensus/schedules.py) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleSet(Command):
+    """Create ``schedule``; setting an existing one to the same definition is
+    harmless, to another is a conflict (delete it first)."""
+
+    op: ClassVar[Op] = Op.SCHEDULE_SET
+    schedule: str
+    cron: str | None
+    every_ms: int | None
+    timezone: str
+    agent: str
+    input: Any
+    tenant: str
+    overlap: str
+    catchup: str
+
+
+@dataclass(frozen=True)
+class ScheduleDelete(Command):
+    op: ClassVar[Op] = Op.SCHEDULE_DELETE
+    schedule: str
+
+
+@dataclass(frozen=True)
+class SchedulePause(Command):
+    op: ClassVar[Op] = Op.SCHEDULE_PAUSE
+    schedule: str
+
+
+@dataclass(frozen=True)
+class ScheduleResume(Command):
+    """Ticks due while the schedule was paused are not fired."""
+
+    op: ClassVar[Op] = Op.SCHEDULE_RESUME
+    schedule: str
+
+
+@dataclass(frozen=True)
+class FireTick(Command):
+    """From the leader: the tick at ``tick_ms`` is due. ``fire`` False advances
+    past it without a run (a tick the catch-up policy drops)."""
+
+    op: ClassVar[Op] = Op.FIRE_TICK
+    schedule: str
+    tick_ms: int
+    fire: bool = True
+
+
 COMMANDS: dict[str, type[Command]] = {
     cls.op: cls
     for cls in (
@@ -223,6 +333,16 @@ COMMANDS: dict[str, type[Command]] = {
         PeerDrain,
         PeerStopping,
         PeerLeave,
+        Suspend,
+        Wake,
+        Signal,
+        Pause,
+        Resume,
+        ScheduleSet,
+        ScheduleDelete,
+        SchedulePause,
+        ScheduleResume,
+        FireTick,
     )
 }
 _HINTS = {cls: get_type_hints(cls) for cls in COMMANDS.values()}

@@ -6,6 +6,7 @@ them without importing the state machine that applies it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,14 @@ class Run:
     last_error: str | None = None
     cancel_requested: bool = False
     outcome: RunStatus | None = None
+    # What a WAITING run waits for (consensus/waits.py says when it is over);
+    # a PAUSED run keeps the wait it was paused in.
+    waiting_for: dict[str, Any] | None = None
+    # Per signal name: how many signals were announced (highest seq + 1).
+    signals: dict[str, int] = field(default_factory=dict)
+    # An operator paused the run while it ran: its owner releases it at the
+    # next step boundary and the release parks it PAUSED.
+    pause_requested: bool = False
 
     def __post_init__(self) -> None:
         # A snapshot carries plain text; equal either way, typed from here on.
@@ -59,12 +68,15 @@ class Run:
 
     def public(self) -> dict[str, Any]:
         """Plain values, for snapshots."""
-        return {**self.__dict__, "spec": self.spec.to_wire()}
+        values = {**self.__dict__, "spec": self.spec.to_wire(), "signals": dict(self.signals)}
+        if self.waiting_for is not None:
+            values["waiting_for"] = copy.deepcopy(self.waiting_for)
+        return values
 
     @classmethod
     def from_public(cls, data: dict[str, Any]) -> Run:
         """A snapshot's run; snapshots before version 3 kept the spec's fields
-        flat beside the others."""
+        flat beside the others, before version 4 had no waits (the defaults)."""
         values = dict(data)
         if "spec" in values:
             spec = RunSpec(**values.pop("spec"))

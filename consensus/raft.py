@@ -4,10 +4,11 @@ It owns the concerns pysyncobj leaves to its user (see
 shared/notes/pysyncobj.md):
 
 * Durability. pysyncobj writes its journal through mmap and never syncs it.
-  ``_DurableJournal`` syncs it before this node sends any Raft message and at
-  the end of every tick, so an entry a follower acknowledges, or a leader counts
-  towards a commit, is on disk: a power loss of every peer loses nothing
-  acknowledged. Syncs are batched: one per message, not one per entry.
+  ``_Outbox`` holds back every Raft message sent while the journal has unsynced
+  entries and sends them, in order, after one sync at the end of the tick, so
+  an entry a follower acknowledges, or a leader counts towards a commit, is on
+  disk: a power loss of every peer loses nothing acknowledged. Syncs are
+  batched: one per tick that added entries, not one per message or entry.
 * Latency. Batching of append-entries is off (entries go out as soon as they
   are queued) and a group-commit batcher on the asyncio side packs every
   command that arrives while earlier entries are in flight into one entry.
@@ -45,7 +46,7 @@ from typing import Any
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import createJournal
-from pysyncobj.node import TCPNode
+from pysyncobj.node import Node, TCPNode
 
 from raftmesh.consensus.commands import (
     Command,
@@ -110,6 +111,11 @@ class _DurableJournal:
         self._dirty = False
         self.syncs = 0
 
+    @property
+    def dirty(self) -> bool:
+        """Entries were added or removed since the last sync."""
+        return self._dirty
+
     def sync(self) -> None:
         if not self._dirty:
             return
@@ -152,6 +158,34 @@ class _DurableJournal:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+class _Outbox:
+    """Raft messages to other nodes, held while the journal has unsynced changes.
+
+    Any message may acknowledge an entry (an append-entries response) or carry
+    one a leader then counts as stored on itself, so none leaves while the
+    journal is dirty; held ones go after one sync at the end of the tick, and a
+    message sent while others are held queues behind them, so each connection
+    sees pysyncobj's order. The tick thread is the only caller.
+    """
+
+    def __init__(self, journal: _DurableJournal, send: Callable[[Any, Any], bool]) -> None:
+        self._journal = journal
+        self._send = send
+        self._held: list[tuple[Any, Any]] = []
+
+    def send(self, node: Any, message: Any) -> bool:
+        if self._held or self._journal.dirty:
+            self._held.append((node, message))
+            return True
+        return self._send(node, message)
+
+    def flush(self) -> None:
+        self._journal.sync()
+        held, self._held = self._held, []
+        for node, message in held:
+            self._send(node, message)
 
 
 class _Replica(SyncObjConsumer):
@@ -228,7 +262,37 @@ RECOVERY_FILE = "recovery.json"
 RAFT_FILES = ("raft.journal", "raft.journal.meta", "raft.dump", "raft.dump.tmp")
 
 
-class _PinnedSyncObj(SyncObj):
+class _MeshSyncObj(SyncObj):
+    """pysyncobj's SyncObj, keeping the voters it reaches the log through when
+    it loads a snapshot.
+
+    Loading a snapshot sets the voter set to the snapshot's, dropping the
+    connections to voters not in it; the membership entries after the
+    snapshot are to bring them back. But those entries come from the journal
+    or from the leader, and the snapshot can be older than either:
+    - installed from a leader that joined after the snapshot was taken (it
+      still hands that snapshot on), the node would drop the very leader
+      that is to send it the entries after it;
+    - loaded at a restart whose journal does not reach past the snapshot,
+      the node would refuse the connections of voters that joined since,
+      the leader among them, and its elections would depose that leader.
+    Both stalled the node for good (issue 11's 600 s soak). So the leader
+    that sends the snapshot stays, and at a start (no leader yet) the voters
+    this node was started with, the ones it last knew, stay too, until the
+    entries after the snapshot say otherwise. A voter kept by mistake only
+    makes this node's majorities larger, never smaller.
+    """
+
+    def _SyncObj__updateClusterConfiguration(self, new_nodes: Any) -> None:  # noqa: N802
+        leader = self._SyncObj__raftLeader
+        kept = [leader] if leader is not None else list(self._SyncObj__otherNodes)
+        ids = {str(n.id) if isinstance(n, Node) else str(n) for n in new_nodes}
+        me = self.selfNode
+        extra = [n for n in kept if n != me and str(n.id) not in ids]
+        SyncObj._SyncObj__updateClusterConfiguration(self, [*new_nodes, *extra])
+
+
+class _PinnedSyncObj(_MeshSyncObj):
     """A SyncObj whose voter set is pinned after ``mesh recover``.
 
     pysyncobj rebuilds a node's voters from its snapshot and by replaying every
@@ -399,7 +463,7 @@ class RaftNode:
             )
             log.warning("recovery: voters pinned to %s", ", ".join(sorted(self.recovered_voters)))
         else:
-            self._syncobj = SyncObj(
+            self._syncobj = _MeshSyncObj(
                 self_addr,
                 others,
                 conf=conf,
@@ -409,15 +473,11 @@ class RaftNode:
         self.journal = _DurableJournal(self._syncobj._SyncObj__raftLog, journal_path, dump_path)
         self._syncobj._SyncObj__raftLog = self.journal
         transport = self._syncobj._SyncObj__transport
-        raw_send = transport.send
-
-        def send_after_sync(node: Any, message: Any) -> Any:
-            self.journal.sync()
-            return raw_send(node, message)
-
-        transport.send = send_after_sync
-        self._syncobj.addOnTickCallback(self.journal.sync)
+        self._outbox = _Outbox(self.journal, transport.send)
+        transport.send = self._outbox.send
         self._syncobj.addOnTickCallback(self._on_tick)
+        # Last: whatever the tick (and _on_tick) sent goes after one sync.
+        self._syncobj.addOnTickCallback(self._outbox.flush)
 
     @property
     def is_voter(self) -> bool:

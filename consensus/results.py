@@ -29,6 +29,7 @@ class Rejection(StrEnum):
     CONFLICT = "conflict"
     # Backpressure: the tenant's queued-run maximum is reached.
     TENANT_QUEUE_FULL = "tenant_queue_full"
+    UNKNOWN_SCHEDULE = "unknown_schedule"
     # The last guard of apply caught something no check foresaw.
     INTERNAL = "internal"
 
@@ -105,6 +106,56 @@ class Settled:
     ok: ClassVar[bool] = True
 
 
+@dataclass(frozen=True)
+class Suspended:
+    """Where a suspended run landed: WAITING, PAUSED (a pause was requested)
+    or SETTLING (it was cancelled meanwhile)."""
+
+    status: RunStatus
+    ok: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class ScheduleSaved:
+    created: bool
+    ok: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Woken:
+    woken: list[str]
+    # runs not woken: unknown, not waiting, or their wait is not over
+    skipped: list[str] = field(default_factory=list)
+    ok: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Signalled:
+    """``announced``: how many signals of that name the run has now."""
+
+    announced: int
+    ok: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class PauseChanged:
+    """The run's status after a pause or resume: PAUSED or QUEUED, or RUNNING
+    with the request to pause set (pause) or withdrawn (resume)."""
+
+    status: RunStatus
+    pause_requested: bool = False
+    ok: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class TickFired:
+    """``run``: the run the tick started, or None with ``skipped`` saying why."""
+
+    run: str | None
+    skipped: str | None = None
+    ok: ClassVar[bool] = True
+
+
 Result = (
     Rejected
     | Done
@@ -115,6 +166,12 @@ Result = (
     | AttemptFailed
     | CancelRequested
     | Settled
+    | Suspended
+    | Woken
+    | Signalled
+    | PauseChanged
+    | ScheduleSaved
+    | TickFired
 )
 _KINDS: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -128,6 +185,12 @@ _KINDS: dict[str, type[Any]] = {
         AttemptFailed,
         CancelRequested,
         Settled,
+        Suspended,
+        Woken,
+        Signalled,
+        PauseChanged,
+        ScheduleSaved,
+        TickFired,
     )
 }
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 INT64_MAX = 2**63 - 1
+MAX_TIMEOUT_S = 1e9
+# W3C trace context, version 00 (what the OpenTelemetry propagator writes).
+_TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 class SpecError(ValueError):
@@ -40,6 +44,9 @@ class RunSpec:
     memory_limit_mb: int | None = None
     session: str | None = None
     placement: str | None = None
+    # The W3C traceparent of the span that submitted the run: every peer that
+    # assigns or runs it traces under it, so one trace survives a failover.
+    trace_parent: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """Plain values only (msgpack and JSON safe)."""
@@ -100,7 +107,10 @@ def _budget(v: Any) -> bool:
 
 def _timeout(v: Any) -> bool:
     return (
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1e9
+        isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and 0 < v <= MAX_TIMEOUT_S
     )
 
 
@@ -119,6 +129,7 @@ _CHECKS = {
     "memory_limit_mb": _int(1),
     "session": _text,
     "placement": _text,
+    "trace_parent": lambda v: isinstance(v, str) and _TRACEPARENT.match(v) is not None,
 }
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 _FIELD_NAMES = frozenset(SPEC_FIELDS)

@@ -36,8 +36,18 @@ from raftmesh.consensus.model import (
     Run,
 )
 from raftmesh.consensus.results import Rejected, Rejection, Result
+from raftmesh.consensus.schedules import (
+    OVERLAP_CANCEL_PREVIOUS,
+    OVERLAP_SKIP,
+    Schedule,
+    ScheduleInvalid,
+    check_definition,
+    tick_key,
+    tick_run_id,
+)
 from raftmesh.consensus.spec import RunSpec
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
+from raftmesh.consensus.waits import InvalidWait, checked_wait, valid_signal_name, wait_satisfied
 
 log = logging.getLogger("raftmesh.state")
 
@@ -45,6 +55,8 @@ FAILURE_KINDS = frozenset({"error", "timeout"})
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
 COMMAND_TTL_MS = 10 * 60 * 1000
+# Schedules live in the state for good (until deleted): a bound keeps it small.
+MAX_SCHEDULES = 10_000
 
 
 def _agent_list(agents: Any) -> list[str] | None:
@@ -64,7 +76,14 @@ class Refused(Exception):
 
 
 _RUN_TEXT = ("id", "agent", "tenant")
-_OPTIONAL_TEXT = ("session", "placement", "idempotency_key", "parent_id", "isolation")
+_OPTIONAL_TEXT = (
+    "session",
+    "placement",
+    "idempotency_key",
+    "parent_id",
+    "isolation",
+    "trace_parent",
+)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Clock readings and delays in ms: far beyond any real clock, and small enough
 # that adding a TTL or a backoff to one stays an int64.
@@ -74,6 +93,12 @@ MAX_TIMEOUT_S = 1e9
 # Deeper than the API lets through (mesh/schemas.MAX_NESTING), well inside
 # what msgpack packs and unpacks (512 with the entry around it).
 MAX_NESTING = 128
+# Waiting and paused runs have no owner: a cancel settles them like queued ones.
+_OWNERLESS = frozenset({RunStatus.QUEUED, RunStatus.WAITING, RunStatus.PAUSED})
+# One wake names at most this many runs (the leader batches below it).
+MAX_BATCH = 10_000
+# Distinct signal names one run may be sent: each costs the state an entry.
+MAX_SIGNAL_NAMES = 256
 
 
 def _int(value: Any, what: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int:
@@ -147,6 +172,7 @@ class MeshState:
         self.tenant_max_queued: dict[str, int] = {}
         self.default_tenant_max_queued: int | None = None
         self.retry = RetryPolicy()
+        self.schedules: dict[str, Schedule] = {}
         self.applied = 0
 
     # -- applying ---------------------------------------------------------
@@ -237,11 +263,14 @@ class MeshState:
         run_input = _plain(spec.get("input"), "input")
         key = spec.get("idempotency_key")
         tenant = spec.get("tenant") or "default"
+        run_id = spec["id"]
         if key is not None:
             known = self.idempotency.get((tenant, key))
-            if known is not None:
+            # The key's own run coming back under its id is a retry of that
+            # dead letter (nothing else submits an existing id): it is queued
+            # again, not answered with itself.
+            if known is not None and (known[0] != run_id or run_id in self.runs):
                 return res.RunOutcome(known[0])
-        run_id = spec["id"]
         existing = self.runs.get(run_id)
         if existing is not None:
             # A replay of the same submission; a different key under the same
@@ -287,6 +316,7 @@ class MeshState:
                 memory_limit_mb=memory_mb,
                 session=spec.get("session"),
                 placement=spec.get("placement"),
+                trace_parent=spec.get("trace_parent"),
             ),
             submitted_at_ms=at_ms,
             epoch=max(0, numbers["epoch"]),
@@ -349,7 +379,7 @@ class MeshState:
         if run.cancel_requested:
             self._settle_as(run, RunStatus.CANCELLED)
         else:
-            self._requeue(run)
+            self._requeue_or_pause(run)
         return res.Done()
 
     def _fail(self, cmd: c.Fail, at_ms: int) -> Result:
@@ -369,7 +399,7 @@ class MeshState:
         if run.cancel_requested:
             self._settle_as(run, RunStatus.CANCELLED)
         elif retryable and self.retry.used(run) < run.spec.max_attempts:
-            self._requeue(run)
+            self._requeue_or_pause(run)
             policy = self.retry
             delay = backoff_ms(
                 run.id, self.retry.used(run), policy.backoff_base_ms, policy.backoff_max_ms
@@ -384,7 +414,8 @@ class MeshState:
         """Cancel a run and every active run it spawned (children of a
         cancelled parent are of no use). Queued: settle as cancelled. Running:
         flag it; the owner stops the attempt and finishes it as cancelled (its
-        own write is fenced). A run already ending otherwise is left alone."""
+        own write is fenced). Waiting or paused: no owner to ask, settle at
+        once. A run already ending otherwise is left alone."""
         run = self.runs.get(cmd.run)
         if run is None:
             raise Refused("run is not active", Rejection.UNKNOWN_RUN)
@@ -397,7 +428,7 @@ class MeshState:
             if victim.status == RunStatus.SETTLING:
                 continue
             victim.cancel_requested = True
-            if victim.status == RunStatus.QUEUED:
+            if victim.status in _OWNERLESS:
                 self._settle_as(victim, RunStatus.CANCELLED)
         return res.CancelRequested(run.status, doomed)
 
@@ -408,6 +439,85 @@ class MeshState:
             raise Refused("run is not settling", Rejection.CONFLICT)
         del self.runs[run.id]
         return res.Settled(run.outcome)
+
+    # -- suspension (issue 11) --------------------------------------------
+
+    def _suspend(self, cmd: c.Suspend, at_ms: int) -> Result:
+        """The owner's attempt waits: it leaves its slot, and the leader wakes
+        it (``wake``) once consensus/waits.py says the wait is over."""
+        run = self._owned_run(cmd.run, cmd.epoch)
+        try:
+            wait = checked_wait(cmd.wait)
+        except InvalidWait as exc:
+            raise Refused(str(exc)) from exc
+        if run.cancel_requested:
+            self._settle_as(run, RunStatus.CANCELLED)
+            return res.Suspended(run.status)
+        self._park(run, RunStatus.PAUSED if run.pause_requested else RunStatus.WAITING)
+        run.waiting_for = wait
+        return res.Suspended(run.status)
+
+    def _wake(self, cmd: c.Wake, at_ms: int) -> Result:
+        if len(cmd.runs) > MAX_BATCH:
+            raise Refused(f"a wake names at most {MAX_BATCH} runs")
+        woken: list[str] = []
+        skipped: list[str] = []
+        for run_id in cmd.runs:
+            run = self.runs.get(run_id) if isinstance(run_id, str) else None
+            if run is None or not wait_satisfied(run, self, at_ms):
+                skipped.append(str(run_id))
+                continue
+            self._requeue(run)
+            run.waiting_for = None
+            woken.append(run.id)
+        return res.Woken(woken, skipped)
+
+    def _signal(self, cmd: c.Signal, at_ms: int) -> Result:
+        if not valid_signal_name(cmd.name):
+            raise Refused("a signal name is 1 to 128 of A-Za-z0-9_.:-")
+        seq = _int(cmd.seq, "seq", 0, INT64_MAX - 1)
+        run = self.runs.get(cmd.run)
+        if run is None:
+            raise Refused("run is not active", Rejection.UNKNOWN_RUN)
+        if run.status == RunStatus.SETTLING:
+            raise Refused(f"run is ending as {run.outcome}", Rejection.CONFLICT)
+        if cmd.name not in run.signals and len(run.signals) >= MAX_SIGNAL_NAMES:
+            raise Refused(f"a run takes signals of at most {MAX_SIGNAL_NAMES} names")
+        run.signals[cmd.name] = max(run.signals.get(cmd.name, 0), seq + 1)
+        return res.Signalled(run.signals[cmd.name])
+
+    def _pause(self, cmd: c.Pause, at_ms: int) -> Result:
+        """Queued or waiting: park it now (a waiting run keeps its wait).
+        Running: ask the owner to release it at its next step boundary."""
+        run = self._active_run(cmd.run)
+        if run.status in (RunStatus.QUEUED, RunStatus.WAITING):
+            self._park(run, RunStatus.PAUSED)
+        elif run.status == RunStatus.RUNNING:
+            run.pause_requested = True
+        elif run.status != RunStatus.PAUSED:
+            raise Refused(f"a {run.status} run cannot be paused", Rejection.CONFLICT)
+        return res.PauseChanged(run.status, run.pause_requested)
+
+    def _resume(self, cmd: c.Resume, at_ms: int) -> Result:
+        """Paused: back to the queue (a run paused in a wait replays to it and
+        waits again if it is not over). Running: withdraw the pause request."""
+        run = self._active_run(cmd.run)
+        if run.status == RunStatus.PAUSED:
+            self._requeue(run)
+            run.waiting_for = None
+        elif run.status == RunStatus.RUNNING and run.pause_requested:
+            run.pause_requested = False
+        else:
+            raise Refused(f"run is {run.status}, not paused", Rejection.CONFLICT)
+        return res.PauseChanged(run.status, run.pause_requested)
+
+    def _active_run(self, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise Refused("run is not active", Rejection.UNKNOWN_RUN)
+        return run
+
+    # -- ownership --------------------------------------------------------
 
     def _owned_run(self, run_id: str, epoch: int) -> Run:
         run = self.runs.get(run_id)
@@ -581,6 +691,119 @@ class MeshState:
         self.retry = policy
         return res.Done()
 
+    # -- schedules (consensus/schedules.py) -------------------------------
+
+    def _schedule_set(self, cmd: c.ScheduleSet, at_ms: int) -> Result:
+        try:
+            check_definition(
+                cmd.schedule,
+                cmd.cron,
+                cmd.every_ms,
+                cmd.timezone,
+                cmd.agent,
+                cmd.tenant,
+                cmd.overlap,
+                cmd.catchup,
+            )
+        except ScheduleInvalid as exc:
+            raise Refused(str(exc)) from None
+        schedule = Schedule(
+            id=cmd.schedule,
+            cron=cmd.cron,
+            every_ms=cmd.every_ms,
+            timezone=cmd.timezone,
+            agent=cmd.agent,
+            input=_plain(cmd.input, "input"),
+            tenant=cmd.tenant,
+            overlap=cmd.overlap,
+            catchup=cmd.catchup,
+            created_at_ms=at_ms,
+            # Ticks from creation on: none before it is due.
+            last_tick_ms=at_ms,
+        )
+        known = self.schedules.get(schedule.id)
+        if known is not None:
+            if known.definition() == schedule.definition():
+                return res.ScheduleSaved(created=False)
+            raise Refused(
+                f"schedule {schedule.id} exists with another definition; delete it first",
+                Rejection.CONFLICT,
+            )
+        if len(self.schedules) >= MAX_SCHEDULES:
+            raise Refused(f"the mesh already holds {MAX_SCHEDULES} schedules", Rejection.CONFLICT)
+        self.schedules[schedule.id] = schedule
+        return res.ScheduleSaved(created=True)
+
+    def _schedule_delete(self, cmd: c.ScheduleDelete, at_ms: int) -> Result:
+        """Runs already fired go on; only future ticks are gone."""
+        del self.schedules[self._schedule(cmd.schedule).id]
+        return res.Done()
+
+    def _schedule_pause(self, cmd: c.SchedulePause, at_ms: int) -> Result:
+        self._schedule(cmd.schedule).paused = True
+        return res.Done()
+
+    def _schedule_resume(self, cmd: c.ScheduleResume, at_ms: int) -> Result:
+        schedule = self._schedule(cmd.schedule)
+        if schedule.paused:
+            schedule.paused = False
+            # A pause drops the ticks due meanwhile, whatever the catch-up policy.
+            schedule.last_tick_ms = max(schedule.last_tick_ms, at_ms)
+        return res.Done()
+
+    def _fire_tick(self, cmd: c.FireTick, at_ms: int) -> Result:
+        """Fire (or drop) one tick: only a tick after the last one, so each
+        tick fires at most once whoever proposes it and however often. The
+        run it starts goes through the submit path, keyed by the tick."""
+        schedule = self._schedule(cmd.schedule)
+        tick_ms = _int(cmd.tick_ms, "tick_ms", 0, MAX_MS)
+        if schedule.paused:
+            raise Refused(f"schedule {schedule.id} is paused", Rejection.CONFLICT)
+        if tick_ms <= schedule.last_tick_ms:
+            raise Refused(
+                f"tick {tick_ms} is not after the last tick {schedule.last_tick_ms}",
+                Rejection.CONFLICT,
+            )
+        if tick_ms > at_ms:
+            raise Refused(f"tick {tick_ms} is not due at {at_ms}")
+        if not cmd.fire:
+            return self._skip_tick(schedule, tick_ms, "missed; the catch-up policy drops it")
+        previous = self.runs.get(schedule.last_run) if schedule.last_run is not None else None
+        if previous is not None and previous.status == RunStatus.SETTLING:
+            previous = None  # already ending
+        if previous is not None and schedule.overlap == OVERLAP_SKIP:
+            return self._skip_tick(schedule, tick_ms, f"run {previous.id} is still active")
+        key = tick_key(schedule.id, tick_ms)
+        spec = RunSpec(
+            agent=schedule.agent,
+            input=schedule.input,
+            tenant=schedule.tenant,
+            idempotency_key=key,
+        )
+        try:
+            outcome = self._submit_one(
+                {"id": tick_run_id(schedule.id, tick_ms), **spec.to_wire()}, at_ms
+            )
+        except Refused as exc:
+            return self._skip_tick(schedule, tick_ms, f"its run was refused: {exc}")
+        if previous is not None and schedule.overlap == OVERLAP_CANCEL_PREVIOUS:
+            self._cancel(c.Cancel(cmd.cid, at_ms, previous.id), at_ms)
+        schedule.last_tick_ms = tick_ms
+        schedule.last_run = outcome.id
+        schedule.fired += 1
+        return res.TickFired(run=outcome.id)
+
+    def _skip_tick(self, schedule: Schedule, tick_ms: int, why: str) -> Result:
+        schedule.last_tick_ms = tick_ms
+        schedule.skipped += 1
+        return res.TickFired(run=None, skipped=why)
+
+    def _schedule(self, schedule_id: Any) -> Schedule:
+        schedule = self.schedules.get(schedule_id) if isinstance(schedule_id, str) else None
+        if schedule is None:
+            raise Refused(f"no schedule {schedule_id!r}", Rejection.UNKNOWN_SCHEDULE)
+        return schedule
+
     _handlers: ClassVar[dict[c.Op, Callable[[MeshState, Any, int], res.Result]]] = {
         c.Op.SUBMIT: _submit,
         c.Op.ASSIGN: _assign,
@@ -596,6 +819,16 @@ class MeshState:
         c.Op.PEER_DRAIN: _peer_drain,
         c.Op.PEER_STOPPING: _peer_stopping,
         c.Op.PEER_LEAVE: _peer_leave,
+        c.Op.SUSPEND: _suspend,
+        c.Op.WAKE: _wake,
+        c.Op.SIGNAL: _signal,
+        c.Op.PAUSE: _pause,
+        c.Op.RESUME: _resume,
+        c.Op.SCHEDULE_SET: _schedule_set,
+        c.Op.SCHEDULE_DELETE: _schedule_delete,
+        c.Op.SCHEDULE_PAUSE: _schedule_pause,
+        c.Op.SCHEDULE_RESUME: _schedule_resume,
+        c.Op.FIRE_TICK: _fire_tick,
     }
 
     # -- transitions shared by handlers -----------------------------------
@@ -619,6 +852,25 @@ class MeshState:
         run.owner = None
         run.assigned_at_ms = None
 
+    def _requeue_or_pause(self, run: Run) -> None:
+        """Back to the queue, or PAUSED if an operator asked for a pause."""
+        if run.pause_requested:
+            self._park(run, RunStatus.PAUSED)
+        else:
+            self._requeue(run)
+
+    def _park(self, run: Run, status: RunStatus) -> None:
+        """WAITING or PAUSED: no owner, no slot, not queue depth; the epoch
+        stays, so the next owner gets epoch + 1."""
+        self._stop_running(run)
+        if run.status == RunStatus.QUEUED:
+            self._count_queued(run.spec.tenant, -1)
+        run.status = status
+        run.owner = None
+        run.assigned_at_ms = None
+        if status == RunStatus.PAUSED:
+            run.pause_requested = False
+
     def _requeue_owned_by(self, peer_id: str) -> int:
         """The owner is gone: its runs go back to the queue (failover), unless
         cancelled meanwhile or out of attempts when lost owners count."""
@@ -632,7 +884,7 @@ class MeshState:
                 run.last_error = f"owner lost {run.losses} times"
                 self._settle_as(run, RunStatus.FAILED)
             else:
-                self._requeue(run)
+                self._requeue_or_pause(run)
         return len(owned)
 
     def _settle_as(self, run: Run, outcome: RunStatus) -> None:
@@ -643,6 +895,8 @@ class MeshState:
         run.outcome = outcome
         run.owner = None
         run.assigned_at_ms = None
+        run.waiting_for = None
+        run.pause_requested = False
 
     def _evict(self, run: Run) -> None:
         self._stop_running(run)
@@ -700,8 +954,9 @@ class MeshState:
     def to_dict(self) -> dict[str, Any]:
         return {
             # v2: remembered results are typed (results.to_wire), no longer maps;
-            # v3: a run's spec is one map (Run.public).
-            "v": 3,
+            # v3: a run's spec is one map (Run.public);
+            # v4: runs carry waiting_for, signals, pause_requested.
+            "v": 4,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
             "idempotency": [[list(k), v[0], v[1]] for k, v in self.idempotency.items()],
@@ -711,6 +966,7 @@ class MeshState:
             "tenant_max_queued": self.tenant_max_queued,
             "default_tenant_max_queued": self.default_tenant_max_queued,
             "retry": dict(self.retry.__dict__),
+            "schedules": [s.public() for s in self.schedules.values()],
             "applied": self.applied,
         }
 
@@ -731,6 +987,8 @@ class MeshState:
         state.tenant_max_queued = dict(data.get("tenant_max_queued") or {})
         state.default_tenant_max_queued = data.get("default_tenant_max_queued")
         state.retry = RetryPolicy(**(data.get("retry") or {}))
+        # Snapshots from before schedules have none.
+        state.schedules = {s["id"]: Schedule.from_public(s) for s in data.get("schedules") or []}
         state.applied = data["applied"]
         for run in state.runs.values():
             if run.status == RunStatus.QUEUED:

@@ -8,7 +8,9 @@ calling the model again for a step that finished.
 
 The model is the peer's configured OpenAI-compatible endpoint (the ``chat``
 agent's ``[models.NAME]`` settings, or ``MESH_CHAT_*``), handed to the nodes as
-``config["configurable"]["model_endpoint"]``. Needs ``pip install
+``config["configurable"]["model_endpoint"]``, and each call holds the
+endpoint's mesh-wide rate limit (``model_limit``; none unless the endpoint
+names one in ``rate_limit``). Needs ``pip install
 'raftmesh[langgraph]' langchain-openai``. E.g. with Ollama:
 
     export MESH_CHAT_BASE_URL=http://127.0.0.1:11434/v1 MESH_CHAT_MODEL=llama3.2
@@ -27,7 +29,7 @@ from langchain_openai import ChatOpenAI
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode, tools_condition
 
-from raftmesh.runner.agents.chat import api_key
+from raftmesh.runner.agents.chat import api_key, estimate_tokens
 
 
 @tool
@@ -56,7 +58,9 @@ async def model(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
         api_key=api_key(endpoint) or "none",  # type: ignore[arg-type]
         streaming=True,  # tokens reach the run's events as they come
     )
-    return {"messages": [await llm.bind_tools(TOOLS).ainvoke(state["messages"], config)]}
+    async with config["configurable"]["model_limit"](tokens=estimate_tokens(state["messages"])):
+        reply = await llm.bind_tools(TOOLS).ainvoke(state["messages"], config)
+    return {"messages": [reply]}
 
 
 builder = StateGraph(MessagesState)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -27,6 +27,7 @@ from raftmesh.mesh.events import Frame, encode
 from raftmesh.mesh.openapi import openapi_document
 from raftmesh.mesh.schemas import (
     MAX_EVENT_SEQ,
+    SignalRequest,
     SubmitRequest,
     check_nesting,
     nesting_message,
@@ -66,12 +67,19 @@ class PeerAPI(Protocol):
     ) -> list[dict[str, Any]]: ...
     async def cancel_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
     async def retry_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
+    # an operator's pause and resume (issue 11): the run's view after the change
+    async def pause_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
+    async def resume_run(self, run_id: str, tenant: str | None) -> dict[str, Any]: ...
     def cluster(self) -> dict[str, Any]: ...
     async def readiness(self) -> tuple[bool, str]: ...
-    def heartbeat(self, report: dict[str, Any]) -> None: ...
+    def heartbeat(self, report: dict[str, Any]) -> dict[str, Any]: ...
     def metrics_text(self) -> bytes: ...
     def follow_events(self, run_id: str, after_seq: int) -> AsyncIterator[Frame]: ...
     def agents(self) -> dict[str, Any]: ...
+    # a signal to a waiting run (issue 11)
+    async def signal(
+        self, run_id: str, name: str, data: Any, idempotency_key: str | None, tenant: str | None
+    ) -> dict[str, Any]: ...
 
 
 def error_response(exc: MeshError) -> web.Response:
@@ -266,15 +274,16 @@ def build_app(peer: PeerAPI) -> web.Application:
         )
         return web.json_response({"runs": runs})
 
-    async def cancel_run(request: web.Request) -> web.Response:
-        who = principal(request)
-        run = await peer.cancel_run(request.match_info["id"], who.tenant)
-        return web.json_response(run, status=202)
+    def run_action(
+        act: Callable[[str, str | None], Awaitable[dict[str, Any]]],
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """POST /v1/runs/{id}/<action>: 202 with the run's view, as the caller's tenant."""
 
-    async def retry_run(request: web.Request) -> web.Response:
-        who = principal(request)
-        run = await peer.retry_run(request.match_info["id"], who.tenant)
-        return web.json_response(run, status=202)
+        async def handle(request: web.Request) -> web.Response:
+            who = principal(request)
+            return web.json_response(await act(request.match_info["id"], who.tenant), status=202)
+
+        return handle
 
     async def cluster(request: web.Request) -> web.Response:
         require_admin(request)
@@ -296,9 +305,9 @@ def build_app(peer: PeerAPI) -> web.Application:
         report = await _json_body(request)
         if not isinstance(report, dict):
             raise BadRequest("heartbeat body must be a JSON object")
-        peer.heartbeat(report)
+        leases = peer.heartbeat(report)
         # The leader's clock, so the reporting peer can tell its own skew.
-        return web.json_response({"ok": True, "wall_ms": int(time.time() * 1000)})
+        return web.json_response({"ok": True, "wall_ms": int(time.time() * 1000), **leases})
 
     async def events(request: web.Request) -> web.StreamResponse:
         who = principal(request)
@@ -329,6 +338,14 @@ def build_app(peer: PeerAPI) -> web.Application:
             log.debug("event watcher went away", extra={"run_id": run_id})
         return resp
 
+    async def signal(request: web.Request) -> web.Response:
+        """202 once the signal is stored and its announcement committed."""
+        who = principal(request)
+        body = parse_request(await _json_body(request), SignalRequest)
+        run_id, name = request.match_info["id"], request.match_info["name"]
+        sent = await peer.signal(run_id, name, body.data, body.idempotency_key, who.tenant)
+        return web.json_response(sent, status=202)
+
     async def agents(request: web.Request) -> web.Response:
         principal(request)
         return web.json_response(peer.agents())
@@ -341,11 +358,14 @@ def build_app(peer: PeerAPI) -> web.Application:
 
     app.router.add_post("/v1/runs", submit)
     app.router.add_get("/v1/runs/{id}/events", events)
+    app.router.add_post("/v1/runs/{id}/signals/{name}", signal)
     app.router.add_get("/v1/agents", agents)
     app.router.add_get("/v1/runs", list_runs)
     app.router.add_get("/v1/runs/{id}", get_run)
-    app.router.add_post("/v1/runs/{id}/cancel", cancel_run)
-    app.router.add_post("/v1/runs/{id}/retry", retry_run)
+    app.router.add_post("/v1/runs/{id}/cancel", run_action(peer.cancel_run))
+    app.router.add_post("/v1/runs/{id}/retry", run_action(peer.retry_run))
+    app.router.add_post("/v1/runs/{id}/pause", run_action(peer.pause_run))
+    app.router.add_post("/v1/runs/{id}/resume", run_action(peer.resume_run))
     app.router.add_get("/v1/cluster", cluster)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

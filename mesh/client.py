@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -153,6 +154,28 @@ class MeshClient:
         """Re-queue a failed or timed-out run (a dead letter) under its own id."""
         return await self._request("POST", f"/v1/runs/{id}/retry")
 
+    async def pause(self, id: str) -> dict[str, Any]:
+        """Pause a run; its view: ``paused`` at once if it was queued or waiting,
+        ``running`` with ``pause_requested`` until its owner releases it at a
+        step boundary. 409 if it already ended."""
+        return await self._request("POST", f"/v1/runs/{id}/pause")
+
+    async def resume(self, id: str) -> dict[str, Any]:
+        """Resume a paused run (back to ``queued``); its view. 409 if it is not paused."""
+        return await self._request("POST", f"/v1/runs/{id}/resume")
+
+    async def signal(
+        self, id: str, name: str, data: Any, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Send the run signal ``name``; {"run_id", "name", "seq", "duplicate"}
+        once it is committed. The same key again is delivered once."""
+        body: dict[str, Any] = {"data": data}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        return await self._request(
+            "POST", f"/v1/runs/{id}/signals/{quote(name, safe='')}", json=body
+        )
+
     async def cluster(self) -> dict[str, Any]:
         return await self._request("GET", "/v1/cluster")
 
@@ -173,6 +196,50 @@ class MeshClient:
     async def leave(self, id: str, release: bool = False) -> dict[str, Any]:
         """Drain ``id`` and remove it; answered once it is out of the mesh."""
         return await self._request("POST", f"/v1/peers/{id}/leave", json={"release": release})
+
+    # -- schedules -------------------------------------------------------------
+
+    async def add_schedule(
+        self,
+        id: str,
+        agent: str,
+        input: Any,
+        *,
+        cron: str | None = None,
+        every_s: float | None = None,
+        timezone: str | None = None,
+        tenant: str | None = None,
+        overlap: str | None = None,
+        catchup: str | None = None,
+    ) -> dict[str, Any]:
+        """Create a schedule (exactly one of ``cron`` and ``every_s``); the
+        same id and definition again answers the existing schedule."""
+        body: dict[str, Any] = {"id": id, "agent": agent, "input": input}
+        optional = {
+            "cron": cron,
+            "every_s": every_s,
+            "timezone": timezone,
+            "tenant": tenant,
+            "overlap": overlap,
+            "catchup": catchup,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return await self._request("POST", "/v1/schedules", json=body)
+
+    async def schedules(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/schedules")
+
+    async def schedule(self, id: str) -> dict[str, Any]:
+        return await self._request("GET", f"/v1/schedules/{id}")
+
+    async def delete_schedule(self, id: str) -> dict[str, Any]:
+        return await self._request("DELETE", f"/v1/schedules/{id}")
+
+    async def pause_schedule(self, id: str) -> dict[str, Any]:
+        return await self._request("POST", f"/v1/schedules/{id}/pause")
+
+    async def resume_schedule(self, id: str) -> dict[str, Any]:
+        return await self._request("POST", f"/v1/schedules/{id}/resume")
 
     async def wait(self, id: str, timeout_s: float, poll_s: float = 0.2) -> dict[str, Any]:
         """Poll until the run is terminal; raises TimeoutError after ``timeout_s``.

@@ -52,6 +52,11 @@ class RunNotFound(MeshError):
     code = "run_not_found"
 
 
+class ScheduleNotFound(MeshError):
+    status = 404
+    code = "schedule_not_found"
+
+
 class PeerNotFound(MeshError):
     status = 404
     code = "peer_not_found"
@@ -125,6 +130,7 @@ REJECTIONS: dict[Rejection, type[MeshError]] = {
     Rejection.CONFLICT: Conflict,
     Rejection.TENANT_QUEUE_FULL: TooManyRequests,
     Rejection.INTERNAL: MeshError,
+    Rejection.UNKNOWN_SCHEDULE: ScheduleNotFound,
 }
 
 

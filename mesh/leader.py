@@ -1,4 +1,5 @@
-"""The leader's duties: judge peers, replicate the policy, assign, settle.
+"""The leader's duties: judge peers, replicate the policy, wake, assign, settle,
+fire schedules.
 
 ``Leader.tick`` decides; it reads the state it is handed and its own caches
 (liveness) and returns the commands to propose, in the order they must commit.
@@ -12,24 +13,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.model import PEER_UP
-from raftmesh.consensus.results import Assigned, Requeued
+from raftmesh.consensus.results import Assigned, Requeued, TickFired
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
+from raftmesh.consensus.waits import due_ms, wait_satisfied
 from raftmesh.mesh.errors import from_storage
 from raftmesh.mesh.liveness import Liveness
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.observe import Failovers, wall_ms_of
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.schedules import ScheduleTicker
 from raftmesh.runner.attempt import Assignment
 from raftmesh.storage.base import RunRow, Store
 
 log = logging.getLogger("raftmesh.leader")
+
+# Runs one wake names: a thousand waits ending at once take a few entries.
+WAKE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,9 @@ class Leader:
         self.liveness = liveness
         self.policy = policy
         self._was_leader = False
+        self.ticker = ScheduleTicker()
+        # Set by each tick: when the earliest timer of a waiting run is due.
+        self.next_due_ms: int | None = None
 
     def tick(
         self, state: MeshState, term: int | None, now_ms: int, now_s: float
@@ -70,6 +80,7 @@ class Leader:
             log.info("became leader", extra={"term": term})
         self._was_leader = leading
         if term is None:
+            self.next_due_ms = None
             return []
         self.liveness.heard(self.peer_id, self.incarnation, now_s)
         up = {p.id: p.incarnation for p in state.peers.values() if p.status == PEER_UP}
@@ -79,9 +90,14 @@ class Leader:
             out.append(commands.PeerDown(new_id(), now_ms, peer_id, incarnation))
         if _policy_of(state) != self.policy:
             out.append(commands.Configure(new_id(), now_ms, **self.policy))
+        due, self.next_due_ms = _wakeable(state, now_ms)
+        for at in range(0, len(due), WAKE_BATCH):
+            out.append(commands.Wake(new_id(), now_ms, due[at : at + WAKE_BATCH]))
         plan = self.scheduler.plan(state, now_ms)
         if plan:
             out.append(commands.Assign(new_id(), now_ms, term, plan))
+        # Replicated schedules: the ticks due now (apply fires each at most once).
+        out.extend(self.ticker.due(state, now_ms))
         return out
 
     @staticmethod
@@ -97,6 +113,20 @@ class Leader:
         ]
 
 
+def _wakeable(state: MeshState, now_ms: int) -> tuple[list[str], int | None]:
+    """The waiting runs whose wait is over, and the earliest time after
+    ``now_ms`` another one's ends by the clock (the leader ticks then, not only
+    on its period): one pass over the runs for both."""
+    due: list[str] = []
+    earliest: int | None = None
+    for run in state.runs.values():
+        if wait_satisfied(run, state, now_ms):
+            due.append(run.id)
+        elif (at := due_ms(run)) is not None and at > now_ms:
+            earliest = at if earliest is None else min(earliest, at)
+    return due, earliest
+
+
 def _policy_of(state: MeshState) -> dict[str, Any]:
     return {
         "tenant_caps": state.tenant_caps,
@@ -110,19 +140,32 @@ def _policy_of(state: MeshState) -> dict[str, Any]:
 class LeaderDuty:
     """Performs what ``Leader.tick`` decides, on every change and on a short tick."""
 
-    def __init__(self, leader: Leader, proposer: Proposer, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        leader: Leader,
+        proposer: Proposer,
+        store: Store,
+        metrics: Metrics,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        """``wake()`` makes the peer run ``run_once`` soon: called when the
+        earliest timer of a waiting run is due."""
         self.leader = leader
         self._proposer = proposer
         self._store = store
         self._metrics = metrics
         self._failovers = Failovers()
+        self._wake = wake
+        self._timer: asyncio.TimerHandle | None = None
 
     async def run_once(self) -> None:
         raft = self._proposer.raft
         with self._proposer.read() as state:
             term = raft.term if raft.is_leader else None
-            cmds = self.leader.tick(state, term, now_ms(), time.monotonic())
+            now = now_ms()
+            cmds = self.leader.tick(state, term, now, time.monotonic())
             self._track_failovers(state, cmds)
+            self._set_timer(self.leader.next_due_ms, now)
         # Proposed together, so they share one log entry and commit in order.
         results = await asyncio.gather(
             *(self._proposer.propose(c) for c in cmds), return_exceptions=True
@@ -135,11 +178,29 @@ class LeaderDuty:
                 self._metrics.failovers.inc(result.requeued)
             elif isinstance(result, Assigned) and result.rejected:
                 log.debug("assignments rejected on apply: %s", result.rejected)
+            elif isinstance(cmd, commands.FireTick) and isinstance(result, TickFired):
+                # A fired tick is routine; a dropped one is worth an operator's eye.
+                log.log(
+                    logging.DEBUG if result.run else logging.INFO,
+                    "schedule %s tick %d: %s",
+                    cmd.schedule,
+                    cmd.tick_ms,
+                    f"run {result.run}" if result.run else f"skipped ({result.skipped})",
+                )
             elif cmd.op == commands.Op.CONFIGURE:
                 log.info("scheduling policy replicated: %s", result)
         if term is not None:
             # Last, so that an unreachable database delays only these outcomes.
             await self._settle_decided()
+
+    def _set_timer(self, due: int | None, now: int) -> None:
+        """Tick again when the next timer is due: a timer wakes within a Raft
+        round trip of its due time, whatever the tick period."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if due is not None and self._wake is not None:
+            self._timer = asyncio.get_running_loop().call_later((due - now) / 1000, self._wake)
 
     def _track_failovers(self, state: MeshState, cmds: list[commands.Command]) -> None:
         """An orphan's loss dates from its owner's last report, not from the verdict."""

@@ -2,8 +2,9 @@
 at a terminal; each line carries peer, run id, epoch and trace id when known.
 
 The trace id is the W3C one: taken from an incoming request's ``traceparent``
-(so a client's trace continues into the peer's log lines), else the run's id,
-which is already 32 hex digits: every peer's lines about one run share it.
+(so a client's trace continues into the peer's log lines), from the run's
+trace while a traced attempt runs (mesh/tracing.py), else the run's id, which
+is already 32 hex digits: every peer's lines about one run share it.
 """
 
 from __future__ import annotations

@@ -29,6 +29,11 @@ class Metrics:
         self.running = Gauge("raftmesh_running_runs", "Runs executing on this peer", registry=r)
         self.slots = Gauge("raftmesh_slots", "Slots this peer offers", registry=r)
         self.queue_depth = Gauge("raftmesh_queue_depth", "Queued runs in the mesh", registry=r)
+        # Suspended runs hold no slot and are not queue depth (DESIGN.md).
+        self.waiting_runs = Gauge(
+            "raftmesh_waiting_runs", "Runs waiting on a timer, a signal or children", registry=r
+        )
+        self.paused_runs = Gauge("raftmesh_paused_runs", "Runs an operator paused", registry=r)
         self.queue_oldest_age = Gauge(
             "raftmesh_queue_oldest_age_seconds", "Age of the oldest queued run", registry=r
         )
@@ -117,6 +122,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.rate_limit_wait = Histogram(
+            "raftmesh_rate_limit_wait_seconds",
+            "Time a call waited for capacity of a mesh-wide rate limit (ctx.limit)",
+            ["limit"],
+            buckets=(0, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
         self.failover_duration = Histogram(
             "raftmesh_failover_duration_seconds",
             "From the last report of a peer judged down to its run's reassignment (leader)",
@@ -166,6 +178,8 @@ class Metrics:
         that disappeared drop out instead of keeping stale values."""
         self.queue_depth.set(queue["depth"])
         self.queue_oldest_age.set(queue["oldest_age_s"])
+        self.waiting_runs.set(queue["suspended"]["waiting"])
+        self.paused_runs.set(queue["suspended"]["paused"])
         for gauge in (
             self.tenant_queue_depth,
             self.tenant_queue_oldest_age,

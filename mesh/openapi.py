@@ -10,13 +10,20 @@ from typing import Any
 
 import msgspec
 
+from raftmesh.consensus.waits import SIGNAL_NAME
 from raftmesh.mesh.schemas import (
     MAX_EVENT_SEQ,
+    SIGNAL_NAME_RULE,
     ErrorResponse,
     JoinRequest,
     JoinResponse,
     RunList,
     RunView,
+    ScheduleList,
+    ScheduleRequest,
+    ScheduleView,
+    SignalRequest,
+    SignalResponse,
     SubmitRequest,
     SubmitResponse,
 )
@@ -25,11 +32,16 @@ REF = "#/components/schemas/{name}"
 _SCHEMAS = (
     SubmitRequest,
     SubmitResponse,
+    SignalRequest,
+    SignalResponse,
     RunView,
     RunList,
     JoinRequest,
     JoinResponse,
     ErrorResponse,
+    ScheduleRequest,
+    ScheduleView,
+    ScheduleList,
 )
 
 # (method, path) -> summary, request body type, {status: (response type, description)}
@@ -51,10 +63,25 @@ OPERATIONS: dict[tuple[str, str], _Operation] = {
         {"202": (None, "cancelling")},
     ),
     ("POST", "/v1/runs/{id}/retry"): ("Re-queue a dead letter", None, {"202": (None, "queued")}),
+    ("POST", "/v1/runs/{id}/pause"): (
+        "Pause a run: queued or waiting at once, running at its next step boundary",
+        None,
+        {"202": (RunView, "paused, or running with pause_requested until its owner lets go")},
+    ),
+    ("POST", "/v1/runs/{id}/resume"): (
+        "Resume a paused run (back to the queue), or withdraw a pending pause",
+        None,
+        {"202": (RunView, "queued, or running with the pause withdrawn")},
+    ),
     ("GET", "/v1/runs/{id}/events"): (
         "The run's events as Server-Sent Events; resume with Last-Event-ID",
         None,
         {"200": (None, "text/event-stream")},
+    ),
+    ("POST", "/v1/runs/{id}/signals/{name}"): (
+        "Send a run a signal; its wait_for_signal(name) returns the data",
+        SignalRequest,
+        {"202": (SignalResponse, "stored and announced")},
     ),
     ("GET", "/v1/agents"): ("Agents this peer runs", None, {"200": (None, "agents")}),
     ("GET", "/v1/cluster"): ("Peers, leader, queue and slots", None, {"200": (None, "the mesh")}),
@@ -77,12 +104,46 @@ OPERATIONS: dict[tuple[str, str], _Operation] = {
         {"200": (None, "steps and owners")},
     ),
     ("GET", "/v1/diagnostics"): ("This peer's checks (admin)", None, {"200": (None, "checks")}),
+    ("POST", "/v1/schedules"): (
+        "Create a schedule (replicated; the leader fires each tick once)",
+        ScheduleRequest,
+        {
+            "201": (ScheduleView, "created"),
+            "200": (ScheduleView, "a schedule with this id and definition exists"),
+        },
+    ),
+    ("GET", "/v1/schedules"): ("List schedules", None, {"200": (ScheduleList, "schedules")}),
+    ("GET", "/v1/schedules/{id}"): ("One schedule", None, {"200": (ScheduleView, "the schedule")}),
+    ("DELETE", "/v1/schedules/{id}"): (
+        "Delete a schedule (runs it started go on)",
+        None,
+        {"200": (ScheduleView, "deleted")},
+    ),
+    ("POST", "/v1/schedules/{id}/pause"): (
+        "Pause a schedule: no tick fires until it is resumed",
+        None,
+        {"200": (ScheduleView, "paused")},
+    ),
+    ("POST", "/v1/schedules/{id}/resume"): (
+        "Resume a schedule; ticks due while it was paused are not fired",
+        None,
+        {"200": (ScheduleView, "resumed")},
+    ),
     ("POST", "/internal/v1/heartbeat"): ("Internal", None, {"200": (None, "heard")}),
     ("POST", "/internal/v1/voters/remove"): ("Internal", None, {"200": (None, "removed")}),
     ("POST", "/internal/v1/voters/promote"): ("Internal", None, {"200": (None, "promoted")}),
 }
 
 _PARAMETERS: dict[tuple[str, str], list[dict[str, Any]]] = {
+    ("POST", "/v1/runs/{id}/signals/{name}"): [
+        {
+            "name": "name",
+            "in": "path",
+            "required": True,
+            "description": SIGNAL_NAME_RULE,
+            "schema": {"type": "string", "pattern": f"^{SIGNAL_NAME.pattern}$"},
+        }
+    ],
     ("GET", "/v1/runs"): [
         {"name": "status", "in": "query", "schema": {"type": "string"}},
         {
@@ -131,13 +192,31 @@ def _operation(method: str, path: str) -> dict[str, Any]:
     if body is not None:
         op["requestBody"] = {"required": True, "content": _json(body)}
     params = list(_PARAMETERS.get((method, path), []))
+    declared = {p["name"] for p in params if p["in"] == "path"}
     params += [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in _path_names(path)
+        if name not in declared
     ]
     if params:
         op["parameters"] = params
+    if (method, path) in OPEN_ROUTES:
+        op["security"] = []
     return op
+
+
+# Every route takes `Authorization: Bearer <token>` when the peer has tokens
+# set (a tenant's, the admin's, or the mesh's internal one for peer routes),
+# except probes and this document, which a load balancer or a client reads
+# before it has any token.
+SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API token (tenant or admin); peer-to-peer routes take the mesh's",
+    }
+}
+OPEN_ROUTES = frozenset({("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/v1/openapi.json")})
 
 
 def _path_names(path: str) -> list[str]:
@@ -157,5 +236,6 @@ def openapi_document(routes: Iterable[tuple[str, str]]) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "raftmesh", "version": "1"},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": SECURITY_SCHEMES},
+        "security": [{"bearer": []}],
     }

@@ -43,13 +43,15 @@ from raftmesh.mesh.presence import Presence
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.reconciler import Reconciler
 from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.schedules_api import ScheduleService, add_schedule_routes
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.timed_store import TimedStore
 from raftmesh.mesh.tls import server_context
-from raftmesh.mesh.tracing import Tracing
+from raftmesh.mesh.tracing import Tracing, traced_attempt
 from raftmesh.runner.attempt import Assignment, Outcome, run_attempt
 from raftmesh.runner.context import Limits, RunContext
+from raftmesh.runner.rate_limits import Limiter
 from raftmesh.runner.registry import build_registry
 from raftmesh.storage import open_store
 from raftmesh.storage.base import StorageUnavailable
@@ -88,6 +90,10 @@ class Peer:
         self.liveness = Liveness(settings.peer_ttl_s)
         self.contact = LeaderContact(settings.peer_ttl_s)
         self.scheduler = Scheduler(settings.placement, settings.priority_aging_s)
+        self.rate_limiter = Limiter(
+            settings.rate_limits,
+            on_wait=lambda name, s: self.metrics.rate_limit_wait.labels(name).observe(s),
+        )
         self._leader_wake = asyncio.Event()
         self._reconcile_wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -161,7 +167,9 @@ class Peer:
         leader = Leader(
             self.id, self.incarnation, self.scheduler, self.liveness, s.replicated_policy()
         )
-        self.leader_duty = LeaderDuty(leader, self.proposer, self.store, self.metrics)
+        self.leader_duty = LeaderDuty(
+            leader, self.proposer, self.store, self.metrics, wake=self._leader_wake.set
+        )
         self.presence = Presence(
             s,
             self.incarnation,
@@ -175,10 +183,12 @@ class Peer:
                 self.membership.shutting_down or self.membership.leaving or self.membership.learning
             ),
             on_leader_clock=self.observer.own_skew,
+            rate_limits=(self.rate_limiter, self.service.rate_leases),
         )
         app = build_app(self.service)
         add_membership_routes(app, self)
         add_ops_routes(app, self.service)
+        add_schedule_routes(app, ScheduleService(self.proposer, self.service.check_agent))
         self._http = web.AppRunner(app, access_log=None)
         await self._http.setup()
         host, port = _host_port(s.http)
@@ -242,6 +252,9 @@ class Peer:
 
     def _on_raft_change(self, cmds: list[Any], results: list[Result]) -> None:
         self.observer.applied(cmds, results)
+        if self.tracing.enabled:
+            with self.proposer.read() as state:
+                self.tracing.assigned(cmds, results, state)
         self._leader_wake.set()
         self._reconcile_wake.set()
 
@@ -288,6 +301,16 @@ class Peer:
         release: asyncio.Event,
         on_context: Callable[[RunContext | None], None],
     ) -> Outcome:
+        return await traced_attempt(
+            self.tracing, job, lambda: self._run_attempt(job, release, on_context)
+        )
+
+    async def _run_attempt(
+        self,
+        job: Assignment,
+        release: asyncio.Event,
+        on_context: Callable[[RunContext | None], None],
+    ) -> Outcome:
         s = self.settings
         return await run_attempt(
             job,
@@ -301,7 +324,10 @@ class Peer:
             isolation_env=s.isolation_env,
             on_context=on_context,
             release=release,
+            spans=self.tracing,
             models=s.models,
+            suspend_after_s=s.suspend_after_s,
+            rate_limiter=self.rate_limiter,
         )
 
 

@@ -4,6 +4,8 @@ A peer learns nothing by RPC; it only has to be known. ``peer_up`` puts this
 incarnation (with its slots, labels and agents) into the replicated state, and
 a report every heartbeat interval keeps the leader from judging it down. A
 confirmed report is also how the peer knows it is not cut off (self-fencing).
+The report also asks for this peer's share of the rate limits it uses, and the
+answer carries the leases (mesh/rate_limits.py), so they cost no Raft commit.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
@@ -20,7 +23,9 @@ from raftmesh.mesh.errors import Unavailable
 from raftmesh.mesh.leader_link import LeaderLink
 from raftmesh.mesh.liveness import LeaderContact, Liveness
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
+from raftmesh.mesh.rate_limits import LeaseBook
 from raftmesh.mesh.settings import Settings
+from raftmesh.runner.rate_limits import Limiter
 
 log = logging.getLogger("raftmesh.presence")
 
@@ -38,11 +43,14 @@ class Presence:
         busy: Callable[[], int],
         quiet: Callable[[], bool],
         on_leader_clock: Callable[[float], None] | None = None,
+        rate_limits: tuple[Limiter, LeaseBook] | None = None,
     ) -> None:
         """``busy()`` counts this peer's running attempts; ``quiet()`` is true
         while membership changes this peer (leaving, shutting down), when it
         must not announce itself again; ``on_leader_clock(ms)`` hears how far
-        this peer's clock is ahead of the leader's, from each acknowledgement."""
+        this peer's clock is ahead of the leader's, from each acknowledgement;
+        ``rate_limits`` are this peer's leases and, for when it leads, the books
+        it grants them from."""
         self._settings = settings
         self.peer_id = settings.id
         self.incarnation = incarnation
@@ -54,6 +62,7 @@ class Presence:
         self._busy = busy
         self._quiet = quiet
         self._on_leader_clock = on_leader_clock
+        self._rate_limits = rate_limits
 
     @property
     def raft_addr(self) -> str:
@@ -104,6 +113,11 @@ class Presence:
             return
         if raft.is_leader:
             now = time.monotonic()
+            if self._rate_limits is not None:
+                limiter, book = self._rate_limits
+                limiter.renew(
+                    book.grant(self.peer_id, limiter.demand(), raft.term, now), now, book.ttl_s
+                )
             self._liveness.heard(self.peer_id, self.incarnation, now)
             with self._proposer.read() as state:
                 in_contact = self._contact.heard_majority(self._liveness, state.peers.values(), now)
@@ -118,14 +132,28 @@ class Presence:
             # The leader compares it with its own clock: the skew diagnostics show.
             "wall_ms": sent_ms,
         }
+        if self._rate_limits is not None:
+            report["rate_limits"] = self._rate_limits[0].demand()
+        sent = time.monotonic()
         try:
             ack = await self._link.heartbeat(report)
             received_ms = now_ms()
             if ack is not None:
                 self._contact.confirmed(time.monotonic())
+                self._renew_leases(ack, sent)
                 leader_ms = ack.get("wall_ms")
                 if isinstance(leader_ms, int) and self._on_leader_clock is not None:
                     # The leader read its clock about halfway through the round trip.
                     self._on_leader_clock((sent_ms + received_ms) / 2 - leader_ms)
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.debug("heartbeat to the leader failed: %s", exc)
+
+    def _renew_leases(self, ack: dict[str, Any], sent: float) -> None:
+        """Counted from ``sent``: before the leader granted them, so they end
+        here before they end on its books."""
+        leases, ttl_s = ack.get("leases"), ack.get("lease_ttl_s")
+        if self._rate_limits is None or not isinstance(leases, dict):
+            return
+        if not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool):
+            return
+        self._rate_limits[0].renew(leases, sent, float(ttl_s))

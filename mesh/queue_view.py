@@ -6,25 +6,34 @@ every peer answers alike (up to replication lag).
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from typing import Any
 
-from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.model import PEER_UP, Run
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.views import suspension_message
+
+SUSPENDED_LISTED = 50
 
 
 def queue_summary(state: MeshState, scheduler: Scheduler, now_ms: int) -> dict[str, Any]:
-    """Depth and oldest age overall and per tenant, and why runs wait."""
+    """Depth and oldest age overall and per tenant, and why runs wait. Waiting
+    and paused runs are not queue depth (no slot would start them): they are
+    counted and listed apart, under ``suspended``."""
     tenants: dict[str, dict[str, Any]] = {}
     waiting: Counter[str] = Counter()
+    suspended: list[Run] = []
     depth = 0
     oldest: int | None = None
     for run in state.runs.values():
         entry = tenants.setdefault(run.spec.tenant, {"queued": 0, "running": 0, "oldest_ms": None})
         if run.status == RunStatus.RUNNING:
             entry["running"] += 1
+        if run.status in (RunStatus.WAITING, RunStatus.PAUSED):
+            suspended.append(run)
         if run.status != RunStatus.QUEUED:
             continue
         depth += 1
@@ -51,6 +60,28 @@ def queue_summary(state: MeshState, scheduler: Scheduler, now_ms: int) -> dict[s
         "oldest_age_s": _age_s(oldest, now_ms),
         "tenants": per_tenant,
         "waiting_for": dict(waiting.most_common()),
+        "suspended": _suspended(suspended),
+    }
+
+
+def _suspended(runs: list[Run]) -> dict[str, Any]:
+    """Counts of waiting and paused runs, and the oldest SUSPENDED_LISTED of
+    them (a mesh may hold many thousands of waiting runs)."""
+    counts = Counter(run.status for run in runs)
+    oldest = heapq.nsmallest(SUSPENDED_LISTED, runs, key=lambda r: (r.submitted_at_ms, r.id))
+    return {
+        "waiting": counts[RunStatus.WAITING],
+        "paused": counts[RunStatus.PAUSED],
+        "runs": [
+            {
+                "id": run.id,
+                "status": run.status,
+                "tenant": run.spec.tenant,
+                "agent": run.spec.agent,
+                "waiting_for": suspension_message(run),
+            }
+            for run in oldest
+        ],
     }
 
 

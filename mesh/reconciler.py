@@ -20,7 +20,7 @@ from raftmesh.consensus.model import DRAIN_RELEASE, PEER_UP
 from raftmesh.mesh.liveness import LeaderContact
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
-from raftmesh.runner.attempt import FENCED, RELEASED, RETRY, Assignment, Outcome
+from raftmesh.runner.attempt import FENCED, RELEASED, RETRY, SUSPENDED, Assignment, Outcome
 from raftmesh.runner.context import RunContext
 from raftmesh.runner.slots import Slots
 
@@ -49,13 +49,16 @@ def plan(
     may_start: bool,
 ) -> Actions:
     """An epoch claims storage once, so an attempt of this incarnation that
-    stopped is handed back (the next owner gets epoch + 1), never restarted."""
-    wanted = {job.run_id: job.epoch for job in owned}
+    stopped is handed back (the next owner gets epoch + 1), never restarted.
+    A run an operator asked to pause is released at its next step boundary,
+    or handed back before it starts; either lands it PAUSED."""
+    wanted = {job.run_id: job for job in owned}
     out = Actions()
     for run_id, epoch in running.items():
-        if wanted.get(run_id) != epoch:
+        job = wanted.get(run_id)
+        if job is None or job.epoch != epoch:
             out.stop.append(run_id)
-        elif release_all:
+        elif release_all or job.pause_requested:
             out.release.append(run_id)
     if not may_start:
         return out
@@ -64,7 +67,7 @@ def plan(
         if running.get(job.run_id) == job.epoch:
             if job.cancel_requested:
                 out.cancel.append(job)
-        elif key in attempted:
+        elif key in attempted or job.pause_requested:
             if key not in handing_back:
                 out.hand_back.append(job)
         else:
@@ -192,6 +195,8 @@ class Reconciler:
         elif outcome.status == RELEASED:
             log.info("run released at a step boundary", extra=extra)
             cmd = commands.Release(new_id(), now_ms(), job.run_id, job.epoch)
+        elif outcome.status == SUSPENDED:
+            cmd = commands.Suspend(new_id(), now_ms(), job.run_id, job.epoch, outcome.wait or {})
         else:
             log.info("run %s", outcome.status, extra=extra)
             cmd = commands.Finish(

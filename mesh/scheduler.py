@@ -87,7 +87,10 @@ class Scheduler:
     def order(self, state: MeshState, now_ms: int) -> list[Run]:
         """Queued runs, higher (aged) priority first, FIFO within one."""
         queued = state.queued()
-        queued.sort(key=lambda r: (-self.effective_priority(r, now_ms), r.submitted_at_ms, r.id))
+        if self.aging_s > 0:  # without aging, state.queued() is in this order already
+            queued.sort(
+                key=lambda r: (-self.effective_priority(r, now_ms), r.submitted_at_ms, r.id)
+            )
         return queued
 
     def plan(self, state: MeshState, now_ms: int) -> list[tuple[str, str, int]]:
@@ -96,6 +99,10 @@ class Scheduler:
             state.peers[pid] for pid in sorted(state.peers) if accepts_work(state.peers[pid])
         ]
         load = _Planned(state)
+        if not any(has_room(p, load) for p in open_peers):
+            # The leader ticks on every applied entry: with every slot taken
+            # (the usual case under load) ordering the queue is all it would do.
+            return []
         plan: list[tuple[str, str, int]] = []
         for run in self.order(state, now_ms):
             if len(plan) >= self.limit or not any(has_room(p, load) for p in open_peers):

@@ -16,17 +16,18 @@ import msgspec
 from msgspec import Meta, Struct
 
 from raftmesh.consensus.model import EXECUTOR, VOTER
+from raftmesh.consensus.schedules import SCHEDULE_ID
+from raftmesh.consensus.spec import INT64_MAX, MAX_TIMEOUT_S
 from raftmesh.mesh.errors import BadRequest
 from raftmesh.mesh.scheduler import PLACEMENTS
 from raftmesh.runner.context import BUDGET_KEYS
 from raftmesh.runner.isolation import ISOLATION_MODES
+from raftmesh.runner.payload import pack
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-INT64_MAX = 2**63 - 1
 # Deeper bodies are refused before anything recurses over them (JSON
 # decoding, msgpack, the agent): a 400 instead of a RecursionError.
 MAX_NESTING = 64
-MAX_TIMEOUT_S = 1e9
 MAX_IDEMPOTENCY_KEY_BYTES = 256
 MAX_LABELS = 64
 # events.seq is an INTEGER column: no event has a larger sequence number.
@@ -56,7 +57,14 @@ RULES = {
     "http": "HOST:PORT with a port from 1 to 65535: the new peer's API address",
     "raft": "HOST:PORT with a port from 1 to 65535: a voter's Raft address",
     "role": f"one of {VOTER}, {EXECUTOR}",
+    "data": "any JSON value, integers within 64 bits: what the waiting call returns",
+    "signal_key": (
+        f"a string of at most {MAX_IDEMPOTENCY_KEY_BYTES} bytes (UTF-8, no NUL): "
+        "signals to one run and name with the same key are delivered once"
+    ),
 }
+# A signal name, in the path of POST /v1/runs/{id}/signals/{name}.
+SIGNAL_NAME_RULE = "1 to 128 of the characters A-Z a-z 0-9 _ . : -"
 
 
 def _rule(name: str, **bounds: Any) -> Meta:
@@ -112,6 +120,46 @@ class SubmitRequest(Struct, forbid_unknown_fields=True):
             raise ValueError(f"field 'idempotency_key' must be {RULES['idempotency_key']}")
 
 
+class SignalRequest(Struct, forbid_unknown_fields=True):
+    """A signal to a run (``POST /v1/runs/{id}/signals/{name}``)."""
+
+    data: Annotated[Any, _rule("data")] = None
+    idempotency_key: (
+        Annotated[str, _rule("signal_key", max_length=MAX_IDEMPOTENCY_KEY_BYTES)] | None
+    ) = None
+
+    def __post_init__(self) -> None:
+        if not packable(self.data):
+            raise ValueError(f"field 'data' must be {RULES['data']}")
+        key = self.idempotency_key
+        if key is not None and (
+            not storable_text(key) or len(key.encode()) > MAX_IDEMPOTENCY_KEY_BYTES
+        ):
+            raise ValueError(f"field 'idempotency_key' must be {RULES['signal_key']}")
+
+
+def packable(value: Any) -> bool:
+    """A value msgpack can carry: storage keeps a signal's data packed, and an
+    integer beyond 64 bits would fail there, after the request was taken."""
+    try:
+        pack(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def storable_text(text: str) -> bool:
+    """Text a storage column holds: UTF-8 (no lone surrogate) without NUL,
+    which PostgreSQL text refuses."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 PeerId = Annotated[str, _rule("id", min_length=1, max_length=128)]
 HttpAddress = Annotated[str, _rule("http", pattern=_ADDRESS)]
 RaftAddress = Annotated[str, _rule("raft", pattern=_ADDRESS)]
@@ -150,10 +198,33 @@ class SubmitResponse(Struct):
     status: Literal["queued", "existing"]
 
 
+class SignalResponse(Struct):
+    """``seq``: the signal's place among the run's signals of that name (from 0);
+    ``duplicate``: the idempotency key had stored it already."""
+
+    run_id: str
+    name: str
+    seq: int
+    duplicate: bool
+
+
 class Failures(Struct):
     error: int
     timeout: int
     lost_owner: int
+
+
+class WaitView(Struct, forbid_unknown_fields=True):
+    """What a waiting run waits for (consensus/waits.py): a timer (``due_at``),
+    a signal (``signal``, with ``due_at`` as its timeout if any) or children
+    (the first ``children`` ids of ``children_total``). A run paused in a wait
+    keeps it."""
+
+    kind: str
+    due_at: float | None
+    signal: str | None
+    children: list[str] | None
+    children_total: int | None
 
 
 class RunView(Struct, forbid_unknown_fields=True):
@@ -179,6 +250,8 @@ class RunView(Struct, forbid_unknown_fields=True):
     failures: Failures | None = None
     session: str | None = None
     waiting_for: str | None = None
+    pause_requested: bool | None = None
+    wait: WaitView | None = None
 
 
 class RunList(Struct):
@@ -191,15 +264,92 @@ class JoinResponse(Struct):
     voters: list[str]
 
 
+# -- schedules (consensus/schedules.py, mesh/schedules.py) --------------------
+
+SCHEDULE_RULES = {
+    "id": "1 to 128 characters of A-Z a-z 0-9 _ . : -: the schedule's id",
+    "cron": (
+        "a cron expression of at most 256 characters (5 fields; a 6th is seconds, "
+        "a 7th the year), parsed by croniter"
+    ),
+    "every_s": "a period in seconds from 1 to 31622400",
+    "timezone": "an IANA time zone name such as Europe/Paris (default UTC)",
+    "overlap": "one of skip, allow, cancel_previous (default skip)",
+    "catchup": "one of none, one, all (default none)",
+}
+
+
+def _schedule_rule(name: str, **bounds: Any) -> Meta:
+    return Meta(description=SCHEDULE_RULES[name], **bounds)
+
+
+# Anchored for the document's readers; apply matches the id whole as well
+# (consensus/schedules.SCHEDULE_ID), so a trailing newline is refused there.
+ScheduleId = Annotated[str, _schedule_rule("id", pattern=f"^{SCHEDULE_ID.pattern}$")]
+CronExpression = Annotated[str, _schedule_rule("cron", min_length=1, max_length=256)]
+EverySeconds = Annotated[float, _schedule_rule("every_s", ge=1, le=366 * 24 * 3600)]
+TimeZone = Annotated[str, _schedule_rule("timezone", min_length=1, max_length=64)]
+Overlap = Annotated[Literal["skip", "allow", "cancel_previous"], _schedule_rule("overlap")]
+Catchup = Annotated[Literal["none", "one", "all"], _schedule_rule("catchup")]
+
+
+class ScheduleRequest(Struct, forbid_unknown_fields=True):
+    """A schedule to create (``POST /v1/schedules``): exactly one of ``cron``
+    and ``every_s``; each tick runs ``agent`` on ``input`` as ``tenant``."""
+
+    id: ScheduleId
+    agent: AgentName
+    input: AgentInput
+    cron: CronExpression | None = None
+    every_s: EverySeconds | None = None
+    timezone: TimeZone | None = None
+    tenant: Tenant | None = None
+    overlap: Overlap | None = None
+    catchup: Catchup | None = None
+
+
+class ScheduleView(Struct, forbid_unknown_fields=True):
+    """A schedule and where it stands: ``fired`` ticks started a run,
+    ``skipped`` ones were dropped (overlap, catch-up, a refused run)."""
+
+    id: str
+    cron: str | None
+    every_s: float | None
+    timezone: str
+    agent: str
+    input: Any
+    tenant: str
+    overlap: str
+    catchup: str
+    paused: bool
+    created_at: float
+    last_tick_at: float | None
+    next_tick_at: float | None
+    last_run: str | None
+    fired: int
+    skipped: int
+
+
+class ScheduleList(Struct):
+    schedules: list[ScheduleView]
+
+
 T = TypeVar("T", bound=Struct)
 
 _FIELD = re.compile(r"`\$\.(\w+)")
 _MISSING = re.compile(r"missing required field `(\w+)`")
 
 
-def parse_request(body: Any, kind: type[T], hints: dict[str, str] | None = None) -> T:
+def parse_request(
+    body: Any,
+    kind: type[T],
+    hints: dict[str, str] | None = None,
+    rules: dict[str, str] | None = None,
+) -> T:
     """``body`` (decoded JSON) as a ``kind``, or BadRequest saying which field
-    is wrong and what it must be. ``hints`` replace the message of a missing field."""
+    is wrong and what it must be. ``hints`` replace the message of a missing
+    field, ``rules`` the RULES of this kind's fields (a schedule's ``id`` is
+    not a peer's)."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     fields = msgspec.structs.fields(kind)
@@ -209,20 +359,20 @@ def parse_request(body: Any, kind: type[T], hints: dict[str, str] | None = None)
     try:
         return msgspec.convert(body, kind)
     except msgspec.ValidationError as exc:
-        raise BadRequest(_explain(str(exc), body, hints or {})) from None
+        raise BadRequest(_explain(str(exc), body, hints or {}, RULES | (rules or {}))) from None
 
 
-def _explain(error: str, body: dict[str, Any], hints: dict[str, str]) -> str:
+def _explain(error: str, body: dict[str, Any], hints: dict[str, str], rules: dict[str, str]) -> str:
     missing = _MISSING.search(error)
     if missing:
         name = missing.group(1)
-        return hints.get(name) or f"missing field '{name}': {RULES.get(name, 'required')}"
+        return hints.get(name) or f"missing field '{name}': {rules.get(name, 'required')}"
     field = _FIELD.search(error)
-    if field and field.group(1) in RULES:
+    if field and field.group(1) in rules:
         name = field.group(1)
         got = repr(body.get(name))
         got = got if len(got) <= 80 else got[:77] + "..."
-        return f"field '{name}' must be {RULES[name]}; got {got}"
+        return f"field '{name}' must be {rules[name]}; got {got}"
     return error
 
 

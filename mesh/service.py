@@ -16,7 +16,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 from prometheus_client import generate_latest
 
@@ -24,6 +24,7 @@ from raftmesh.consensus import commands
 from raftmesh.consensus.model import PEER_UP
 from raftmesh.consensus.results import (
     CancelRequested,
+    PauseChanged,
     Rejected,
     Rejection,
     Result,
@@ -32,7 +33,13 @@ from raftmesh.consensus.results import (
 )
 from raftmesh.consensus.spec import RunSpec, SpecError
 from raftmesh.consensus.state import MeshState
-from raftmesh.consensus.status import DEAD_LETTER_STATUSES, TERMINAL_STATUSES, RunStatus
+from raftmesh.consensus.status import (
+    ACTIVE_STATUSES,
+    DEAD_LETTER_STATUSES,
+    TERMINAL_STATUSES,
+    RunStatus,
+)
+from raftmesh.consensus.waits import valid_signal_name
 from raftmesh.mesh import diagnostics
 from raftmesh.mesh.api import SUBMIT_FIELDS, validate_submission
 from raftmesh.mesh.auth import Authenticator
@@ -53,7 +60,9 @@ from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.observe import THROUGHPUT_BUCKET_MS, Observer
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.queue_view import queue_summary, slot_use
+from raftmesh.mesh.rate_limits import LeaseBook
 from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.schemas import SIGNAL_NAME_RULE, storable_text
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.tracing import Tracing
 from raftmesh.mesh.views import active_view, listed_status, view_from_row, view_from_state
@@ -63,8 +72,9 @@ from raftmesh.storage.base import RunRow, StorageUnavailable, Store
 
 log = logging.getLogger("raftmesh.service")
 
-ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 ALL_STATUSES = ACTIVE_STATUSES | TERMINAL_STATUSES
+# How long a submission waits for its history row before answering anyway.
+HISTORY_WAIT_S = 1.0
 
 
 class MeshService:
@@ -110,11 +120,14 @@ class MeshService:
         self.tracing = tracing if tracing is not None else Tracing(settings.id)
         # asyncio keeps only weak references to tasks: hold detached ones here.
         self._detached: set[asyncio.Task[None]] = set()
+        # While this peer leads: the shares of the rate limits it leased out.
+        self.rate_leases = LeaseBook(settings.rate_limits, settings.rate_limit_lease_s)
 
-    def _detach(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _detach(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
+        return task
 
     async def close(self) -> None:
         for task in list(self._detached):
@@ -122,58 +135,59 @@ class MeshService:
         await asyncio.gather(*self._detached, return_exceptions=True)
 
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
+        """The run carries the submit span's context (``trace_parent``): the
+        run's trace, whichever peers go on to run it."""
+        attributes = {"agent": spec.get("agent"), "tenant": spec.get("tenant")}
+        with self.tracing.span("raftmesh.run.submit", attributes):
+            return await self._submit(spec)
+
+    async def _submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
         run_id, run = self._new_run(spec)
+        run = dataclasses.replace(run, trace_parent=self.tracing.traceparent())
         started = time.monotonic()
-        began = time.time_ns()
         cmd = commands.Submit(new_id(), now_ms(), [{"id": run_id, **run.to_wire()}])
-        result = await self._proposer.propose(cmd)
+        with self.tracing.span("raftmesh.raft.commit", {"op": str(cmd.op)}):
+            result = await self._proposer.propose(cmd)
         self.metrics.commit_seconds.observe(time.monotonic() - started)
         try:
             outcome = _one_run(result, "submission rejected", self._retry_after_s(run.tenant))
-        except MeshError as exc:
+        except MeshError:
             self.metrics.submissions.labels("rejected").inc()
-            self.tracing.record(
-                "raftmesh.run.submit",
-                run_id,
-                began,
-                time.time_ns(),
-                exc.message,
-                agent=run.agent,
-                tenant=run.tenant,
-                created=None,
-            )
             raise
-        self.tracing.record(
-            "raftmesh.run.submit",
-            str(outcome.id or run_id),
-            began,
-            time.time_ns(),
-            None,
-            agent=run.agent,
-            tenant=run.tenant,
-            created=outcome.created,
-        )
+        self.tracing.annotate(run_id=str(outcome.id), created=outcome.created)
         self.metrics.submissions.labels("created" if outcome.created else "existing").inc()
         if outcome.created:
-            self._detach(self._record_submitted(run_id, run, now_ms()))
+            # Answered once the row is in storage too (or after a bound, so a
+            # slow database does not hold submissions): another peer, whose
+            # replica may not have applied the entry yet, finds the run there
+            # instead of answering 404 to a client that reads where it did not
+            # write.
+            recording = self._detach(self._record_submitted(run_id, run, now_ms()))
+            await asyncio.wait({recording}, timeout=HISTORY_WAIT_S)
         return str(outcome.id), outcome.created
 
     def _new_run(self, spec: dict[str, Any]) -> tuple[str, RunSpec]:
         """A new run id and the spec, from a validated request (absent and null
         fields take the spec's defaults)."""
-        known = self.known_agents()
-        if spec["agent"] not in known:
-            raise UnknownAgentError(
-                f"unknown agent {spec['agent']!r}: no peer of this mesh has it; "
-                f"agents available: {', '.join(sorted(known))}"
-            )
-        try:
-            self.registry.check_input(spec["agent"], spec["input"], self.settings.models)
-        except InvalidInput as exc:
-            raise BadRequest(str(exc)) from None
+        self.check_agent(spec["agent"], spec["input"])
         try:
             return new_id(), RunSpec.from_wire(spec)
         except SpecError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def check_agent(self, agent: str, agent_input: Any) -> None:
+        """UnknownAgentError or BadRequest unless some peer runs ``agent`` and
+        this peer finds ``agent_input`` acceptable to it (a schedule is
+        checked so at creation, as a run at submission)."""
+        known = self.known_agents()
+        if agent not in known:
+            raise UnknownAgentError(
+                f"unknown agent {agent!r}: no peer of this mesh has it; "
+                f"agents available: {', '.join(sorted(known))}"
+            )
+        try:
+            self.registry.check_input(agent, agent_input, self.settings.models)
+        except InvalidInput as exc:
             raise BadRequest(str(exc)) from None
 
     async def spawn(self, spec: dict[str, Any]) -> str:
@@ -277,6 +291,82 @@ class MeshService:
     def follow_events(self, run_id: str, after_seq: int) -> AsyncIterator[Frame]:
         return self.events.follow(run_id, after_seq)
 
+    async def signal(
+        self,
+        run_id: str,
+        name: str,
+        data: Any,
+        idempotency_key: str | None = None,
+        tenant: str | None = None,
+    ) -> dict[str, Any]:
+        """Store the signal, then announce it (``Signal``) so the leader wakes
+        a run waiting for it. Storage first: an announced signal is always
+        there to read, and a retry after a lost announcement (same key) finds
+        the stored one and announces it again, harmlessly. Traced like a
+        submission: the span holds the storage write and the Raft commit."""
+        with self.tracing.span("raftmesh.signal", {"run_id": run_id[:140], "name": name[:140]}):
+            return await self._signal(run_id, name, data, idempotency_key, tenant)
+
+    async def _signal(
+        self, run_id: str, name: str, data: Any, idempotency_key: str | None, tenant: str | None
+    ) -> dict[str, Any]:
+        if not valid_signal_name(name):
+            raise BadRequest(f"signal name must be {SIGNAL_NAME_RULE}, got {name[:140]!r}")
+        if not storable_text(run_id):
+            raise RunNotFound(f"no run with id {run_id[:140]!r} in this mesh")  # none has one
+        with self._proposer.read() as state:
+            active = state.runs.get(run_id)
+            known = (active.spec.tenant, active.status) if active is not None else None
+        if known is None:
+            return await self._signal_ended(run_id, name, idempotency_key, tenant)
+        elif tenant is not None and known[0] != tenant:
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
+        elif known[1] == RunStatus.SETTLING:
+            return await self._signal_ended(run_id, name, idempotency_key, tenant)
+        stored = await from_storage(
+            self.store.put_signal(run_id, name, pack(data), idempotency_key, now_ms())
+        )
+        cmd = commands.Signal(new_id(), now_ms(), run_id, name, stored.seq)
+        with self.tracing.span("raftmesh.raft.commit", {"op": str(cmd.op)}):
+            result = await self._proposer.propose(cmd)
+        self.tracing.annotate(seq=stored.seq, duplicate=not stored.created)
+        if isinstance(result, Rejected):
+            if result.reason == Rejection.UNKNOWN_RUN:
+                return await self._signal_ended(run_id, name, idempotency_key, tenant)
+            raise refusal(result.reason, f"signal refused: {result.message}")
+        return {"run_id": run_id, "name": name, "seq": stored.seq, "duplicate": not stored.created}
+
+    async def _signal_ended(
+        self, run_id: str, name: str, idempotency_key: str | None, tenant: str | None
+    ) -> dict[str, Any]:
+        """A run that is not active takes no new signal (404, 409 or 503 as
+        ``_refuse_inactive`` says), but the retry of one it was sent, with the
+        same key, is answered as the duplicate it is: a client that lost the
+        202 can tell delivered from refused."""
+        try:
+            await self._refuse_inactive(run_id, tenant)
+        except Conflict:
+            if idempotency_key is not None:
+                for row in await from_storage(self.store.list_signals(run_id)):
+                    if row.name == name and row.idempotency_key == idempotency_key:
+                        return {"run_id": run_id, "name": name, "seq": row.seq, "duplicate": True}
+            raise
+
+    async def _refuse_inactive(
+        self, run_id: str, tenant: str | None, refused: str = "it takes no more signals"
+    ) -> NoReturn:
+        """Why a run that is not active takes no signal (or pause): 409 if it ended, 404 if
+        this mesh never had it (or it is another tenant's). Storage holds
+        active runs too, as queued or running rows: such a row means this
+        peer's replica has not applied the run yet (a peer replaying the log
+        after a restart), so the answer is 503, which a client retries."""
+        row = await from_storage(self.store.get_run(run_id))
+        if row is None or (tenant is not None and row.spec.tenant != tenant):
+            raise RunNotFound(f"no run with id {run_id!r} in this mesh")
+        if row.status not in TERMINAL_STATUSES:
+            raise Unavailable(f"run {run_id} is not in this peer's replica yet; retry")
+        raise Conflict(f"run {run_id} has {row.status}; {refused}")
+
     def known_agents(self) -> set[str]:
         """Agents some up peer announced, and this peer's own."""
         with self._proposer.read() as state:
@@ -304,6 +394,41 @@ class MeshService:
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
         raise Conflict(f"run {run_id} cannot be cancelled: it already {row.status}")
 
+    async def pause_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """A queued or waiting run is paused at once; a running one is released
+        by its owner at its next step boundary (mesh/reconciler.py), which
+        parks it paused with its checkpoints kept."""
+        return await self._pause_or_resume(commands.Pause, run_id, tenant, "paused")
+
+    async def resume_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """A paused run goes back to the queue (one paused in a wait replays to
+        the wait, which ends at once if it is over); a running run's pending
+        pause is withdrawn."""
+        return await self._pause_or_resume(commands.Resume, run_id, tenant, "resumed")
+
+    async def _pause_or_resume(
+        self,
+        kind: type[commands.Pause] | type[commands.Resume],
+        run_id: str,
+        tenant: str | None,
+        verb: str,
+    ) -> dict[str, Any]:
+        if not storable_text(run_id):
+            raise RunNotFound(f"no run with id {run_id[:140]!r} in this mesh")  # none has one
+        await self._check_visible(run_id, tenant)
+        result = await self._proposer.propose(kind(new_id(), now_ms(), run_id))
+        if isinstance(result, Rejected):
+            if result.reason == Rejection.UNKNOWN_RUN:
+                await self._refuse_inactive(run_id, tenant, f"it cannot be {verb}")
+            raise refusal(result.reason, f"run {run_id} cannot be {verb}: {result.message}")
+        if not isinstance(result, PauseChanged):
+            raise MeshError(f"run {run_id} {verb}: unexpected answer {result!r}")
+        with self._proposer.read() as state:
+            active = state.runs.get(run_id)
+            if active is not None:
+                return active_view(state, active, self.scheduler, now_ms())
+        return await self.get_run(run_id, tenant)  # cancelled meanwhile and already settled
+
     async def retry_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         """Re-queue a dead letter under its own id. Storage is reopened first,
         then the run re-enters Raft state at its stored epoch, so its next
@@ -320,7 +445,8 @@ class MeshService:
         row = await from_storage(self.store.get_run(run_id))
         if row is None:
             raise RunNotFound(f"no run with id {run_id!r} in this mesh")
-        if row.status in DEAD_LETTER_STATUSES:
+        dead = row if row.status in DEAD_LETTER_STATUSES else None
+        if dead is not None:
             await from_storage(self.store.reopen(run_id))
             row = await from_storage(self.store.get_run(run_id))
         if row is None or row.status != RunStatus.QUEUED:
@@ -331,7 +457,22 @@ class MeshService:
         wire = resubmission(row)
         result = await self._proposer.propose(commands.Submit(new_id(), now_ms(), [wire]))
         retry_after_s = self._retry_after_s(row.spec.tenant)
-        _one_run(result, f"run {run_id} could not be re-queued", retry_after_s)
+        try:
+            outcome = _one_run(result, f"run {run_id} could not be re-queued", retry_after_s)
+            if outcome.id != run_id:
+                raise Conflict(
+                    f"run {run_id} cannot be retried: its idempotency key now names run {outcome.id}"
+                )
+        except MeshError as refused:
+            # Refused for good (a full tenant queue, say): the run is the dead
+            # letter it was, not a queued row no replica will ever hold, which
+            # every peer would take for its own replica lagging (503 forever).
+            status, error = (dead.status, dead.error) if dead else (RunStatus.FAILED, None)
+            finished = dead.finished_at_ms if dead and dead.finished_at_ms else now_ms()
+            await from_storage(
+                self.store.set_terminal(run_id, status, error or refused.message, finished)
+            )
+            raise
         log.info("dead letter re-queued", extra={"run_id": run_id, "epoch": row.epoch})
         return {"id": run_id, "status": RunStatus.QUEUED}
 
@@ -410,16 +551,23 @@ class MeshService:
             return False, f"storage unreachable: {exc}"
         return True, "ok"
 
-    def heartbeat(self, report: dict[str, Any]) -> None:
-        if not self._proposer.raft.is_leader:
+    def heartbeat(self, report: dict[str, Any]) -> dict[str, Any]:
+        """What the answer carries besides the leader's clock: the reporting
+        peer's leases of the rate limits it asked for."""
+        raft = self._proposer.raft
+        if not raft.is_leader:
             raise NotLeader("this peer is not the leader")
+        now = time.monotonic()
         try:
-            self.liveness.heard(str(report["id"]), str(report["incarnation"]), time.monotonic())
+            self.liveness.heard(str(report["id"]), str(report["incarnation"]), now)
         except KeyError as exc:
             raise BadRequest(f"heartbeat lacks {exc}") from None
         wall_ms = report.get("wall_ms")
         if isinstance(wall_ms, int | float) and not isinstance(wall_ms, bool):
             self.observer.heard_clock(str(report["id"]), wall_ms, time.time() * 1000)
+        demand = _rate_demand(report.get("rate_limits") or {})
+        leases = self.rate_leases.grant(str(report["id"]), demand, raft.term, now)
+        return {"leases": leases, "lease_ttl_s": self.rate_leases.ttl_s}
 
     def metrics_text(self) -> bytes:
         raft = self._proposer.raft
@@ -541,8 +689,8 @@ PEER_STATUSES = ("up", "down", "joining", "left")
 
 
 def runs_by_status(state: MeshState) -> dict[str, int]:
-    """Active runs by status; waiting and paused stay 0 until suspension exists,
-    and are shown anyway so dashboards and scripts need not change then."""
+    """Active runs by status, every status present (0 if none), so that
+    dashboards and scripts find waiting and paused whether or not any run is."""
     counts = dict.fromkeys(
         (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.SETTLING, "waiting", "paused"), 0
     )
@@ -606,3 +754,15 @@ def _one_run(result: Result, refused: str, retry_after_s: int) -> RunOutcome:
         message = f"{message}; nothing was accepted: retry after the queue drains"
         raise refusal(reason, message, retry_after_s=retry_after_s)
     raise refusal(reason, f"{refused}: {message}")
+
+
+def _rate_demand(raw: Any) -> dict[str, dict[str, int]]:
+    """A heartbeat's ``rate_limits``: limit name → calls ``waiting``, ``in_use``."""
+    ok = isinstance(raw, dict) and all(
+        isinstance(d, dict)
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in d.values())
+        for d in raw.values()
+    )
+    if not ok:
+        raise BadRequest("heartbeat rate_limits must map limit names to counts of calls")
+    return raw

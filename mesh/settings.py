@@ -22,6 +22,7 @@ from raftmesh.runner.models import (
     env_default_model,
     parse_models,
 )
+from raftmesh.runner.rate_limits import RateLimit, RateLimitConfigError, parse_rate_limits
 
 # unsafe_disable_fencing is refused unless this environment variable holds
 # exactly this value: a debug switch that corrupts runs must not be one typo
@@ -82,8 +83,19 @@ class Settings:
     # Model endpoints the chat agent may call, by name ([models.NAME] tables,
     # MESH_MODELS as JSON, or MESH_CHAT_* as "default"); a run chooses a name.
     models: dict[str, ModelEndpoint] = field(default_factory=dict)
+    # Limits of model providers, shared by every peer: leased out by the leader
+    # with the heartbeat (mesh/rate_limits.py), spent with ctx.limit. A model
+    # endpoint names its limit in ``rate_limit``.
+    rate_limits: dict[str, RateLimit] = field(default_factory=dict)
+    # A peer's share of those limits lasts this long unless its heartbeat
+    # renews it; a dead peer's share goes to the others after it.
+    rate_limit_lease_s: float = 2.0
     max_children: int = 16
     max_depth: int = 3
+    # A run whose wait (ctx.sleep, a signal's timeout) is at least this long
+    # leaves its slot and waits in the replicated state (runner/context.py);
+    # waits for a signal without a timeout and for children always do.
+    suspend_after_s: float = 5.0
     isolation_memory_mb: int = 512
     # Environment variables a process-isolated agent gets besides the minimal
     # set (PATH, HOME, locale, PYTHONPATH...): never the peer's secrets unless
@@ -139,6 +151,8 @@ class Settings:
             raise SettingsError("isolation_memory_mb must be positive")
         if self.events_poll_s <= 0:
             raise SettingsError("events_poll_s must be positive")
+        if not 0 <= self.suspend_after_s < 1e9:
+            raise SettingsError("suspend_after_s must be a number of seconds >= 0")
         if self.role not in ("voter", "executor"):
             raise SettingsError(f"--role must be voter or executor, got {self.role!r}")
         if self.join_timeout_s <= 0:
@@ -176,6 +190,19 @@ class Settings:
             raise SettingsError("priority_aging_s must be >= 0 (0 turns aging off)")
         if not all(isinstance(m, ModelEndpoint) for m in self.models.values()):
             raise SettingsError("models must map names to ModelEndpoint (see parse_models)")
+        if not all(isinstance(r, RateLimit) for r in self.rate_limits.values()):
+            raise SettingsError("rate_limits must map names to RateLimit (see parse_rate_limits)")
+        for name, model in self.models.items():
+            if model.rate_limit and model.rate_limit not in self.rate_limits:
+                raise SettingsError(
+                    f"models.{name}.rate_limit names {model.rate_limit!r}, which is not among "
+                    f"the rate limits ({', '.join(sorted(self.rate_limits)) or 'none'}): "
+                    "define it in MESH_RATE_LIMITS or [rate_limits]"
+                )
+        if self.rate_limit_lease_s <= self.heartbeat_interval_s:
+            raise SettingsError(
+                "rate_limit_lease_s must exceed heartbeat_interval_s (the heartbeat renews it)"
+            )
         for advertised, target in self.dial.items():
             for addr in (advertised, target):
                 host, _, port = addr.rpartition(":")
@@ -333,6 +360,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
             return {str(k): int(v) for k, v in pairs.items()}
         if kind == "dict[str, ModelEndpoint]":
             return parse_models(value)
+        if kind == "dict[str, RateLimit]":
+            return parse_rate_limits(value)
         if kind == "int":
             return int(value)
         if kind == "float":
@@ -346,7 +375,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
                 return _parse_labels(value)
             return {str(k): str(v) for k, v in dict(value).items()}
         return str(value)
-    except ModelConfigError as exc:  # the value may hold a misplaced key: not echoed
+    except (ModelConfigError, RateLimitConfigError) as exc:  # a model's value may hold a key
         raise SettingsError(f"setting {f.name}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"setting {f.name}: cannot use {value!r}: {exc}") from exc

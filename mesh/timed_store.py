@@ -36,16 +36,9 @@ class TimedStore:
         return self._inner
 
     async def claim(self, run: RunRow, epoch: int, peer: str, now_ms: int) -> Claim:
-        began = time.time_ns()
-        claim = await self._inner.claim(run, epoch, peer, now_ms)
-        self._tracing.record(
-            "raftmesh.run.claim",
-            run.id,
-            began,
-            time.time_ns(),
-            epoch=epoch,
-            attempt=claim.run.attempts,
-        )
+        with self._tracing.span("raftmesh.run.claim", {"run_id": run.id, "epoch": epoch}):
+            claim = await self._inner.claim(run, epoch, peer, now_ms)
+            self._tracing.annotate(attempt=claim.run.attempts, finished=claim.finished)
         if len(self._boundary) > _MAX_TRACKED:
             # Attempts that ended without an outcome here (fenced, released)
             # leave entries behind; forgetting them costs one step sample each.
@@ -62,17 +55,14 @@ class TimedStore:
         self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
     ) -> None:
         started = time.monotonic()
-        began = time.time_ns()
-        await self._inner.put_step(run_id, epoch, seq, name, value, peer, now_ms)
+        step = {"run_id": run_id, "epoch": epoch, "step_seq": seq, "step_name": name}
+        with self._tracing.span("raftmesh.checkpoint.write", step):
+            await self._inner.put_step(run_id, epoch, seq, name, value, peer, now_ms)
         done = time.monotonic()
         self._metrics.checkpoint_write.observe(done - started)
-        step: dict[str, Any] = {"epoch": epoch, "step_seq": seq, "step_name": name}
-        self._tracing.record("raftmesh.checkpoint.write", run_id, began, time.time_ns(), **step)
         boundary = self._boundary.get((run_id, epoch))
         if boundary is not None:
             self._metrics.step_duration.observe(started - boundary)
-            step_began = began - int((started - boundary) * 1e9)
-            self._tracing.record("raftmesh.step", run_id, step_began, began, **step)
         self._boundary[(run_id, epoch)] = done
 
     async def put_result(
@@ -85,15 +75,13 @@ class TimedStore:
         now_ms: int,
     ) -> None:
         key = (run_id, epoch)
-        began = time.time_ns()
+        outcome = {"run_id": run_id, "epoch": epoch, "status": status}
         try:
-            await self._inner.put_result(run_id, epoch, status, result, error, now_ms)
+            with self._tracing.span("raftmesh.run.result", outcome):
+                await self._inner.put_result(run_id, epoch, status, result, error, now_ms)
         finally:
             self._boundary.pop(key, None)
             started_ms = self._started_ms.pop(key, None)
-        self._tracing.record(
-            "raftmesh.run.result", run_id, began, time.time_ns(), error, epoch=epoch, status=status
-        )
         self._metrics.runs_finished.labels(status).inc()
         if started_ms:
             self._metrics.run_duration.observe(max(0, now_ms - started_ms) / 1000)

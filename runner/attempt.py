@@ -26,13 +26,16 @@ from raftmesh.runner.context import (
     Released,
     RunContext,
     RunError,
+    Suspending,
 )
 from raftmesh.runner.isolation import PROCESS, run_isolated
 from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.outages import retry_unavailable
 from raftmesh.runner.payload import event_place, pack
+from raftmesh.runner.rate_limits import Limiter
 from raftmesh.runner.registry import Registry, UnknownAgent
-from raftmesh.storage.base import RunRow, StaleEpoch, Store
+from raftmesh.runner.spans import NO_SPANS, Spans
+from raftmesh.storage.base import RunRow, StaleEpoch, Step, Store
 
 log = logging.getLogger("raftmesh.runner")
 
@@ -43,6 +46,12 @@ CANCELLED = RunStatus.CANCELLED
 RETRY = "retry"
 FENCED = "fenced"
 RELEASED = "released"
+SUSPENDED = "suspended"
+# A claim of epoch 1 succeeds only where storage has never seen a claim (epochs
+# start at 0 and only grow), and every step and event is written under a
+# claimed epoch: the first attempt of a run has nothing to replay, so it reads
+# no journal and no events.
+FIRST_EPOCH = 1
 
 
 @dataclass(frozen=True)
@@ -50,12 +59,14 @@ class Outcome:
     """``status`` is a terminal run status (stored), RETRY (the attempt failed
     and nothing is stored: the mesh decides whether the run is retried after a
     backoff or ends as a dead letter; ``kind`` is "error" or "timeout"),
-    FENCED (a newer epoch owns the run) or RELEASED (handed back at a step
-    boundary; not an attempt that failed)."""
+    FENCED (a newer epoch owns the run), RELEASED (handed back at a step
+    boundary; not an attempt that failed) or SUSPENDED (the run waits for
+    ``wait`` without a slot; every event it emitted is stored)."""
 
     status: str
     error: str | None = None
     kind: str | None = None
+    wait: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class Assignment:
     spec: RunSpec
     submitted_at_ms: int = 0
     cancel_requested: bool = False
+    pause_requested: bool = False
 
     @classmethod
     def of(cls, run: Run) -> Assignment:
@@ -80,6 +92,7 @@ class Assignment:
             spec=run.spec,
             submitted_at_ms=run.submitted_at_ms,
             cancel_requested=run.cancel_requested,
+            pause_requested=run.pause_requested,
         )
 
     def row(self) -> RunRow:
@@ -100,18 +113,26 @@ async def run_attempt(
     isolation_env: tuple[str, ...] = (),
     on_context: Callable[[RunContext | None], None] | None = None,
     release: asyncio.Event | None = None,
+    spans: Spans = NO_SPANS,
     models: Mapping[str, ModelEndpoint] | None = None,
+    suspend_after_s: float | None = None,
+    rate_limiter: Limiter | None = None,
 ) -> Outcome:
     """``on_context`` is told the attempt's context once the agent is about to
     start, and None when it has ended, so the peer can cancel it meanwhile.
     ``release``, once set, stops the agent before its next new step.
-    ``models`` are the endpoints the peer's settings name (``ctx.models``).
+    ``models`` are the endpoints the peer's settings name (``ctx.models``),
+    ``rate_limiter`` this peer's share of the mesh-wide limits (``ctx.limit``).
+    ``suspend_after_s`` (None: never) is how long a wait must be for the run
+    to leave its slot (RunContext).
 
     A crash of the attempt machinery itself (anything but a storage outage,
     which is waited out, or a newer epoch) is a failed attempt like an agent
     error: counted against max_attempts, so a run whose attempts keep crashing
     ends as a dead letter with the crash as its error instead of being handed
-    from peer to peer forever."""
+    from peer to peer forever.
+
+    ``spans`` opens the trace spans of the agent's work (``ctx.span``)."""
     try:
         return await _attempt(
             job,
@@ -125,7 +146,10 @@ async def run_attempt(
             isolation_env=isolation_env,
             on_context=on_context,
             release=release,
+            spans=spans,
             models=models,
+            suspend_after_s=suspend_after_s,
+            rate_limiter=rate_limiter,
         )
     except Exception as exc:
         extra = {"run_id": job.run_id, "epoch": job.epoch}
@@ -146,7 +170,10 @@ async def _attempt(
     isolation_env: tuple[str, ...],
     on_context: Callable[[RunContext | None], None] | None,
     release: asyncio.Event | None,
+    spans: Spans,
     models: Mapping[str, ModelEndpoint] | None,
+    suspend_after_s: float | None,
+    rate_limiter: Limiter | None,
 ) -> Outcome:
     extra = {"run_id": job.run_id, "epoch": job.epoch}
     try:
@@ -165,10 +192,13 @@ async def _attempt(
     except UnknownAgent as exc:
         return await _store_outcome(job, store, clock_ms, Outcome(FAILED, str(exc)), None)
 
-    journal = await retry_unavailable(lambda: store.load_steps(job.run_id), "load_steps")
-    stored_events = await retry_unavailable(
-        lambda: _stored_places(store, job.run_id), "read_events"
-    )
+    journal: list[Step] = []
+    stored_events: frozenset[tuple[int, int]] = frozenset()
+    if job.epoch > FIRST_EPOCH:
+        journal = await retry_unavailable(lambda: store.load_steps(job.run_id), "load_steps")
+        stored_events = await retry_unavailable(
+            lambda: _stored_places(store, job.run_id), "read_events"
+        )
     ctx = RunContext(
         run_id=job.run_id,
         epoch=job.epoch,
@@ -184,7 +214,10 @@ async def _attempt(
         limits=limits or Limits(),
         mesh=mesh,
         release=release,
+        spans=spans,
         models=models,
+        suspend_after_s=suspend_after_s,
+        rate_limiter=rate_limiter,
     )
     if job.cancel_requested:
         ctx.cancel()
@@ -209,6 +242,16 @@ async def _attempt(
         except Fenced as fenced:
             return Outcome(FENCED, str(fenced))
         return Outcome(RELEASED, str(exc))
+    except Suspending as exc:
+        try:
+            await ctx.drain()
+        except Fenced as fenced:
+            return Outcome(FENCED, str(fenced))
+        if ctx.cancelled:
+            cancelled = Outcome(CANCELLED, "cancelled by request")
+            return await _store_outcome(job, store, clock_ms, cancelled, None)
+        log.info("run waits: %s", exc.wait, extra=extra)
+        return Outcome(SUSPENDED, wait=exc.wait)
     except RunError as exc:  # another attempt would fail the same way
         log.info("run failed: %s", exc, extra=extra)
         return await _store_outcome(

@@ -11,6 +11,9 @@ through the context:
 - ``sleep`` journals its wake-up time, so a resumed run only sleeps what is left;
 - ``spawn`` journals the child's id, so a resumed parent waits for the same
   child instead of starting another one;
+- ``wait_for_signal`` journals what it delivered (the signal's data, or that
+  it timed out), so a replay returns the same answer and each signal of a name
+  is consumed once, in order;
 - ``emit`` events are durable before they count as sent. Each is stored with
   its place in the agent's flow (the step position it follows, and its rank
   there), so the events a replay emits again, which an earlier attempt already
@@ -19,6 +22,12 @@ through the context:
 
 Every write is fenced: once a newer epoch claims the run, writes of this
 attempt are refused and the attempt ends with ``Fenced``.
+
+Waiting costs nothing (DESIGN.md): a sleep of ``suspend_after_s`` or more, a
+signal that is not there yet and children still running end the attempt with
+``Suspending``; the run leaves its slot, the leader queues it again when its
+wait is over, and the next attempt replays to the same call, which then
+returns. Shorter sleeps and short signal timeouts wait in memory.
 """
 
 from __future__ import annotations
@@ -26,14 +35,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Generator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from raftmesh.consensus.status import TERMINAL_STATUSES
+from raftmesh.consensus.waits import CHILDREN, SIGNAL, TIMER, valid_signal_name
 from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.outages import retry_unavailable
 from raftmesh.runner.payload import pack, unpack
-from raftmesh.storage.base import StaleEpoch, Step, StorageUnavailable, Store
+from raftmesh.runner.rate_limits import Limiter, Permit
+from raftmesh.runner.spans import NO_SPANS, Spans
+from raftmesh.storage.base import RunRow, StaleEpoch, Step, StorageUnavailable, Store
 
 BUDGET_KEYS = ("model_calls", "tokens")
 CHILD_POLL_S = 0.2
@@ -46,6 +60,25 @@ class Fenced(Exception):
 class Released(Exception):
     """The peer hands the run back (drain --release, shutdown) at a step
     boundary: every finished step is checkpointed, none is half done."""
+
+
+class Suspending(BaseException):  # noqa: N818 (control flow, like CancelledError)
+    """The attempt ends here and the run waits for ``wait`` (the map
+    consensus/waits.py reads) without a slot. A BaseException, like
+    CancelledError, so an agent's ``except Exception`` cannot swallow it."""
+
+    def __init__(self, wait: dict[str, Any]) -> None:
+        super().__init__(f"run waits for {wait}")
+        self.wait = wait
+
+
+class SignalTimeout(Exception):
+    """``wait_for_signal`` gave up: no signal of that name came in time."""
+
+    def __init__(self, name: str, timeout_s: float) -> None:
+        super().__init__(f"no signal {name!r} within {timeout_s}s")
+        self.name = name
+        self.timeout_s = timeout_s
 
 
 class RunError(Exception):
@@ -76,6 +109,10 @@ class EventLimit(LimitExceeded):
     """The run stored ``Limits.max_events`` events: a loop emitting without end
     fails its run (no retry: the stored events still count) instead of filling
     storage."""
+
+
+class UnknownRateLimit(RunError):
+    """``ctx.limit`` named a limit this peer's settings do not define."""
 
 
 class ChildFailed(Exception):
@@ -122,12 +159,19 @@ class RunContext:
         limits: Limits = Limits(),
         mesh: MeshLink | None = None,
         release: asyncio.Event | None = None,
+        spans: Spans = NO_SPANS,
         models: Mapping[str, ModelEndpoint] | None = None,
+        suspend_after_s: float | None = None,
+        rate_limiter: Limiter | None = None,
     ) -> None:
+        """``suspend_after_s`` None: this context never suspends (waits are
+        served in memory, children and signals polled), as outside a mesh."""
         self.run_id = run_id
+        self._rate_limiter = rate_limiter
         # The peer's configured model endpoints: the only ones an agent may call.
         self.models: dict[str, ModelEndpoint] = dict(models or {})
         self._release = release
+        self._spans = spans
         self.epoch = epoch
         self.attempt = attempt
         self.peer_id = peer_id
@@ -153,6 +197,9 @@ class RunContext:
         self.replayed_steps = 0
         self.executed_steps = 0
         self._agent_task: asyncio.Future[Any] | None = None
+        self._suspend_after_ms = None if suspend_after_s is None else int(suspend_after_s * 1000)
+        # Per signal name: how many this replay has consumed so far.
+        self._signals_taken: dict[str, int] = {}
 
     @property
     def store(self) -> Store:
@@ -174,13 +221,25 @@ class RunContext:
         seq, found, value = self.begin_step(name)
         if found:
             return value
+        self.stop_if_released(seq, name)
+        with self.span("raftmesh.step", step_seq=seq, step_name=name):
+            value = fn(*args)
+            if inspect.isawaitable(value):
+                value = await value
+            await self.record_step(seq, name, value)
+        return value
+
+    def stop_if_released(self, seq: int, name: str) -> None:
+        """Released if the peer hands the run back (a drain, a shutdown, an
+        operator's pause): checked before a new step starts, so every step
+        done so far is checkpointed and none is half done."""
         if self._release is not None and self._release.is_set():
             raise Released(f"run {self.run_id} released before step {seq} ({name!r})")
-        value = fn(*args)
-        if inspect.isawaitable(value):
-            value = await value
-        await self.record_step(seq, name, value)
-        return value
+
+    def span(self, name: str, **attributes: Any) -> AbstractContextManager[Any]:
+        """A span of the run's trace around part of the agent's work (a step's
+        is opened here; a replayed step has none, it does no work)."""
+        return self._spans.span(name, {"run_id": self.run_id, "epoch": self.epoch, **attributes})
 
     def begin_step(self, name: str) -> tuple[int, bool, Any]:
         """Take the next step position; ``(seq, True, value)`` when the journal
@@ -219,8 +278,62 @@ class RunContext:
         elsewhere sleeps only what is left of it (nothing if it was served)."""
         wake_ms = await self.step("sleep", lambda: self._clock_ms() + int(seconds * 1000))
         remaining_ms = wake_ms - self._clock_ms()
+        if self._suspends(remaining_ms):
+            raise Suspending({"kind": TIMER, "due_ms": wake_ms})
         if remaining_ms > 0:
             await asyncio.sleep(remaining_ms / 1000)
+
+    def _suspends(self, wait_ms: int | None) -> bool:
+        """Whether a wait this long (None: unbounded) is worth the slot: the
+        run leaves it rather than wait in memory."""
+        if self._suspend_after_ms is None or self.cancelled:
+            return False
+        return wait_ms is None or wait_ms >= self._suspend_after_ms
+
+    # -- signals ----------------------------------------------------------
+
+    async def wait_for_signal(self, name: str, timeout_s: float | None = None) -> Any:
+        """The data of the next signal of ``name`` sent to this run (sent
+        before this call or after), or SignalTimeout after ``timeout_s``.
+        Signals of one name are delivered in the order they were stored,
+        each once; what was delivered is journaled, so a replay returns it again."""
+        if not valid_signal_name(name):
+            raise ValueError(f"a signal name is 1 to 128 of A-Za-z0-9_.:-, not {name!r}")
+        if timeout_s is not None and not 0 <= timeout_s < 1e9:
+            raise ValueError(f"timeout_s must be a number of seconds, not {timeout_s!r}")
+        due_ms = None
+        if timeout_s is not None:
+            due_ms = await self.step(
+                f"signal-due:{name}", lambda: self._clock_ms() + int(timeout_s * 1000)
+            )
+        index = self._signals_taken.get(name, 0)
+        seq, found, delivered = self.begin_step(f"signal:{name}")
+        if not found:
+            delivered = await self._next_signal(name, index, due_ms)
+            await self.record_step(seq, f"signal:{name}", delivered)
+        if "data" not in delivered:
+            raise SignalTimeout(name, timeout_s or 0.0)
+        self._signals_taken[name] = index + 1
+        return delivered["data"]
+
+    async def _next_signal(self, name: str, index: int, due_ms: int | None) -> dict[str, Any]:
+        """``{"data": ...}`` once signal ``index`` of ``name`` is stored,
+        ``{"timeout": True}`` once ``due_ms`` has passed; the attempt suspends
+        rather than wait long for either."""
+        while True:
+            data = await retry_unavailable(
+                lambda: self._store.get_signal(self.run_id, name, index), "get_signal"
+            )
+            if data is not None:
+                return {"data": unpack(data)}
+            left_ms = None if due_ms is None else due_ms - self._clock_ms()
+            if left_ms is not None and left_ms <= 0:
+                return {"timeout": True}
+            if self._suspends(left_ms):
+                wait = {"kind": SIGNAL, "signal": name, "index": index, "due_ms": due_ms}
+                raise Suspending(wait)
+            poll_s = CHILD_POLL_S if left_ms is None else min(CHILD_POLL_S, left_ms / 1000)
+            await asyncio.sleep(poll_s)
 
     async def checkpoint(self) -> None:
         """Save ``ctx.state``; on replay it is restored to what was saved here."""
@@ -333,6 +446,24 @@ class RunContext:
     def spent(self) -> dict[str, int]:
         return dict(self._spent)
 
+    # -- mesh-wide rate limits (runner/rate_limits.py) ----------------------
+
+    def limit(self, name: str, tokens: int = 0) -> Permit:
+        """Capacity of the mesh-wide limit ``name`` for one call of about
+        ``tokens`` tokens, waited for without a deadline of its own:
+        ``async with ctx.limit("openai", tokens=n): <the call>``. The block
+        holds one of the limit's concurrent calls until it ends; a limit with
+        no concurrency count may also be taken as ``await ctx.limit(...)``.
+        Take it inside the step that calls the model: a replayed step calls
+        nothing and takes nothing."""
+        if self._rate_limiter is None or name not in self._rate_limiter.names:
+            known = ", ".join(self._rate_limiter.names) if self._rate_limiter else ""
+            raise UnknownRateLimit(
+                f"run {self.run_id}: no rate limit named {name!r} on this peer; configured: "
+                f"{known or 'none'} (MESH_RATE_LIMITS or [rate_limits])"
+            )
+        return self._rate_limiter.limit(name, tokens)
+
     # -- children ---------------------------------------------------------
 
     def spawn(
@@ -395,21 +526,60 @@ class RunContext:
         return child_id
 
     async def gather(self, *children: Awaitable[Any]) -> list[Any]:
-        """Results of several children (or any awaitables), in argument order."""
+        """Results of several children (or any awaitables), in argument order.
+        While any child given here still runs, the run suspends waiting for
+        all of them at once (one wake, not one per child)."""
+        try:
+            ids = [await child.id() for child in children if isinstance(child, ChildRun)]
+            await self._suspend_unless_ended(ids)
+        except BaseException:
+            for child in children:
+                if inspect.iscoroutine(child):
+                    child.close()  # never started: nothing to undo
+            raise
         return list(await asyncio.gather(*children))
+
+    async def children_results(self, child_ids: list[str]) -> list[Any]:
+        """``gather`` for children known by id (what an isolated agent sends)."""
+        ended = await self._suspend_unless_ended(child_ids)
+        return [
+            _child_outcome(ended[child_id])
+            if child_id in ended
+            else await self.child_result(child_id)
+            for child_id in child_ids
+        ]
 
     async def child_result(self, child_id: str) -> Any:
         """Wait until the child's outcome is stored; its result, or ChildFailed."""
-        while True:
+        row = (await self._suspend_unless_ended([child_id])).get(child_id)
+        while row is None:
             try:
-                row = await self._store.get_run(child_id)
+                found = await self._store.get_run(child_id)
             except StorageUnavailable:
-                row = None
-            if row is not None and row.status in TERMINAL_STATUSES:
-                if row.status != "succeeded":
-                    raise ChildFailed(child_id, row.status, row.error)
-                return unpack(row.result) if row.result is not None else None
-            await asyncio.sleep(CHILD_POLL_S)
+                found = None
+            if found is not None and found.status in TERMINAL_STATUSES:
+                row = found
+            else:
+                await asyncio.sleep(CHILD_POLL_S)
+        return _child_outcome(row)
+
+    async def _suspend_unless_ended(self, child_ids: list[str]) -> dict[str, RunRow]:
+        """Suspend waiting for those of ``child_ids`` whose outcome is not
+        stored; the stored outcomes it read, so the caller need not read them
+        again (none when this context never suspends: the caller polls)."""
+        if not child_ids or not self._suspends(None):
+            return {}
+        ended: dict[str, RunRow] = {}
+        running = []
+        for child_id in child_ids:
+            row = await retry_unavailable(partial(self._store.get_run, child_id), "get_run")
+            if row is None or row.status not in TERMINAL_STATUSES:
+                running.append(child_id)
+            else:
+                ended[child_id] = row
+        if running:
+            raise Suspending({"kind": CHILDREN, "children": running})
+        return ended
 
     # -- cancellation -----------------------------------------------------
 
@@ -430,6 +600,13 @@ class RunContext:
             await write
         except StaleEpoch as exc:
             raise Fenced(str(exc)) from exc
+
+
+def _child_outcome(row: RunRow) -> Any:
+    """A child's stored outcome: its result, or ChildFailed."""
+    if row.status != "succeeded":
+        raise ChildFailed(row.id, row.status, row.error)
+    return unpack(row.result) if row.result is not None else None
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:

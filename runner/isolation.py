@@ -15,22 +15,37 @@ only what running Python needs (``child_env``) and what the peer's
 Calls that must keep the agent's order (step positions, emits, spawns) are
 handled in the order the messages arrive; calls that wait (a step's write, a
 sleep, a child's result) run concurrently so a ``gather`` in the child works.
+
+Suspension works here as in a task: a wait the peer's RunContext turns into
+``Suspending`` (a long sleep, a signal not yet sent, children still running)
+ends the exchange, the child process is killed, and the resumed attempt
+replays in a fresh one. ``ctx.gather`` of children only waits for all of
+them at once; mixed with other awaitables it waits child by child.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import resource
 import sys
 from collections.abc import Callable, Generator, Iterable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import msgpack
 
-from raftmesh.runner.context import ChildFailed, RunContext
+from raftmesh.runner.context import (
+    BUDGET_KEYS,
+    ChildFailed,
+    RunContext,
+    SignalTimeout,
+    Suspending,
+)
 from raftmesh.runner.models import ModelEndpoint
+from raftmesh.runner.rate_limits import Permit
 
 PROCESS = "process"
 TASK = "task"
@@ -82,6 +97,14 @@ async def run_isolated(
     stdin = proc.stdin
     waiting: set[asyncio.Task[None]] = set()
     failure: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    # Rate-limit permits the agent holds (``async with ctx.limit``), by call id.
+    permits: dict[int, Permit] = {}
+
+    async def hold(call_id: int, name: str, tokens: int) -> int:
+        permit = ctx.limit(name, tokens)
+        await permit.__aenter__()
+        permits[call_id] = permit
+        return call_id
 
     def reply(call_id: int, value: Any = None, error: BaseException | None = None) -> None:
         msg: dict[str, Any] = {"t": "reply", "id": call_id, "value": value}
@@ -89,6 +112,8 @@ async def run_isolated(
             msg["error"] = {"type": type(error).__name__, "message": str(error)}
             if isinstance(error, ChildFailed):
                 msg["error"]["child"] = [error.child_id, error.status, error.error]
+            elif isinstance(error, SignalTimeout):
+                msg["error"]["signal_timeout"] = [error.name, error.timeout_s]
         if not stdin.is_closing():
             stdin.write(_pack(msg))
 
@@ -98,6 +123,9 @@ async def run_isolated(
                 value = await work
             except ChildFailed as exc:
                 reply(call_id, error=exc)
+            except Suspending as exc:  # the attempt ends; the child never hears back
+                if not failure.done():
+                    failure.set_result(exc)
             except Exception as exc:  # the peer-side failure ends the attempt
                 if deliver_errors:
                     reply(call_id, error=exc)
@@ -113,7 +141,10 @@ async def run_isolated(
     def dispatch(msg: dict[str, Any]) -> None:
         call_id, op, args = msg["id"], msg["op"], msg.get("args", [])
         if op == "begin_step":
-            reply(call_id, list(ctx.begin_step(args[0])))
+            seq, found, value = ctx.begin_step(args[0])
+            if not found:
+                ctx.stop_if_released(seq, args[0])  # ends the exchange, as in a task
+            reply(call_id, [seq, found, value])
         elif op == "record_step":
             later(call_id, ctx.record_step(*args))
         elif op == "emit":
@@ -137,6 +168,17 @@ async def run_isolated(
             later(call_id, child.id())
         elif op == "child_result":
             later(call_id, ctx.child_result(args[0]), deliver_errors=True)
+        elif op == "children_results":
+            later(call_id, ctx.children_results(args[0]), deliver_errors=True)
+        elif op == "wait_for_signal":
+            later(call_id, ctx.wait_for_signal(args[0], args[1]), deliver_errors=True)
+        elif op == "limit_hold":
+            later(call_id, hold(call_id, *args))
+        elif op == "limit_release":
+            permits.pop(args[0]).release()
+            reply(call_id)
+        elif op == "limit_take":
+            later(call_id, _take(ctx, *args))
         else:
             raise IsolatedAgentError(f"isolated agent made an unknown call {op!r}")
 
@@ -187,9 +229,15 @@ async def run_isolated(
         reader.cancel()
         for task in list(waiting):
             task.cancel()
+        for permit in permits.values():
+            permit.release()
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+
+
+async def _take(ctx: RunContext, name: str, tokens: int) -> None:
+    await ctx.limit(name, tokens)
 
 
 async def _checkpoint(ctx: RunContext) -> Any:
@@ -245,6 +293,8 @@ class _Link:
             fut.set_result(msg.get("value"))
         elif "child" in error:
             fut.set_exception(ChildFailed(*error["child"]))
+        elif "signal_timeout" in error:
+            fut.set_exception(SignalTimeout(*error["signal_timeout"]))
         else:
             fut.set_exception(RuntimeError(f"{error['type']}: {error['message']}"))
 
@@ -264,6 +314,9 @@ class IsolatedContext:
         self.models = {name: ModelEndpoint(**m) for name, m in info["models"].items()}
         self.state: dict[str, Any] = {}
         self.cancelled = False
+        # Mirrors the peer's count (RunContext.spent): every charge and child
+        # grant passes through here on its way there, replayed ones too.
+        self._spent = dict.fromkeys(BUDGET_KEYS, 0)
 
     async def step(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         seq, found, value = await self._link.call("begin_step", name)
@@ -278,11 +331,19 @@ class IsolatedContext:
     def emit(self, kind: str, data: Any = None) -> asyncio.Future[Any]:
         return self._link.call("emit", kind, data)
 
+    def span(self, name: str, **attributes: Any) -> AbstractContextManager[Any]:
+        """None: the peer's tracer stays in the peer, which traces the
+        attempt and its checkpoint writes, not this process's steps."""
+        return contextlib.nullcontext()
+
     async def sleep(self, seconds: float) -> None:
         await self._link.call("sleep", seconds)
 
     async def checkpoint(self) -> None:
         self.state = await self._link.call("checkpoint", self.state)
+
+    async def wait_for_signal(self, name: str, timeout_s: float | None = None) -> Any:
+        return await self._link.call("wait_for_signal", name, timeout_s)
 
     def require(self, **amounts: int) -> None:
         """Checked by the peer in call order: past the budget, the peer fails the
@@ -291,14 +352,50 @@ class IsolatedContext:
 
     def charge(self, **amounts: int) -> None:
         self._link.call("charge", amounts)
+        for key, amount in amounts.items():
+            self._spent[key] = self._spent.get(key, 0) + amount
+
+    @property
+    def spent(self) -> dict[str, int]:
+        return dict(self._spent)
 
     def spawn(
         self, agent: str, input: Any, *, budget: dict[str, int] | None = None, **opts: Any
     ) -> _IsolatedChild:
+        if self.budget is not None and budget is not None:
+            for key, amount in budget.items():
+                if key in self._spent:
+                    self._spent[key] += amount
         return _IsolatedChild(self._link, self._link.call("spawn", agent, input, budget, opts))
 
     async def gather(self, *children: Any) -> list[Any]:
+        if children and all(isinstance(child, _IsolatedChild) for child in children):
+            ids = [await child.id() for child in children]
+            return list(await self._link.call("children_results", ids))
         return list(await asyncio.gather(*children))
+
+    def limit(self, name: str, tokens: int = 0) -> _IsolatedPermit:
+        """``RunContext.limit``, waited for (and held) by the peer."""
+        return _IsolatedPermit(self._link, name, tokens)
+
+
+class _IsolatedPermit:
+    def __init__(self, link: _Link, name: str, tokens: int) -> None:
+        self._link = link
+        self._name = name
+        self._tokens = tokens
+        self._held: int | None = None
+
+    async def __aenter__(self) -> _IsolatedPermit:
+        self._held = int(await self._link.call("limit_hold", self._name, self._tokens))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._held is not None:
+            await self._link.call("limit_release", self._held)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._link.call("limit_take", self._name, self._tokens).__await__()
 
 
 class _IsolatedChild:

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 DEFAULT_MODEL = "default"
-ENDPOINT_KEYS = ("base_url", "model", "api_key_env")
+ENDPOINT_KEYS = ("base_url", "model", "api_key_env", "rate_limit")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -32,11 +32,13 @@ class ModelConfigError(ValueError):
 class ModelEndpoint:
     """``base_url`` is an OpenAI-compatible API root (``…/v1``); ``model`` is
     the model id sent to it; ``api_key_env`` names the environment variable
-    holding its key ("" for a server that wants none)."""
+    holding its key ("" for a server that wants none); ``rate_limit`` names
+    the mesh-wide limit its calls count against ("" for none)."""
 
     base_url: str
     model: str
     api_key_env: str = ""
+    rate_limit: str = ""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.base_url)
@@ -56,6 +58,8 @@ class ModelEndpoint:
                 "api_key_env must be the NAME of an environment variable (the key itself "
                 f"belongs in that variable), got {_shown(self.api_key_env)}"
             )
+        if self.rate_limit and not _NAME.fullmatch(self.rate_limit):
+            raise ModelConfigError(f"rate_limit must name a rate limit, got {self.rate_limit!r}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
 
     @property
@@ -63,11 +67,16 @@ class ModelEndpoint:
         return f"{self.base_url}/chat/completions"
 
     def as_dict(self) -> dict[str, str]:
-        return {"base_url": self.base_url, "model": self.model, "api_key_env": self.api_key_env}
+        return {
+            "base_url": self.base_url,
+            "model": self.model,
+            "api_key_env": self.api_key_env,
+            "rate_limit": self.rate_limit,
+        }
 
 
 def parse_models(raw: Any) -> dict[str, ModelEndpoint]:
-    """``{NAME: {base_url, model, api_key_env}}``: TOML tables ``[models.NAME]``,
+    """``{NAME: {base_url, model, api_key_env, rate_limit}}``: TOML tables ``[models.NAME]``,
     or the same as a JSON object (``MESH_MODELS``)."""
     if isinstance(raw, str):
         try:
@@ -107,7 +116,8 @@ def parse_models(raw: Any) -> dict[str, ModelEndpoint]:
 
 def env_default_model(environ: Mapping[str, str]) -> ModelEndpoint | None:
     """The ``MESH_CHAT_*`` variables of earlier releases (``OPENAI_*`` as a
-    fallback), kept working as the endpoint named "default"."""
+    fallback), kept working as the endpoint named "default";
+    ``MESH_CHAT_RATE_LIMIT`` names its rate limit."""
     base_url = environ.get("MESH_CHAT_BASE_URL") or environ.get("OPENAI_BASE_URL")
     model = environ.get("MESH_CHAT_MODEL") or environ.get("OPENAI_MODEL")
     if not base_url or not model:
@@ -116,7 +126,7 @@ def env_default_model(environ: Mapping[str, str]) -> ModelEndpoint | None:
         return None
     key_env = next((n for n in ("MESH_CHAT_API_KEY", "OPENAI_API_KEY") if environ.get(n)), "")
     try:
-        return ModelEndpoint(base_url, model, key_env)
+        return ModelEndpoint(base_url, model, key_env, environ.get("MESH_CHAT_RATE_LIMIT", ""))
     except ModelConfigError as exc:
         raise ModelConfigError(f"MESH_CHAT_BASE_URL: {exc}") from None
 

@@ -12,6 +12,7 @@ from raftmesh.runner.context import (
     NonDeterminism,
     RunContext,
     RunError,
+    SignalTimeout,
 )
 from raftmesh.runner.registry import agent
 
@@ -26,6 +27,7 @@ __all__ = [
     "NonDeterminism",
     "RunContext",
     "RunError",
+    "SignalTimeout",
     "agent",
     "tool",
 ]

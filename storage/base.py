@@ -105,6 +105,25 @@ class Event:
     at_ms: int
 
 
+@dataclass(frozen=True)
+class SignalStored:
+    """Where ``put_signal`` keeps a signal; ``created`` is False when the
+    idempotency key had already stored it (``seq`` is then the first one's)."""
+
+    seq: int
+    created: bool
+
+
+@dataclass(frozen=True)
+class SignalRow:
+    run_id: str
+    name: str
+    seq: int
+    data: bytes
+    idempotency_key: str | None
+    at_ms: int
+
+
 NotifyCallback = Callable[[str], object]
 
 
@@ -199,6 +218,20 @@ class Store(Protocol):
         False (nothing changed) for any other status or an unknown run."""
 
     async def get_run(self, run_id: str) -> RunRow | None: ...
+
+    async def put_signal(
+        self, run_id: str, name: str, data: bytes, idempotency_key: str | None, at_ms: int
+    ) -> SignalStored:
+        """Store a signal under the next seq of (run, name), counted from 0 and
+        dense, assigned in the transaction; a repeated idempotency key stores
+        nothing and answers the first signal's seq. Unfenced: anyone the API
+        lets signal a run may; the run consumes the seqs in order."""
+
+    async def get_signal(self, run_id: str, name: str, seq: int) -> bytes | None:
+        """The data of one signal, None while it is not stored."""
+
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        """Every signal of the run, by name, then seq."""
 
     async def list_runs(
         self,

@@ -1,9 +1,10 @@
 """PostgreSQL backend: the store peers on many hosts share.
 
-Fenced writes lock the run row (SELECT ... FOR UPDATE) and check the epoch in
-the same transaction as the write, so a claim by a newer epoch either waits
-for an in-flight write to commit or makes it fail; there is no window in
-which a deposed owner's write lands after the claim.
+Fenced writes lock the run row and check the epoch in the same transaction as
+the write, so a claim by a newer epoch either waits for an in-flight write to
+commit or makes it fail; there is no window in which a deposed owner's write
+lands after the claim. A step and a result (the hot path) are one statement
+each: the row lock, the epoch compare and the write in one round trip.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from raftmesh.storage.base import (
     Notifier,
     NotifyCallback,
     RunRow,
+    SignalRow,
+    SignalStored,
     StaleEpoch,
     Step,
     StorageUnavailable,
@@ -91,6 +94,33 @@ WHERE runs.epoch < excluded.epoch
 RETURNING {RUN_COLUMNS}
 """
 
+# One statement: the run row is locked (a claim's update conflicts with the
+# share lock, and a locking read returns the newest committed version), and the
+# step is inserted only if the locked epoch is the writer's ($8: fencing on).
+# It answers the locked epoch, or no row for a run never claimed.
+_PUT_STEP = """
+WITH owner AS (SELECT epoch FROM runs WHERE id = $1 FOR SHARE),
+written AS (
+    INSERT INTO steps (run_id, seq, name, value, epoch, peer, at_ms)
+    SELECT $1, $2, $3, $4, $5, $6, $7 FROM owner WHERE owner.epoch = $5 OR NOT $8
+    ON CONFLICT (run_id, seq) DO NOTHING
+)
+SELECT epoch, NULL AS status FROM owner
+"""
+
+# One statement, as _PUT_STEP: the outcome is written only if the locked row
+# is the writer's epoch ($6, when $7: fencing on) and holds no outcome yet; it
+# answers the row as locked, before the write, for storage._common.fence_result.
+_PUT_RESULT = """
+WITH locked AS (SELECT epoch, status FROM runs WHERE id = $1 FOR UPDATE),
+written AS (
+    UPDATE runs SET status = $2, result = $3, error = $4, finished_at_ms = $5
+    FROM locked
+    WHERE runs.id = $1 AND (locked.epoch = $6 OR NOT $7) AND locked.status <> ALL($8::text[])
+)
+SELECT epoch, status FROM locked
+"""
+
 # Separate from the FOR UPDATE statement on purpose: under READ COMMITTED each
 # statement takes a fresh snapshot, so MAX(seq) sees every event committed by
 # whoever held the row lock before us.
@@ -136,6 +166,7 @@ class PostgresStore:
                 timeout=_CONNECT_TIMEOUT_S,
                 command_timeout=_COMMAND_TIMEOUT_S,
                 server_settings=self._server_settings,
+                reset=_keep_session,
             )
             try:
                 async with pool.acquire() as conn:
@@ -204,19 +235,11 @@ class PostgresStore:
     async def put_step(
         self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
     ) -> None:
-        async with self._transaction() as conn:
-            fence(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
-            await conn.execute(
-                "INSERT INTO steps (run_id, seq, name, value, epoch, peer, at_ms)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id, seq) DO NOTHING",
-                run_id,
-                seq,
-                name,
-                value,
-                epoch,
-                peer,
-                now_ms,
+        async with self._connection() as conn:
+            locked = await conn.fetchrow(
+                _PUT_STEP, run_id, seq, name, value, epoch, peer, now_ms, self._fencing
             )
+        fence(run_id, epoch, locked, self._fencing)
 
     async def load_steps(self, run_id: str) -> list[Step]:
         async with self._connection() as conn:
@@ -263,17 +286,11 @@ class PostgresStore:
         now_ms: int,
     ) -> None:
         require_terminal(status)
-        async with self._transaction() as conn:
-            fence_result(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
-            await conn.execute(
-                "UPDATE runs SET status = $2, result = $3, error = $4, finished_at_ms = $5"
-                " WHERE id = $1",
-                run_id,
-                status,
-                result,
-                error,
-                now_ms,
+        async with self._connection() as conn:
+            locked = await conn.fetchrow(
+                _PUT_RESULT, run_id, status, result, error, now_ms, epoch, self._fencing, _TERMINAL
             )
+        fence_result(run_id, epoch, locked, self._fencing)
 
     async def set_terminal(self, run_id: str, status: str, error: str | None, now_ms: int) -> None:
         require_terminal(status)
@@ -323,6 +340,64 @@ class PostgresStore:
         async with self._connection() as conn:
             rows = await conn.fetch(sql, *params, limit, offset)
         return [run_from_row(row) for row in rows]
+
+    async def put_signal(
+        self, run_id: str, name: str, data: bytes, idempotency_key: str | None, at_ms: int
+    ) -> SignalStored:
+        async with self._transaction() as conn:
+            # One writer per (run, name) at a time: the key lookup and MAX(seq)
+            # below then see every signal committed before, so seqs are dense
+            # and a key races to one signal (a hash collision only serialises).
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('raftmesh.signal:' || $1 || '/' || $2))",
+                run_id,
+                name,
+            )
+            if idempotency_key is not None:
+                seq = await conn.fetchval(
+                    "SELECT seq FROM signals WHERE run_id = $1 AND name = $2"
+                    " AND idempotency_key = $3",
+                    run_id,
+                    name,
+                    idempotency_key,
+                )
+                if seq is not None:
+                    return SignalStored(seq, created=False)
+            seq = await conn.fetchval(
+                "INSERT INTO signals (run_id, name, seq, data, idempotency_key, at_ms)"
+                " SELECT $1, $2, COALESCE(MAX(seq), -1) + 1, $3, $4, $5 FROM signals"
+                " WHERE run_id = $1 AND name = $2 RETURNING seq",
+                run_id,
+                name,
+                data,
+                idempotency_key,
+                at_ms,
+            )
+        return SignalStored(seq, created=True)
+
+    async def get_signal(self, run_id: str, name: str, seq: int) -> bytes | None:
+        async with self._connection() as conn:
+            data = await conn.fetchval(
+                "SELECT data FROM signals WHERE run_id = $1 AND name = $2 AND seq = $3",
+                run_id,
+                name,
+                seq,
+            )
+        return None if data is None else bytes(data)
+
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT run_id, name, seq, data, idempotency_key, at_ms FROM signals"
+                " WHERE run_id = $1 ORDER BY name, seq",
+                run_id,
+            )
+        return [
+            SignalRow(
+                r["run_id"], r["name"], r["seq"], bytes(r["data"]), r["idempotency_key"], r["at_ms"]
+            )
+            for r in rows
+        ]
 
     def pool_in_use(self) -> tuple[int, int]:
         """(connections in use, pool size), for the storage pool gauge."""
@@ -388,8 +463,18 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._connection() as conn, conn.transaction():
-            yield conn
+        async with self._connection() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+            except asyncpg.exceptions.InterfaceError as exc:
+                # The body lost the connection, so the block could not be rolled
+                # back on it ("the underlying connection is closed"): nothing
+                # was committed, and asyncpg's error hides the outage behind it.
+                lost = exc.__context__
+                if not isinstance(lost, _UNAVAILABLE_ERRORS):
+                    raise
+                raise StorageUnavailable(f"PostgreSQL unavailable: {lost!r}") from lost
 
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -408,6 +493,16 @@ def events_channel_name(schema: str) -> str:
     """
     name = _CHANNEL_PREFIX + re.sub(r"[^a-z0-9_]", "_", schema.lower())
     return name[:_MAX_IDENTIFIER_BYTES]
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release, instead of asyncpg's default query
+    (unlock advisory locks, CLOSE ALL, UNLISTEN *, RESET ALL): one round trip
+    per statement saved. None of it has anything to undo here: pool
+    connections take only transaction-scoped advisory locks, open no cursor
+    outside a transaction, never LISTEN (listeners have connections of their
+    own) and set nothing for the session beyond the connect-time settings.
+    asyncpg still rolls back a transaction left open before calling this."""
 
 
 async def _lock_run(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record | None:

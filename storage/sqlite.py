@@ -35,6 +35,8 @@ from raftmesh.storage.base import (
     Claim,
     Event,
     RunRow,
+    SignalRow,
+    SignalStored,
     StaleEpoch,
     Step,
     StorageUnavailable,
@@ -304,6 +306,53 @@ class SqliteStore:
         args = (*params, limit, offset)
         rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return [run_from_row(row) for row in rows]
+
+    async def put_signal(
+        self, run_id: str, name: str, data: bytes, idempotency_key: str | None, at_ms: int
+    ) -> SignalStored:
+        def work(conn: sqlite3.Connection) -> SignalStored:
+            # BEGIN IMMEDIATE holds the write lock: no other writer between the
+            # key lookup, MAX(seq) and the insert.
+            if idempotency_key is not None:
+                known = conn.execute(
+                    "SELECT seq FROM signals WHERE run_id = ? AND name = ? AND idempotency_key = ?",
+                    (run_id, name, idempotency_key),
+                ).fetchone()
+                if known is not None:
+                    return SignalStored(int(known[0]), created=False)
+            (seq,) = conn.execute(
+                "INSERT INTO signals (run_id, name, seq, data, idempotency_key, at_ms)"
+                " SELECT ?, ?, COALESCE(MAX(seq), -1) + 1, ?, ?, ? FROM signals"
+                " WHERE run_id = ? AND name = ? RETURNING seq",
+                (run_id, name, data, idempotency_key, at_ms, run_id, name),
+            ).fetchone()
+            return SignalStored(int(seq), created=True)
+
+        return await self._write(work)
+
+    async def get_signal(self, run_id: str, name: str, seq: int) -> bytes | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT data FROM signals WHERE run_id = ? AND name = ? AND seq = ?",
+                (run_id, name, seq),
+            ).fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    async def list_signals(self, run_id: str) -> list[SignalRow]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT run_id, name, seq, data, idempotency_key, at_ms FROM signals"
+                " WHERE run_id = ? ORDER BY name, seq",
+                (run_id,),
+            ).fetchall()
+        )
+        return [
+            SignalRow(
+                r["run_id"], r["name"], r["seq"], bytes(r["data"]), r["idempotency_key"], r["at_ms"]
+            )
+            for r in rows
+        ]
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in autocommit mode: each statement sees the latest commit."""

@@ -49,6 +49,7 @@ VALUES = st.recursive(
     ),
     max_leaves=8,
 )
+SIGNAL_WAIT = {"kind": "signal", "due_ms": None, "signal": "go", "index": 0, "children": None}
 RUN_FIELDS = [
     "id",
     "agent",
@@ -77,6 +78,11 @@ def a_mesh() -> MeshState:
         state.apply(c.PeerUp(f"up{i}", T0, peer, "i1", f"r{i}", f"h{i}", 2, {}))
     state.apply(c.Submit("s0", T0, [{"id": "r0", "agent": "echo", "input": 1}]))
     state.apply(c.Assign("a0", T0, 1, [("r0", "p1", 1)]))
+    # w0 waits for a signal, so wake, signal, pause and resume have a target.
+    state.apply(c.Submit("s1", T0, [{"id": "w0", "agent": "echo", "input": 1}]))
+    state.apply(c.Assign("a1", T0, 1, [("w0", "p2", 1)]))
+    state.apply(c.Suspend("z1", T0, "w0", 1, SIGNAL_WAIT))
+    assert state.runs["w0"].status == "waiting"
     return state
 
 
@@ -90,6 +96,11 @@ def consistent(state: MeshState) -> None:
         if run.status == "queued":
             queued[run.spec.tenant] = queued.get(run.spec.tenant, 0) + 1
     assert state.tenant_queued == queued
+    for run in state.runs.values():
+        if run.status in ("waiting", "paused"):
+            assert run.owner is None and not run.pause_requested, run
+        if run.status == "waiting":
+            assert run.waiting_for is not None, run
 
 
 def refused(result: Any) -> bool:
@@ -154,6 +165,14 @@ def _field_commands(data: st.DataObject, at: int) -> Any:
                 c.PeerStopping("x", at, "p2", "i1"),
                 c.PeerLeave("x", at, "p2"),
                 c.Configure("x", at, {"t": 1}, 2, {}, None, {"backoff_base_ms": 10}),
+                c.Suspend("x", at, "r0", 1, SIGNAL_WAIT),
+                c.Suspend("x", at, "r0", 1, {"kind": "timer", "due_ms": at + 5}),
+                c.Suspend("x", at, "r0", 1, {"kind": "children", "children": ["w0"]}),
+                c.Wake("x", at, ["w0", "r0"]),
+                c.Signal("x", at, "w0", "go", 0),
+                c.Pause("x", at, "w0"),
+                c.Pause("x", at, "r0"),
+                c.Resume("x", at, "w0"),
             ]
         ),
         label="command",

@@ -5,6 +5,7 @@ failures and lost owners."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -21,17 +22,9 @@ from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
 from raftmesh.runner.attempt import CANCELLED, RETRY, Assignment, Outcome, run_attempt
 from raftmesh.runner.context import RunContext
+from raftmesh.runner.payload import pack
 from raftmesh.runner.registry import Registry
 from raftmesh.storage import Store, open_store
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store(f"sqlite:///{tmp_path / 'runs.db'}")
-    await s.open()
-    yield s
-    await s.close()
-
 
 PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -216,3 +209,54 @@ def test_an_attempt_that_ends_without_its_agent_cancels_the_agent(tmp_path: Path
     outcome, calls, left = uvloop.run(scenario())
     assert (outcome.status, outcome.kind) == (RETRY, "error"), outcome
     assert left == [] and calls == [], "the agent task was cancelled, not left running"
+
+
+class _CountingStore:
+    """The real store, with its journal and event reads counted."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+        self.reads: list[str] = []
+
+    async def load_steps(self, run_id: str) -> Any:
+        self.reads.append("steps")
+        return await self._inner.load_steps(run_id)
+
+    async def read_events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> Any:
+        self.reads.append("events")
+        return await self._inner.read_events(run_id, after_seq, limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def test_a_first_attempt_reads_no_journal_and_a_later_one_replays_it(
+    any_store: Store,
+) -> None:
+    """Epoch 1 is the first claim storage ever sees, so nothing can be
+    checkpointed yet: the attempt reads neither steps nor events. An attempt
+    under a later epoch reads both and replays what an earlier one stored."""
+    ran: list[str] = []
+
+    async def planner(ctx: RunContext, _: Any) -> Any:
+        async def plan() -> str:
+            ran.append("plan")
+            return "the plan"
+
+        return await ctx.step("plan", plan)
+
+    registry = Registry()
+    registry.add("planner", planner)
+    counting = _CountingStore(any_store)
+    first = await attempt(counting, registry, job("planner"))  # type: ignore[arg-type]
+    assert first.status == RunStatus.SUCCEEDED and ran == ["plan"]
+    assert counting.reads == []
+
+    other = Assignment("r2", 1, 1, RunSpec(agent="planner"), submitted_at_ms=1)
+    await any_store.claim(other.row(), 1, "p0", 1)
+    await any_store.put_step("r2", 1, 0, "plan", pack("the plan"), "p0", 2)
+    resumed = dataclasses.replace(other, epoch=2, attempt=2)
+    second = await attempt(counting, registry, resumed)  # type: ignore[arg-type]
+    assert second.status == RunStatus.SUCCEEDED
+    assert ran == ["plan"], "the checkpointed step is not run again"
+    assert counting.reads == ["steps", "events"]

@@ -153,6 +153,15 @@ def test_submit_rejects_malformed_json() -> None:
     assert "Invalid value for '--input': not valid JSON" in result.output
 
 
+def test_signal_refuses_malformed_data_in_one_line_before_sending() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    result = invoke("signal", "r1", "go", "--data", "{bad", "--peer", url)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --data is not valid JSON")
+    assert result.output.count("\n") == 1, result.output
+    assert "cannot reach" not in result.output, "nothing was sent"
+
+
 def test_client_commands_report_an_unreachable_peer() -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
     result = invoke("run", "some-id", "--peer", url)
@@ -161,6 +170,9 @@ def test_client_commands_report_an_unreachable_peer() -> None:
     # MESH_PEER_URL is the default for --peer.
     result = invoke("status", env={"MESH_PEER_URL": url})
     assert f"cannot reach {url}" in result.output
+    for command in (["pause", "r1"], ["resume", "r1"], ["signal", "r1", "go", "--data", "1"]):
+        result = invoke(*command, "--peer", url)
+        assert result.exit_code == 1 and f"cannot reach {url}" in result.output, command
 
 
 def _closed_port() -> int:

@@ -31,7 +31,7 @@ PROMQL_FUNCTIONS = {
     "or",
 }
 
-LABELS = {"instance", "job", "status", "tenant"}
+LABELS = {"instance", "job", "limit", "status", "tenant"}
 
 
 def promtool() -> str:
@@ -91,7 +91,7 @@ def _metric_names(expr: str) -> set[str]:
 
 
 def test_dashboard_is_structurally_valid_and_uses_only_served_metrics() -> None:
-    dash = json.loads((DIR / "grafana-dashboard.json").read_text())
+    dash = json.loads((DIR / "grafana" / "dashboards" / "raftmesh.json").read_text())
     assert isinstance(dash["uid"], str) and dash["uid"]
     assert isinstance(dash["title"], str) and dash["title"]
     assert isinstance(dash["schemaVersion"], int)

@@ -14,10 +14,13 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+from pysyncobj.journal import createJournal
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.errors import NoQuorum, UnencodableCommand
-from raftmesh.consensus.raft import RaftNode, RaftTimers
+from raftmesh.consensus.raft import RaftNode, RaftTimers, _DurableJournal, _Outbox
 from raftmesh.consensus.results import Result
 
 
@@ -192,3 +195,73 @@ async def test_an_unencodable_command_fails_alone_and_the_next_ones_commit(tmp_p
     finally:
         for n in nodes:
             n.close()
+
+
+async def test_no_raft_message_leaves_while_the_journal_holds_unsynced_entries(
+    tmp_path: Path,
+) -> None:
+    """Every message a node sends (an append-entries response acknowledging
+    entries, or append-entries a leader then counts towards a commit) goes out
+    only once the journal is synced, through the leader and through followers."""
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
+    nodes = start_nodes(addrs, tmp_path, RaftTimers())
+    unsynced: list[str] = []
+    for node in nodes:
+        raw = node._outbox._send
+
+        def checked(peer: object, message: object, node: RaftNode = node, raw: Any = raw) -> bool:
+            if node.journal.dirty:
+                unsynced.append(str(message)[:80])
+            return bool(raw(peer, message))
+
+        node._outbox._send = checked
+    try:
+        leader = await wait_leader(nodes)
+        follower = next(n for n in nodes if n is not leader)
+        await propose_retrying(leader, submit(-1))
+        entries_before = leader.status()["log_len"]
+        syncs_before = follower.journal.syncs
+        for wave in range(10):
+            results = await asyncio.gather(
+                *(propose_retrying(nodes[i % 3], submit(wave * 30 + i)) for i in range(30))
+            )
+            assert all(r.ok for r in results)
+        entries = leader.status()["log_len"] - entries_before
+        syncs = follower.journal.syncs - syncs_before
+        print(f"follower: {syncs} syncs for {entries} entries")
+        assert not unsynced, f"sent with unsynced entries: {unsynced[:3]}"
+        assert syncs > 0, "the follower stored entries"
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def test_the_outbox_holds_messages_until_one_sync_and_keeps_their_order(tmp_path: Path) -> None:
+    """The tick-thread side on its own: a message sent while the journal is
+    clean goes at once; once an entry is unsynced, that message and every later
+    one wait for the end of the tick, where one sync lets them all go in order."""
+    path = str(tmp_path / "raft.journal")
+    inner = createJournal(path)
+    journal = _DurableJournal(inner, path, str(tmp_path / "raft.dump"))
+    sent: list[tuple[str, int, bool]] = []
+
+    def send(node: Any, message: Any) -> bool:
+        sent.append((node, message, journal.dirty))
+        return True
+
+    outbox = _Outbox(journal, send)
+    try:
+        outbox.send("a", 0)
+        assert sent == [("a", 0, False)], "a clean journal holds nothing back"
+        for idx in range(1, 6):
+            journal.add(b"entry", idx, 1)
+            outbox.send("a" if idx % 2 else "b", idx)
+        assert journal.dirty and len(sent) == 1, "nothing leaves before the sync"
+        outbox.flush()
+        assert journal.syncs == 1, "five entries and five messages, one sync"
+        assert [m for _, m, _ in sent] == [0, 1, 2, 3, 4, 5]
+        assert not any(dirty for _, _, dirty in sent)
+        outbox.flush()
+        assert journal.syncs == 1, "a tick with nothing new syncs nothing"
+    finally:
+        inner._destroy()

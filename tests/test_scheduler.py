@@ -150,3 +150,27 @@ def test_settings_parse_scheduling_policy_from_the_environment(monkeypatch) -> N
     monkeypatch.setenv("MESH_PLACEMENT", "random")
     with pytest.raises(SettingsError, match="placement"):
         Settings.load({})
+
+
+def test_a_full_mesh_plans_nothing_without_ordering_the_queue() -> None:
+    """Every slot taken: the plan is empty and the queue is not even read
+    (the leader ticks on every applied entry); a freed slot takes the first
+    run in priority order, as before."""
+    mesh = Mesh()
+    mesh.peer("p1", slots=1)
+    first = mesh.submit(priority=1)
+    low = mesh.submit(priority=0)
+    high = mesh.submit(priority=5)
+    assert mesh.assign(Scheduler().plan(mesh.state, T0)) == [high]
+    orders: list[int] = []
+
+    class Counting(Scheduler):
+        def order(self, state: MeshState, now_ms: int) -> list[Any]:
+            orders.append(now_ms)
+            return super().order(state, now_ms)
+
+    assert Counting().plan(mesh.state, T0) == []
+    assert orders == [], "a full mesh does not order the queue"
+    mesh.apply(c.Finish(mesh.cid(), T0, high, 1, "succeeded", None))
+    assert Counting().plan(mesh.state, T0) == [(first, "p1", 1)]
+    assert low in {r.id for r in mesh.state.queued()}

@@ -146,3 +146,28 @@ def test_a_nul_in_a_label_key_is_refused_like_one_in_its_value() -> None:
     for labels in ({"k\x00": "v"}, {"k": "v\x00"}):
         with pytest.raises(SpecError, match="labels"):
             RunSpec.from_wire({"agent": "a", "input": 1, "labels": labels})
+
+
+def test_a_signal_body_and_its_route_document_what_the_mesh_accepts() -> None:
+    from raftmesh.consensus.waits import SIGNAL_NAME
+    from raftmesh.mesh.schemas import SignalRequest
+
+    assert parse_request({}, SignalRequest).data is None
+    assert parse_request({"data": {"approve": True}, "idempotency_key": "k"}, SignalRequest).data
+    for body, words in (
+        ({"data": 1, "colour": "red"}, "unknown fields: colour"),
+        ({"idempotency_key": "é" * 129}, "'idempotency_key'"),
+        ({"idempotency_key": 7}, "'idempotency_key'"),
+        ({"idempotency_key": "k\x00"}, "'idempotency_key'"),
+        ({"idempotency_key": "\ud832"}, "'idempotency_key'"),
+        ([1], "JSON object"),
+    ):
+        with pytest.raises(BadRequest) as info:
+            parse_request(body, SignalRequest)
+        assert words in info.value.message, (body, info.value.message)
+    route = "/v1/runs/{id}/signals/{name}"
+    doc = openapi_document([("POST", route)])
+    params = {p["name"]: p for p in doc["paths"][route]["post"]["parameters"]}
+    assert set(params) == {"id", "name"}
+    assert params["name"]["schema"]["pattern"] == f"^{SIGNAL_NAME.pattern}$"
+    assert "SignalResponse" in doc["components"]["schemas"]

@@ -15,16 +15,22 @@ Every model call and every tool call is a journaled step: a run resumed on
 another peer replays finished calls from the journal and does not pay for them
 twice. Tokens stream to watchers as ``token`` events while a call runs. 429 and
 5xx answers are retried with exponential backoff (honouring ``Retry-After``).
-Each call is charged to the run's budget (``model_calls`` and ``tokens``), so a
-parent's budget bounds a whole tree of chat agents. Tools run off the event
+Each request (a retry too) first waits for capacity of the endpoint's
+mesh-wide rate limit (its ``rate_limit`` setting; ``ctx.limit``). Each call is
+charged to the run's budget (``model_calls`` and ``tokens``), so a parent's
+budget bounds a whole tree of chat agents. Tools run off the event
 loop (sync ones in a thread) under a time limit, so a slow tool cannot stall
 the peer; the built-in calculator also bounds the size of what it computes.
+A tool registered with ``requires_approval`` runs only once a person says so:
+the run asks (an ``approval.requested`` event), waits for a ``decision`` signal
+without holding a slot, and on a denial the model is told so instead.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -39,6 +45,7 @@ from typing import Any
 
 import aiohttp
 
+from raftmesh.runner.agents.builtin import APPROVAL_REQUESTED, APPROVAL_SIGNAL
 from raftmesh.runner.context import RunContext, RunError
 from raftmesh.runner.models import DEFAULT_MODEL, ModelEndpoint
 from raftmesh.runner.registry import InvalidInput, agent
@@ -81,6 +88,7 @@ class Tool:
     parameters: dict[str, Any]
     fn: Callable[..., Any]
     timeout_s: float = TOOL_TIMEOUT_S
+    requires_approval: bool = False
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -102,15 +110,18 @@ def tool(
     parameters: dict[str, Any],
     *,
     timeout_s: float = TOOL_TIMEOUT_S,
+    requires_approval: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a Python function (sync or async, keyword arguments) as a tool
     the ``chat`` agent can offer the model; ``parameters`` is its JSON schema.
-    A call still running after ``timeout_s`` answers the model with an error."""
+    A call still running after ``timeout_s`` answers the model with an error.
+    ``requires_approval``: each call waits for a person's ``decision`` signal
+    first (for tools with effects outside the run: mail, payments, deletes)."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in TOOLS and TOOLS[name].fn is not fn:
             raise ValueError(f"tool {name!r} is registered twice")
-        TOOLS[name] = Tool(name, description, parameters, fn, timeout_s)
+        TOOLS[name] = Tool(name, description, parameters, fn, timeout_s, requires_approval)
         return fn
 
     return register
@@ -183,7 +194,13 @@ async def chat(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]:
             }
         for call in calls:
             fn = call["function"]
-            output = await ctx.step(f"tool:{fn['name']}", _run_tool, fn["name"], fn["arguments"])
+            denial = await _approve(ctx, call) if _requires_approval(fn["name"]) else None
+            if denial is None:
+                output = await ctx.step(
+                    f"tool:{fn['name']}", _run_tool, ctx, fn["name"], fn["arguments"]
+                )
+            else:
+                output = denial
             ctx.emit("tool", {"name": fn["name"], "output": output})
             messages.append(
                 {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(output)}
@@ -191,8 +208,65 @@ async def chat(ctx: RunContext, input: dict[str, Any]) -> dict[str, Any]:
     raise ModelCallFailed(f"no final answer after {input.get('max_turns', MAX_TURNS)} turns")
 
 
-async def _run_tool(name: str, arguments: str) -> Any:
+def _requires_approval(name: str) -> bool:
+    found = TOOLS.get(name)
+    return found is not None and found.requires_approval
+
+
+async def _approve(ctx: RunContext, call: dict[str, Any]) -> str | None:
+    """Ask for the call and wait for the next ``decision`` signal: None when
+    approved, else what the model is told instead of the tool's answer. Both
+    the event and the wait are journaled (ctx.emit, ctx.wait_for_signal), so a
+    replay neither asks again nor takes another signal's decision; the decision
+    is read from the journaled data, so the replay decides the same."""
+    fn = call["function"]
+    ctx.emit(
+        APPROVAL_REQUESTED,
+        {"tool": fn["name"], "arguments": _arguments(fn["arguments"]), "call_id": call["id"]},
+    )
+    approved, note = read_decision(await ctx.wait_for_signal(APPROVAL_SIGNAL))
+    if approved:
+        return None
+    said = f": {note}" if note else " (no note given)"
+    return f"denied: the call of {fn['name']} was not run; the approver said{said}"
+
+
+def _arguments(arguments: str) -> Any:
+    """The call's arguments as the approver should read them: the JSON the
+    model sent, parsed, or the text itself if it is not JSON."""
+    try:
+        return json.loads(arguments or "{}")
+    except ValueError:
+        return arguments
+
+
+def read_decision(data: Any) -> tuple[bool, str]:
+    """``(approve, note)`` from a decision signal's data, which anyone who may
+    signal the run writes: anything but ``{"approve": bool, "note"?: str}``
+    is a denial whose note says what was wrong, never a crash of the run.
+    Other fields (who decided, when) are the approver's own and pass."""
+    if not isinstance(data, dict) or not isinstance(data.get("approve"), bool):
+        return False, (
+            'the decision was not {"approve": true|false, "note"?: text}; '
+            f"got {excerpt(json.dumps(data, default=str))}"
+        )
+    # null, as JSON clients send an absent field, is no note
+    note = "" if data.get("note") is None else data["note"]
+    if not isinstance(note, str):
+        return (
+            False,
+            f"the decision's note must be text, got {excerpt(json.dumps(note, default=str))}",
+        )
+    return data["approve"], note
+
+
+async def _run_tool(ctx: RunContext, name: str, arguments: str) -> Any:
     """A tool's answer, or its error as the model should see it (it may retry)."""
+    with ctx.span("raftmesh.chat.tool", tool=name):
+        return await _call_tool(name, arguments)
+
+
+async def _call_tool(name: str, arguments: str) -> Any:
     try:
         kwargs = json.loads(arguments or "{}")
         found = TOOLS[name]
@@ -248,7 +322,20 @@ async def _complete(
     options: dict[str, Any],
     turn: int,
 ) -> dict[str, Any]:
-    """One model call, streamed, retried on 429/5xx and connection errors."""
+    """One model call, streamed, retried on 429/5xx and connection errors; its
+    span holds every HTTP try (the aiohttp client instrumentation's spans)."""
+    with ctx.span("raftmesh.chat.model", model=endpoint.model, turn=turn):
+        return await _call_model(ctx, endpoint, messages, tools, options, turn)
+
+
+async def _call_model(
+    ctx: RunContext,
+    endpoint: ModelEndpoint,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    options: dict[str, Any],
+    turn: int,
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": endpoint.model,
         "messages": messages,
@@ -267,9 +354,12 @@ async def _complete(
     async with aiohttp.ClientSession(timeout=timeout) as http:
         for attempt in range(MAX_RETRIES + 1):
             try:
-                async with http.post(
-                    endpoint.chat_url, json=body, headers=headers, allow_redirects=False
-                ) as resp:
+                async with (
+                    model_capacity(ctx, endpoint.rate_limit, estimate_tokens(messages)),
+                    http.post(
+                        endpoint.chat_url, json=body, headers=headers, allow_redirects=False
+                    ) as resp,
+                ):
                     if resp.status == 429 or resp.status >= 500:
                         text = await _body_excerpt(resp, key)
                         wait = _retry_after(resp.headers.get("Retry-After"), delay)
@@ -281,24 +371,42 @@ async def _complete(
                             raise ModelCallFailed(
                                 f"HTTP {resp.status} after {attempt} retries: {text}"
                             )
-                        await asyncio.sleep(wait)
-                        delay = min(delay * 2, MAX_BACKOFF_S)
-                        continue
-                    if 300 <= resp.status < 400:
+                    elif 300 <= resp.status < 400:
                         raise ModelCallFailed(
                             f"HTTP {resp.status} from {endpoint.chat_url}: redirects are not "
                             "followed; configure the URL the server redirects to"
                         )
-                    if resp.status >= 400:
+                    elif resp.status >= 400:
                         text = await _body_excerpt(resp, key)
                         raise ModelCallFailed(f"HTTP {resp.status}: {text}")
-                    return await _read_stream(ctx, resp, turn)
+                    else:
+                        return await _read_stream(ctx, resp, turn)
+                # Backing off outside the block: a waiting retry holds no
+                # concurrent call of the rate limit, nor the connection.
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, MAX_BACKOFF_S)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 if attempt == MAX_RETRIES:
                     raise ModelCallFailed(f"{endpoint.base_url} unreachable: {exc}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
     raise AssertionError("unreachable")
+
+
+def model_capacity(
+    ctx: RunContext, rate_limit: str, tokens: int
+) -> contextlib.AbstractAsyncContextManager[Any]:
+    """Capacity of an endpoint's mesh-wide rate limit ("" for none) for one
+    request of about ``tokens`` tokens; a retry is a request of its own."""
+    if not rate_limit:
+        return contextlib.nullcontext()
+    return ctx.limit(rate_limit, tokens=tokens)
+
+
+def estimate_tokens(prompt: Any) -> int:
+    """What a request costs a tokens-per-minute limit, known before it is sent:
+    its prompt at about four characters a token (the answer is not known yet)."""
+    return 1 + len(json.dumps(prompt, default=str)) // 4
 
 
 def _retry_after(header: str | None, default_s: float) -> float:

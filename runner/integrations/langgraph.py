@@ -10,13 +10,17 @@ The ``langgraph`` built-in agent runs a compiled graph named by reference with
 thread_id = the run id. A resumed attempt continues from the last checkpoint
 (LangGraph skips the nodes that finished, and reuses the pending writes of
 those that finished in an unfinished super-step), so no finished node runs
-again.
+again. A graph that stops at ``interrupt()`` says so in an ``interrupt``
+event and waits for the run's next ``resume`` signal without a slot
+(``ctx.wait_for_signal``); the graph then continues from its checkpoint with
+``Command(resume=data)``, on whichever peer the run lands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,15 +40,16 @@ try:
     )
     from langgraph.graph import StateGraph
     from langgraph.pregel import Pregel
-    from langgraph.types import StreamMode
+    from langgraph.types import Command, Interrupt, StreamMode
 except ImportError as exc:
     raise ExtraMissing("langgraph", "langgraph") from exc
 
 from langchain_core.runnables import RunnableConfig
 
+from raftmesh.runner.agents.chat import model_capacity
 from raftmesh.runner.context import Fenced, RunContext, RunError
 from raftmesh.runner.integrations.inputs import check_graph_input
-from raftmesh.runner.models import DEFAULT_MODEL, ModelEndpoint
+from raftmesh.runner.models import DEFAULT_MODEL
 from raftmesh.runner.registry import agent
 from raftmesh.storage import StaleEpoch, open_store
 from raftmesh.storage.graph_checkpoints import (
@@ -333,7 +338,8 @@ def load_graph(reference: str) -> Pregel:
 async def run_graph(ctx: RunContext, input: dict[str, Any]) -> Any:
     """Run the graph with thread_id = the run id and checkpoints in the run's
     storage. A resumed attempt finds the thread's checkpoints and continues
-    from the last one (input None) instead of starting over."""
+    from the last one (input None) instead of starting over; an interrupted
+    graph waits for a ``resume`` signal and continues with its data."""
     if not isinstance(ctx, RunContext):
         raise RunError(
             "the langgraph agent runs in the peer's process only (its checkpoints need the "
@@ -351,61 +357,129 @@ async def run_graph(ctx: RunContext, input: dict[str, Any]) -> Any:
             **_endpoint(ctx, input),
         },
     }
-    await _new_attempt(ctx)
+    journaled = await _replay_flow(ctx)
     try:
-        resumed = await graph.aget_state(config)
-        start = None if resumed.created_at is not None else input["input"]
-        interrupted: list[Any] | None = None
-        # "sync": a super-step's checkpoint is stored before the next one starts,
-        # so a node that finished before a crash never runs again.
-        stream = graph.astream(start, config, stream_mode=STREAM_MODES, durability="sync")
-        part: Any
-        async for part in stream:
-            mode, chunk = part
-            if mode == "messages":
-                message, meta = chunk
-                ctx.emit(
-                    "messages",
-                    {"node": meta.get("langgraph_node"), "content": plain(message.content)},
-                )
-            elif mode == "updates" and "__interrupt__" in chunk:
-                interrupted = [plain(i.value) for i in chunk["__interrupt__"]]
-            else:
-                ctx.emit(mode, plain(chunk))
-        final = await graph.aget_state(config)
+        state = await graph.aget_state(config)
+        command: Any = input["input"] if state.created_at is None else None
+        streamed = False
+        while True:
+            if state.interrupts:
+                # After a stream, the graph took the journaled answer or
+                # left it (data for other interrupts): either way, ask anew.
+                answer = await _answer(ctx, state.interrupts, None if streamed else journaled)
+                command = Command(resume=answer)
+            elif streamed:
+                if state.next:
+                    raise RunError(
+                        f"the graph stopped before {list(state.next)} without interrupt(): "
+                        "static breakpoints (interrupt_before/after) cannot be resumed on "
+                        "the mesh; call interrupt() in the node instead"
+                    )
+                break
+            await _stream(ctx, graph, command, config)
+            streamed = True
+            state = await graph.aget_state(config)
     except StaleEpoch as exc:
         raise Fenced(str(exc)) from exc
-    if interrupted is not None or final.next:
-        await _wait_for_resume(ctx, interrupted)
-    return plain(final.values)
+    return plain(state.values)
 
 
-def _endpoint(ctx: RunContext, input: Mapping[str, Any]) -> dict[str, ModelEndpoint]:
+def _endpoint(ctx: RunContext, input: Mapping[str, Any]) -> dict[str, Any]:
     """The peer's model endpoint the input names ("default" unless ``model``),
     for the graph's nodes as ``config["configurable"]["model_endpoint"]``; an
     object, so LangGraph never copies it into checkpoint metadata. The key is
-    not in it: a node reads it from the peer's environment (``api_key``)."""
+    not in it: a node reads it from the peer's environment (``api_key``).
+    Beside it ``model_limit(tokens)``: the endpoint's mesh-wide rate limit, for
+    a node to hold around each call (``async with model_limit(tokens=n):``)."""
     endpoint = ctx.models.get(input.get("model", DEFAULT_MODEL))
-    return {} if endpoint is None else {"model_endpoint": endpoint}
+    if endpoint is None:
+        return {}
+    return {
+        "model_endpoint": endpoint,
+        "model_limit": functools.partial(model_capacity, ctx, endpoint.rate_limit),
+    }
 
 
-async def _new_attempt(ctx: RunContext) -> None:
-    """Move this attempt's events to a place of their own in the flow: the
-    graph takes no journaled steps, so without this a resumed attempt's events
-    would share places with the earlier attempt's and be taken as stored."""
+async def _stream(ctx: RunContext, graph: Pregel, command: Any, config: RunnableConfig) -> None:
+    """Run the graph until it ends or stops at an interrupt, its stream as events."""
+    # "sync": a super-step's checkpoint is stored before the next one starts,
+    # so a node that finished before a crash never runs again.
+    stream = graph.astream(command, config, stream_mode=STREAM_MODES, durability="sync")
+    part: Any
+    async for part in stream:
+        mode, chunk = part
+        if mode == "messages":
+            message, meta = chunk
+            ctx.emit(
+                "messages",
+                {"node": meta.get("langgraph_node"), "content": plain(message.content)},
+            )
+        elif mode == "updates" and "__interrupt__" in chunk:
+            continue  # said once, by the interrupt event of _ask
+        else:
+            ctx.emit(mode, plain(chunk))
+
+
+# The agent's own journal entries, all of one name so that a replay can tell
+# them apart by value: {"attempt": n} starts an attempt's share of the flow,
+# {"interrupts": [...]} is followed by the signal that answered them.
+FLOW_STEP = "langgraph:flow"
+RESUME_SIGNAL = "resume"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    """The data of a ``resume`` signal, and the interrupts it answers (their
+    ids, sorted: the order parallel nodes' interrupts are listed in is not
+    the graph's to keep)."""
+
+    interrupt_ids: list[str]
+    data: Any
+
+
+async def _replay_flow(ctx: RunContext) -> _Answer | None:
+    """Take the earlier attempts' entries again, then start this attempt's own.
+
+    The graph's progress is in its checkpoints, not in the journal, so the
+    entries are replayed rather than re-derived; they keep the signals in
+    order (the n-th interrupt gets the n-th signal) and give this attempt's
+    events places of their own in the flow (without that, a resumed graph's
+    events would take places of the earlier attempt's and be taken as
+    stored). Returns the last answer journaled, which the graph may not have
+    taken yet: the signal came while the run was suspended, or a crash came
+    between journaling it and the graph storing it as its resume value."""
+    answered: _Answer | None = None
     while True:
-        seq, found, _ = ctx.begin_step("langgraph:attempt")
+        seq, found, entry = ctx.begin_step(FLOW_STEP)
         if not found:
-            await ctx.record_step(seq, "langgraph:attempt", ctx.attempt)
-            return
+            await ctx.record_step(seq, FLOW_STEP, {"attempt": ctx.attempt})
+            return answered
+        if "interrupts" in entry:
+            answered = await _ask(ctx, entry["interrupts"])
 
 
-async def _wait_for_resume(ctx: RunContext, interrupts: list[Any] | None) -> None:
-    """The mesh cannot suspend a run yet, nor send it a resume signal: an
-    interrupted graph says so in an event and holds its slot until the run is
-    cancelled or times out."""
-    await ctx.emit("interrupt", {"interrupts": interrupts})
-    await asyncio.Event().wait()
+async def _answer(
+    ctx: RunContext, interrupts: Sequence[Interrupt], journaled: _Answer | None
+) -> Any:
+    """The resume value for the graph's pending interrupts: the answer
+    journaled for exactly these, or the next ``resume`` signal's data."""
+    if journaled is not None and journaled.interrupt_ids == sorted(i.id for i in interrupts):
+        return journaled.data
+    asked = [{"id": i.id, "value": plain(i.value)} for i in interrupts]
+    await ctx.step(FLOW_STEP, lambda: {"interrupts": asked})
+    return (await _ask(ctx, asked)).data
+
+
+async def _ask(ctx: RunContext, asked: list[dict[str, Any]]) -> _Answer:
+    """Say which interrupts wait, then wait for the signal that answers them
+    (the run leaves its slot meanwhile). A replay emits the event at the same
+    place, so it is stored once, even when a crash came right before it."""
+    await ctx.emit("interrupt", {"interrupts": asked})
+    # LangGraph takes a resume value of None for no answer at all: such a
+    # signal is passed over, and the interrupts wait for the next one.
+    while (data := await ctx.wait_for_signal(RESUME_SIGNAL)) is None:
+        pass
+    return _Answer(sorted(a["id"] for a in asked), data)
 
 
 def plain(value: Any) -> Any:

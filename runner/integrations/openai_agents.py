@@ -10,7 +10,8 @@ answers are the same, which they are.
 
 The model is the peer's configured endpoint (``[models.NAME]``, the ``chat``
 agent's settings), reached through its OpenAI-compatible chat completions API,
-streamed; a run's input names an endpoint, never a URL.
+streamed; a run's input names an endpoint, never a URL. Each call waits for
+capacity of the endpoint's mesh-wide rate limit (its ``rate_limit``) first.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ except ImportError as exc:
 
 from pydantic import TypeAdapter
 
-from raftmesh.runner.agents.chat import ChatConfigError, api_key, choose_endpoint
+from raftmesh.runner.agents.chat import (
+    ChatConfigError,
+    api_key,
+    choose_endpoint,
+    estimate_tokens,
+    model_capacity,
+)
 from raftmesh.runner.context import RunContext, RunError
 from raftmesh.runner.integrations.inputs import check_agent_input
 from raftmesh.runner.models import ModelEndpoint
@@ -46,9 +53,10 @@ class JournaledModel(Model):
     """A model whose every response is a step of the run: the call is made
     once per run, a resumed attempt gets the stored response back."""
 
-    def __init__(self, ctx: RunContext, inner: Model) -> None:
+    def __init__(self, ctx: RunContext, inner: Model, rate_limit: str = "") -> None:
         self._ctx = ctx
         self._inner = inner
+        self._rate_limit = rate_limit
 
     async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
         """Charged to the run's budget like a ``chat`` call (``model_calls``,
@@ -72,11 +80,14 @@ class JournaledModel(Model):
         """Streams the call (token deltas become ``messages`` events) and keeps
         the completed response as plain data for the journal."""
         response = None
-        async for event in self._inner.stream_response(*args, **kwargs):
-            if isinstance(event, ResponseTextDeltaEvent):
-                self._ctx.emit("messages", {"content": event.delta})
-            elif isinstance(event, ResponseCompletedEvent):
-                response = event.response
+        # Model.stream_response(system_instructions, input, ...): the input is the prompt.
+        prompt = kwargs.get("input", args[1] if len(args) > 1 else args)
+        async with model_capacity(self._ctx, self._rate_limit, estimate_tokens(prompt)):
+            async for event in self._inner.stream_response(*args, **kwargs):
+                if isinstance(event, ResponseTextDeltaEvent):
+                    self._ctx.emit("messages", {"content": event.delta})
+                elif isinstance(event, ResponseCompletedEvent):
+                    response = event.response
         if response is None:
             raise RuntimeError("the model's stream ended without a completed response")
         usage = response.usage
@@ -93,14 +104,16 @@ class JournaledModel(Model):
 
 
 class JournaledProvider(ModelProvider):
-    """Every model it hands out journals its responses in ``ctx``."""
+    """Every model it hands out journals its responses in ``ctx`` and takes
+    capacity of the mesh-wide limit ``rate_limit`` ("" for none) per call."""
 
-    def __init__(self, ctx: RunContext, inner: ModelProvider) -> None:
+    def __init__(self, ctx: RunContext, inner: ModelProvider, rate_limit: str = "") -> None:
         self._ctx = ctx
         self._inner = inner
+        self._rate_limit = rate_limit
 
     def get_model(self, model_name: str | None) -> Model:
-        return JournaledModel(self._ctx, self._inner.get_model(model_name))
+        return JournaledModel(self._ctx, self._inner.get_model(model_name), self._rate_limit)
 
 
 def journaled_tool(ctx: RunContext, tool: FunctionTool) -> FunctionTool:
@@ -134,7 +147,7 @@ async def durable_run(
     )
     config = RunConfig(
         model=endpoint.model,
-        model_provider=JournaledProvider(ctx, provider),
+        model_provider=JournaledProvider(ctx, provider, endpoint.rate_limit),
         tracing_disabled=True,
     )
     result = await Runner.run(agent.clone(tools=tools), input, run_config=config)

@@ -38,7 +38,7 @@ def test_every_kind_is_scheduled_in_a_ci_smoke_and_faults_never_overlap(seed: in
     assert schedule[-1].at_s + schedule[-1].hold_s <= 90
 
 
-def test_config_refuses_unknown_faults_small_meshes_and_db_faults_without_postgres() -> None:
+def test_config_refuses_unknown_faults_small_meshes_db_faults_without_postgres_bad_waits() -> None:
     base = ChaosConfig(out=Path("x"), storage="postgresql://u@h/db")
     with pytest.raises(ChaosError, match="unknown fault kinds"):
         dataclasses.replace(base, faults=("kill", "flood"))
@@ -46,6 +46,16 @@ def test_config_refuses_unknown_faults_small_meshes_and_db_faults_without_postgr
         dataclasses.replace(base, peers=2)
     with pytest.raises(ChaosError, match="needs PostgreSQL"):
         dataclasses.replace(base, storage="sqlite:///x.db", faults=("db",))
+    with pytest.raises(ChaosError, match="suspend_after_s"):
+        dataclasses.replace(base, suspend_after_s=-1)
+
+
+def test_cli_rejects_a_negative_suspend_after(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["chaos", "run", "--suspend-after", "-1", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "suspend_after_s must be" in result.output
 
 
 def test_cli_reports_a_bad_fault_kind_as_a_usage_error(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ peer is ready, and stops everything it built in reverse order.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -16,13 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+from chat_stub import ChatStub
+from support import PG_URL, MakeMesh
 
 from raftmesh.mesh.devmesh import DevMesh
 from raftmesh.storage import Store, open_store
-
-PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-MakeMesh = Callable[..., Awaitable[DevMesh]]
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -110,3 +107,12 @@ async def open_mesh_store() -> AsyncIterator[Callable[[DevMesh], Awaitable[Store
     yield make
     for store in reversed(stores):
         await store.close()
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[ChatStub]:
+    """An OpenAI-compatible model server on loopback that answers at once."""
+    s = ChatStub(fail_first=0)
+    await s.start()
+    yield s
+    await s.stop()

@@ -3,6 +3,8 @@
 ``six_nodes`` is a LangGraph graph of six nodes in a row; each node appends to
 a ledger file outside the mesh when it starts and when it ends, so a test sees
 a node that ran twice even when only one of its runs was checkpointed.
+``needs_approval`` drafts (ledgered), asks twice with ``interrupt()`` (approval,
+then a note; the answer is ledgered once it is in) and publishes (ledgered).
 ``calculator_agent`` is an OpenAI Agents SDK agent with the two tools the chat
 stub (chat_stub.py) plays its conversation with.
 """
@@ -16,6 +18,7 @@ from typing import Annotated, Any, TypedDict
 
 from agents import Agent, function_tool
 from langgraph.graph import END, START, StateGraph
+from langgraph.types import interrupt
 
 NODES = [f"n{i}" for i in range(6)]
 
@@ -64,6 +67,50 @@ def _build() -> Any:
 
 
 six_nodes = _build()
+
+
+class Approval(TypedDict, total=False):
+    ledger: str
+    draft: str
+    approved: Any
+    note: Any
+    published: bool
+
+
+def _draft(state: Approval) -> dict[str, Any]:
+    append(state["ledger"], f"draft {os.getpid()} start")
+    append(state["ledger"], f"draft {os.getpid()} end")
+    return {"draft": "release notes v7"}
+
+
+def _approve(state: Approval) -> dict[str, Any]:
+    approved = interrupt({"approve": state["draft"]})
+    append(state["ledger"], f"approve {os.getpid()} end")
+    return {"approved": approved}
+
+
+def _note(state: Approval) -> dict[str, Any]:
+    return {"note": interrupt({"note_for": state["draft"]})}
+
+
+def _publish(state: Approval) -> dict[str, Any]:
+    append(state["ledger"], f"publish {os.getpid()} start")
+    append(state["ledger"], f"publish {os.getpid()} end")
+    return {"published": True}
+
+
+def _build_approval() -> Any:
+    graph = StateGraph(Approval)
+    steps = [("draft", _draft), ("approve", _approve), ("note", _note), ("publish", _publish)]
+    for name, node in steps:
+        graph.add_node(name, node)
+    names = [name for name, _ in steps]
+    for a, b in zip([START, *names], [*names, END], strict=True):
+        graph.add_edge(a, b)
+    return graph.compile()
+
+
+needs_approval = _build_approval()
 
 
 @function_tool

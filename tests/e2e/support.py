@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -10,6 +11,11 @@ from typing import Any, TypeVar
 import aiohttp
 
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
+from raftmesh.mesh.devmesh import DevMesh
+
+PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# What the make_mesh fixture gives: make_mesh(backend, nodes=3, ...) -> a started DevMesh.
+MakeMesh = Callable[..., Awaitable[DevMesh]]
 
 T = TypeVar("T")
 

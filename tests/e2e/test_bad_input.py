@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import aiohttp
 import msgspec
@@ -417,3 +418,16 @@ async def test_openapi_document_lists_the_routes_and_the_types_it_validates_with
         msgspec.convert(run, RunView)
         _, bad = await call(s, "POST", f"{url}/v1/runs", b"[1]")
         msgspec.json.decode(bad, type=ErrorResponse)
+
+        # The security the document declares is the one enforced: without a
+        # token every operation answers 401 but those it marks open.
+        assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert doc["security"] == [{"bearer": []}]
+        for path, operations in doc["paths"].items():
+            concrete = re.sub(r"\{[^}]+\}", "x", path)
+            for method, op in operations.items():
+                async with s.request(method.upper(), url + concrete) as resp:
+                    if op.get("security") == []:
+                        assert resp.status != 401, (method, path, resp.status)
+                    else:
+                        assert resp.status == 401, (method, path, resp.status)

@@ -13,7 +13,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,12 +22,12 @@ from support import eventually
 
 from raftmesh.consensus.spec import RunSpec
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
-from raftmesh.runner.agents.chat import EXCERPT_CHARS, _run_tool, tool
+from raftmesh.runner.agents.chat import EXCERPT_CHARS, _call_tool, tool
 from raftmesh.runner.attempt import FAILED, RETRY, SUCCEEDED, Assignment, Outcome, run_attempt
 from raftmesh.runner.models import ModelEndpoint
 from raftmesh.runner.payload import event_data, unpack
 from raftmesh.runner.registry import InvalidInput, build_registry
-from raftmesh.storage import Store, open_store
+from raftmesh.storage import Store
 
 KEY_ENV = "RAFTMESH_TEST_CHAT_KEY"
 BOMB = "(((10**100)**100)**100)**100"
@@ -77,22 +76,6 @@ async def listen() -> AsyncIterator[Callable[..., Awaitable[Listener]]]:
     yield make
     for listener in reversed(started):
         await listener.stop()
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[ChatStub]:
-    s = ChatStub(fail_first=0)
-    await s.start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store(f"sqlite:///{tmp_path / 'chat.db'}")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def chat_job(input: Any, run_id: str) -> Assignment:
@@ -213,10 +196,10 @@ async def test_long_error_bodies_reach_errors_and_events_only_as_a_redacted_exce
 
 def test_calculator_refuses_oversized_integers_before_computing_them():
     for expression in ("(10**100)**100", "(10**1000)*(10**1000)", "(-8)**0.5"):
-        output = asyncio.run(_run_tool("calculator", json.dumps({"expression": expression})))
+        output = asyncio.run(_call_tool("calculator", json.dumps({"expression": expression})))
         assert isinstance(output, dict) and "ValueError" in output["error"], (expression, output)
-    assert asyncio.run(_run_tool("calculator", '{"expression": "2**100 + 6*7"}')) == 2**100 + 42
-    assert asyncio.run(_run_tool("calculator", '{"expression": "10**100 * 10**100"}')) == 10**200
+    assert asyncio.run(_call_tool("calculator", '{"expression": "2**100 + 6*7"}')) == 2**100 + 42
+    assert asyncio.run(_call_tool("calculator", '{"expression": "10**100 * 10**100"}')) == 10**200
 
 
 async def test_a_slow_tool_answers_an_error_at_its_timeout_while_the_loop_runs():
@@ -234,7 +217,7 @@ async def test_a_slow_tool_answers_an_error_at_its_timeout_while_the_loop_runs()
 
     ticker = asyncio.create_task(tick())
     started = time.monotonic()
-    output = await _run_tool("test_slow_tool", "{}")
+    output = await _call_tool("test_slow_tool", "{}")
     elapsed = time.monotonic() - started
     ticker.cancel()
 

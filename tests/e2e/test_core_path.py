@@ -66,6 +66,27 @@ async def test_runs_submitted_to_any_peer_all_succeed(make_mesh, backend):
         await close_all(cs)
 
 
+async def test_a_submitted_run_is_found_at_once_on_every_peer(make_mesh, backend):
+    """Read where you did not write: once a submission is answered, every
+    peer finds the run, even one whose replica has not applied the entry
+    yet (it finds the stored row). Used to answer 404 now and then."""
+    mesh = await make_mesh(backend)
+    cs = clients(mesh)
+    try:
+        ids = list(cs)
+        for i in range(60):
+            writer = ids[i % len(ids)]
+            run = await cs[writer].submit("echo", {"n": i})
+            found = await asyncio.gather(
+                *(c.get_run(run["id"]) for p, c in cs.items() if p != writer),
+                return_exceptions=True,
+            )
+            missing = [f for f in found if isinstance(f, Exception)]
+            assert not missing, (i, writer, missing)
+    finally:
+        await close_all(cs)
+
+
 async def test_kill_owner_resumes_elsewhere_without_repeating_steps(
     make_mesh, backend, open_mesh_store
 ):

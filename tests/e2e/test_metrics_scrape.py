@@ -9,9 +9,8 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import MakeMesh
 from prometheus_client.parser import text_string_to_metric_families
-from support import eventually, submit_retrying, wait_all_terminal
+from support import MakeMesh, eventually, submit_retrying, wait_all_terminal
 
 from raftmesh.mesh.client import MeshClient
 from raftmesh.mesh.devmesh import DevMesh

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from conftest import PG_URL
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-from support import eventually, wait_all_terminal
+from support import PG_URL, eventually, wait_all_terminal
 
 from raftmesh.mesh.client import MeshClient
 from raftmesh.mesh.devmesh import DevMesh

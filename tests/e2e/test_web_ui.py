@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from conftest import MakeMesh
-from support import eventually
+from support import MakeMesh, eventually
 
 from raftmesh.mesh.client import MeshClient
 from raftmesh.mesh.devmesh import DevMesh
@@ -28,6 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
 TOKEN = "ui-test-token-5d1e"
+# probe_wait (tests/e2e/probe_agents.py) waits for signals
+PROBES = {"PYTHONPATH": str(Path(__file__).resolve().parent), "MESH_AGENT_MODULES": "probe_agents"}
 
 
 def _prepare() -> None:
@@ -47,7 +48,7 @@ async def browser() -> AsyncIterator[Any]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def mesh(make_module_mesh: MakeMesh) -> DevMesh:
-    return await make_module_mesh("postgres", 3)
+    return await make_module_mesh("postgres", 3, env=PROBES)
 
 
 class Page:
@@ -220,6 +221,54 @@ async def test_cancel_and_retry_buttons(mesh: DevMesh, tab: Page) -> None:
             return (await client.get_run(failed["id"]))["attempts"] >= 2
 
         await eventually(retried, 20, "the retried run to run again")
+    assert tab.errors == []
+
+
+async def test_pause_resume_and_signal_buttons(mesh: DevMesh, tab: Page, tmp_path: Path) -> None:
+    url = mesh.url("peer-3")
+    page = tab.page
+    run_view = page.locator("h2").first
+    async with MeshClient(url) as client:
+        # A running run: paused at a step boundary, then resumed.
+        busy = await client.submit("steps", {"steps": 30, "step_seconds": 0.3})
+        await page.goto(f"{url}/ui/#/run/{busy['id']}")
+        await page.locator("h2 >> text=running").wait_for(timeout=15_000)
+        await page.get_by_role("button", name="pause").click()
+        await page.locator("h2 .paused").wait_for(timeout=15_000)
+        assert await page.get_by_role("button", name="pause").count() == 0
+        run = await client.get_run(busy["id"])
+        assert (run["status"], run["owner"]) == ("paused", None), run
+        await tab.shot("run-detail-paused")
+        await page.get_by_role("button", name="resume").click()
+
+        async def going_again() -> bool:
+            return (await client.get_run(busy["id"]))["status"] in ("queued", "running")
+
+        await eventually(going_again, 15, "the resumed run back in the queue or running")
+        await page.get_by_role("button", name="pause").wait_for(timeout=10_000)
+        await client.cancel(busy["id"])
+
+        # A waiting run: what it waits for is shown, and a signal from the form ends it.
+        waits = {"log": str(tmp_path / "witness.log"), "waits": [{"signal": "go"}]}
+        waiter = await client.submit("probe_wait", waits)
+        await page.goto(f"{url}/ui/#/run/{waiter['id']}")
+        await page.locator("h2 .waiting").wait_for(timeout=30_000)
+        await page.locator(".kv b", has_text="signal 'go'").wait_for(timeout=5_000)
+        form = page.locator("#signal-form")
+        await form.locator("input[name=signal-name]").fill("go")
+        await form.locator("input[name=signal-data]").fill("{bad")
+        await form.get_by_role("button", name="send signal").click()
+        await page.locator("#signal-note.error", has_text="not valid JSON").wait_for()
+        assert (await client.get_run(waiter["id"]))["status"] == "waiting", "nothing was sent"
+        await form.locator("input[name=signal-data]").fill('{"n": 7}')
+        await form.get_by_role("button", name="send signal").click()
+        await page.locator("#signal-note", has_text="signal go sent (seq 0)").wait_for()
+        await tab.shot("run-detail-signalled")
+        done = await client.wait(waiter["id"], timeout_s=30)
+        assert done["result"] == {"got": [{"n": 7}]}, done
+        await page.locator("pre", has_text='"n": 7').wait_for(timeout=10_000)
+        assert await form.is_hidden(), "an ended run takes no signal"
+        assert "succeeded" in await run_view.inner_text()
     assert tab.errors == []
 
 

@@ -65,14 +65,21 @@ class StandIn:
     async def retry_run(self, run_id: str, tenant: str | None) -> dict[str, Any]:
         return {"id": run_id, "status": "queued"}
 
+    async def pause_run(self, run_id: str, tenant: str | None) -> dict[str, Any]:
+        return {"id": run_id, "status": "running", "pause_requested": True, "tenant": tenant}
+
+    async def resume_run(self, run_id: str, tenant: str | None) -> dict[str, Any]:
+        return {"id": run_id, "status": "queued", "tenant": tenant}
+
     def cluster(self) -> dict[str, Any]:
         return {"self": "p1", "leader": "p1"}
 
     async def readiness(self) -> tuple[bool, str]:
         return False, "no known Raft leader"
 
-    def heartbeat(self, report: dict[str, Any]) -> None:
+    def heartbeat(self, report: dict[str, Any]) -> dict[str, Any]:
         self.heartbeats.append(report)
+        return {"leases": {}, "lease_ttl_s": 2.0}
 
     def metrics_text(self) -> bytes:
         return b"raftmesh_up 1\n"
@@ -136,6 +143,8 @@ async def test_every_v1_route_wants_the_token_and_the_internal_one_its_own(api) 
         ("GET", "/v1/runs/run-1"),
         ("POST", "/v1/runs/run-1/cancel"),
         ("POST", "/v1/runs/run-1/retry"),
+        ("POST", "/v1/runs/run-1/pause"),
+        ("POST", "/v1/runs/run-1/resume"),
         ("GET", "/v1/runs/run-1/events"),
         ("GET", "/v1/cluster"),
         ("GET", "/v1/agents"),
@@ -150,6 +159,20 @@ async def test_every_v1_route_wants_the_token_and_the_internal_one_its_own(api) 
         headers={"Authorization": "Bearer internal"},
     )
     assert resp.status == 200 and peer.heartbeats == [{"id": "p2"}]
+
+
+async def test_each_run_action_reaches_its_own_peer_method(api) -> None:
+    client, _ = api
+    expected = {
+        "cancel": {"id": "run-7", "status": "cancelling"},
+        "retry": {"id": "run-7", "status": "queued"},
+        "pause": {"id": "run-7", "status": "running", "pause_requested": True, "tenant": None},
+        "resume": {"id": "run-7", "status": "queued", "tenant": None},
+    }
+    for action, view in expected.items():
+        resp = await client.post(f"/v1/runs/run-7/{action}", headers=AUTH)
+        assert resp.status == 202, action
+        assert await resp.json() == view, action
 
 
 async def test_mesh_errors_map_to_their_status_code_and_retry_hint(api) -> None:

@@ -82,3 +82,28 @@ def test_decided_endings_are_listed_for_storage_before_they_settle() -> None:
     ]
     assert state.apply(c.Settle("y", T0, "r0")).ok
     assert Leader.decided(state) == []
+
+
+def test_the_leader_wakes_waiting_runs_when_their_wait_ends_and_knows_the_next_timer() -> None:
+    state = state_with({"a": 3}, 3)
+    lead = leader()
+    assert state.apply(lead.tick(state, 1, T0, 0.0)[0]).ok  # all three run on a
+    waits = {
+        "r0": {"kind": "timer", "due_ms": T0 + 1000},
+        "r1": {"kind": "timer", "due_ms": T0 + 500},
+        "r2": {"kind": "signal", "signal": "go", "index": 0},
+    }
+    for run_id, wait in waits.items():
+        assert state.apply(c.Suspend(f"z{run_id}", T0, run_id, 1, wait)).ok
+    assert lead.tick(state, 1, T0 + 10, 0.0) == []
+    assert lead.next_due_ms == T0 + 500
+    cmds = lead.tick(state, 1, T0 + 500, 0.0)
+    assert ops(cmds) == ["wake"] and cmds[0].runs == ["r1"]
+    assert lead.next_due_ms == T0 + 1000, "r1 is due now: woken, not waited for"
+    assert state.apply(cmds[0]).woken == ["r1"]
+    assert state.apply(c.Signal("sig", T0, "r2", "go", 0)).ok
+    cmds = lead.tick(state, 1, T0 + 600, 0.0)
+    assert [cmd.op for cmd in cmds] == ["wake", "assign"]
+    assert cmds[0].runs == ["r2"]
+    assert lead.tick(state, None, T0 + 2000, 0.0) == [], "a follower wakes nothing"
+    assert lead.next_due_ms is None, "nor sets a timer"

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.model import Run
@@ -27,7 +23,7 @@ from raftmesh.mesh.scheduler import Reason, Scheduler
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
 from raftmesh.runner.registry import Registry
-from raftmesh.storage import Store, open_store
+from raftmesh.storage import Store
 
 ACTIVE = 3000
 
@@ -49,14 +45,6 @@ class StateOnly:
 
     state: MeshState
     lock: Any
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store(f"sqlite:///{tmp_path / 'runs.db'}")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def test_a_page_builds_views_for_its_runs_only(store: Store) -> None:

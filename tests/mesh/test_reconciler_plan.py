@@ -42,3 +42,13 @@ def test_draining_with_release_releases_what_runs_and_a_cut_off_peer_starts_noth
     actions = plan([job("a"), job("b")], {"a": 1}, {("a", 1)}, set(), True, False)
     assert actions.release == ["a"]
     assert actions.start == [] and actions.hand_back == []
+
+
+def test_a_run_asked_to_pause_is_released_if_it_runs_and_handed_back_if_not() -> None:
+    pausing = Assignment(run_id="a", epoch=1, attempt=1, spec=RunSpec("echo"), pause_requested=True)
+    later = Assignment(run_id="b", epoch=1, attempt=1, spec=RunSpec("echo"), pause_requested=True)
+    actions = plan([pausing, later], {"a": 1}, {("a", 1)}, set(), False, True)
+    assert actions.release == ["a"]
+    assert actions.hand_back == [later] and actions.start == []
+    again = plan([later], {}, set(), {("b", 1)}, False, True)
+    assert again.hand_back == [] and again.start == [], "handed back once"

@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from raftmesh.consensus.spec import RunSpec
 from raftmesh.runner.attempt import FAILED, SUCCEEDED, Assignment, run_attempt
 from raftmesh.runner.context import Limits, RunContext
 from raftmesh.runner.payload import event_data, unpack
 from raftmesh.runner.registry import Registry
-from raftmesh.storage import Store, open_store
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = open_store(f"sqlite:///{tmp_path / 'ctx.db'}")
-    await s.open()
-    yield s
-    await s.close()
+from raftmesh.storage import Store
 
 
 def job(agent: str, epoch: int, input: Any = None, **kw: Any) -> Assignment:

@@ -7,6 +7,7 @@ import asyncio
 import operator
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -17,59 +18,241 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
 from raftmesh.consensus.spec import RunSpec
-from raftmesh.runner.attempt import FENCED, RETRY, SUCCEEDED, Assignment, run_attempt
+from raftmesh.runner.attempt import FENCED, RETRY, SUCCEEDED, SUSPENDED, Assignment, run_attempt
 from raftmesh.runner.models import ModelEndpoint
-from raftmesh.runner.payload import event_data, unpack
+from raftmesh.runner.payload import event_data, pack, unpack
 from raftmesh.runner.registry import InvalidInput, build_registry
-from raftmesh.storage import open_store
+from raftmesh.storage import Store, open_store
 
 
 class Asked(TypedDict):
     question: str
     answer: str
+    confirmed: bool
+
+
+ASKED: list[str] = []
 
 
 def _ask(state: Asked) -> dict[str, Any]:
-    return {"answer": interrupt({"question": state["question"]})}
+    answer = interrupt({"question": state["question"]})
+    ASKED.append("ask answered")
+    if ANSWER_HOLDS.is_set():
+        ANSWERED.set()
+        time.sleep(0.5)  # long enough for the test to fence this owner
+    return {"answer": answer}
+
+
+def _confirm(state: Asked) -> dict[str, Any]:
+    return {"confirmed": interrupt(f"really {state['answer']}?")}
+
+
+def _before(state: Asked) -> dict[str, Any]:
+    ASKED.append("before")
+    return {}
+
+
+def _after(state: Asked) -> dict[str, Any]:
+    ASKED.append("after")
+    return {}
+
+
+ANSWER_HOLDS = threading.Event()
+ANSWERED = threading.Event()
 
 
 def _build() -> Any:
     graph = StateGraph(Asked)
-    graph.add_node("ask", _ask)
-    graph.add_edge(START, "ask")
-    graph.add_edge("ask", END)
+    for name, node in (("before", _before), ("ask", _ask), ("confirm", _confirm)):
+        graph.add_node(name, node)
+    graph.add_node("after", _after)
+    graph.add_edge(START, "before")
+    graph.add_edge("before", "ask")
+    graph.add_edge("ask", "confirm")
+    graph.add_edge("confirm", "after")
+    graph.add_edge("after", END)
     return graph
 
 
 # Uncompiled on purpose: the agent compiles a StateGraph it is handed.
 asks_a_person = _build()
+ASKS = {"graph": "test_framework_agents:asks_a_person", "input": {"question": "ship it?"}}
 
 
-async def test_an_interrupted_graph_says_so_and_keeps_running_until_its_timeout(
+def _clock() -> int:
+    return int(time.time() * 1000)
+
+
+def _attempt(store: Store, epoch: int, suspend_after_s: float | None = 5.0) -> Any:
+    return run_attempt(
+        Assignment(run_id="r1", epoch=epoch, attempt=epoch, spec=RunSpec("langgraph", ASKS)),
+        peer_id=f"p{epoch}",
+        store=store,
+        registry=build_registry(),
+        clock_ms=_clock,
+        suspend_after_s=suspend_after_s,
+    )
+
+
+def _signal_wait(index: int) -> dict[str, Any]:
+    return {"kind": "signal", "signal": "resume", "index": index, "due_ms": None}
+
+
+async def test_each_interrupt_suspends_the_run_until_a_resume_signal_answers_it(
+    tmp_path: Path,
+) -> None:
+    """Two interrupts in a row, each answered by its own signal; a null
+    signal (which LangGraph cannot resume with) is passed over."""
+    store = open_store(f"sqlite:///{tmp_path / 'mesh.db'}")
+    await store.open()
+    ASKED.clear()
+    try:
+        first = await _attempt(store, 1)
+        assert (first.status, first.wait) == (SUSPENDED, _signal_wait(0))
+        await store.put_signal("r1", "resume", pack(None), None, _clock())
+        second = await _attempt(store, 2)
+        assert (second.status, second.wait) == (SUSPENDED, _signal_wait(1)), "null is no answer"
+        await store.put_signal("r1", "resume", pack("yes"), None, _clock())
+        third = await _attempt(store, 3)
+        assert (third.status, third.wait) == (SUSPENDED, _signal_wait(2)), "the second interrupt"
+        await store.put_signal("r1", "resume", pack(True), None, _clock())
+        assert (await _attempt(store, 4)).status == SUCCEEDED
+
+        row = await store.get_run("r1")
+        assert row is not None and row.result is not None
+        assert unpack(row.result) == {"question": "ship it?", "answer": "yes", "confirmed": True}
+        assert ASKED == ["before", "ask answered", "after"], "no node ran again"
+        events = [(e.kind, event_data(e.data)) for e in await store.read_events("r1")]
+        asked = [d["interrupts"] for k, d in events if k == "interrupt"]
+        assert [[i["value"] for i in a] for a in asked] == [
+            [{"question": "ship it?"}],
+            ["really yes?"],
+        ], "each interrupt said once, though the first was replayed twice"
+        assert all(len(a) == 1 and a[0]["id"] for a in asked)
+        steps = [s.name for s in await store.load_steps("r1")]
+        assert steps == [
+            "langgraph:flow",  # attempt 1
+            "langgraph:flow",  # the first interrupt
+            "signal:resume",  # null, passed over by attempt 2, which then suspends
+            "signal:resume",  # "yes", taken by attempt 3 as it replays
+            "langgraph:flow",  # attempt 3's own events follow
+            "langgraph:flow",  # the second interrupt
+            "signal:resume",  # True, taken by attempt 4
+            "langgraph:flow",  # attempt 4
+        ]
+    finally:
+        await store.close()
+
+
+async def test_a_resume_cut_short_by_a_newer_owner_is_answered_again_with_the_same_value(
+    tmp_path: Path,
+) -> None:
+    """The owner that took the signal is fenced while the answered node runs,
+    before the graph stored its outcome: the next owner answers the same
+    interrupt with the journaled value again, and the signal after it is
+    left for the next interrupt."""
+    store = open_store(f"sqlite:///{tmp_path / 'mesh.db'}")
+    await store.open()
+    ASKED.clear()
+    ANSWERED.clear()
+    ANSWER_HOLDS.set()
+    try:
+        assert (await _attempt(store, 1)).status == SUSPENDED
+        await store.put_signal("r1", "resume", pack("yes"), None, _clock())
+        await store.put_signal("r1", "resume", pack(True), None, _clock())
+        second = asyncio.ensure_future(_attempt(store, 2))
+        await asyncio.get_running_loop().run_in_executor(None, ANSWERED.wait, 10)
+        run = await store.get_run("r1")
+        assert run is not None
+        await store.claim(run, 3, "p3", 0)  # what a new owner does first
+        assert (await second).status == FENCED
+        ANSWER_HOLDS.clear()
+        assert (await _attempt(store, 4)).status == SUCCEEDED
+
+        row = await store.get_run("r1")
+        assert row is not None and row.result is not None
+        assert unpack(row.result) == {"question": "ship it?", "answer": "yes", "confirmed": True}
+        assert ASKED == ["before", "ask answered", "ask answered", "after"], (
+            "only the node the fence cut ran again"
+        )
+    finally:
+        ANSWER_HOLDS.clear()
+        await store.close()
+
+
+class Gathered(TypedDict):
+    got: Annotated[list[str], operator.add]
+
+
+def _asks(name: str) -> Any:
+    def run(state: Gathered) -> dict[str, Any]:
+        return {"got": [f"{name}={interrupt(f'{name}?')}"]}
+
+    return run
+
+
+asks_in_parallel = StateGraph(Gathered)
+for _name in ("a", "b"):
+    asks_in_parallel.add_node(_name, _asks(_name))
+    asks_in_parallel.add_edge(START, _name)
+    asks_in_parallel.add_edge(_name, END)
+
+
+async def test_interrupts_pending_at_once_take_one_signal_that_maps_their_ids(
     tmp_path: Path,
 ) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'mesh.db'}")
     await store.open()
     try:
-        graph_input = {"question": "ship it?", "answer": ""}
-        spec = RunSpec(
-            agent="langgraph",
-            input={"graph": "test_framework_agents:asks_a_person", "input": graph_input},
-            timeout_s=1.5,
+        graph = {"graph": "test_framework_agents:asks_in_parallel", "input": {"got": []}}
+        spec = RunSpec("langgraph", graph)
+
+        def attempt(epoch: int) -> Any:
+            return run_attempt(
+                Assignment(run_id="r1", epoch=epoch, attempt=epoch, spec=spec),
+                peer_id="p1",
+                store=store,
+                registry=build_registry(),
+                clock_ms=_clock,
+                suspend_after_s=5.0,
+            )
+
+        assert (await attempt(1)).status == SUSPENDED
+        events = [event_data(e.data) for e in await store.read_events("r1")]
+        asked = next(e["interrupts"] for e in events if "interrupts" in e)
+        assert sorted(i["value"] for i in asked) == ["a?", "b?"]
+        await store.put_signal("r1", "resume", pack({"0" * 32: "x"}), None, _clock())
+        unknown_id = await attempt(2)
+        assert (unknown_id.status, unknown_id.wait) == (SUSPENDED, _signal_wait(1)), (
+            "data for no pending interrupt answers none: they are asked again"
         )
+        answers = {i["id"]: i["value"].upper() for i in asked}
+        await store.put_signal("r1", "resume", pack(answers), None, _clock())
+        assert (await attempt(3)).status == SUCCEEDED
+        row = await store.get_run("r1")
+        assert row is not None and row.result is not None
+        assert sorted(unpack(row.result)["got"]) == ["a=A?", "b=B?"]
+    finally:
+        await store.close()
+
+
+async def test_without_suspension_an_interrupted_graph_waits_in_its_slot_until_its_timeout(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'mesh.db'}")
+    await store.open()
+    try:
+        spec = RunSpec(agent="langgraph", input=ASKS, timeout_s=1.5)
         job = Assignment(run_id="r1", epoch=1, attempt=1, spec=spec)
         started = time.monotonic()
         outcome = await run_attempt(
-            job,
-            peer_id="p1",
-            store=store,
-            registry=build_registry(),
-            clock_ms=lambda: int(time.time() * 1000),
+            job, peer_id="p1", store=store, registry=build_registry(), clock_ms=_clock
         )
         assert outcome.status == RETRY and outcome.kind == "timeout", outcome
         assert time.monotonic() - started >= 1.5, "it held on while it waited"
         events = [(e.kind, event_data(e.data)) for e in await store.read_events("r1")]
-        assert events == [("interrupt", {"interrupts": [{"question": "ship it?"}]})]
+        asked = [[i["value"] for i in d["interrupts"]] for k, d in events if k == "interrupt"]
+        assert asked == [[{"question": "ship it?"}]]
     finally:
         await store.close()
 
@@ -196,7 +379,7 @@ def test_a_peer_without_the_extras_starts_without_their_agents() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "['chat', 'echo', 'sleep']",
+        "['approval', 'chat', 'echo', 'sleep']",
         "langgraph is not installed: pip install 'raftmesh[langgraph]'",
         "openai-agents is not installed: pip install 'raftmesh[openai-agents]'",
     ]

@@ -14,7 +14,14 @@ from raftmesh.runner.registry import DEMO_AGENTS, UnknownAgent, agent, build_reg
 def test_a_production_peer_runs_only_the_builtins() -> None:
     # langgraph and openai_agent: their extras are installed in the test venv
     # (test_framework_agents.py shows a peer without them).
-    assert build_registry().names() == ["chat", "echo", "langgraph", "openai_agent", "sleep"]
+    assert build_registry().names() == [
+        "approval",
+        "chat",
+        "echo",
+        "langgraph",
+        "openai_agent",
+        "sleep",
+    ]
     assert Settings().demo_agents is False
     with pytest.raises(UnknownAgent):
         build_registry().get("hog")

@@ -9,49 +9,19 @@ event stored exactly once.
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
-import pytest
-
-from raftmesh.chaos.proxy import REFUSED, UP, Link
+from raftmesh.chaos.proxy import REFUSED, UP
 from raftmesh.consensus.spec import RunSpec
 from raftmesh.runner.attempt import SUCCEEDED, Assignment, run_attempt
 from raftmesh.runner.context import RunContext
 from raftmesh.runner.registry import Registry
-from raftmesh.storage import Store, open_store
 
-PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 STEPS = 12
 
 
-@pytest.fixture
-async def proxied_store() -> AsyncIterator[tuple[Store, Link]]:
-    host_port = PG_URL.split("@", 1)[1].split("/", 1)[0]
-    link = Link("db", host_port)
-    await link.start()
-    schema = f"outage_{uuid.uuid4().hex[:12]}"
-    url = PG_URL.replace(host_port, link.listen) + f"?schema={schema}"
-    store = open_store(url)
-    await store.open()
-    try:
-        yield store, link
-    finally:
-        link.set_state(UP)
-        await store.close()
-        await link.close()
-        conn = await asyncpg.connect(PG_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
-
-
-async def test_an_outage_during_steps_and_events_is_waited_out(proxied_store):
-    store, link = proxied_store
+async def test_an_outage_during_steps_and_events_is_waited_out(proxied_pg):
+    store, link, _ = proxied_pg
     registry = Registry()
     cut = asyncio.Event()
 

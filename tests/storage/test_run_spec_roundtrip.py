@@ -46,6 +46,7 @@ specs = st.builds(
     memory_limit_mb=st.none() | st.integers(16, 2**31 - 1),
     session=st.none() | text,
     placement=st.none() | st.sampled_from(PLACEMENTS),
+    trace_parent=st.none() | st.from_regex(r"\A00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]\Z"),
 )
 
 
@@ -96,6 +97,7 @@ def test_the_wire_form_is_checked_field_by_field() -> None:
         {"agent": "echo", "timeout_s": float("nan")},
         {"agent": "echo", "max_attempts": True},
         {"agent": "echo", "labels": {"a": 1}},
+        {"agent": "echo", "trace_parent": "00-trace-span-01"},
         {"agent": "echo", "colour": "red"},
         {"input": 1},
         ["echo"],

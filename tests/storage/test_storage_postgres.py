@@ -10,8 +10,8 @@ import pytest
 from storage_support import PG_URL, MakeStore, Target
 
 from raftmesh.consensus.spec import RunSpec
-from raftmesh.storage import RunRow, StorageUnavailable
-from raftmesh.storage.postgres import PostgresStore
+from raftmesh.storage import AlreadyFinished, RunRow, StaleEpoch, StorageUnavailable
+from raftmesh.storage.postgres import _POOL_MAX_SIZE, PostgresStore
 
 NOTIFY_TIMEOUT_S = 5.0
 
@@ -41,6 +41,7 @@ async def test_tables_live_in_the_schema_named_by_the_url(
         "graph_checkpoints",
         "graph_blobs",
         "graph_writes",
+        "signals",
     }
 
 
@@ -109,3 +110,84 @@ async def test_an_unreachable_server_is_unavailable() -> None:
     with pytest.raises(StorageUnavailable):
         await store.open()
     await store.close()
+
+
+@pytest.mark.parametrize("write", ["step", "result"])
+async def test_a_write_racing_a_newer_claim_waits_for_it_and_is_refused(
+    pg_target: Target, make_store: MakeStore, write: str
+) -> None:
+    """A step or a result is one statement (lock, epoch compare, write): while
+    a newer epoch's claim holds the run row, the old owner's write waits for
+    it, then sees the newer epoch and stores nothing."""
+    store = await make_store(pg_target.url)
+    await claim_run(store)
+    claimer = await asyncpg.connect(
+        PG_URL, server_settings={"search_path": f'"{pg_target.pg_schema}"'}
+    )
+    try:
+        claim = claimer.transaction()
+        await claim.start()
+        await claimer.execute("UPDATE runs SET epoch = 2, owner = 'p2' WHERE id = 'r1'")
+        stale = asyncio.ensure_future(
+            store.put_step("r1", 1, 1, "plan", b"x", "p1", 5)
+            if write == "step"
+            else store.put_result("r1", 1, "succeeded", b"x", None, 5)
+        )
+        await asyncio.sleep(0.3)
+        assert not stale.done(), "the write waits for the row the claim holds"
+        await claim.commit()
+        with pytest.raises(StaleEpoch) as refused:
+            await asyncio.wait_for(stale, NOTIFY_TIMEOUT_S)
+    finally:
+        await claimer.close()
+    assert (refused.value.epoch, refused.value.current) == (1, 2)
+    assert await store.load_steps("r1") == []
+    row = await store.get_run("r1")
+    assert row is not None and (row.status, row.result, row.owner) == ("running", None, "p2")
+
+
+async def test_unsafe_unfenced_writes_land_under_a_stale_epoch(
+    pg_target: Target, make_store: MakeStore
+) -> None:
+    """The chaos checker's debug mode: with fencing off, the one-statement
+    writes skip only the epoch compare (a never-claimed run and a stored
+    outcome still refuse them)."""
+    await make_store(pg_target.url)  # migrations
+    unfenced = PostgresStore(pg_target.url, fencing=False)
+    await unfenced.open()
+    try:
+        await unfenced.claim(RunRow(id="r1", spec=RunSpec("echo", input=b"")), 2, "p2", 0)
+        await unfenced.put_step("r1", 1, 1, "plan", b"stale", "p1", 5)
+        await unfenced.put_result("r1", 1, "succeeded", b"stale", None, 6)
+        with pytest.raises(StaleEpoch):
+            await unfenced.put_step("never", 1, 1, "plan", b"x", "p1", 5)
+        with pytest.raises(AlreadyFinished):
+            await unfenced.put_result("r1", 2, "failed", None, "late", 7)
+        assert [s.value for s in await unfenced.load_steps("r1")] == [b"stale"]
+        row = await unfenced.get_run("r1")
+        assert row is not None and (row.status, row.result) == ("succeeded", b"stale")
+    finally:
+        await unfenced.close()
+
+
+async def test_a_released_connection_keeps_no_transaction_and_no_lock(
+    pg_target: Target, make_store: MakeStore
+) -> None:
+    """The pool skips asyncpg's reset query on release; what must not outlive
+    a release still does not: a transaction left open (and the row lock it
+    holds) is rolled back, so the next writer of the run is not blocked, and
+    the schema of the URL is still the one every statement sees."""
+    store = await make_store(pg_target.url)
+    assert isinstance(store, PostgresStore)
+    await claim_run(store)
+    with pytest.raises(RuntimeError):
+        async with store._connection() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT 1 FROM runs WHERE id = 'r1' FOR UPDATE")
+            raise RuntimeError("the caller failed inside its transaction")
+    for _ in range(_POOL_MAX_SIZE + 1):  # every pool connection, the released one too
+        async with store._connection() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT current_schema()") == pg_target.pg_schema
+    await asyncio.wait_for(store.put_step("r1", 1, 1, "plan", b"x", "p1", 5), NOTIFY_TIMEOUT_S)
+    assert [s.seq for s in await store.load_steps("r1")] == [1]

@@ -60,6 +60,7 @@ async def test_two_processes_write_one_file_without_lock_errors(tmp_path: Path) 
             (1,),
             (2,),
             (3,),
+            (4,),
         ]
 
 

@@ -6,6 +6,7 @@
 const TOKEN_KEY = "raftmesh-api-token";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "timed_out"]);
 const RETRYABLE = new Set(["failed", "timed_out"]);
+const PAUSABLE = new Set(["queued", "waiting", "running"]);
 const PAGE = 50;
 const view = document.getElementById("view");
 let timer = null;        // the current page's refresh
@@ -215,6 +216,8 @@ function overview() {
     const waiting = Object.entries(q.waiting_for || {}).map(([why, n]) => h("tr", {}, td(n, "num"), td(why, "wrap")));
     const tenants = Object.entries(q.tenants || {}).map(([t, e]) => h("tr", {},
       td(t), td(e.queued, "num"), td(e.running, "num"), td(secs(e.oldest_age_s), "num"), td(e.cap ?? "-", "num")));
+    const suspended = ((q.suspended || {}).runs || []).map((r) => h("tr", {},
+      td(h("a", { href: "#/run/" + r.id }, r.id)), td(status(r.status)), td(r.tenant), td(r.agent), td(r.waiting_for, "wrap")));
     const series = (c.throughput || {}).series || [];
     const lastMin = series.slice(-6).reduce((n, p) => n + p.finished, 0);
     view.replaceChildren(
@@ -237,7 +240,9 @@ function overview() {
           h("h2", {}, "Why queued runs wait"),
           table(["runs", "reason"], waiting, ["runs"]),
           h("h2", {}, "Tenants with active runs"),
-          table(["tenant", "queued", "running", "oldest queued", "cap"], tenants, ["queued", "running", "oldest queued", "cap"]))));
+          table(["tenant", "queued", "running", "oldest queued", "cap"], tenants, ["queued", "running", "oldest queued", "cap"]))),
+      h("h2", {}, "Waiting and paused runs (no slot held; not queue depth)"),
+      table(["run", "status", "tenant", "agent", "waiting for"], suspended));
   });
 }
 
@@ -245,7 +250,7 @@ function overview() {
 
 function runs(_parts, query) {
   const statusSel = h("select", { name: "status" },
-    ["", "queued", "running", "succeeded", "failed", "cancelled", "timed_out"].map((s) =>
+    ["", "queued", "running", "waiting", "paused", "succeeded", "failed", "cancelled", "timed_out"].map((s) =>
       h("option", { value: s, selected: query.get("status") === s ? "selected" : null }, s || "any")));
   const tenant = h("input", { name: "tenant", value: query.get("tenant") || "", placeholder: "any", size: 12 });
   const agent = h("input", { name: "agent", value: query.get("agent") || "", placeholder: "any", size: 12 });
@@ -294,8 +299,10 @@ function runDetail(parts) {
   const outcome = h("div", {});
   const events = h("tbody", {});
   const liveness = h("span", { class: "muted" }, "connecting...");
+  const signal = signalForm(id);
   view.replaceChildren(
     head,
+    signal,
     h("div", { class: "row" },
       h("section", {}, h("h2", {}, "Owners (epoch history, from storage)"), history),
       h("section", {}, h("h2", {}, "Events ", liveness),
@@ -310,11 +317,23 @@ function runDetail(parts) {
       actions.push(button("cancel", () => act(id, "cancel")));
     }
     if (RETRYABLE.has(run.status)) actions.push(button("retry", () => act(id, "retry")));
+    // What the API allows: pause a queued, waiting or running run (a running
+    // one stops at its next step boundary); resume a paused one, or withdraw
+    // a pause its owner has not acted on yet.
+    if (PAUSABLE.has(run.status) && !run.pause_requested && !run.cancel_requested) {
+      actions.push(button("pause", () => act(id, "pause")));
+    }
+    if (run.status === "paused" || (run.status === "running" && run.pause_requested)) {
+      actions.push(button("resume", () => act(id, "resume")));
+    }
+    signal.hidden = TERMINAL.has(run.status);
+    const state = run.pause_requested ? [" ", h("span", { class: "muted" }, "(pausing at the next step)")] : [];
     head.replaceChildren(
-      h("h2", {}, "Run ", id, " ", status(run.status), " ", ...actions),
+      h("h2", {}, "Run ", id, " ", status(run.status), ...state, " ", ...actions),
       kv([["agent", run.agent], ["tenant", run.tenant], ["owner", run.owner || "-"], ["epoch", run.epoch],
           ["attempts", run.attempts], ["submitted", clock(run.submitted_at)], ["started", clock(run.started_at)],
-          ["finished", clock(run.finished_at)], ["last attempt", duration(run)], ["priority", run.priority]]));
+          ["finished", clock(run.finished_at)], ["last attempt", duration(run)], ["priority", run.priority],
+          ["waiting for", run.waiting_for || "-"]]));
     history.replaceChildren(
       table(["epoch", "peer", "steps", "seq"], steps.owners.map((o) => h("tr", {},
         td(o.epoch, "num"), td(o.peer), td(o.steps, "num"), td(o.first_seq === o.last_seq ? o.first_seq : `${o.first_seq}-${o.last_seq}`))), ["epoch", "steps"]),
@@ -326,6 +345,38 @@ function runDetail(parts) {
     if (run.result !== null && run.result !== undefined) parts.push(h("h2", {}, "Result"), h("pre", {}, JSON.stringify(run.result, null, 2)));
     outcome.replaceChildren(...parts);
   });
+}
+
+// Built once per page, outside the refreshed header, so that what the
+// operator types survives the refresh.
+function signalForm(id) {
+  const name = h("input", { name: "signal-name", placeholder: "name", size: 16, required: "required" });
+  const data = h("input", { name: "signal-data", placeholder: "JSON data, e.g. {\"ok\": true}", size: 40 });
+  const note = h("span", { class: "muted", id: "signal-note" });
+  const send = async (e) => {
+    e.preventDefault();
+    let value = null;
+    try {
+      value = data.value.trim() ? JSON.parse(data.value) : null;
+    } catch (err) {
+      note.className = "error";
+      note.textContent = "data is not valid JSON: " + err.message;
+      return;
+    }
+    try {
+      const sent = await api(`/v1/runs/${encodeURIComponent(id)}/signals/${encodeURIComponent(name.value.trim())}`,
+        { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ data: value }) });
+      note.className = "muted";
+      note.textContent = `signal ${sent.name} sent (seq ${sent.seq}${sent.duplicate ? ", a duplicate" : ""})`;
+    } catch (err) {
+      if (err instanceof Unauthorized) return;
+      note.className = "error";
+      note.textContent = "signal failed: " + err.message;
+    }
+  };
+  return h("form", { class: "filters", id: "signal-form", hidden: "hidden", onsubmit: send },
+    h("label", {}, "signal", name), h("label", {}, "data", data),
+    h("button", { type: "submit" }, "send signal"), note);
 }
 
 async function act(id, what) {
