@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 from prometheus_client import generate_latest
@@ -55,6 +55,7 @@ from raftmesh.mesh.errors import (
     refusal,
 )
 from raftmesh.mesh.events import EventHub, Frame
+from raftmesh.mesh.history import HistoryWriter
 from raftmesh.mesh.liveness import Liveness
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.observe import THROUGHPUT_BUCKET_MS, Observer
@@ -75,6 +76,11 @@ log = logging.getLogger("raftmesh.service")
 ALL_STATUSES = ACTIVE_STATUSES | TERMINAL_STATUSES
 # How long a submission waits for its history row before answering anyway.
 HISTORY_WAIT_S = 1.0
+# When a tenant's queue is full, a place frees as soon as one of its queued
+# runs starts, usually within milliseconds; a second is the least Retry-After
+# can say. (Telling a client to wait for the whole queue to drain held it for
+# 60 s while places kept freeing.)
+QUEUE_FULL_RETRY_AFTER_S = 1
 
 
 class MeshService:
@@ -118,21 +124,12 @@ class MeshService:
         self._wake_leader = wake_leader
         self.observer = observer if observer is not None else Observer(metrics)
         self.tracing = tracing if tracing is not None else Tracing(settings.id)
-        # asyncio keeps only weak references to tasks: hold detached ones here.
-        self._detached: set[asyncio.Task[None]] = set()
+        self.history = HistoryWriter(store)
         # While this peer leads: the shares of the rate limits it leased out.
         self.rate_leases = LeaseBook(settings.rate_limits, settings.rate_limit_lease_s)
 
-    def _detach(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self._detached.add(task)
-        task.add_done_callback(self._detached.discard)
-        return task
-
     async def close(self) -> None:
-        for task in list(self._detached):
-            task.cancel()
-        await asyncio.gather(*self._detached, return_exceptions=True)
+        await self.history.close()
 
     async def submit(self, spec: dict[str, Any]) -> tuple[str, bool]:
         """The run carries the submit span's context (``trace_parent``): the
@@ -150,7 +147,7 @@ class MeshService:
             result = await self._proposer.propose(cmd)
         self.metrics.commit_seconds.observe(time.monotonic() - started)
         try:
-            outcome = _one_run(result, "submission rejected", self._retry_after_s(run.tenant))
+            outcome = _one_run(result, "submission rejected", QUEUE_FULL_RETRY_AFTER_S)
         except MeshError:
             self.metrics.submissions.labels("rejected").inc()
             raise
@@ -162,8 +159,9 @@ class MeshService:
             # replica may not have applied the entry yet, finds the run there
             # instead of answering 404 to a client that reads where it did not
             # write.
-            recording = self._detach(self._record_submitted(run_id, run, now_ms()))
-            await asyncio.wait({recording}, timeout=HISTORY_WAIT_S)
+            packed = dataclasses.replace(run, input=pack(run.input))
+            recorded = self.history.record(RunRow(id=run_id, spec=packed, submitted_at_ms=now_ms()))
+            await asyncio.wait({recorded}, timeout=HISTORY_WAIT_S)
         return str(outcome.id), outcome.created
 
     def _new_run(self, spec: dict[str, Any]) -> tuple[str, RunSpec]:
@@ -204,24 +202,6 @@ class MeshService:
             except Unavailable as exc:
                 log.warning("spawn deferred: %s", exc.message, extra={"run_id": spec["parent_id"]})
                 await asyncio.sleep(0.2)
-
-    def _retry_after_s(self, tenant: str) -> int:
-        """A hint, not a promise: time for the tenant's in-flight cap to take one
-        more round of its queue at a nominal second per run, within 1..60 s."""
-        with self._proposer.read() as state:
-            queued = state.queued_for_tenant(tenant)
-            cap = state.tenant_cap(tenant) or 1
-        return max(1, min(60, -(-queued // max(1, cap))))
-
-    async def _record_submitted(self, run_id: str, run: RunSpec, at_ms: int) -> None:
-        """History for queued runs; best effort, since the owner's claim
-        inserts the row anyway."""
-        packed = dataclasses.replace(run, input=pack(run.input))
-        row = RunRow(id=run_id, spec=packed, submitted_at_ms=at_ms)
-        try:
-            await self.store.record_runs([row])
-        except Exception as exc:  # history is advisory here; the claim writes it for real
-            log.warning("could not record run history: %s", exc, extra={"run_id": run_id})
 
     async def get_run(self, run_id: str, tenant: str | None = None) -> dict[str, Any]:
         view, _ = await self._settled_view(run_id)
@@ -456,9 +436,10 @@ class MeshService:
             )
         wire = resubmission(row)
         result = await self._proposer.propose(commands.Submit(new_id(), now_ms(), [wire]))
-        retry_after_s = self._retry_after_s(row.spec.tenant)
         try:
-            outcome = _one_run(result, f"run {run_id} could not be re-queued", retry_after_s)
+            outcome = _one_run(
+                result, f"run {run_id} could not be re-queued", QUEUE_FULL_RETRY_AFTER_S
+            )
             if outcome.id != run_id:
                 raise Conflict(
                     f"run {run_id} cannot be retried: its idempotency key now names run {outcome.id}"

@@ -110,6 +110,15 @@ ensure_promtool() {
   fi
 }
 
+# The bench smoke compares against Celery on Redis: Debian's redis-server
+# (the benchmark starts its own server; it only needs the binary).
+ensure_redis() {
+  if ! command -v redis-server >/dev/null 2>&1; then
+    log "redis-server is not installed: installing it"
+    apt_install redis-server
+  fi
+}
+
 # mypy cannot follow the editable install's import hook, so it reads the
 # folders through a tree of links named as they install: raftmesh/<folder>.
 typecheck() {
@@ -124,6 +133,7 @@ typecheck() {
 setup_venv
 ensure_chromium
 ensure_promtool
+ensure_redis
 # A suite pointed at another PostgreSQL needs no local one.
 if [ -z "${RAFTMESH_TEST_POSTGRES_URL:-}" ]; then
   ensure_postgres

@@ -150,7 +150,9 @@ async def test_queued_maximum_answers_429_and_accepts_again_once_drained(main: M
             break
     assert rejection is not None, "the queued maximum of 3 never pushed back"
     assert rejection.status == 429 and rejection.code == "tenant_queue_full"
-    assert rejection.retry_after is not None and rejection.retry_after >= 1
+    # A place frees when one queued run starts (0.5 s here), not when the
+    # whole queue has drained: the hint is the least a client can be told.
+    assert rejection.retry_after == 1
     assert "queued" in rejection.message and "burst" in rejection.message
     assert 3 <= len(accepted) <= 5
     # nothing accepted is dropped
