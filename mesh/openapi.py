@@ -104,6 +104,11 @@ OPERATIONS: dict[tuple[str, str], _Operation] = {
         {"200": (None, "steps and owners")},
     ),
     ("GET", "/v1/diagnostics"): ("This peer's checks (admin)", None, {"200": (None, "checks")}),
+    ("GET", "/v1/whoami"): (
+        "The caller's token: admin, or the tenant it acts as",
+        None,
+        {"200": (None, "admin and tenant")},
+    ),
     ("POST", "/v1/schedules"): (
         "Create a schedule (replicated; the leader fires each tick once)",
         ScheduleRequest,

@@ -1,5 +1,5 @@
-"""What operators use beyond the run API: diagnostics, a run's step journal and
-the web UI (static files shipped in the package, talking to this same API)."""
+"""What operators use beyond the run API: diagnostics, a run's step journal, who
+a token is, and the web UI (static files shipped in the package, talking to this same API)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def add_ops_routes(app: web.Application, peer: OpsAPI) -> None:
         require_admin(request)  # the whole mesh's health, every tenant's queue
         return web.json_response(await peer.diagnostics())
 
+    async def whoami(request: web.Request) -> web.Response:
+        # The UI asks before it shows the admin pages, so that a tenant's
+        # token is not met with a 403 on every refresh.
+        who = principal(request)
+        return web.json_response({"admin": who.admin, "tenant": who.tenant})
+
     async def steps(request: web.Request) -> web.Response:
         who = principal(request)
         return web.json_response(await peer.run_steps(request.match_info["id"], who.tenant))
@@ -56,6 +62,7 @@ def add_ops_routes(app: web.Application, peer: OpsAPI) -> None:
     async def ui_redirect(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/ui/")
 
+    app.router.add_get("/v1/whoami", whoami)
     app.router.add_get("/v1/diagnostics", diagnostics)
     app.router.add_get("/v1/runs/{id}/steps", steps)
     app.router.add_get("/ui", ui_redirect)

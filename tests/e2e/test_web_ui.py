@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from support import MakeMesh, eventually
 
+from raftmesh.mesh.auth import token_digest
 from raftmesh.mesh.client import MeshClient
 from raftmesh.mesh.devmesh import DevMesh
 
@@ -297,6 +299,63 @@ async def test_token_prompt_when_the_api_wants_a_token(
         await page.click("#token-form button[type=submit]")
         await page.locator("tr[data-check='quorum']").wait_for(timeout=10_000)
         await tab.shot("token-accepted-diagnostics")
+        assert tab.errors == []
+    finally:
+        await context.close()
+
+
+async def test_a_tenant_token_sees_its_runs_and_is_not_shown_the_admin_pages(
+    make_module_mesh: MakeMesh, browser: Any, tmp_path: Path
+) -> None:
+    """A tenant's token lands on Runs and sees only its tenant's runs; the
+    Overview and Diagnostics say they need an admin token instead of asking
+    the API (which answers 403): no console error anywhere."""
+    admin, tenant = "ui-admin-token-90c1", "ui-acme-token-47e2"
+    tokens = tmp_path / "api_tokens.toml"
+    tokens.write_text(
+        f'[[token]]\nsha256 = "{token_digest(admin)}"\nadmin = true\n\n'
+        f'[[token]]\nsha256 = "{token_digest(tenant)}"\ntenant = "acme"\nadmin = false\n'
+    )
+    secured = await make_module_mesh("postgres", 1, env={"MESH_API_TOKENS_FILE": str(tokens)})
+    url = secured.url("peer-1")
+    async with MeshClient(url, admin) as client:
+        mine = (await client.submit("echo", {"who": "acme"}, tenant="acme"))["id"]
+        theirs = (await client.submit("echo", {"who": "other"}, tenant="other"))["id"]
+        await client.wait(mine, timeout_s=30)
+        await client.wait(theirs, timeout_s=30)
+    async with aiohttp.ClientSession() as http:
+        for presented, expected in (
+            (admin, (200, {"admin": True, "tenant": None})),
+            (tenant, (200, {"admin": False, "tenant": "acme"})),
+        ):
+            headers = {"Authorization": f"Bearer {presented}"}
+            async with http.get(f"{url}/v1/whoami", headers=headers) as resp:
+                assert (resp.status, await resp.json()) == expected
+        async with http.get(f"{url}/v1/whoami", headers={"Authorization": "Bearer nope"}) as resp:
+            assert resp.status == 401
+
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    try:
+        tab = Page(await context.new_page())
+        page = tab.page
+        await page.goto(f"{url}/ui/")
+        await page.locator("#token-dialog").wait_for(state="visible")
+        await page.fill("#token-input", tenant)
+        await page.click("#token-form button[type=submit]")
+        await page.locator(f"a[href='#/run/{mine}']").wait_for(timeout=10_000)
+        assert page.url.endswith("#/runs")
+        assert await page.locator(f"a[href='#/run/{theirs}']").count() == 0
+        assert "tenant acme" in await page.locator("#auth").inner_text()
+        await tab.shot("tenant-runs")
+        await page.click(f"a[href='#/run/{mine}']")
+        await page.locator("#view", has_text="succeeded").wait_for(timeout=10_000)
+        for name in ("overview", "diagnostics"):
+            await page.goto(f"{url}/ui/#/{name}")
+            notice = page.locator("section.admin-only")
+            await notice.wait_for(timeout=10_000)
+            assert "needs an admin token" in await notice.inner_text()
+            assert "acme" in await notice.inner_text()
+        await tab.shot("tenant-admin-page")
         assert tab.errors == []
     finally:
         await context.close()

@@ -12,6 +12,7 @@ from test_api_routes import AUTH, StandIn
 
 from raftmesh.mesh import logs
 from raftmesh.mesh.api import build_app
+from raftmesh.mesh.auth import Authenticator, Principal, token_digest
 from raftmesh.mesh.ops_api import add_ops_routes
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -96,3 +97,24 @@ async def test_a_nul_in_a_run_list_filter_is_a_400(ops) -> None:
         resp = await client.get(f"/v1/runs?{name}=a%00b", headers=AUTH)
         assert resp.status == 400, name
         assert "NUL" in (await resp.json())["error"]["message"]
+
+
+async def test_whoami_says_what_the_token_acts_as() -> None:
+    peer = OpsStandIn()
+    tenant_digest = token_digest("acme-tok")
+    peer.auth = Authenticator(
+        {
+            token_digest("tok"): Principal(admin=True, tenant=None, key="a"),
+            tenant_digest: Principal(admin=False, tenant="acme", key=tenant_digest),
+        }
+    )
+    app = build_app(peer)
+    add_ops_routes(app, peer)
+    async with TestClient(TestServer(app)) as client:
+        admin = await client.get("/v1/whoami", headers=AUTH)
+        assert (admin.status, await admin.json()) == (200, {"admin": True, "tenant": None})
+        tenant = await client.get("/v1/whoami", headers={"Authorization": "Bearer acme-tok"})
+        assert (tenant.status, await tenant.json()) == (200, {"admin": False, "tenant": "acme"})
+        assert (await client.get("/v1/whoami")).status == 401
+        refused = await client.get("/v1/whoami", headers={"Authorization": "Bearer other"})
+        assert refused.status == 401

@@ -12,6 +12,10 @@ const view = document.getElementById("view");
 let timer = null;        // the current page's refresh
 let stream = null;       // the current page's event stream (an AbortController)
 let generation = 0;      // bumps on every navigation; stale callbacks check it
+let caller = null;       // what the token is ({admin, tenant}), from /v1/whoami
+// The whole mesh's pages: a tenant's token is not shown them (the API would
+// answer 403), so they are not asked for.
+const ADMIN_PAGES = new Set(["overview", "diagnostics"]);
 
 class Unauthorized extends Error {}
 
@@ -42,6 +46,7 @@ function tokenRequired() { return document.body.dataset.tokenRequired === "1"; }
 
 function askToken(message) {
   sessionStorage.removeItem(TOKEN_KEY);
+  caller = null;
   const dialog = document.getElementById("token-dialog");
   document.getElementById("token-error").textContent = message || "";
   if (!dialog.open) dialog.showModal();
@@ -54,6 +59,7 @@ document.getElementById("token-form").addEventListener("submit", (e) => {
   const value = document.getElementById("token-input").value.trim();
   if (!value) return;
   sessionStorage.setItem(TOKEN_KEY, value);
+  caller = null;
   document.getElementById("token-input").value = "";
   document.getElementById("token-dialog").close();
   showAuth();
@@ -65,7 +71,7 @@ function showAuth() {
   el.replaceChildren();
   if (!tokenRequired()) { el.textContent = "no API token required"; return; }
   if (!token()) { el.textContent = "token needed"; return; }
-  el.append("token set ");
+  el.append(caller && !caller.admin ? `tenant ${caller.tenant} ` : "token set ");
   const b = button("forget", () => { askToken(""); });
   el.append(b);
 }
@@ -152,9 +158,30 @@ function route() {
   view.replaceChildren(h("p", { class: "muted" }, "loading..."));
   if (tokenRequired() && !token()) { askToken(""); return; }
   api("/v1/agents").then((a) => { document.getElementById("peer").textContent = "served by " + a.peer; }, () => {});
-  const pages = { overview, runs, run: runDetail, diagnostics };
-  const page = pages[parts[0]] || overview;
-  page(parts.slice(1), query);
+  const mine = generation;
+  whoami().then((me) => {
+    if (mine !== generation) return;
+    showAuth();
+    const pages = { overview, runs, run: runDetail, diagnostics };
+    if (!location.hash && !me.admin) { location.hash = "#/runs"; return; }  // routes again
+    const name = pages[parts[0]] ? parts[0] : "overview";
+    if (!me.admin && ADMIN_PAGES.has(name)) { view.replaceChildren(adminOnly(name, me)); return; }
+    pages[name](parts.slice(1), query);
+  }, (err) => { if (mine === generation) view.replaceChildren(failure(err)); });
+}
+
+async function whoami() {
+  if (caller === null) caller = await api("/v1/whoami");
+  return caller;
+}
+
+function adminOnly(name, me) {
+  const title = name === "overview" ? "Overview" : "Diagnostics";
+  return h("section", { class: "admin-only" },
+    h("h2", {}, title),
+    h("p", {}, `The ${title} shows the whole mesh and needs an admin token; this token acts as tenant `,
+      h("b", {}, me.tenant), "."),
+    h("p", {}, h("a", { href: "#/runs" }, "Runs"), " lists that tenant's runs."));
 }
 
 function every(ms, fn) {
