@@ -265,3 +265,22 @@ def test_the_outbox_holds_messages_until_one_sync_and_keeps_their_order(tmp_path
         assert journal.syncs == 1, "a tick with nothing new syncs nothing"
     finally:
         inner._destroy()
+
+
+def test_a_journal_destroyed_with_an_unsynced_entry_keeps_it_and_closes_cleanly(
+    tmp_path: Path,
+) -> None:
+    """pysyncobj destroys its journal on the tick thread, then RaftNode.close
+    syncs: an entry appended after the last sync made that sync flush a closed
+    mmap (ValueError: a peer exited 1 on SIGTERM under load)."""
+    path = str(tmp_path / "raft.journal")
+    journal = _DurableJournal(createJournal(path), path, str(tmp_path / "raft.dump"))
+    journal.add(b"entry", 1, 1)
+    assert journal.dirty
+    journal._destroy()  # as SyncObj._doDestroy calls it
+    journal.sync()  # as RaftNode.close does after destroy_synchronous
+    reopened = createJournal(path)
+    try:
+        assert [tuple(reopened[i]) for i in range(len(reopened))] == [(b"entry", 1, 1)]
+    finally:
+        reopened._destroy()
