@@ -179,7 +179,7 @@ function adminOnly(name, me) {
   const title = name === "overview" ? "Overview" : "Diagnostics";
   return h("section", { class: "admin-only" },
     h("h2", {}, title),
-    h("p", {}, `The ${title} shows the whole mesh and needs an admin token; this token acts as tenant `,
+    h("p", {}, "This page shows the whole mesh and needs an admin token; this token acts as tenant ",
       h("b", {}, me.tenant), "."),
     h("p", {}, h("a", { href: "#/runs" }, "Runs"), " lists that tenant's runs."));
 }
