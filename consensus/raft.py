@@ -100,6 +100,10 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+# macOS has no fdatasync; its fsync writes the file's pages too.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 class _DurableJournal:
     """Wraps pysyncobj's FileJournal so nothing it reports is only in page cache."""
 
@@ -110,6 +114,13 @@ class _DurableJournal:
         self._dir = os.path.dirname(journal_path)
         self._dirty = False
         self.syncs = 0
+        # pysyncobj's own flush is an msync, and CPython's mmap.flush holds the
+        # GIL for the whole disk write: every sync stalled the event loop (a
+        # tenth to a fifth of a loaded peer's time). An fdatasync of the same
+        # file writes the same pages (Linux implements msync(MS_SYNC) as a
+        # datasync of the file's range) and lets the loop run meanwhile. The
+        # journal is one file for the node's life (pysyncobj never replaces it).
+        self._fd = os.open(journal_path, os.O_RDONLY)
 
     @property
     def dirty(self) -> bool:
@@ -119,7 +130,7 @@ class _DurableJournal:
     def sync(self) -> None:
         if not self._dirty:
             return
-        self._inner.flush()
+        _datasync(self._fd)
         self._dirty = False
         self.syncs += 1
 
@@ -150,6 +161,7 @@ class _DurableJournal:
         # a peer stopped with an unsynced entry exited 1 on SIGTERM.
         self._inner._destroy()
         self._dirty = False
+        os.close(self._fd)
 
     def setCurrentTerm(self, term: int, voted_for: Any) -> None:  # noqa: N802
         # Term and vote must survive power loss before any vote is sent.

@@ -36,6 +36,7 @@ from raftmesh.consensus.model import (
     Run,
 )
 from raftmesh.consensus.results import Rejected, Rejection, Result
+from raftmesh.consensus.run_queue import RunQueue
 from raftmesh.consensus.schedules import (
     OVERLAP_CANCEL_PREVIOUS,
     OVERLAP_SKIP,
@@ -163,6 +164,11 @@ class MeshState:
         self.by_owner: dict[str, set[str]] = {}
         self.tenant_running: dict[str, int] = {}
         self.tenant_queued: dict[str, int] = {}
+        # Derived indexes, rebuilt from the runs on restore: the leader's tick
+        # reads these instead of scanning every run.
+        self.queue = RunQueue()
+        self.waiting: set[str] = set()
+        self.settling_ids: set[str] = set()
         # (tenant, idempotency key) -> (run id, expiry): one tenant's key never
         # finds another tenant's run.
         self.idempotency: dict[tuple[str, str], tuple[str, int]] = {}
@@ -323,7 +329,7 @@ class MeshState:
             attempts=max(0, numbers["attempts"]),
         )
         self.runs[run_id] = run
-        self._count_queued(run.spec.tenant, 1)
+        self._index(run)
         if key is not None:
             self.idempotency[(tenant, key)] = (run_id, at_ms + IDEMPOTENCY_TTL_MS)
         return res.RunOutcome(run_id, created=True)
@@ -343,14 +349,13 @@ class MeshState:
                 rejected[str(run_id)] = str(exc)
                 continue
             run = self.runs[run_id]
+            self._unindex(run)
             run.status = RunStatus.RUNNING
             run.owner = peer_id
             run.epoch = epoch
             run.attempts += 1
             run.assigned_at_ms = at_ms
-            self._count_queued(run.spec.tenant, -1)
-            self.by_owner.setdefault(peer_id, set()).add(run_id)
-            self.tenant_running[run.spec.tenant] = self.tenant_running.get(run.spec.tenant, 0) + 1
+            self._index(run)
             accepted.append(run_id)
         return res.Assigned(accepted, rejected)
 
@@ -437,7 +442,7 @@ class MeshState:
         run = self.runs.get(cmd.run)
         if run is None or run.status != RunStatus.SETTLING:
             raise Refused("run is not settling", Rejection.CONFLICT)
-        del self.runs[run.id]
+        self._evict(run)
         return res.Settled(run.outcome)
 
     # -- suspension (issue 11) --------------------------------------------
@@ -833,22 +838,47 @@ class MeshState:
 
     # -- transitions shared by handlers -----------------------------------
 
-    def _stop_running(self, run: Run) -> None:
-        if run.status != RunStatus.RUNNING or run.owner is None:
-            return
-        self.by_owner.get(run.owner, set()).discard(run.id)
-        left = self.tenant_running.get(run.spec.tenant, 0) - 1
-        if left > 0:
-            self.tenant_running[run.spec.tenant] = left
-        else:
-            self.tenant_running.pop(run.spec.tenant, None)
+    def _index(self, run: Run) -> None:
+        """File ``run`` under its status in the derived indexes."""
+        status = run.status
+        if status == RunStatus.QUEUED:
+            self.queue.add(run)
+            _count(self.tenant_queued, run.spec.tenant, 1)
+        elif status == RunStatus.RUNNING and run.owner is not None:
+            self.by_owner.setdefault(run.owner, set()).add(run.id)
+            _count(self.tenant_running, run.spec.tenant, 1)
+        elif status == RunStatus.WAITING:
+            self.waiting.add(run.id)
+        elif status == RunStatus.SETTLING:
+            self.settling_ids.add(run.id)
+
+    def _unindex(self, run: Run) -> None:
+        """Undo ``_index``: before the run's status or owner changes."""
+        status = run.status
+        if status == RunStatus.QUEUED:
+            if run.id in self.queue:
+                self.queue.discard(run)
+                _count(self.tenant_queued, run.spec.tenant, -1)
+        elif status == RunStatus.RUNNING and run.owner is not None:
+            owned = self.by_owner.get(run.owner, set())
+            if run.id in owned:
+                owned.discard(run.id)
+                _count(self.tenant_running, run.spec.tenant, -1)
+        elif status == RunStatus.WAITING:
+            self.waiting.discard(run.id)
+        elif status == RunStatus.SETTLING:
+            self.settling_ids.discard(run.id)
+
+    def _move(self, run: Run, status: RunStatus) -> None:
+        """Every status change of a kept run goes through here (or through
+        ``_assign``), so the indexes never disagree with the runs."""
+        self._unindex(run)
+        run.status = status
+        self._index(run)
 
     def _requeue(self, run: Run) -> None:
         """Back to the queue; the epoch stays, so the next owner gets epoch + 1."""
-        self._stop_running(run)
-        if run.status != RunStatus.QUEUED:
-            self._count_queued(run.spec.tenant, 1)
-        run.status = RunStatus.QUEUED
+        self._move(run, RunStatus.QUEUED)
         run.owner = None
         run.assigned_at_ms = None
 
@@ -862,10 +892,7 @@ class MeshState:
     def _park(self, run: Run, status: RunStatus) -> None:
         """WAITING or PAUSED: no owner, no slot, not queue depth; the epoch
         stays, so the next owner gets epoch + 1."""
-        self._stop_running(run)
-        if run.status == RunStatus.QUEUED:
-            self._count_queued(run.spec.tenant, -1)
-        run.status = status
+        self._move(run, status)
         run.owner = None
         run.assigned_at_ms = None
         if status == RunStatus.PAUSED:
@@ -888,10 +915,7 @@ class MeshState:
         return len(owned)
 
     def _settle_as(self, run: Run, outcome: RunStatus) -> None:
-        self._stop_running(run)
-        if run.status == RunStatus.QUEUED:
-            self._count_queued(run.spec.tenant, -1)
-        run.status = RunStatus.SETTLING
+        self._move(run, RunStatus.SETTLING)
         run.outcome = outcome
         run.owner = None
         run.assigned_at_ms = None
@@ -899,17 +923,8 @@ class MeshState:
         run.pause_requested = False
 
     def _evict(self, run: Run) -> None:
-        self._stop_running(run)
-        if run.status == RunStatus.QUEUED:
-            self._count_queued(run.spec.tenant, -1)
+        self._unindex(run)
         del self.runs[run.id]
-
-    def _count_queued(self, tenant: str, delta: int) -> None:
-        left = self.tenant_queued.get(tenant, 0) + delta
-        if left > 0:
-            self.tenant_queued[tenant] = left
-        else:
-            self.tenant_queued.pop(tenant, None)
 
     # -- queries (used by the scheduler and the API; never mutate) --------
 
@@ -929,16 +944,18 @@ class MeshState:
         return self.tenant_queued.get(tenant, 0)
 
     def settling(self) -> list[Run]:
-        return [r for r in self.runs.values() if r.status == RunStatus.SETTLING]
+        return [self.runs[i] for i in sorted(self.settling_ids)]
 
     def cancelling(self, peer_id: str) -> list[Run]:
         return [r for r in self.owned_by(peer_id) if r.cancel_requested]
 
     def queued(self) -> list[Run]:
-        """Queued runs in scheduling order: priority first, then age."""
-        waiting = [r for r in self.runs.values() if r.status == RunStatus.QUEUED]
-        waiting.sort(key=lambda r: (-r.spec.priority, r.submitted_at_ms, r.id))
-        return waiting
+        """Queued runs in scheduling order: priority first, then age (see
+        ``RunQueue``; iterate ``queue`` to read only the first few)."""
+        return list(self.queue)
+
+    def waiting_runs(self) -> list[Run]:
+        return [self.runs[i] for i in sorted(self.waiting)]
 
     def owned_by(self, peer_id: str) -> list[Run]:
         return [self.runs[i] for i in sorted(self.by_owner.get(peer_id, ()))]
@@ -991,13 +1008,7 @@ class MeshState:
         state.schedules = {s["id"]: Schedule.from_public(s) for s in data.get("schedules") or []}
         state.applied = data["applied"]
         for run in state.runs.values():
-            if run.status == RunStatus.QUEUED:
-                state._count_queued(run.spec.tenant, 1)
-            if run.status == RunStatus.RUNNING and run.owner is not None:
-                state.by_owner.setdefault(run.owner, set()).add(run.id)
-                state.tenant_running[run.spec.tenant] = (
-                    state.tenant_running.get(run.spec.tenant, 0) + 1
-                )
+            state._index(run)
         return state
 
 
@@ -1040,6 +1051,14 @@ def _limits(values: Any, what: str) -> dict[str, int]:
 
 
 _Key = TypeVar("_Key")
+
+
+def _count(counts: dict[str, int], key: str, delta: int) -> None:
+    left = counts.get(key, 0) + delta
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _expire_oldest(table: dict[_Key, tuple[Any, int]], now_ms: int) -> None:

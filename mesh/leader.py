@@ -21,7 +21,6 @@ from raftmesh.consensus import commands
 from raftmesh.consensus.model import PEER_UP
 from raftmesh.consensus.results import Assigned, Requeued, TickFired
 from raftmesh.consensus.state import MeshState
-from raftmesh.consensus.status import RunStatus
 from raftmesh.consensus.waits import due_ms, wait_satisfied
 from raftmesh.mesh.errors import from_storage
 from raftmesh.mesh.liveness import Liveness
@@ -108,18 +107,17 @@ class Leader:
                 r.outcome or "failed",
                 "cancelled by request" if r.outcome == "cancelled" else r.last_error,
             )
-            for r in state.runs.values()
-            if r.status == RunStatus.SETTLING
+            for r in state.settling()
         ]
 
 
 def _wakeable(state: MeshState, now_ms: int) -> tuple[list[str], int | None]:
     """The waiting runs whose wait is over, and the earliest time after
     ``now_ms`` another one's ends by the clock (the leader ticks then, not only
-    on its period): one pass over the runs for both."""
+    on its period): one pass over the waiting runs for both."""
     due: list[str] = []
     earliest: int | None = None
-    for run in state.runs.values():
+    for run in state.waiting_runs():
         if wait_satisfied(run, state, now_ms):
             due.append(run.id)
         elif (at := due_ms(run)) is not None and at > now_ms:

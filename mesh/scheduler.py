@@ -12,7 +12,10 @@ afresh.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from raftmesh.consensus.eligibility import (
@@ -84,14 +87,17 @@ class Scheduler:
         waited_ms = max(0, now_ms - run.submitted_at_ms)
         return run.spec.priority + int(waited_ms // (self.aging_s * 1000))
 
-    def order(self, state: MeshState, now_ms: int) -> list[Run]:
-        """Queued runs, higher (aged) priority first, FIFO within one."""
-        queued = state.queued()
-        if self.aging_s > 0:  # without aging, state.queued() is in this order already
-            queued.sort(
-                key=lambda r: (-self.effective_priority(r, now_ms), r.submitted_at_ms, r.id)
-            )
-        return queued
+    def order(self, state: MeshState, now_ms: int) -> Iterator[Run]:
+        """Queued runs, higher (aged) priority first, FIFO within one; lazy,
+        so a plan that fills the free slots reads only the runs it places.
+        Aging keeps each priority level's order (an older run of a level never
+        ranks below a younger one), so the aged order merges the levels."""
+        levels = [runs for _, runs in state.queue.levels()]
+        if self.aging_s <= 0:
+            return itertools.chain.from_iterable(levels)
+        return heapq.merge(
+            *levels, key=lambda r: (-self.effective_priority(r, now_ms), r.submitted_at_ms, r.id)
+        )
 
     def plan(self, state: MeshState, now_ms: int) -> list[tuple[str, str, int]]:
         """One assign batch: (run, peer, epoch), each item eligible after the ones before it."""

@@ -19,6 +19,7 @@ from typing import Any
 from pysyncobj.journal import createJournal
 
 from raftmesh.consensus import commands
+from raftmesh.consensus import raft as raft_module
 from raftmesh.consensus.errors import NoQuorum, UnencodableCommand
 from raftmesh.consensus.raft import RaftNode, RaftTimers, _DurableJournal, _Outbox
 from raftmesh.consensus.results import Result
@@ -279,6 +280,43 @@ def test_a_journal_destroyed_with_an_unsynced_entry_keeps_it_and_closes_cleanly(
     assert journal.dirty
     journal._destroy()  # as SyncObj._doDestroy calls it
     journal.sync()  # as RaftNode.close does after destroy_synchronous
+    reopened = createJournal(path)
+    try:
+        assert [tuple(reopened[i]) for i in range(len(reopened))] == [(b"entry", 1, 1)]
+    finally:
+        reopened._destroy()
+
+
+def test_a_journal_sync_writes_the_file_without_holding_the_gil(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """pysyncobj's flush is mmap.flush, an msync that CPython makes while
+    holding the GIL: each sync froze the peer's event loop for the disk write
+    (a tenth to a fifth of a loaded peer's time in the profile). The journal
+    syncs with an fdatasync of the journal file instead, which releases it."""
+    path = str(tmp_path / "raft.journal")
+    inner = createJournal(path)
+    journal = _DurableJournal(inner, path, str(tmp_path / "raft.dump"))
+    synced_inodes: list[int] = []
+    real = raft_module._datasync
+
+    def datasync(fd: int) -> None:
+        synced_inodes.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    def msync() -> None:
+        raise AssertionError("the journal synced through mmap.flush (holds the GIL)")
+
+    monkeypatch.setattr(raft_module, "_datasync", datasync)
+    monkeypatch.setattr(inner, "flush", msync)
+    try:
+        journal.add(b"entry", 1, 1)
+        journal.sync()
+        assert synced_inodes == [os.stat(path).st_ino]
+        assert not journal.dirty and journal.syncs == 1
+    finally:
+        monkeypatch.undo()
+        journal._destroy()
     reopened = createJournal(path)
     try:
         assert [tuple(reopened[i]) for i in range(len(reopened))] == [(b"entry", 1, 1)]

@@ -525,6 +525,12 @@ class WaitMachine(RuleBasedStateMachine):
         assert self.state.tenant_queued == dict(queued)
         for peer in self.state.peers.values():
             assert self.state.running_on(peer.id) <= peer.slots
+        runs = self.state.runs.values()
+        assert {r.id for r in self.state.queued()} == {
+            r.id for r in runs if r.status == RunStatus.QUEUED
+        }
+        assert self.state.waiting == {r.id for r in runs if r.status == RunStatus.WAITING}
+        assert self.state.settling_ids == {r.id for r in runs if r.status == RunStatus.SETTLING}
 
     @invariant()
     def no_signal_is_consumed_before_it_is_announced(self) -> None:
