@@ -35,7 +35,6 @@ import zlib
 from typing import Any
 
 from pysyncobj import pickle as syncobj_pickle
-from pysyncobj.monotonic import monotonic as syncobj_monotonic
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
@@ -54,29 +53,6 @@ MAX_UNAUTHENTICATED_CONNECTIONS = 32
 REJECTION_LOG_INTERVAL_S = 10.0
 
 _LENGTH = struct.Struct("i")
-# Messages up to one stored deflate block go uncompressed (see zlib_frame).
-STORED_UP_TO_BYTES = 0xFFFF
-_STORED_HEAD = b"\x78\x01"  # zlib: deflate, 32 KiB window, header check bits
-_STORED_BLOCK = struct.Struct("<BHH")  # final block, stored; LEN, NLEN
-_ADLER = struct.Struct(">I")
-
-
-def zlib_frame(raw: bytes) -> bytes:
-    """``raw`` as a zlib stream that pysyncobj's ``zlib.decompress`` reads.
-
-    pysyncobj deflates every message (level 3), and setting up deflate costs
-    about 20 µs even for a 100-byte append-entries response: with Fernet, the
-    largest cost of a Raft message on a loaded leader. Up to 64 KiB (every
-    message of the hot path) the stream holds one stored block instead, at the
-    cost of a copy; larger ones (snapshots, big batches) still deflate, at
-    level 1, for the wire's sake.
-    """
-    if len(raw) > STORED_UP_TO_BYTES:
-        return zlib.compress(raw, 1)
-    n = len(raw)
-    return b"".join(
-        (_STORED_HEAD, _STORED_BLOCK.pack(1, n, n ^ 0xFFFF), raw, _ADLER.pack(zlib.adler32(raw)))
-    )
 
 
 class _Rejections:
@@ -141,17 +117,6 @@ class _GuardedConnection(TcpConnection):
         self._frames = bytearray()
         self.authenticated = False
         super().disconnect()
-
-    def send(self, message: Any) -> None:
-        """pysyncobj's send, framed by ``zlib_frame``; the frame is what any
-        pysyncobj peer reads (a zlib stream, then Fernet)."""
-        if self.sendRandKey:
-            message = (self.sendRandKey, message)
-        data = zlib_frame(syncobj_pickle.dumps(message))
-        if self.encryptor:
-            data = self.encryptor.encrypt_at_time(data, int(syncobj_monotonic()))
-        self._TcpConnection__writeBuffer += _LENGTH.pack(len(data)) + data
-        self._TcpConnection__trySendBuffer()
 
     def reject(self, reason: str) -> None:
         self._rejections.report(self._remote, reason)

@@ -132,9 +132,15 @@ async def test_pause_and_resume_running_queued_and_waiting_runs(make_mesh, tmp_p
         assert await refused(alpha.resume(stuck)) == 409, "a queued run is not paused"
         assert (await alpha.pause(stuck))["status"] == "paused"
         assert (await alpha.pause(stuck))["status"] == "paused", "pausing twice is harmless"
-        assert (await admin.cluster())["queue"]["depth"] == 0, "a paused run is not queue depth"
+
+        # admin reads through another peer, whose replica may apply the
+        # change a moment after alpha's peer answered: wait for it.
+        async def depth_is(n: int) -> bool:
+            return (await admin.cluster())["queue"]["depth"] == n
+
+        await eventually(lambda: depth_is(0), 10, "a paused run is not queue depth")
         assert (await alpha.resume(stuck))["status"] == "queued"
-        assert (await admin.cluster())["queue"]["depth"] == 1
+        await eventually(lambda: depth_is(1), 10, "the resumed run back in the queue")
         await alpha.cancel(stuck)
 
         # -- a waiting run: paused in its wait, signalled, resumed ---------
