@@ -32,9 +32,6 @@ class RunQueue:
         self._levels: dict[int, SortedList] = {}
         self._runs: dict[str, tuple[int, _Key, Run]] = {}
 
-    def __len__(self) -> int:
-        return len(self._runs)
-
     def __contains__(self, run_id: object) -> bool:
         return run_id in self._runs
 
@@ -56,14 +53,14 @@ class RunQueue:
         if not level:
             del self._levels[priority]
 
-    def levels(self) -> list[tuple[int, Iterator[Run]]]:
-        """Each priority level, highest first, with its runs oldest first.
+    def levels(self) -> list[Iterator[Run]]:
+        """Each priority level's runs, oldest first, highest level first.
         Lazy: a reader that stops early pays only for what it read."""
-        return [(p, self._level(p)) for p in sorted(self._levels, reverse=True)]
+        return [self._level(p) for p in sorted(self._levels, reverse=True)]
 
     def __iter__(self) -> Iterator[Run]:
         """Every queued run in scheduling order."""
-        for _, runs in self.levels():
+        for runs in self.levels():
             yield from runs
 
     def _level(self, priority: int) -> Iterator[Run]:

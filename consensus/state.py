@@ -167,7 +167,7 @@ class MeshState:
         # Derived indexes, rebuilt from the runs on restore: the leader's tick
         # reads these instead of scanning every run.
         self.queue = RunQueue()
-        self.waiting: set[str] = set()
+        self.waiting_ids: set[str] = set()
         self.settling_ids: set[str] = set()
         # (tenant, idempotency key) -> (run id, expiry): one tenant's key never
         # finds another tenant's run.
@@ -848,7 +848,7 @@ class MeshState:
             self.by_owner.setdefault(run.owner, set()).add(run.id)
             _count(self.tenant_running, run.spec.tenant, 1)
         elif status == RunStatus.WAITING:
-            self.waiting.add(run.id)
+            self.waiting_ids.add(run.id)
         elif status == RunStatus.SETTLING:
             self.settling_ids.add(run.id)
 
@@ -865,7 +865,7 @@ class MeshState:
                 owned.discard(run.id)
                 _count(self.tenant_running, run.spec.tenant, -1)
         elif status == RunStatus.WAITING:
-            self.waiting.discard(run.id)
+            self.waiting_ids.discard(run.id)
         elif status == RunStatus.SETTLING:
             self.settling_ids.discard(run.id)
 
@@ -955,7 +955,7 @@ class MeshState:
         return list(self.queue)
 
     def waiting_runs(self) -> list[Run]:
-        return [self.runs[i] for i in sorted(self.waiting)]
+        return [self.runs[i] for i in sorted(self.waiting_ids)]
 
     def owned_by(self, peer_id: str) -> list[Run]:
         return [self.runs[i] for i in sorted(self.by_owner.get(peer_id, ()))]

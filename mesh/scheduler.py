@@ -92,7 +92,7 @@ class Scheduler:
         so a plan that fills the free slots reads only the runs it places.
         Aging keeps each priority level's order (an older run of a level never
         ranks below a younger one), so the aged order merges the levels."""
-        levels = [runs for _, runs in state.queue.levels()]
+        levels = state.queue.levels()
         if self.aging_s <= 0:
             return itertools.chain.from_iterable(levels)
         return heapq.merge(

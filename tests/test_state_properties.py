@@ -889,7 +889,7 @@ class MeshMachine(RuleBasedStateMachine):
         )
         assert [r.id for r in self.state.queued()] == [r.id for r in queued]
         assert self.state.tenant_queued == dict(Counter(r.spec.tenant for r in queued))
-        assert self.state.waiting == {r.id for r in runs if r.status == RunStatus.WAITING}
+        assert self.state.waiting_ids == {r.id for r in runs if r.status == RunStatus.WAITING}
         assert self.state.settling_ids == {r.id for r in runs if r.status == RunStatus.SETTLING}
 
     @invariant()

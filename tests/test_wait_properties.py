@@ -529,7 +529,7 @@ class WaitMachine(RuleBasedStateMachine):
         assert {r.id for r in self.state.queued()} == {
             r.id for r in runs if r.status == RunStatus.QUEUED
         }
-        assert self.state.waiting == {r.id for r in runs if r.status == RunStatus.WAITING}
+        assert self.state.waiting_ids == {r.id for r in runs if r.status == RunStatus.WAITING}
         assert self.state.settling_ids == {r.id for r in runs if r.status == RunStatus.SETTLING}
 
     @invariant()
