@@ -150,6 +150,10 @@ class Configure(Command):
     tenant_max_queued: dict[str, Any] | None = None
     default_tenant_max_queued: int | None = None
     retry: dict[str, Any] | None = None
+    # Queue order: milliseconds of waiting that earn a run one priority level.
+    aging_ms: int = 0
+    # A finish hands its freed slot to the next queued run in the same apply.
+    handoff: bool = False
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ class Why(StrEnum):
 
 # Decided by the run and the tenant alone: every peer gives the same answer.
 RUN_WIDE = frozenset({Why.NOT_QUEUED, Why.BACKOFF, Why.TENANT_CAP})
+# Decided by the peer alone: no other run can go there either.
+PEER_WIDE = frozenset({Why.PEER_NOT_UP, Why.PEER_CLOSED, Why.SLOT})
 
 
 @dataclass(frozen=True)

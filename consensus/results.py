@@ -49,6 +49,15 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Finished:
+    """A finish that handed the slot it freed to the next queued run: that
+    run now runs on the same peer under its next epoch."""
+
+    handed_off: str
+    ok: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
 class RunOutcome:
     """One run of a submit batch: created, an existing run, or refused."""
 
@@ -159,6 +168,7 @@ class TickFired:
 Result = (
     Rejected
     | Done
+    | Finished
     | Submitted
     | Assigned
     | Requeued
@@ -178,6 +188,7 @@ _KINDS: dict[str, type[Any]] = {
     for cls in (
         Rejected,
         Done,
+        Finished,
         Submitted,
         Assigned,
         Requeued,

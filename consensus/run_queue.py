@@ -8,12 +8,15 @@ a plan reads just the runs it can place.
 
 Order: higher priority first, then older (``submitted_at_ms``), then id. Each
 priority level is a FIFO of its own, so an order that ages runs (priority plus
-waited time, see ``mesh.scheduler``) is a merge of the levels' heads: within
-one level an older run never ranks below a younger one.
+waited time) is a merge of the levels' heads: within one level an older run
+never ranks below a younger one. The aged order is written once, here: the
+leader plans with it and apply hands a freed slot on with it.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Iterator
 
 from sortedcontainers import SortedList
@@ -58,6 +61,18 @@ class RunQueue:
         Lazy: a reader that stops early pays only for what it read."""
         return [self._level(p) for p in sorted(self._levels, reverse=True)]
 
+    def ordered(self, now_ms: int, aging_ms: int) -> Iterator[Run]:
+        """Queued runs in scheduling order at ``now_ms``: higher aged priority
+        first, FIFO within one; ``aging_ms`` of waiting earns one priority
+        level (0: no aging). Lazy, as ``levels``."""
+        levels = self.levels()
+        if aging_ms <= 0:
+            return itertools.chain.from_iterable(levels)
+        return heapq.merge(
+            *levels,
+            key=lambda r: (-aged_priority(r, now_ms, aging_ms), r.submitted_at_ms, r.id),
+        )
+
     def __iter__(self) -> Iterator[Run]:
         """Every queued run in scheduling order."""
         for runs in self.levels():
@@ -66,3 +81,10 @@ class RunQueue:
     def _level(self, priority: int) -> Iterator[Run]:
         for _, run_id in self._levels.get(priority, ()):
             yield self._runs[run_id][2]
+
+
+def aged_priority(run: Run, now_ms: int, aging_ms: int) -> int:
+    """The run's priority plus one level per ``aging_ms`` it has waited."""
+    if aging_ms <= 0:
+        return run.spec.priority
+    return run.spec.priority + max(0, now_ms - run.submitted_at_ms) // aging_ms

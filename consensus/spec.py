@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 INT64_MAX = 2**63 - 1
+# Placements (``RunSpec.placement``, or the leader's default): how the leader
+# chooses among the peers a run may go to.
+LEAST_LOADED = "least-loaded"
+ROUND_ROBIN = "round-robin"
+CONSISTENT_HASH = "consistent-hash"
+PLACEMENTS = (LEAST_LOADED, ROUND_ROBIN, CONSISTENT_HASH)
 MAX_TIMEOUT_S = 1e9
 # W3C trace context, version 00 (what the OpenTelemetry propagator writes).
 _TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")

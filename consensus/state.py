@@ -15,6 +15,7 @@ growing with history.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
-from raftmesh.consensus.eligibility import why_not
+from raftmesh.consensus.eligibility import PEER_WIDE, why_not
 from raftmesh.consensus.model import (
     DRAIN_MODES,
     PEER_DOWN,
@@ -46,7 +47,7 @@ from raftmesh.consensus.schedules import (
     tick_key,
     tick_run_id,
 )
-from raftmesh.consensus.spec import RunSpec
+from raftmesh.consensus.spec import CONSISTENT_HASH, RunSpec
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 from raftmesh.consensus.waits import InvalidWait, checked_wait, valid_signal_name, wait_satisfied
 
@@ -89,6 +90,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Clock readings and delays in ms: far beyond any real clock, and small enough
 # that adding a TTL or a backoff to one stays an int64.
 MAX_MS = 2**53
+# Queued runs a finish looks through for one its peer may run (see _hand_off).
+HANDOFF_SCAN = 64
 # The bound RunSpec.from_wire (consensus/spec.py) allows: about 31 years.
 MAX_TIMEOUT_S = 1e9
 # Deeper than the API lets through (mesh/schemas.MAX_NESTING), well inside
@@ -178,6 +181,9 @@ class MeshState:
         self.tenant_max_queued: dict[str, int] = {}
         self.default_tenant_max_queued: int | None = None
         self.retry = RetryPolicy()
+        # Replicated with the policy, so apply orders the queue as the leader does.
+        self.aging_ms = 0
+        self.handoff = False
         self.schedules: dict[str, Schedule] = {}
         self.applied = 0
 
@@ -348,16 +354,19 @@ class MeshState:
             except Refused as exc:
                 rejected[str(run_id)] = str(exc)
                 continue
-            run = self.runs[run_id]
-            self._unindex(run)
-            run.status = RunStatus.RUNNING
-            run.owner = peer_id
-            run.epoch = epoch
-            run.attempts += 1
-            run.assigned_at_ms = at_ms
-            self._index(run)
+            self._start(self.runs[run_id], peer_id, at_ms)
             accepted.append(run_id)
         return res.Assigned(accepted, rejected)
+
+    def _start(self, run: Run, peer_id: str, at_ms: int) -> None:
+        """A queued run, checked eligible, runs on ``peer_id`` under its next epoch."""
+        self._unindex(run)
+        run.status = RunStatus.RUNNING
+        run.owner = peer_id
+        run.epoch += 1
+        run.attempts += 1
+        run.assigned_at_ms = at_ms
+        self._index(run)
 
     def _check_assignable(self, run_id: Any, peer_id: Any, epoch: Any, at_ms: int) -> None:
         run = self.runs.get(run_id) if isinstance(run_id, str) else None
@@ -376,8 +385,34 @@ class MeshState:
         run = self._owned_run(cmd.run, cmd.epoch)
         if cmd.status not in TERMINAL_STATUSES:
             raise Refused(f"not a terminal status: {cmd.status!r}")
+        owner = run.owner
         self._evict(run)
+        if self.handoff and owner is not None:
+            handed = self._hand_off(owner, at_ms)
+            if handed is not None:
+                return res.Finished(handed.id)
         return res.Done()
+
+    def _hand_off(self, peer_id: str, at_ms: int) -> Run | None:
+        """The slot a finish freed goes at once to the first queued run, in the
+        leader's order, that may run on that peer: a slot turn costs one commit
+        instead of a finish, a leader tick and an assign. Consistent-hash runs
+        are left to the leader (their home may be another peer), and so is a
+        queue whose first ``HANDOFF_SCAN`` runs cannot go to this peer."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return None
+        ordered = self.queue.ordered(at_ms, self.aging_ms)
+        for run in itertools.islice(ordered, HANDOFF_SCAN):
+            if run.spec.placement == CONSISTENT_HASH:
+                continue
+            reason = why_not(run, peer, self, at_ms)
+            if reason is None:
+                self._start(run, peer_id, at_ms)
+                return run
+            if reason.code in PEER_WIDE:
+                return None
+        return None
 
     def _release(self, cmd: c.Release, at_ms: int) -> Result:
         run = self._owned_run(cmd.run, cmd.epoch)
@@ -689,11 +724,16 @@ class MeshState:
             isinstance(policy.retry_timeouts, bool) and isinstance(policy.count_lost_owner, bool)
         ):
             raise Refused("retry policy needs 0 <= backoff_base_ms <= backoff_max_ms and booleans")
+        aging_ms = _int(cmd.aging_ms, "aging_ms", 0, MAX_MS)
+        if not isinstance(cmd.handoff, bool):
+            raise Refused("handoff must be a boolean")
         self.tenant_caps = caps
         self.default_tenant_cap = default
         self.tenant_max_queued = max_queued
         self.default_tenant_max_queued = default_max_queued
         self.retry = policy
+        self.aging_ms = aging_ms
+        self.handoff = cmd.handoff
         return res.Done()
 
     # -- schedules (consensus/schedules.py) -------------------------------
@@ -972,8 +1012,9 @@ class MeshState:
         return {
             # v2: remembered results are typed (results.to_wire), no longer maps;
             # v3: a run's spec is one map (Run.public);
-            # v4: runs carry waiting_for, signals, pause_requested.
-            "v": 4,
+            # v4: runs carry waiting_for, signals, pause_requested;
+            # v5: the queue's aging and the finish handoff are replicated.
+            "v": 5,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
             "idempotency": [[list(k), v[0], v[1]] for k, v in self.idempotency.items()],
@@ -983,6 +1024,8 @@ class MeshState:
             "tenant_max_queued": self.tenant_max_queued,
             "default_tenant_max_queued": self.default_tenant_max_queued,
             "retry": dict(self.retry.__dict__),
+            "aging_ms": self.aging_ms,
+            "handoff": self.handoff,
             "schedules": [s.public() for s in self.schedules.values()],
             "applied": self.applied,
         }
@@ -1004,6 +1047,8 @@ class MeshState:
         state.tenant_max_queued = dict(data.get("tenant_max_queued") or {})
         state.default_tenant_max_queued = data.get("default_tenant_max_queued")
         state.retry = RetryPolicy(**(data.get("retry") or {}))
+        state.aging_ms = data.get("aging_ms", 0)
+        state.handoff = data.get("handoff", False)
         # Snapshots from before schedules have none.
         state.schedules = {s["id"]: Schedule.from_public(s) for s in data.get("schedules") or []}
         state.applied = data["applied"]

@@ -132,6 +132,8 @@ def _policy_of(state: MeshState) -> dict[str, Any]:
         "tenant_max_queued": state.tenant_max_queued,
         "default_tenant_max_queued": state.default_tenant_max_queued,
         "retry": dict(state.retry.__dict__),
+        "aging_ms": state.aging_ms,
+        "handoff": state.handoff,
     }
 
 

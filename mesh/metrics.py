@@ -76,6 +76,12 @@ class Metrics:
             "Attempts this peer stopped itself after losing contact with the leader",
             registry=r,
         )
+        self.handoffs = Counter(
+            "raftmesh_slot_handoffs_total",
+            "Runs started, mesh-wide, in the slot a finish freed, in the finish's own commit"
+            " (no leader tick or assign in between)",
+            registry=r,
+        )
         self.journal_syncs = Gauge(
             "raftmesh_journal_syncs", "Raft journal fsyncs since start", registry=r
         )

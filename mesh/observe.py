@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftmesh.consensus import commands
-from raftmesh.consensus.results import Rejected, Result, Submitted
+from raftmesh.consensus.results import Finished, Rejected, Result, Submitted
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
 from raftmesh.mesh.metrics import Metrics
@@ -64,6 +64,8 @@ class Observer:
                 self._count(int(cmd["at_ms"]), 0, created)
             elif op in (commands.Op.FINISH, commands.Op.SETTLE):
                 self._count(int(cmd["at_ms"]), 1, 1)
+                if isinstance(result, Finished):
+                    self.metrics.handoffs.inc()
 
     def _count(self, at_ms: int, which: int, n: int) -> None:
         if not n:

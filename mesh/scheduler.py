@@ -12,8 +12,6 @@ afresh.
 from __future__ import annotations
 
 import hashlib
-import heapq
-import itertools
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,13 +27,9 @@ from raftmesh.consensus.eligibility import (
     why_not,
 )
 from raftmesh.consensus.model import Run
+from raftmesh.consensus.spec import CONSISTENT_HASH, LEAST_LOADED, ROUND_ROBIN
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
-
-LEAST_LOADED = "least-loaded"
-ROUND_ROBIN = "round-robin"
-CONSISTENT_HASH = "consistent-hash"
-PLACEMENTS = (LEAST_LOADED, ROUND_ROBIN, CONSISTENT_HASH)
 
 
 def affinity(key: str, peer_id: str) -> int:
@@ -81,23 +75,14 @@ class Scheduler:
     limit: int = 500
     _cursor: str = field(default="", repr=False)
 
-    def effective_priority(self, run: Run, now_ms: int) -> int:
-        if self.aging_s <= 0:
-            return run.spec.priority
-        waited_ms = max(0, now_ms - run.submitted_at_ms)
-        return run.spec.priority + int(waited_ms // (self.aging_s * 1000))
+    @property
+    def aging_ms(self) -> int:
+        return round(self.aging_s * 1000) if self.aging_s > 0 else 0
 
     def order(self, state: MeshState, now_ms: int) -> Iterator[Run]:
         """Queued runs, higher (aged) priority first, FIFO within one; lazy,
-        so a plan that fills the free slots reads only the runs it places.
-        Aging keeps each priority level's order (an older run of a level never
-        ranks below a younger one), so the aged order merges the levels."""
-        levels = state.queue.levels()
-        if self.aging_s <= 0:
-            return itertools.chain.from_iterable(levels)
-        return heapq.merge(
-            *levels, key=lambda r: (-self.effective_priority(r, now_ms), r.submitted_at_ms, r.id)
-        )
+        so a plan that fills the free slots reads only the runs it places."""
+        return state.queue.ordered(now_ms, self.aging_ms)
 
     def plan(self, state: MeshState, now_ms: int) -> list[tuple[str, str, int]]:
         """One assign batch: (run, peer, epoch), each item eligible after the ones before it."""

@@ -18,9 +18,8 @@ from msgspec import Meta, Struct
 
 from raftmesh.consensus.model import EXECUTOR, VOTER
 from raftmesh.consensus.schedules import SCHEDULE_ID
-from raftmesh.consensus.spec import INT64_MAX, MAX_TIMEOUT_S
+from raftmesh.consensus.spec import INT64_MAX, MAX_TIMEOUT_S, PLACEMENTS
 from raftmesh.mesh.errors import BadRequest
-from raftmesh.mesh.scheduler import PLACEMENTS
 from raftmesh.runner.context import BUDGET_KEYS
 from raftmesh.runner.isolation import ISOLATION_MODES
 from raftmesh.runner.payload import pack

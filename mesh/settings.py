@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from raftmesh.consensus.spec import CONSISTENT_HASH, LEAST_LOADED, PLACEMENTS
 from raftmesh.mesh.auth import TokensFileError, load_tokens
 from raftmesh.runner.models import (
     DEFAULT_MODEL,
@@ -107,9 +108,10 @@ class Settings:
     log_format: str = "auto"
     # Diagnostics warn when the oldest queued run waits half this, fail past it.
     queue_sla_s: float = 60.0
-    # Scheduling policy. The leader replicates the caps and the retry policy
-    # (``configure``) so apply can enforce them; placement and aging are its own.
-    placement: str = "least-loaded"
+    # Scheduling policy. The leader replicates the caps, the retry policy and
+    # the aging (``configure``) so apply can enforce them and hand a finished
+    # run's slot on in the leader's order; placement is its own.
+    placement: str = LEAST_LOADED
     priority_aging_s: float = 60.0
     tenant_caps: dict[str, int] = field(default_factory=dict)
     default_tenant_cap: int | None = None
@@ -167,9 +169,8 @@ class Settings:
             raise SettingsError("--tls-cert and --tls-key go together: give both or neither")
         if self.peer_ttl_s <= self.heartbeat_interval_s:
             raise SettingsError("peer_ttl_s must exceed heartbeat_interval_s")
-        placements = ("least-loaded", "round-robin", "consistent-hash")
-        if self.placement not in placements:
-            raise SettingsError(f"placement must be one of {', '.join(placements)}")
+        if self.placement not in PLACEMENTS:
+            raise SettingsError(f"placement must be one of {', '.join(PLACEMENTS)}")
         limits: list[int | None] = [*self.tenant_caps.values(), *self.tenant_max_queued.values()]
         limits += [self.default_tenant_cap, self.default_tenant_max_queued]
         if any(v is not None and v < 0 for v in limits):
@@ -231,6 +232,10 @@ class Settings:
                 "retry_timeouts": self.retry_timeouts,
                 "count_lost_owner": self.count_lost_owner,
             },
+            "aging_ms": round(self.priority_aging_s * 1000),
+            # A consistent-hash mesh places every run on its key's home peer,
+            # which a finish on another peer cannot know is free.
+            "handoff": self.placement != CONSISTENT_HASH,
         }
 
     def dial_addr(self, advertised: str) -> str:

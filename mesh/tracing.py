@@ -31,7 +31,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from raftmesh.consensus import commands
-from raftmesh.consensus.results import Assigned, Result
+from raftmesh.consensus.results import Assigned, Finished, Result
 from raftmesh.consensus.state import MeshState
 from raftmesh.mesh import logs
 from raftmesh.runner.attempt import FAILED, RETRY, TIMED_OUT, Assignment, Outcome
@@ -119,9 +119,18 @@ class Tracing:
             return
         now_ns = time.time_ns()
         for cmd, result in zip(cmds, results, strict=False):
+            proposed_ns = min(int(cmd["at_ms"]) * 1_000_000, now_ns)
+            if isinstance(result, Finished):
+                # The finish of another run handed this one its slot.
+                run = state.runs.get(result.handed_off)
+                if run is not None and run.owner == self.peer_id:
+                    attributes = {"run_id": run.id, "owner": run.owner, "epoch": run.epoch}
+                    self.record(
+                        "raftmesh.run.assign", run.spec.trace_parent, proposed_ns, attributes
+                    )
+                continue
             if not isinstance(result, Assigned) or cmd.get("op") != commands.Op.ASSIGN:
                 continue
-            proposed_ns = min(int(cmd["at_ms"]) * 1_000_000, now_ns)
             accepted = set(result.accepted)
             for item in cmd["batch"]:
                 # Apply accepted only well-formed items; a batch may hold others.

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from raftmesh.consensus import commands as c
+from raftmesh.consensus.spec import CONSISTENT_HASH, ROUND_ROBIN
 from raftmesh.consensus.state import MeshState, backoff_ms
-from raftmesh.mesh.scheduler import CONSISTENT_HASH, ROUND_ROBIN, Scheduler
+from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings, SettingsError
 
 T0 = 1_000_000

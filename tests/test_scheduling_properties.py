@@ -35,9 +35,10 @@ from hypothesis.stateful import (
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.spec import PLACEMENTS
 from raftmesh.consensus.state import MeshState, backoff_ms
 from raftmesh.consensus.status import RunStatus
-from raftmesh.mesh.scheduler import PLACEMENTS, Scheduler
+from raftmesh.mesh.scheduler import Scheduler
 
 PEERS = ["p0", "p1", "p2"]
 TENANTS = ["t0", "t1", "t2"]

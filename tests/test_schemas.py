@@ -126,8 +126,8 @@ def test_the_spelled_out_literals_match_the_runtime_tuples() -> None:
     from typing import get_args
 
     from raftmesh.consensus.model import ROLES
+    from raftmesh.consensus.spec import PLACEMENTS
     from raftmesh.mesh import schemas
-    from raftmesh.mesh.scheduler import PLACEMENTS
     from raftmesh.runner.context import BUDGET_KEYS
     from raftmesh.runner.isolation import ISOLATION_MODES
 

@@ -27,18 +27,19 @@ the whole log on a fresh state gives the same results and state.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 from typing import Any
 
 import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
-from raftmesh.consensus.model import PEER_DOWN, PEER_UP
-from raftmesh.consensus.state import COMMAND_TTL_MS, IDEMPOTENCY_TTL_MS, MeshState
+from raftmesh.consensus.model import PEER_DOWN, PEER_UP, Run
+from raftmesh.consensus.state import COMMAND_TTL_MS, HANDOFF_SCAN, IDEMPOTENCY_TTL_MS, MeshState
 from raftmesh.consensus.status import TERMINAL_STATUSES, RunStatus
 
 PEERS = ["p0", "p1", "p2", "p3"]
@@ -165,6 +166,38 @@ def plan_assignments(state: MeshState, peer_order: list[str], limit: int) -> lis
                 tenant_load[run.spec.tenant] += 1
                 break
     return batch
+
+
+def expected_handoff(pre: MeshState, finished: str, at_ms: int) -> str | None:
+    """The run a finish should hand its freed slot to, worked out from the
+    runs alone: the first of the queue in aged order (among the first
+    HANDOFF_SCAN) that fits the finished run's peer and its tenant's cap."""
+    if not pre.handoff:
+        return None
+    owner = pre.runs[finished].owner
+    peer = pre.peers[owner]
+    by_owner, tenants = recomputed_indexes(pre)
+    if peer.status != PEER_UP or len(by_owner.get(owner, ())) - 1 >= peer.slots:
+        return None
+
+    def aged(run: Run) -> int:
+        if pre.aging_ms == 0:
+            return run.spec.priority
+        return run.spec.priority + max(0, at_ms - run.submitted_at_ms) // pre.aging_ms
+
+    queued = sorted(
+        (r for r in pre.runs.values() if r.status == RunStatus.QUEUED),
+        key=lambda r: (-aged(r), r.submitted_at_ms, r.id),
+    )
+    tenant_load = Counter(tenants)
+    tenant_load[pre.runs[finished].spec.tenant] -= 1
+    for run in queued[:HANDOFF_SCAN]:
+        cap = cap_of(pre, run.spec.tenant)
+        if cap is not None and tenant_load[run.spec.tenant] >= cap:
+            continue
+        if labels_fit(peer.labels, run.spec.labels):
+            return run.id
+    return None
 
 
 # -- the stateful test ------------------------------------------------------
@@ -401,17 +434,31 @@ class MeshMachine(RuleBasedStateMachine):
         assert epoch == run.epoch
         assert issuer is None or issuer == run.owner, "a stale owner ended a run"
         assert self.assigned[(rid, run.epoch)][0] == run.owner
+        handed = None
         if op == c.Op.FINISH:
             assert rid not in post.runs
             self.finishes[rid] += 1
             assert self.finishes[rid] == 1
             self.finished.add(rid)
+            handed = expected_handoff(pre, rid, cmd["at_ms"])
+            assert result == (res.Done() if handed is None else res.Finished(handed)), result
         else:
             after = post.runs[rid]
             assert (after.status, after.owner, after.epoch) == (RunStatus.QUEUED, None, run.epoch)
             assert after.attempts == run.attempts
+        if handed is not None:
+            # the freed slot went to the next run, as an assign of it would have
+            old, now = pre.runs[handed], post.runs[handed]
+            assert (now.status, now.owner, now.epoch) == (
+                RunStatus.RUNNING,
+                run.owner,
+                old.epoch + 1,
+            )
+            assert now.attempts == old.attempts + 1 and now.assigned_at_ms == cmd["at_ms"]
+            assert (handed, now.epoch) not in self.assigned, "an epoch was handed out twice"
+            self.assigned[(handed, now.epoch)] = (run.owner, pre.peers[run.owner].incarnation)
         for other, old in pre.runs.items():
-            if other != rid:
+            if other not in (rid, handed):
                 assert post.runs[other].public() == old.public()
         assert peers_view(post) == peers_view(pre)
 
@@ -492,6 +539,13 @@ class MeshMachine(RuleBasedStateMachine):
             assert post.tenant_caps == {str(k): v for k, v in caps.items()}
             assert post.default_tenant_cap == default
             assert runs_view(post) == runs_view(pre) and peers_view(post) == peers_view(pre)
+
+    @initialize(handoff=st.booleans(), aging_ms=st.sampled_from([0, 250]))
+    def leader_policy(self, handoff, aging_ms):
+        """Most meshes run with the handoff on from the start (the leader's
+        first configure); the configure rule turns it on and off later."""
+        cmd = c.Configure(self._next("c"), self._at(), {}, None, aging_ms=aging_ms, handoff=handoff)
+        assert self.execute(cmd) == res.Done()
 
     # -- time, leadership, snapshots ------------------------------------------
 
@@ -607,7 +661,7 @@ class MeshMachine(RuleBasedStateMachine):
     def owner_finishes(self, data, status, skew):
         run = self.state.runs[data.draw(st.sampled_from(self._running()))]
         cmd = c.Finish(self._next("c"), self._at(skew), run.id, run.epoch, status, None)
-        assert self.execute(cmd, issuer=run.owner) == res.Done()
+        assert self.execute(cmd, issuer=run.owner).ok, "check_end says which answer"
 
     @precondition(lambda self: any(r.status == RunStatus.RUNNING for r in self.state.runs.values()))
     @rule(data=st.data(), skew=SKEW)
@@ -702,11 +756,14 @@ class MeshMachine(RuleBasedStateMachine):
         caps=st.dictionaries(st.sampled_from(TENANTS), st.integers(0, 3), max_size=3),
         default=st.none() | st.integers(0, 3),
         skew=SKEW,
+        aging_ms=st.sampled_from([0, 0, 1, 250, 5_000]),
+        handoff=st.booleans(),
     )
-    def configure(self, caps, default, skew):
-        assert (
-            self.execute(c.Configure(self._next("c"), self._at(skew), caps, default)) == res.Done()
-        )
+    def configure(self, caps, default, skew, aging_ms, handoff):
+        cmd = c.Configure(self._next("c"), self._at(skew), caps, default)
+        cmd = dataclasses.replace(cmd, aging_ms=aging_ms, handoff=handoff)
+        assert self.execute(cmd) == res.Done()
+        assert (self.state.aging_ms, self.state.handoff) == (aging_ms, handoff)
 
     # -- retries and garbage ----------------------------------------------------
 

@@ -301,8 +301,11 @@ async def _is(client: MeshClient, run_id: str, status: str) -> bool:
 
 
 async def test_priority_order_on_a_one_slot_mesh(solo: Mesh) -> None:
-    """Higher priority first, FIFO within one priority."""
+    """Higher priority first, FIFO within one priority; and every slot turn
+    after the blocker is a handoff: the finish started the next run in its
+    own commit, in the same order the leader would have placed it."""
     client = solo.client()
+    handoffs_before = await handoffs(client)
     blocker = await client.submit("sleep", {"seconds": 1.5})
     await eventually(lambda: _is(client, blocker["id"], "running"), 10, "the blocker to run")
     priorities = [0, 5, 1, 5, 0, 9, 1]
@@ -314,6 +317,14 @@ async def test_priority_order_on_a_one_slot_mesh(solo: Mesh) -> None:
     expected = sorted(range(len(ids)), key=lambda k: (-priorities[k], k))
     assert by_start == [ids[k] for k in expected]
     assert max_overlap([(r["started_at"], r["finished_at"]) for r in runs.values()]) == 1
+    assert await handoffs(client) - handoffs_before == len(ids)
+
+
+async def handoffs(client: MeshClient) -> float:
+    for line in (await client.metrics()).splitlines():
+        if line.startswith("raftmesh_slot_handoffs_total "):
+            return float(line.split()[1])
+    raise AssertionError("no raftmesh_slot_handoffs_total in /metrics")
 
 
 # -- labels ---------------------------------------------------------------------

@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
-from raftmesh.consensus.spec import SPEC_FIELDS, RunSpec, SpecError
+from raftmesh.consensus.spec import PLACEMENTS, SPEC_FIELDS, RunSpec, SpecError
 from raftmesh.consensus.state import MeshState
-from raftmesh.mesh.scheduler import PLACEMENTS
 from raftmesh.mesh.service import resubmission
 from raftmesh.runner.attempt import Assignment
 from raftmesh.runner.context import BUDGET_KEYS
