@@ -92,6 +92,10 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_MS = 2**53
 # Queued runs a finish looks through for one its peer may run (see _hand_off).
 HANDOFF_SCAN = 64
+# What this release's apply does that an earlier release's does not. Peers
+# report it to the leader, which turns such a policy on only once every member
+# does: a peer that applied the same log without it would drift apart.
+APPLY_FEATURES = frozenset({"handoff"})
 # The bound RunSpec.from_wire (consensus/spec.py) allows: about 31 years.
 MAX_TIMEOUT_S = 1e9
 # Deeper than the API lets through (mesh/schemas.MAX_NESTING), well inside

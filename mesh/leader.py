@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from raftmesh.consensus import commands
-from raftmesh.consensus.model import PEER_UP
+from raftmesh.consensus.model import PEER_LEFT, PEER_UP
 from raftmesh.consensus.results import Assigned, Requeued, TickFired
-from raftmesh.consensus.state import MeshState
+from raftmesh.consensus.state import APPLY_FEATURES, MeshState
 from raftmesh.consensus.waits import due_ms, wait_satisfied
 from raftmesh.mesh.errors import from_storage
 from raftmesh.mesh.liveness import Liveness
@@ -81,14 +81,15 @@ class Leader:
         if term is None:
             self.next_due_ms = None
             return []
-        self.liveness.heard(self.peer_id, self.incarnation, now_s)
+        self.liveness.heard(self.peer_id, self.incarnation, now_s, APPLY_FEATURES)
         up = {p.id: p.incarnation for p in state.peers.values() if p.status == PEER_UP}
         out: list[commands.Command] = []
         for peer_id, incarnation in self.liveness.suspects(up, now_s):
             log.warning("peer %s silent for %.1fs: marking it down", peer_id, self.liveness.ttl_s)
             out.append(commands.PeerDown(new_id(), now_ms, peer_id, incarnation))
-        if _policy_of(state) != self.policy:
-            out.append(commands.Configure(new_id(), now_ms, **self.policy))
+        policy = self._policy(state)
+        if _policy_of(state) != policy:
+            out.append(commands.Configure(new_id(), now_ms, **policy))
         due, self.next_due_ms = _wakeable(state, now_ms)
         for at in range(0, len(due), WAKE_BATCH):
             out.append(commands.Wake(new_id(), now_ms, due[at : at + WAKE_BATCH]))
@@ -98,6 +99,16 @@ class Leader:
         # Replicated schedules: the ticks due now (apply fires each at most once).
         out.extend(self.ticker.due(state, now_ms))
         return out
+
+    def _policy(self, state: MeshState) -> dict[str, Any]:
+        """The configured policy, with the handoff held off until every peer
+        that applies the log (voters, executors, joiners; down ones too: they
+        catch up on it) applies it alike."""
+        if not self.policy.get("handoff"):
+            return self.policy
+        members = {p.id: p.incarnation for p in state.peers.values() if p.status != PEER_LEFT}
+        handoff = self.liveness.applied_everywhere("handoff", members, state.handoff)
+        return {**self.policy, "handoff": handoff}
 
     @staticmethod
     def decided(state: MeshState) -> list[Decided]:

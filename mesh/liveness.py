@@ -22,6 +22,8 @@ class Liveness:
     # last_heard, which holds only real reports.
     first_seen: dict[str, tuple[str, float]] = field(default_factory=dict)
     grace_until: float = 0.0
+    # peer id -> (incarnation, what its apply does: state.APPLY_FEATURES)
+    applies: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
 
     def reset(self, now: float) -> None:
         """Called when this peer becomes leader."""
@@ -29,8 +31,27 @@ class Liveness:
         self.first_seen.clear()
         self.grace_until = now + self.ttl_s
 
-    def heard(self, peer_id: str, incarnation: str, now: float) -> None:
+    def heard(
+        self, peer_id: str, incarnation: str, now: float, applies: frozenset[str] | None = None
+    ) -> None:
         self.last_heard[peer_id] = (incarnation, now)
+        if applies is not None:
+            self.applies[peer_id] = (incarnation, applies)
+
+    def applied_everywhere(self, feature: str, members: dict[str, str], current: bool) -> bool:
+        """May the state turn on an apply ``feature``? True once every member
+        (id -> incarnation) reported it, False as soon as one reported without
+        it (a peer of an earlier release, which says nothing of features), and
+        ``current`` while some have not reported yet: a leader change or a
+        restart does not flip the policy back and forth."""
+        unknown = False
+        for peer_id, incarnation in members.items():
+            heard = self.applies.get(peer_id)
+            if heard is None or heard[0] != incarnation:
+                unknown = True
+            elif feature not in heard[1]:
+                return False
+        return current if unknown else True
 
     def suspects(self, up_peers: dict[str, str], now: float) -> list[tuple[str, str]]:
         """``up_peers``: peer id → incarnation the state believes is up.

@@ -19,6 +19,7 @@ import aiohttp
 
 from raftmesh.consensus import commands
 from raftmesh.consensus.model import PEER_UP, VOTER
+from raftmesh.consensus.state import APPLY_FEATURES
 from raftmesh.mesh.errors import Unavailable
 from raftmesh.mesh.leader_link import LeaderLink
 from raftmesh.mesh.liveness import LeaderContact, Liveness
@@ -118,7 +119,7 @@ class Presence:
                 limiter.renew(
                     book.grant(self.peer_id, limiter.demand(), raft.term, now), now, book.ttl_s
                 )
-            self._liveness.heard(self.peer_id, self.incarnation, now)
+            self._liveness.heard(self.peer_id, self.incarnation, now, APPLY_FEATURES)
             with self._proposer.read() as state:
                 in_contact = self._contact.heard_majority(self._liveness, state.peers.values(), now)
             if in_contact:
@@ -129,6 +130,7 @@ class Presence:
             "id": self.peer_id,
             "incarnation": self.incarnation,
             "running": self._busy(),
+            "applies": sorted(APPLY_FEATURES),
             # The leader compares it with its own clock: the skew diagnostics show.
             "wall_ms": sent_ms,
         }

@@ -540,7 +540,9 @@ class MeshService:
             raise NotLeader("this peer is not the leader")
         now = time.monotonic()
         try:
-            self.liveness.heard(str(report["id"]), str(report["incarnation"]), now)
+            self.liveness.heard(
+                str(report["id"]), str(report["incarnation"]), now, _applies(report)
+            )
         except KeyError as exc:
             raise BadRequest(f"heartbeat lacks {exc}") from None
         wall_ms = report.get("wall_ms")
@@ -747,3 +749,11 @@ def _rate_demand(raw: Any) -> dict[str, dict[str, int]]:
     if not ok:
         raise BadRequest("heartbeat rate_limits must map limit names to counts of calls")
     return raw
+
+
+def _applies(report: dict[str, Any]) -> frozenset[str]:
+    """A peer of an earlier release reports no features: it applies none."""
+    applies = report.get("applies")
+    if not isinstance(applies, list):
+        return frozenset()
+    return frozenset(str(item) for item in applies)

@@ -195,3 +195,34 @@ def test_the_leader_replicates_aging_and_handoff_from_its_settings() -> None:
     assert not any(isinstance(cmd, c.Configure) for cmd in leader.tick(state, 1, T0, 0.1))
     hashed = Settings(id="p1", placement=CONSISTENT_HASH).replicated_policy()
     assert hashed["handoff"] is False
+
+
+def test_the_leader_holds_the_handoff_off_until_every_member_applies_it() -> None:
+    """A peer of an earlier release ignores the handoff, so it would apply the
+    same finish without starting the next run and its state would drift from
+    the others': the leader turns the handoff on only once every member
+    reports it, and off as soon as one reports without it."""
+    state = MeshState()
+    state.apply(c.PeerUp("c1", T0, "p1", "i1", "r1", "h1", 1, {}))
+    state.apply(c.PeerUp("c2", T0, "p2", "i1", "r2", "h2", 1, {}))
+    liveness = Liveness(2.0)
+    leader = Leader("p1", "i1", Scheduler(), liveness, Settings(id="p1").replicated_policy())
+    n = iter(range(1, 100))
+
+    def tick() -> bool:
+        for cmd in leader.tick(state, 1, T0, 0.0):
+            if isinstance(cmd, c.Configure):
+                assert state.apply(cmd) == res.Done()
+        return state.handoff
+
+    assert tick() is False, "p2 has not said what it applies"
+    liveness.heard("p2", "i1", 0.0, frozenset({"handoff"}))
+    assert tick() is True
+    # p2 restarts: until the new incarnation reports, the policy stays
+    state.apply(c.PeerUp(f"r{next(n)}", T0, "p2", "i2", "r2", "h2", 1, {}))
+    assert tick() is True
+    # ... and it came back as the earlier release, which reports no features
+    liveness.heard("p2", "i2", 0.0, frozenset())
+    assert tick() is False
+    state.apply(c.PeerLeave(f"l{next(n)}", T0, "p2"))
+    assert tick() is True, "a peer that left applies nothing any more"
