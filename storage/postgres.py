@@ -3,8 +3,9 @@
 Fenced writes lock the run row and check the epoch in the same transaction as
 the write, so a claim by a newer epoch either waits for an in-flight write to
 commit or makes it fail; there is no window in which a deposed owner's write
-lands after the claim. A step and a result (the hot path) are one statement
-each: the row lock, the epoch compare and the write in one round trip.
+lands after the claim. A step, an event and a result (the hot path) are one
+statement each: the row lock, the epoch compare and the write in one round
+trip (an event's notification goes in the same statement).
 """
 
 from __future__ import annotations
@@ -121,9 +122,29 @@ written AS (
 SELECT epoch, status FROM locked
 """
 
-# Separate from the FOR UPDATE statement on purpose: under READ COMMITTED each
-# statement takes a fresh snapshot, so MAX(seq) sees every event committed by
-# whoever held the row lock before us.
+# One statement, as _PUT_STEP: the run row is locked and the event inserted
+# only if the locked epoch is the writer's ($4, when $6: fencing on); the
+# notification goes out with it, delivered at commit and only if it commits.
+# MAX(seq) reads the statement's snapshot, taken before the row lock was
+# granted: a writer of the same epoch that committed while this one waited for
+# the lock is not seen, the insert conflicts, and the answer's seq is NULL.
+_APPEND_EVENT = """
+WITH locked AS (SELECT epoch FROM runs WHERE id = $1 FOR UPDATE),
+written AS (
+    INSERT INTO events (run_id, seq, kind, data, epoch, at_ms)
+    SELECT $1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE run_id = $1), $2, $3, $4, $5
+    FROM locked WHERE locked.epoch = $4 OR NOT $6
+    ON CONFLICT (run_id, seq) DO NOTHING
+    RETURNING seq
+),
+notified AS (SELECT pg_notify($7, $1) FROM written)
+SELECT locked.epoch, (SELECT seq FROM written) AS seq, (SELECT count(*) FROM notified) AS notified
+FROM locked
+"""
+
+# The append that lost that race: the lock first, then MAX(seq) in a statement
+# of its own, whose fresh snapshot (READ COMMITTED) sees every event committed
+# by whoever held the row lock before.
 _INSERT_EVENT = """
 INSERT INTO events (run_id, seq, kind, data, epoch, at_ms)
 SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5 FROM events WHERE run_id = $1
@@ -255,12 +276,20 @@ class PostgresStore:
     async def append_event(
         self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int
     ) -> int:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                _APPEND_EVENT, run_id, kind, data, epoch, now_ms, self._fencing, self._channel
+            )
+        seq = fence(run_id, epoch, row, self._fencing)["seq"]
+        if seq is not None:
+            return int(seq)
+        # Two writers of one run at once: the runner sends one append of a run
+        # at a time, so this is another peer's writer, or a retry after an outage.
         async with self._transaction() as conn:
             fence(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
-            seq: int = await conn.fetchval(_INSERT_EVENT, run_id, kind, data, epoch, now_ms)
-            # Delivered at commit, and only if the event commits.
+            locked_seq: int = await conn.fetchval(_INSERT_EVENT, run_id, kind, data, epoch, now_ms)
             await conn.execute("SELECT pg_notify($1, $2)", self._channel, run_id)
-        return seq
+        return locked_seq
 
     async def read_events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
         async with self._connection() as conn:

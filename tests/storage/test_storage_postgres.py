@@ -112,11 +112,11 @@ async def test_an_unreachable_server_is_unavailable() -> None:
     await store.close()
 
 
-@pytest.mark.parametrize("write", ["step", "result"])
+@pytest.mark.parametrize("write", ["step", "event", "result"])
 async def test_a_write_racing_a_newer_claim_waits_for_it_and_is_refused(
     pg_target: Target, make_store: MakeStore, write: str
 ) -> None:
-    """A step or a result is one statement (lock, epoch compare, write): while
+    """A step, an event or a result is one statement (lock, epoch compare, write): while
     a newer epoch's claim holds the run row, the old owner's write waits for
     it, then sees the newer epoch and stores nothing."""
     store = await make_store(pg_target.url)
@@ -131,6 +131,8 @@ async def test_a_write_racing_a_newer_claim_waits_for_it_and_is_refused(
         stale = asyncio.ensure_future(
             store.put_step("r1", 1, 1, "plan", b"x", "p1", 5)
             if write == "step"
+            else store.append_event("r1", 1, "progress", b"x", 5)
+            if write == "event"
             else store.put_result("r1", 1, "succeeded", b"x", None, 5)
         )
         await asyncio.sleep(0.3)
@@ -142,8 +144,45 @@ async def test_a_write_racing_a_newer_claim_waits_for_it_and_is_refused(
         await claimer.close()
     assert (refused.value.epoch, refused.value.current) == (1, 2)
     assert await store.load_steps("r1") == []
+    assert await store.read_events("r1") == []
     row = await store.get_run("r1")
     assert row is not None and (row.status, row.result, row.owner) == ("running", None, "p2")
+
+
+async def test_an_event_that_loses_the_race_for_its_seq_takes_the_next_and_notifies_once(
+    pg_target: Target, make_store: MakeStore
+) -> None:
+    """An append reads MAX(seq) from the snapshot its statement started with.
+    Another writer of the same epoch commits an event while this append waits
+    for the run row. The append then takes the next seq; it does not fail, it
+    does not overwrite, and it sends exactly one notification."""
+    store = await make_store(pg_target.url)
+    assert isinstance(store, PostgresStore)
+    woken: asyncio.Queue[str] = asyncio.Queue()
+    await store.listen(woken.put_nowait)
+    await claim_run(store)
+    other = await asyncpg.connect(
+        PG_URL, server_settings={"search_path": f'"{pg_target.pg_schema}"'}
+    )
+    try:
+        holding = other.transaction()
+        await holding.start()
+        await other.execute("SELECT 1 FROM runs WHERE id = 'r1' FOR UPDATE")
+        racing = asyncio.ensure_future(store.append_event("r1", 1, "mine", b"m", 5))
+        await asyncio.sleep(0.3)
+        assert not racing.done(), "the append waits for the row the other writer holds"
+        await other.execute(
+            "INSERT INTO events (run_id, seq, kind, data, epoch, at_ms)"
+            " VALUES ('r1', 1, 'theirs', 'x', 1, 4)"
+        )
+        await holding.commit()
+        assert await asyncio.wait_for(racing, NOTIFY_TIMEOUT_S) == 2
+    finally:
+        await other.close()
+    assert [(e.seq, e.kind) for e in await store.read_events("r1")] == [(1, "theirs"), (2, "mine")]
+    assert await asyncio.wait_for(woken.get(), NOTIFY_TIMEOUT_S) == "r1"
+    await asyncio.sleep(0.3)
+    assert woken.empty(), "one event, one notification"
 
 
 async def test_unsafe_unfenced_writes_land_under_a_stale_epoch(
