@@ -4,11 +4,14 @@ It owns the concerns pysyncobj leaves to its user (see
 shared/notes/pysyncobj.md):
 
 * Durability. pysyncobj writes its journal through mmap and never syncs it.
-  ``_Outbox`` holds back every Raft message sent while the journal has unsynced
-  entries and sends them, in order, after one sync at the end of the tick, so
-  an entry a follower acknowledges, or a leader counts towards a commit, is on
-  disk: a power loss of every peer loses nothing acknowledged. Syncs are
-  batched: one per tick that added entries, not one per message or entry.
+  ``_Outbox`` holds back acknowledgments sent while the journal has unsynced
+  entries and sends them, in order, after one sync at the end of the tick, and
+  a tick syncs before it counts the leader towards a commit, so an entry a
+  follower acknowledges, or a leader counts towards a commit, is on disk: a
+  power loss of every peer loses nothing acknowledged. A leader's
+  append-entries leave before its own sync, so its sync and the followers'
+  overlap. Syncs are batched: one per tick that added entries, not one per
+  message or entry.
 * Latency. Batching of append-entries is off (entries go out as soon as they
   are queued) and a group-commit batcher on the asyncio side packs every
   command that arrives while earlier entries are in flight into one entry.
@@ -179,14 +182,24 @@ class _DurableJournal:
         return getattr(self._inner, name)
 
 
-class _Outbox:
-    """Raft messages to other nodes, held while the journal has unsynced changes.
+# The messages that speak for this node's log: a follower's acknowledgment of
+# entries (pysyncobj's next_node_idx, sent after append-entries) and a vote.
+_ANSWERS_FOR_THE_LOG = frozenset({"next_node_idx", "response_vote"})
 
-    Any message may acknowledge an entry (an append-entries response) or carry
-    one a leader then counts as stored on itself, so none leaves while the
-    journal is dirty; held ones go after one sync at the end of the tick, and a
-    message sent while others are held queues behind them, so each connection
-    sees pysyncobj's order. The tick thread is the only caller.
+
+class _Outbox:
+    """Raft messages to other nodes; those that speak for this node's log wait
+    until the journal is synced.
+
+    An acknowledgment sent while the journal has unsynced changes is held and
+    goes after one sync at the end of the tick, so an entry a follower
+    acknowledges is on its disk. Every other message goes at once: a leader's
+    append-entries leave before its own sync, so the followers' syncs run while
+    the leader's does, as the Raft thesis allows (section 10.2.1). The leader
+    still counts itself towards a commit only over a synced journal
+    (``_MeshSyncObj._onTick`` syncs before the tick counts). A message to a
+    node with held messages queues behind them, so each connection sees
+    pysyncobj's order. The tick thread is the only caller.
     """
 
     def __init__(self, journal: _DurableJournal, send: Callable[[Any, Any], bool]) -> None:
@@ -195,7 +208,9 @@ class _Outbox:
         self._held: list[tuple[Any, Any]] = []
 
     def send(self, node: Any, message: Any) -> bool:
-        if self._held or self._journal.dirty:
+        if (self._journal.dirty and message.get("type") in _ANSWERS_FOR_THE_LOG) or any(
+            held == node for held, _ in self._held
+        ):
             self._held.append((node, message))
             return True
         return self._send(node, message)
@@ -228,8 +243,11 @@ class _Replica(SyncObjConsumer):
         return results
 
     def _serialize(self) -> dict[str, bytes]:
-        with self._node.lock:
-            return {"state": msgpack.packb(self._node.state.to_dict(), use_bin_type=True)}
+        # No lock: pysyncobj calls this on the tick thread, the state's only
+        # writer, so nothing changes the state meanwhile. The lock would hold
+        # every reader on the event loop for the whole snapshot (tens of
+        # milliseconds with thousands of remembered commands).
+        return {"state": msgpack.packb(self._node.state.to_dict(), use_bin_type=True)}
 
     def _deserialize(self, data: dict[str, bytes]) -> None:
         restored = MeshState.from_dict(
@@ -301,6 +319,16 @@ class _MeshSyncObj(SyncObj):
     entries after the snapshot say otherwise. A voter kept by mistake only
     makes this node's majorities larger, never smaller.
     """
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 - pysyncobj's names
+        # The tick counts the leader itself towards a commit first thing; the
+        # poll before it may have appended entries (a new leader's no-op):
+        # they are synced first, since the leader's append-entries leave
+        # before its sync (_Outbox).
+        sync = getattr(self._SyncObj__raftLog, "sync", None)
+        if sync is not None:  # None until RaftNode wraps the journal
+            sync()
+        super()._onTick(timeToWait)
 
     def _SyncObj__updateClusterConfiguration(self, new_nodes: Any) -> None:  # noqa: N802
         leader = self._SyncObj__raftLeader

@@ -198,24 +198,36 @@ async def test_an_unencodable_command_fails_alone_and_the_next_ones_commit(tmp_p
             n.close()
 
 
-async def test_no_raft_message_leaves_while_the_journal_holds_unsynced_entries(
+async def test_no_acknowledgment_leaves_and_no_commit_counts_over_unsynced_entries(
     tmp_path: Path,
 ) -> None:
-    """Every message a node sends (an append-entries response acknowledging
-    entries, or append-entries a leader then counts towards a commit) goes out
-    only once the journal is synced, through the leader and through followers."""
+    """An acknowledgment of entries (or a vote) goes out only once the journal
+    is synced, and a leader moves its commit index only over a synced journal,
+    through the leader and through followers. A leader's append-entries do
+    leave before its own sync: the followers sync while it does."""
     addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     nodes = start_nodes(addrs, tmp_path, RaftTimers())
     unsynced: list[str] = []
+    early: list[str] = []
+    unsynced_commits: list[int] = []
     for node in nodes:
         raw = node._outbox._send
 
-        def checked(peer: object, message: object, node: RaftNode = node, raw: Any = raw) -> bool:
+        def checked(peer: object, message: Any, node: RaftNode = node, raw: Any = raw) -> bool:
             if node.journal.dirty:
-                unsynced.append(str(message)[:80])
+                kind = message.get("type")
+                (unsynced if kind in ("next_node_idx", "response_vote") else early).append(kind)
             return bool(raw(peer, message))
 
         node._outbox._send = checked
+        moved = node.journal._inner.setRaftCommitIndex
+
+        def commit(index: int, node: RaftNode = node, moved: Any = moved) -> None:
+            if node._syncobj._isLeader() and node.journal.dirty:
+                unsynced_commits.append(index)
+            moved(index)
+
+        node.journal.setRaftCommitIndex = commit  # type: ignore[method-assign]
     try:
         leader = await wait_leader(nodes)
         follower = next(n for n in nodes if n is not leader)
@@ -229,39 +241,53 @@ async def test_no_raft_message_leaves_while_the_journal_holds_unsynced_entries(
             assert all(r.ok for r in results)
         entries = leader.status()["log_len"] - entries_before
         syncs = follower.journal.syncs - syncs_before
-        print(f"follower: {syncs} syncs for {entries} entries")
-        assert not unsynced, f"sent with unsynced entries: {unsynced[:3]}"
+        print(f"follower: {syncs} syncs for {entries} entries; {len(early)} sent before a sync")
+        assert not unsynced, f"answered with unsynced entries: {unsynced[:3]}"
+        assert not unsynced_commits, f"a leader committed over unsynced entries: {unsynced_commits}"
+        assert "append_entries" in early, "the leader's entries left before its own sync"
         assert syncs > 0, "the follower stored entries"
     finally:
         for n in nodes:
             n.close()
 
 
-def test_the_outbox_holds_messages_until_one_sync_and_keeps_their_order(tmp_path: Path) -> None:
-    """The tick-thread side on its own: a message sent while the journal is
-    clean goes at once; once an entry is unsynced, that message and every later
-    one wait for the end of the tick, where one sync lets them all go in order."""
+def test_the_outbox_holds_answers_until_one_sync_and_keeps_each_nodes_order(
+    tmp_path: Path,
+) -> None:
+    """The tick-thread side on its own. An acknowledgment sent while an entry is
+    unsynced waits for the end of the tick, and so does every later message to
+    the same node; one sync lets them all go in order. Messages to another
+    node, and append-entries, go at once."""
     path = str(tmp_path / "raft.journal")
     inner = createJournal(path)
     journal = _DurableJournal(inner, path, str(tmp_path / "raft.dump"))
     sent: list[tuple[str, int, bool]] = []
 
     def send(node: Any, message: Any) -> bool:
-        sent.append((node, message, journal.dirty))
+        sent.append((node, message["n"], journal.dirty))
         return True
+
+    def ack(n: int) -> dict[str, Any]:
+        return {"type": "next_node_idx", "n": n}
+
+    def entries(n: int) -> dict[str, Any]:
+        return {"type": "append_entries", "n": n}
 
     outbox = _Outbox(journal, send)
     try:
-        outbox.send("a", 0)
+        outbox.send("a", ack(0))
         assert sent == [("a", 0, False)], "a clean journal holds nothing back"
-        for idx in range(1, 6):
-            journal.add(b"entry", idx, 1)
-            outbox.send("a" if idx % 2 else "b", idx)
-        assert journal.dirty and len(sent) == 1, "nothing leaves before the sync"
+        journal.add(b"entry", 1, 1)
+        outbox.send("a", ack(1))
+        outbox.send("a", entries(2))
+        outbox.send("b", entries(3))
+        outbox.send("b", ack(4))
+        outbox.send("b", entries(5))
+        assert [m for _, m, _ in sent] == [0, 3], "only b's append-entries left before the sync"
         outbox.flush()
-        assert journal.syncs == 1, "five entries and five messages, one sync"
-        assert [m for _, m, _ in sent] == [0, 1, 2, 3, 4, 5]
-        assert not any(dirty for _, _, dirty in sent)
+        assert journal.syncs == 1, "one sync for the tick"
+        assert [m for _, m, _ in sent] == [0, 3, 1, 2, 4, 5]
+        assert not any(dirty for _, m, dirty in sent if m in (1, 4)), "answers after the sync"
         outbox.flush()
         assert journal.syncs == 1, "a tick with nothing new syncs nothing"
     finally:
