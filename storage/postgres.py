@@ -5,7 +5,15 @@ the write, so a claim by a newer epoch either waits for an in-flight write to
 commit or makes it fail; there is no window in which a deposed owner's write
 lands after the claim. A step, an event and a result (the hot path) are one
 statement each: the row lock, the epoch compare and the write in one round
-trip (an event's notification goes in the same statement).
+trip.
+
+An event's notification is not sent in the event's transaction: PostgreSQL
+serialises every committing transaction that notified, across the whole
+server, fsync included, and one per event capped the mesh at about a thousand
+checkpoints a second (issue 12). Events' run ids are sent after their events
+commit, many runs in one transaction, one such transaction in flight at a
+time (``_Wakeups``); a wake-up lost to a crash in between is what the
+watchers' periodic re-read is for.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -54,6 +62,8 @@ _COMMAND_TIMEOUT_S = 30.0
 _CLOSE_TIMEOUT_S = 5.0
 _RELISTEN_MAX_DELAY_S = 2.0
 _CHANNEL_PREFIX = "raftmesh_events_"
+# Run ids one notifying transaction carries at most.
+_WAKEUPS_MAX = 1000
 _MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1; longer channel names are refused.
 _TERMINAL = sorted(TERMINAL_STATUSES)
 
@@ -123,8 +133,7 @@ SELECT epoch, status FROM locked
 """
 
 # One statement, as _PUT_STEP: the run row is locked and the event inserted
-# only if the locked epoch is the writer's ($4, when $6: fencing on); the
-# notification goes out with it, delivered at commit and only if it commits.
+# only if the locked epoch is the writer's ($4, when $6: fencing on).
 # MAX(seq) reads the statement's snapshot, taken before the row lock was
 # granted: a writer of the same epoch that committed while this one waited for
 # the lock is not seen, the insert conflicts, and the answer's seq is NULL.
@@ -136,10 +145,8 @@ written AS (
     FROM locked WHERE locked.epoch = $4 OR NOT $6
     ON CONFLICT (run_id, seq) DO NOTHING
     RETURNING seq
-),
-notified AS (SELECT pg_notify($7, $1) FROM written)
-SELECT locked.epoch, (SELECT seq FROM written) AS seq, (SELECT count(*) FROM notified) AS notified
-FROM locked
+)
+SELECT locked.epoch, (SELECT seq FROM written) AS seq FROM locked
 """
 
 # The append that lost that race: the lock first, then MAX(seq) in a statement
@@ -168,6 +175,7 @@ class PostgresStore:
             {"search_path": quote_ident(self._schema)} if self._schema is not None else {}
         )
         self._channel = events_channel_name(self._schema or "public")
+        self._wakeups = _Wakeups(self._notify)
         self._pool: asyncpg.Pool | None = None
         self._listeners: list[asyncpg.Connection] = []
         self._relisten_tasks: set[asyncio.Task[None]] = set()
@@ -200,6 +208,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         self._closed = True
+        await self._wakeups.close()
         for task in self._relisten_tasks:
             task.cancel()
         await asyncio.gather(*self._relisten_tasks, return_exceptions=True)
@@ -278,17 +287,18 @@ class PostgresStore:
     ) -> int:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                _APPEND_EVENT, run_id, kind, data, epoch, now_ms, self._fencing, self._channel
+                _APPEND_EVENT, run_id, kind, data, epoch, now_ms, self._fencing
             )
         seq = fence(run_id, epoch, row, self._fencing)["seq"]
         if seq is not None:
+            self._wakeups.add(run_id)
             return int(seq)
         # Two writers of one run at once: the runner sends one append of a run
         # at a time, so this is another peer's writer, or a retry after an outage.
         async with self._transaction() as conn:
             fence(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
             locked_seq: int = await conn.fetchval(_INSERT_EVENT, run_id, kind, data, epoch, now_ms)
-            await conn.execute("SELECT pg_notify($1, $2)", self._channel, run_id)
+        self._wakeups.add(run_id)
         return locked_seq
 
     async def read_events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
@@ -428,6 +438,16 @@ class PostgresStore:
             for r in rows
         ]
 
+    async def _notify(self, run_ids: list[str]) -> None:
+        """One transaction: one turn of the server-wide lock for every run id
+        (the payload stays one run id, as listeners of every release read it)."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "SELECT pg_notify($1, run_id) FROM unnest($2::text[]) AS run_id",
+                self._channel,
+                run_ids,
+            )
+
     def pool_in_use(self) -> tuple[int, int]:
         """(connections in use, pool size), for the storage pool gauge."""
         pool = self._pool
@@ -511,6 +531,40 @@ class PostgresStore:
             # like it would for a lost database.
             raise StorageUnavailable("PostgreSQL store is not open")
         return self._pool
+
+
+class _Wakeups:
+    """Run ids whose events committed, sent to listeners in batches: whatever
+    arrives while one batch is being sent goes in the next."""
+
+    def __init__(self, send: Callable[[list[str]], Awaitable[None]]) -> None:
+        self._send = send
+        self._pending: dict[str, None] = {}  # insertion-ordered set
+        self._sender: asyncio.Task[None] | None = None
+
+    def add(self, run_id: str) -> None:
+        self._pending[run_id] = None
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_all())
+
+    async def _send_all(self) -> None:
+        while self._pending:
+            run_ids = list(self._pending)[:_WAKEUPS_MAX]
+            for run_id in run_ids:
+                del self._pending[run_id]
+            try:
+                await self._send(run_ids)
+            except (StorageUnavailable, *_UNAVAILABLE_ERRORS) as exc:
+                # The watchers' periodic re-read finds these events.
+                log.debug("could not wake the watchers of %d runs: %s", len(run_ids), exc)
+            except Exception:
+                log.exception("could not wake the watchers of %d runs", len(run_ids))
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        self._pending.clear()
 
 
 def events_channel_name(schema: str) -> str:

@@ -72,6 +72,35 @@ async def test_notify_wakes_a_listener_on_another_peer(
     assert await asyncio.wait_for(woken.get(), NOTIFY_TIMEOUT_S) == "r1"
 
 
+async def test_events_appended_at_once_wake_every_run_in_fewer_notifications(
+    pg_target: Target, make_store: MakeStore
+) -> None:
+    """A notification is not sent in its event's transaction (the server lets
+    one notifying transaction commit at a time): run ids whose events commit
+    while a wake-up is being sent go together in the next, each run once."""
+    watcher = await make_store(pg_target.url)
+    writer = await make_store(pg_target.url)
+    assert isinstance(watcher, PostgresStore) and isinstance(writer, PostgresStore)
+    woken: asyncio.Queue[str] = asyncio.Queue()
+    await watcher.listen(woken.put_nowait)
+    runs = [f"r{i}" for i in range(20)]
+    for run_id in runs:
+        await claim_run(writer, run_id)
+
+    appends = [writer.append_event(run_id, 1, "tick", b"", i) for i in range(10) for run_id in runs]
+    await asyncio.gather(*appends)
+
+    seen: list[str] = []
+    while set(seen) != set(runs):
+        seen.append(await asyncio.wait_for(woken.get(), NOTIFY_TIMEOUT_S))
+    await asyncio.sleep(0.3)
+    while not woken.empty():
+        seen.append(woken.get_nowait())
+    assert len(seen) < len(appends), f"{len(seen)} notifications for {len(appends)} events"
+    for run_id in runs:
+        assert [e.seq for e in await writer.read_events(run_id)] == list(range(1, 11))
+
+
 async def test_listener_comes_back_after_its_connection_is_killed(
     pg_target: Target, make_store: MakeStore
 ) -> None:
