@@ -554,7 +554,7 @@ class _Wakeups:
                 del self._pending[run_id]
             try:
                 await self._send(run_ids)
-            except (StorageUnavailable, *_UNAVAILABLE_ERRORS) as exc:
+            except StorageUnavailable as exc:
                 # The watchers' periodic re-read finds these events.
                 log.debug("could not wake the watchers of %d runs: %s", len(run_ids), exc)
             except Exception:
