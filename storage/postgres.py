@@ -5,7 +5,8 @@ the write, so a claim by a newer epoch either waits for an in-flight write to
 commit or makes it fail; there is no window in which a deposed owner's write
 lands after the claim. A step, an event and a result (the hot path) are one
 statement each: the row lock, the epoch compare and the write in one round
-trip.
+trip. Steps that wait for a pool connection go together in one statement
+(``GroupCommit``), each still checked against its own run's epoch.
 
 An event's notification is not sent in the event's transaction: PostgreSQL
 serialises every committing transaction that notified, across the whole
@@ -23,6 +24,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -49,6 +51,7 @@ from raftmesh.storage.base import (
     Step,
     StorageUnavailable,
 )
+from raftmesh.storage.group_commit import GroupCommit
 from raftmesh.storage.migrate import migrate_postgres, quote_ident
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,9 @@ _CONNECT_TIMEOUT_S = 10.0
 _COMMAND_TIMEOUT_S = 30.0
 _CLOSE_TIMEOUT_S = 5.0
 _RELISTEN_MAX_DELAY_S = 2.0
+# A step goes alone while fewer than a pool's worth of steps are in flight;
+# those that wait for one go together, this many at most in one statement.
+_STEP_BATCH_MAX = 256
 _CHANNEL_PREFIX = "raftmesh_events_"
 # Run ids one notifying transaction carries at most.
 _WAKEUPS_MAX = 1000
@@ -117,6 +123,28 @@ written AS (
     ON CONFLICT (run_id, seq) DO NOTHING
 )
 SELECT epoch, NULL AS status FROM owner
+"""
+
+# _PUT_STEP for the steps of many runs (group commit), locked in id order, so
+# two batches never wait on each other in a cycle. It answers every step's
+# locked epoch in the order given, NULL for a run never claimed.
+_PUT_STEPS = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bytea[], $5::bigint[],
+                         $6::text[], $7::bigint[])
+        WITH ORDINALITY AS b(run_id, seq, name, value, epoch, peer, at_ms, i)
+),
+owner AS (
+    SELECT id, epoch FROM runs WHERE id IN (SELECT run_id FROM batch) ORDER BY id FOR SHARE
+),
+written AS (
+    INSERT INTO steps (run_id, seq, name, value, epoch, peer, at_ms)
+    SELECT b.run_id, b.seq, b.name, b.value, b.epoch, b.peer, b.at_ms
+    FROM batch b JOIN owner o ON o.id = b.run_id
+    WHERE o.epoch = b.epoch OR NOT $8
+    ON CONFLICT (run_id, seq) DO NOTHING
+)
+SELECT o.epoch FROM batch b LEFT JOIN owner o ON o.id = b.run_id ORDER BY b.i
 """
 
 # One statement, as _PUT_STEP: the outcome is written only if the locked row
@@ -176,6 +204,7 @@ class PostgresStore:
         )
         self._channel = events_channel_name(self._schema or "public")
         self._wakeups = _Wakeups(self._notify)
+        self._steps = GroupCommit(self._put_steps, _POOL_MAX_SIZE, _STEP_BATCH_MAX)
         self._pool: asyncpg.Pool | None = None
         self._listeners: list[asyncpg.Connection] = []
         self._relisten_tasks: set[asyncio.Task[None]] = set()
@@ -265,11 +294,16 @@ class PostgresStore:
     async def put_step(
         self, run_id: str, epoch: int, seq: int, name: str, value: bytes, peer: str, now_ms: int
     ) -> None:
+        locked = await self._steps.write((run_id, seq, name, value, epoch, peer, now_ms))
+        fence(run_id, epoch, None if locked is None else {"epoch": locked}, self._fencing)
+
+    async def _put_steps(self, steps: list[tuple[Any, ...]]) -> list[int | None]:
         async with self._connection() as conn:
-            locked = await conn.fetchrow(
-                _PUT_STEP, run_id, seq, name, value, epoch, peer, now_ms, self._fencing
-            )
-        fence(run_id, epoch, locked, self._fencing)
+            if len(steps) == 1:
+                row = await conn.fetchrow(_PUT_STEP, *steps[0], self._fencing)
+                return [None if row is None else row["epoch"]]
+            rows = await conn.fetch(_PUT_STEPS, *zip(*steps, strict=True), self._fencing)
+        return [row["epoch"] for row in rows]
 
     async def load_steps(self, run_id: str) -> list[Step]:
         async with self._connection() as conn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import asyncpg
 import pytest
@@ -176,6 +177,41 @@ async def test_a_write_racing_a_newer_claim_waits_for_it_and_is_refused(
     assert await store.read_events("r1") == []
     row = await store.get_run("r1")
     assert row is not None and (row.status, row.result, row.owner) == ("running", None, "p2")
+
+
+async def test_concurrent_steps_of_many_runs_share_statements_and_each_is_fenced(
+    pg_target: Target, make_store: MakeStore
+) -> None:
+    """Group commit: steps that wait for the pool go together in one statement,
+    and each step is still checked against its own run's epoch: the one of a
+    deposed owner is refused, the steps beside it in the same statement land."""
+    store = await make_store(pg_target.url)
+    assert isinstance(store, PostgresStore)
+    runs = [f"r{i}" for i in range(64)]
+    for run_id in runs:
+        await claim_run(store, run_id)
+    await store.claim(RunRow(id="r7", spec=RunSpec("echo", input=b"")), 2, "p2", 0)
+    statements: list[int] = []
+    write = store._steps._write
+
+    async def counted(steps: list[Any]) -> list[Any]:
+        statements.append(len(steps))
+        return await write(steps)
+
+    store._steps._write = counted
+    outcomes = await asyncio.gather(
+        *(store.put_step(run_id, 1, 1, "plan", run_id.encode(), "p1", 5) for run_id in runs),
+        return_exceptions=True,
+    )
+
+    refused = {run_id for run_id, o in zip(runs, outcomes, strict=True) if o is not None}
+    assert refused == {"r7"} and isinstance(outcomes[7], StaleEpoch)
+    assert (outcomes[7].epoch, outcomes[7].current) == (1, 2)
+    assert len(statements) < len(runs) and sum(statements) == len(runs), statements
+    assert max(statements) > 1, "some steps shared a statement"
+    for run_id in runs:
+        stored = [s.value for s in await store.load_steps(run_id)]
+        assert stored == ([] if run_id == "r7" else [run_id.encode()])
 
 
 async def test_an_event_that_loses_the_race_for_its_seq_takes_the_next_and_notifies_once(
