@@ -6,7 +6,8 @@ commit or makes it fail; there is no window in which a deposed owner's write
 lands after the claim. A step, an event and a result (the hot path) are one
 statement each: the row lock, the epoch compare and the write in one round
 trip. Steps that wait for a pool connection go together in one statement
-(``GroupCommit``), each still checked against its own run's epoch.
+(``GroupCommit``), and so do events, each still checked against its own run's
+epoch.
 
 An event's notification is not sent in the event's transaction: PostgreSQL
 serialises every committing transaction that notified, across the whole
@@ -64,8 +65,9 @@ _CONNECT_TIMEOUT_S = 10.0
 _COMMAND_TIMEOUT_S = 30.0
 _CLOSE_TIMEOUT_S = 5.0
 _RELISTEN_MAX_DELAY_S = 2.0
-# A step goes alone while fewer than a pool's worth of steps are in flight;
-# those that wait for one go together, this many at most in one statement.
+# A step (an event) goes alone while fewer than a pool's worth of steps
+# (events) are in flight; those that wait go together, this many at most in
+# one statement.
 _STEP_BATCH_MAX = 256
 _CHANNEL_PREFIX = "raftmesh_events_"
 # Run ids one notifying transaction carries at most.
@@ -177,6 +179,38 @@ written AS (
 SELECT locked.epoch, (SELECT seq FROM written) AS seq FROM locked
 """
 
+# _APPEND_EVENT for the events of many runs (group commit), rows locked in id
+# order as in _PUT_STEPS. Each event gets its run's MAX(seq) plus its place
+# among the batch's events of that run. It answers every event's locked epoch
+# and the seq it was stored under (NULL: refused, or it lost the race above).
+_APPEND_EVENTS = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::bigint[])
+        WITH ORDINALITY AS b(run_id, kind, data, epoch, at_ms, i)
+),
+locked AS (
+    SELECT id, epoch FROM runs WHERE id IN (SELECT run_id FROM batch) ORDER BY id FOR UPDATE
+),
+numbered AS (
+    SELECT b.*,
+           COALESCE((SELECT MAX(seq) FROM events e WHERE e.run_id = b.run_id), 0)
+           + row_number() OVER (PARTITION BY b.run_id ORDER BY b.i) AS seq
+    FROM batch b JOIN locked l ON l.id = b.run_id
+    WHERE l.epoch = b.epoch OR NOT $6
+),
+written AS (
+    INSERT INTO events (run_id, seq, kind, data, epoch, at_ms)
+    SELECT run_id, seq, kind, data, epoch, at_ms FROM numbered
+    ON CONFLICT (run_id, seq) DO NOTHING
+    RETURNING run_id, seq
+)
+SELECT l.epoch, w.seq FROM batch b
+LEFT JOIN locked l ON l.id = b.run_id
+LEFT JOIN numbered n ON n.i = b.i
+LEFT JOIN written w ON w.run_id = n.run_id AND w.seq = n.seq
+ORDER BY b.i
+"""
+
 # The append that lost that race: the lock first, then MAX(seq) in a statement
 # of its own, whose fresh snapshot (READ COMMITTED) sees every event committed
 # by whoever held the row lock before.
@@ -205,6 +239,7 @@ class PostgresStore:
         self._channel = events_channel_name(self._schema or "public")
         self._wakeups = _Wakeups(self._notify)
         self._steps = GroupCommit(self._put_steps, _POOL_MAX_SIZE, _STEP_BATCH_MAX)
+        self._events = GroupCommit(self._append_events, _POOL_MAX_SIZE, _STEP_BATCH_MAX)
         self._pool: asyncpg.Pool | None = None
         self._listeners: list[asyncpg.Connection] = []
         self._relisten_tasks: set[asyncio.Task[None]] = set()
@@ -319,21 +354,27 @@ class PostgresStore:
     async def append_event(
         self, run_id: str, epoch: int, kind: str, data: bytes, now_ms: int
     ) -> int:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(
-                _APPEND_EVENT, run_id, kind, data, epoch, now_ms, self._fencing
-            )
-        seq = fence(run_id, epoch, row, self._fencing)["seq"]
-        if seq is not None:
-            self._wakeups.add(run_id)
-            return int(seq)
-        # Two writers of one run at once: the runner sends one append of a run
-        # at a time, so this is another peer's writer, or a retry after an outage.
-        async with self._transaction() as conn:
-            fence(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
-            locked_seq: int = await conn.fetchval(_INSERT_EVENT, run_id, kind, data, epoch, now_ms)
+        locked, seq = await self._events.write((run_id, kind, data, epoch, now_ms))
+        fence(run_id, epoch, None if locked is None else {"epoch": locked}, self._fencing)
+        if seq is None:
+            # Two writers of one run at once: the runner sends one append of a
+            # run at a time, so this is another peer's writer, or a retry after
+            # an outage.
+            async with self._transaction() as conn:
+                fence(run_id, epoch, await _lock_run(conn, run_id), self._fencing)
+                seq = await conn.fetchval(_INSERT_EVENT, run_id, kind, data, epoch, now_ms)
         self._wakeups.add(run_id)
-        return locked_seq
+        return int(seq)
+
+    async def _append_events(
+        self, events: list[tuple[Any, ...]]
+    ) -> list[tuple[int | None, int | None]]:
+        async with self._connection() as conn:
+            if len(events) == 1:
+                row = await conn.fetchrow(_APPEND_EVENT, *events[0], self._fencing)
+                return [(None, None) if row is None else (row["epoch"], row["seq"])]
+            rows = await conn.fetch(_APPEND_EVENTS, *zip(*events, strict=True), self._fencing)
+        return [(row["epoch"], row["seq"]) for row in rows]
 
     async def read_events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]:
         async with self._connection() as conn:

@@ -214,6 +214,50 @@ async def test_concurrent_steps_of_many_runs_share_statements_and_each_is_fenced
         assert stored == ([] if run_id == "r7" else [run_id.encode()])
 
 
+async def test_concurrent_events_of_many_runs_share_statements_and_each_is_fenced(
+    pg_target: Target, make_store: MakeStore
+) -> None:
+    """Events batch as steps do: each gets the next seq of its own run (two of
+    one run in a batch take two), and each is checked against its own run's
+    epoch, so a deposed owner's event is refused beside the others."""
+    store = await make_store(pg_target.url)
+    assert isinstance(store, PostgresStore)
+    runs = [f"r{i}" for i in range(48)]
+    for run_id in runs:
+        await claim_run(store, run_id)
+    await store.claim(RunRow(id="r7", spec=RunSpec("echo", input=b"")), 2, "p2", 0)
+    statements: list[int] = []
+    write = store._events._write
+
+    async def counted(events: list[Any]) -> list[Any]:
+        statements.append(len(events))
+        return await write(events)
+
+    store._events._write = counted
+    appends = [(run_id, n) for n in range(2) for run_id in runs]
+    outcomes = await asyncio.gather(
+        *(
+            store.append_event(run_id, 1, "tick", f"{run_id}/{n}".encode(), 5)
+            for run_id, n in appends
+        ),
+        return_exceptions=True,
+    )
+
+    refused = {
+        run_id for (run_id, _), o in zip(appends, outcomes, strict=True) if not isinstance(o, int)
+    }
+    assert refused == {"r7"}
+    assert all(
+        isinstance(o, StaleEpoch) for (r, _), o in zip(appends, outcomes, strict=True) if r == "r7"
+    )
+    assert max(statements) > 1 and sum(statements) == len(appends), statements
+    for run_id in runs:
+        stored = await store.read_events(run_id)
+        expected = set() if run_id == "r7" else {f"{run_id}/{n}".encode() for n in range(2)}
+        assert {e.data for e in stored} == expected
+        assert [e.seq for e in stored] == list(range(1, len(expected) + 1))
+
+
 async def test_an_event_that_loses_the_race_for_its_seq_takes_the_next_and_notifies_once(
     pg_target: Target, make_store: MakeStore
 ) -> None:
