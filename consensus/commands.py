@@ -70,9 +70,11 @@ class Command:
     at_ms: int
 
     def to_wire(self) -> dict[str, Any]:
+        # vars() holds the fields in declaration order, as fields() does, at a
+        # fraction of its cost: every proposal is encoded through here.
         wire: dict[str, Any] = {"op": str(self.op)}
-        for f in fields(self):
-            wire[f.name] = _plain(getattr(self, f.name))
+        for name, value in vars(self).items():
+            wire[name] = _plain(value)
         return wire
 
     def encode(self) -> bytes:

@@ -56,7 +56,7 @@ class RunSpec:
 
     def to_wire(self) -> dict[str, Any]:
         """Plain values only (msgpack and JSON safe)."""
-        wire = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        wire = dict(vars(self))  # the fields, as dataclasses.fields() names them, faster
         wire["labels"] = dict(self.labels)
         if self.budget is not None:
             wire["budget"] = dict(self.budget)
