@@ -348,3 +348,13 @@ def test_a_journal_sync_writes_the_file_without_holding_the_gil(
         assert [tuple(reopened[i]) for i in range(len(reopened))] == [(b"entry", 1, 1)]
     finally:
         reopened._destroy()
+
+
+def test_nodes_compact_at_thresholds_of_their_own() -> None:
+    """Every node applies the same entries: with one threshold they all
+    snapshot at the same entry, and the whole mesh stalled together."""
+    addrs = [f"10.0.0.{i}:4321" for i in range(1, 6)]
+    thresholds = [raft_module._staggered(5000, addr) for addr in addrs]
+    assert len(set(thresholds)) == len(addrs), thresholds
+    assert all(5000 <= t <= 7500 for t in thresholds), thresholds
+    assert raft_module._staggered(5000, addrs[0]) == thresholds[0], "fixed per address"
