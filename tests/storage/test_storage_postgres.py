@@ -12,9 +12,15 @@ from storage_support import PG_URL, MakeStore, Target
 
 from raftmesh.consensus.spec import RunSpec
 from raftmesh.storage import AlreadyFinished, RunRow, StaleEpoch, StorageUnavailable
+from raftmesh.storage.group_commit import GroupCommit
 from raftmesh.storage.postgres import _POOL_MAX_SIZE, PostgresStore
 
 NOTIFY_TIMEOUT_S = 5.0
+
+
+async def connect_to(target: Target) -> asyncpg.Connection:
+    """A connection of its own, outside the store's pool, in the target's schema."""
+    return await asyncpg.connect(PG_URL, server_settings={"search_path": f'"{target.pg_schema}"'})
 
 
 async def claim_run(store: PostgresStore, run_id: str = "r1") -> None:
@@ -151,9 +157,7 @@ async def test_a_write_racing_a_newer_claim_waits_for_it_and_is_refused(
     it, then sees the newer epoch and stores nothing."""
     store = await make_store(pg_target.url)
     await claim_run(store)
-    claimer = await asyncpg.connect(
-        PG_URL, server_settings={"search_path": f'"{pg_target.pg_schema}"'}
-    )
+    claimer = await connect_to(pg_target)
     try:
         claim = claimer.transaction()
         await claim.start()
@@ -179,6 +183,28 @@ async def test_a_write_racing_a_newer_claim_waits_for_it_and_is_refused(
     assert row is not None and (row.status, row.result, row.owner) == ("running", None, "p2")
 
 
+async def claimed_runs_one_deposed(store: PostgresStore, count: int) -> list[str]:
+    """``count`` runs claimed by epoch 1; r7 is claimed again by epoch 2."""
+    runs = [f"r{i}" for i in range(count)]
+    for run_id in runs:
+        await claim_run(store, run_id)
+    await store.claim(RunRow(id="r7", spec=RunSpec("echo", input=b"")), 2, "p2", 0)
+    return runs
+
+
+def count_statements(group: GroupCommit[Any, Any]) -> list[int]:
+    """The size of every statement ``group`` sends from now on."""
+    sizes: list[int] = []
+    write = group._write
+
+    async def counted(items: list[Any]) -> list[Any]:
+        sizes.append(len(items))
+        return await write(items)
+
+    group._write = counted
+    return sizes
+
+
 async def test_concurrent_steps_of_many_runs_share_statements_and_each_is_fenced(
     pg_target: Target, make_store: MakeStore
 ) -> None:
@@ -187,18 +213,8 @@ async def test_concurrent_steps_of_many_runs_share_statements_and_each_is_fenced
     deposed owner is refused, the steps beside it in the same statement land."""
     store = await make_store(pg_target.url)
     assert isinstance(store, PostgresStore)
-    runs = [f"r{i}" for i in range(64)]
-    for run_id in runs:
-        await claim_run(store, run_id)
-    await store.claim(RunRow(id="r7", spec=RunSpec("echo", input=b"")), 2, "p2", 0)
-    statements: list[int] = []
-    write = store._steps._write
-
-    async def counted(steps: list[Any]) -> list[Any]:
-        statements.append(len(steps))
-        return await write(steps)
-
-    store._steps._write = counted
+    runs = await claimed_runs_one_deposed(store, 64)
+    statements = count_statements(store._steps)
     outcomes = await asyncio.gather(
         *(store.put_step(run_id, 1, 1, "plan", run_id.encode(), "p1", 5) for run_id in runs),
         return_exceptions=True,
@@ -222,18 +238,8 @@ async def test_concurrent_events_of_many_runs_share_statements_and_each_is_fence
     epoch, so a deposed owner's event is refused beside the others."""
     store = await make_store(pg_target.url)
     assert isinstance(store, PostgresStore)
-    runs = [f"r{i}" for i in range(48)]
-    for run_id in runs:
-        await claim_run(store, run_id)
-    await store.claim(RunRow(id="r7", spec=RunSpec("echo", input=b"")), 2, "p2", 0)
-    statements: list[int] = []
-    write = store._events._write
-
-    async def counted(events: list[Any]) -> list[Any]:
-        statements.append(len(events))
-        return await write(events)
-
-    store._events._write = counted
+    runs = await claimed_runs_one_deposed(store, 48)
+    statements = count_statements(store._events)
     appends = [(run_id, n) for n in range(2) for run_id in runs]
     outcomes = await asyncio.gather(
         *(
@@ -270,9 +276,7 @@ async def test_an_event_that_loses_the_race_for_its_seq_takes_the_next_and_notif
     woken: asyncio.Queue[str] = asyncio.Queue()
     await store.listen(woken.put_nowait)
     await claim_run(store)
-    other = await asyncpg.connect(
-        PG_URL, server_settings={"search_path": f'"{pg_target.pg_schema}"'}
-    )
+    other = await connect_to(pg_target)
     try:
         holding = other.transaction()
         await holding.start()
