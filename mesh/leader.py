@@ -23,7 +23,7 @@ from raftmesh.consensus.results import Assigned, Requeued, TickFired
 from raftmesh.consensus.state import APPLY_FEATURES, MeshState
 from raftmesh.consensus.waits import due_ms, wait_satisfied
 from raftmesh.mesh.errors import from_storage
-from raftmesh.mesh.liveness import Liveness
+from raftmesh.mesh.liveness import LeaderContact, Liveness
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.observe import Failovers, wall_ms_of
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
@@ -58,11 +58,14 @@ class Leader:
         scheduler: Scheduler,
         liveness: Liveness,
         policy: dict[str, Any],
+        contact: LeaderContact | None = None,
     ) -> None:
+        """``contact``: this peer's own contact with the leaders before it."""
         self.peer_id = peer_id
         self.incarnation = incarnation
         self.scheduler = scheduler
         self.liveness = liveness
+        self.contact = contact
         self.policy = policy
         self._was_leader = False
         self.ticker = ScheduleTicker()
@@ -75,7 +78,7 @@ class Leader:
         """``term`` is None when this peer does not lead; ``now_s`` is monotonic."""
         leading = term is not None
         if leading and not self._was_leader:
-            self.liveness.reset(now_s)
+            self.liveness.reset(now_s, self._previous_leader(state))
             log.info("became leader", extra={"term": term})
         self._was_leader = leading
         if term is None:
@@ -99,6 +102,17 @@ class Leader:
         # Replicated schedules: the ticks due now (apply fires each at most once).
         out.extend(self.ticker.due(state, now_ms))
         return out
+
+    def _previous_leader(self, state: MeshState) -> tuple[str, str, float] | None:
+        """The leader this peer last reported to, while the state holds it up:
+        its id, incarnation, and when it last acknowledged this peer."""
+        contact = self.contact
+        if contact is None or contact.confirmed_by in (None, self.peer_id):
+            return None
+        peer = state.peers.get(contact.confirmed_by or "")
+        if peer is None or peer.status != PEER_UP or contact.confirmed_at is None:
+            return None
+        return peer.id, peer.incarnation, contact.confirmed_at
 
     def _policy(self, state: MeshState) -> dict[str, Any]:
         """The configured policy, with the handoff held off until every peer

@@ -3,7 +3,10 @@
 Peers report to the leader every heartbeat interval; a peer not heard from for
 the TTL is proposed down. This view is a cache, not replicated: a new leader
 starts it fresh and grants every peer a full TTL before judging it, so a leader
-change never takes down healthy peers.
+change never takes down healthy peers. The one exception is the leader before
+it: this peer heard from it itself (its heartbeats' acknowledgements), so that
+peer is judged from then, not from the election (issue 12: a dead leader's
+runs waited for the election and then a full TTL).
 """
 
 from __future__ import annotations
@@ -22,14 +25,22 @@ class Liveness:
     # last_heard, which holds only real reports.
     first_seen: dict[str, tuple[str, float]] = field(default_factory=dict)
     grace_until: float = 0.0
+    # The leader before this one, judged without the grace: peer id -> incarnation.
+    previous: dict[str, str] = field(default_factory=dict)
     # peer id -> (incarnation, what its apply does: state.APPLY_FEATURES)
     applies: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
 
-    def reset(self, now: float) -> None:
-        """Called when this peer becomes leader."""
+    def reset(self, now: float, previous: tuple[str, str, float] | None = None) -> None:
+        """Called when this peer becomes leader; ``previous`` is the leader
+        before it (peer id, incarnation) and when this peer last heard from it."""
         self.last_heard.clear()
         self.first_seen.clear()
+        self.previous.clear()
         self.grace_until = now + self.ttl_s
+        if previous is not None:
+            peer_id, incarnation, heard_at = previous
+            self.last_heard[peer_id] = (incarnation, heard_at)
+            self.previous[peer_id] = incarnation
 
     def heard(
         self, peer_id: str, incarnation: str, now: float, applies: frozenset[str] | None = None
@@ -67,10 +78,13 @@ class Liveness:
             seen = self.first_seen.get(peer_id)
             if seen is None or seen[0] != incarnation:
                 self.first_seen[peer_id] = (incarnation, now)
-        if now < self.grace_until:
-            return []
+        judged = (
+            up_peers
+            if now >= self.grace_until
+            else {p: i for p, i in up_peers.items() if self.previous.get(p) == i}
+        )
         out = []
-        for peer_id, incarnation in up_peers.items():
+        for peer_id, incarnation in judged.items():
             heard = self.last_heard.get(peer_id)
             if heard is None or heard[0] != incarnation:
                 heard = self.first_seen[peer_id]
@@ -92,9 +106,12 @@ class LeaderContact:
     ttl_s: float
     fence_after_fraction: float = 0.75
     confirmed_at: float | None = None
+    # The peer id of the leader that confirmed it last.
+    confirmed_by: str | None = None
 
-    def confirmed(self, now: float) -> None:
+    def confirmed(self, now: float, by: str | None = None) -> None:
         self.confirmed_at = now
+        self.confirmed_by = by
 
     def cut_off(self, now: float) -> bool:
         """A peer that never had contact is starting up, not cut off."""

@@ -165,7 +165,12 @@ class Peer:
             tracing=self.tracing,
         )
         leader = Leader(
-            self.id, self.incarnation, self.scheduler, self.liveness, s.replicated_policy()
+            self.id,
+            self.incarnation,
+            self.scheduler,
+            self.liveness,
+            s.replicated_policy(),
+            self.contact,
         )
         self.leader_duty = LeaderDuty(
             leader, self.proposer, self.store, self.metrics, wake=self._leader_wake.set

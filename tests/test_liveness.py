@@ -69,3 +69,25 @@ def test_a_partitioned_leader_hearing_only_itself_is_not_in_contact() -> None:
     assert not contact.heard_majority(live, peers(["a", "b", "c"], left=9), 12.0)
     contact.confirmed(10.0)
     assert contact.cut_off(12.0)
+
+
+def test_a_new_leader_judges_the_leader_before_it_from_when_it_last_heard_it() -> None:
+    """A dead leader's runs waited for the election and then a full TTL. The
+    peer that takes over heard from it itself (its heartbeats' acks): the old
+    leader is judged from then; everyone else still gets the grace."""
+    live = Liveness(ttl_s=2.0)
+    live.reset(now=100.0, previous=("a", "i1", 99.0))
+    for t in (100.0, 100.9):  # the leader ticks from when it leads
+        assert live.suspects(UP, t) == []
+    assert live.suspects(UP, 101.1) == [("a", "i1")], "one TTL after the last ack, in the grace"
+    assert live.suspects(UP, 102.1) == [("a", "i1"), ("b", "i1")]
+
+
+def test_the_leader_before_is_not_suspected_while_it_reports_or_once_it_restarted() -> None:
+    live = Liveness(ttl_s=2.0)
+    live.reset(now=100.0, previous=("a", "i1", 99.0))
+    live.heard("a", "i1", 100.5)  # handed leadership over and reports to the new leader
+    assert live.suspects(UP, 101.1) == []
+    live.reset(now=200.0, previous=("a", "i1", 199.0))
+    restarted = {"a": "i2", "b": "i1"}  # came back under a new incarnation
+    assert live.suspects(restarted, 201.1) == [], "a new incarnation gets the grace"

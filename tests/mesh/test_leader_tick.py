@@ -5,7 +5,7 @@ from __future__ import annotations
 from raftmesh.consensus import commands as c
 from raftmesh.consensus.state import MeshState
 from raftmesh.mesh.leader import Leader
-from raftmesh.mesh.liveness import Liveness
+from raftmesh.mesh.liveness import LeaderContact, Liveness
 from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.settings import Settings
 
@@ -58,6 +58,20 @@ def test_a_silent_peer_is_proposed_down_one_ttl_after_the_leader_took_over() -> 
     assert duty.tick(state, 1, T0, 102.5) == [], "b reported 1.5 s ago"
     cmds = duty.tick(state, 1, T0, 103.5)
     assert ops(cmds) == ["peer_down"]
+    assert (cmds[0].peer, cmds[0].incarnation) == ("b", "i1")
+
+
+def test_the_leader_before_is_proposed_down_one_ttl_after_it_last_acknowledged_this_peer() -> None:
+    """b led and acknowledged a's last heartbeat at 99.5, then died; a, elected
+    at 100, judges b from 99.5, not from its own election."""
+    state = state_with({"a": 1, "b": 1, "c": 1}, 0)
+    contact = LeaderContact(ttl_s=2.0)
+    contact.confirmed(99.5, "b")
+    duty = Leader("a", "i1", Scheduler("least-loaded", 60.0), Liveness(2.0), POLICY, contact)
+    assert duty.tick(state, 2, T0, 100.0) == []
+    assert duty.tick(state, 2, T0, 101.4) == []
+    cmds = duty.tick(state, 2, T0, 101.6)
+    assert ops(cmds) == ["peer_down"], "c, never heard by a, still has its grace"
     assert (cmds[0].peer, cmds[0].incarnation) == ("b", "i1")
 
 
