@@ -358,6 +358,7 @@ async def many_agents(p: Params) -> Result:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
         count = (await m.sql(f'SELECT count(*) FROM "{m.schema}".steps'))[0][0]
+        suspected = await m.marked_down()
     makespan = last - sent.first_at
     result.add(
         Figure("makespan", makespan, "s", note=f"{n:,} runs on {PEERS} × {slots} slots"),
@@ -366,6 +367,13 @@ async def many_agents(p: Params) -> Result:
         Figure("checkpoints/s", count / makespan, "/s", note=f"{count:,} steps"),
         Figure("submissions acknowledged/s", sent.per_s, "/s"),
         Figure("peer RSS, peak", max(rss_peak.values(), default=None), "MB"),
+        Figure(
+            "peers marked down (false suspicions)",
+            suspected,
+            "",
+            at_most(0, "0"),
+            note="no fault is injected: every one is false",
+        ),
     )
     result.series["max peer RSS (MB)"] = ("seconds", "MB", rss_series)
     result.notes.append(SHARED_NOTE)
