@@ -50,9 +50,8 @@ class LeaderLink:
         with self._proposer.read() as state:
             return state.peer_by_raft(addr)
 
-    async def heartbeat(self, report: dict[str, Any]) -> tuple[Peer, dict[str, Any]] | None:
-        """The leader that acknowledged this peer's report, and its
-        acknowledgement; None if no leader did."""
+    async def heartbeat(self, report: dict[str, Any]) -> dict[str, Any] | None:
+        """The leader's acknowledgement of this peer's report, or None."""
         leader = self.leader()
         if leader is None:
             return None
@@ -62,8 +61,8 @@ class LeaderLink:
         try:
             ack = json.loads(text)
         except ValueError:
-            return leader, {}
-        return leader, ack if isinstance(ack, dict) else {}
+            return {}
+        return ack if isinstance(ack, dict) else {}
 
     async def ask(
         self, path: str, body: dict[str, Any], timeout_s: float, not_to: str = ""

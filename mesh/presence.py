@@ -137,12 +137,14 @@ class Presence:
         if self._rate_limits is not None:
             report["rate_limits"] = self._rate_limits[0].demand()
         sent = time.monotonic()
+        # The peer the heartbeat goes to: heartbeat() resolves the same one
+        # before its first await.
+        leader = self._link.leader()
         try:
-            answer = await self._link.heartbeat(report)
+            ack = await self._link.heartbeat(report)
             received_ms = now_ms()
-            if answer is not None:
-                leader, ack = answer
-                self._contact.confirmed(time.monotonic(), leader.id)
+            if ack is not None:
+                self._contact.confirmed(time.monotonic(), leader.id if leader else None)
                 self._renew_leases(ack, sent)
                 leader_ms = ack.get("wall_ms")
                 if isinstance(leader_ms, int) and self._on_leader_clock is not None:

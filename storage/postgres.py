@@ -68,7 +68,7 @@ _RELISTEN_MAX_DELAY_S = 2.0
 # A step (an event) goes alone while fewer than a pool's worth of steps
 # (events) are in flight; those that wait go together, this many at most in
 # one statement.
-_GROUP_MAX = 256
+_STEP_BATCH_MAX = 256
 _CHANNEL_PREFIX = "raftmesh_events_"
 # Run ids one notifying transaction carries at most.
 _WAKEUPS_MAX = 1000
@@ -238,8 +238,8 @@ class PostgresStore:
         )
         self._channel = events_channel_name(self._schema or "public")
         self._wakeups = _Wakeups(self._notify)
-        self._steps = GroupCommit(self._put_steps, _POOL_MAX_SIZE, _GROUP_MAX)
-        self._events = GroupCommit(self._append_events, _POOL_MAX_SIZE, _GROUP_MAX)
+        self._steps = GroupCommit(self._put_steps, _POOL_MAX_SIZE, _STEP_BATCH_MAX)
+        self._events = GroupCommit(self._append_events, _POOL_MAX_SIZE, _STEP_BATCH_MAX)
         self._pool: asyncpg.Pool | None = None
         self._listeners: list[asyncpg.Connection] = []
         self._relisten_tasks: set[asyncio.Task[None]] = set()
