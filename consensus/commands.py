@@ -156,6 +156,8 @@ class Configure(Command):
     aging_ms: int = 0
     # A finish hands its freed slot to the next queued run in the same apply.
     handoff: bool = False
+    # Runs each peer with slots may hold ready beyond them (eligibility.capacity).
+    prefetch: int = 0
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ has already planned added).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -57,6 +57,9 @@ class Load(Protocol):
 
     def tenant_cap(self, tenant: str) -> int | None: ...
 
+    @property
+    def prefetch(self) -> int: ...
+
 
 def labels_fit(offered: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
     return all(offered.get(k) == v for k, v in wanted.items())
@@ -72,8 +75,29 @@ def accepts_work(peer: Peer) -> bool:
     return peer.status == PEER_UP and not peer.drain and not peer.stopping
 
 
+def capacity(peer: Peer, load: Load) -> int:
+    """The runs a peer may hold at once: its slots, and the mesh's prefetch
+    behind them (runs it holds ready, so a freed slot starts the next run
+    without waiting for the log). A peer without slots holds none."""
+    return peer.slots + load.prefetch if peer.slots > 0 else 0
+
+
 def has_room(peer: Peer, load: Load) -> bool:
-    return load.running_on(peer.id) < peer.slots
+    return load.running_on(peer.id) < capacity(peer, load)
+
+
+def slot_idle_elsewhere(run: Run, here: str, peers: Iterable[Peer], load: Load) -> bool:
+    """Is a slot, not a place in the prefetch, free on another peer that could
+    run ``run``? A run held ready on a busy peer then does better back in the
+    queue, where the leader places it on that slot."""
+    return any(
+        peer.id != here
+        and accepts_work(peer)
+        and peer.can_run(run.spec.agent)
+        and labels_fit(peer.labels, run.spec.labels)
+        and load.running_on(peer.id) < peer.slots
+        for peer in peers
+    )
 
 
 def why_not(run: Run, peer: Peer, load: Load, now_ms: int) -> Reason | None:

@@ -95,7 +95,9 @@ HANDOFF_SCAN = 64
 # What this release's apply does that an earlier release's does not. Peers
 # report it to the leader, which turns such a policy on only once every member
 # does: a peer that applied the same log without it would drift apart.
-APPLY_FEATURES = frozenset({"handoff"})
+APPLY_FEATURES = frozenset({"handoff", "prefetch"})
+# Runs a peer may hold ready beyond its slots (see eligibility.capacity).
+MAX_PREFETCH = 10_000
 # The bound RunSpec.from_wire (consensus/spec.py) allows: about 31 years.
 MAX_TIMEOUT_S = 1e9
 # Deeper than the API lets through (mesh/schemas.MAX_NESTING), well inside
@@ -188,6 +190,7 @@ class MeshState:
         # Replicated with the policy, so apply orders the queue as the leader does.
         self.aging_ms = 0
         self.handoff = False
+        self.prefetch = 0
         self.schedules: dict[str, Schedule] = {}
         self.applied = 0
 
@@ -731,6 +734,7 @@ class MeshState:
         aging_ms = _int(cmd.aging_ms, "aging_ms", 0, MAX_MS)
         if not isinstance(cmd.handoff, bool):
             raise Refused("handoff must be a boolean")
+        prefetch = _int(cmd.prefetch, "prefetch", 0, MAX_PREFETCH)
         self.tenant_caps = caps
         self.default_tenant_cap = default
         self.tenant_max_queued = max_queued
@@ -738,6 +742,7 @@ class MeshState:
         self.retry = policy
         self.aging_ms = aging_ms
         self.handoff = cmd.handoff
+        self.prefetch = prefetch
         return res.Done()
 
     # -- schedules (consensus/schedules.py) -------------------------------
@@ -1002,7 +1007,11 @@ class MeshState:
         return [self.runs[i] for i in sorted(self.waiting_ids)]
 
     def owned_by(self, peer_id: str) -> list[Run]:
-        return [self.runs[i] for i in sorted(self.by_owner.get(peer_id, ()))]
+        """In assignment order (then id): the order a peer starts the runs it
+        holds ready beyond its slots."""
+        runs = [self.runs[i] for i in self.by_owner.get(peer_id, ())]
+        runs.sort(key=_assignment_order)
+        return runs
 
     def peer_by_raft(self, raft_addr: str) -> Peer | None:
         for peer in self.peers.values():
@@ -1017,8 +1026,9 @@ class MeshState:
             # v2: remembered results are typed (results.to_wire), no longer maps;
             # v3: a run's spec is one map (Run.public);
             # v4: runs carry waiting_for, signals, pause_requested;
-            # v5: the queue's aging and the finish handoff are replicated.
-            "v": 5,
+            # v5: the queue's aging and the finish handoff are replicated;
+            # v6: and the prefetch.
+            "v": 6,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
             "idempotency": [[list(k), v[0], v[1]] for k, v in self.idempotency.items()],
@@ -1030,6 +1040,7 @@ class MeshState:
             "retry": dict(self.retry.__dict__),
             "aging_ms": self.aging_ms,
             "handoff": self.handoff,
+            "prefetch": self.prefetch,
             "schedules": [s.public() for s in self.schedules.values()],
             "applied": self.applied,
         }
@@ -1053,6 +1064,7 @@ class MeshState:
         state.retry = RetryPolicy(**(data.get("retry") or {}))
         state.aging_ms = data.get("aging_ms", 0)
         state.handoff = data.get("handoff", False)
+        state.prefetch = data.get("prefetch", 0)
         # Snapshots from before schedules have none.
         state.schedules = {s["id"]: Schedule.from_public(s) for s in data.get("schedules") or []}
         state.applied = data["applied"]
@@ -1081,6 +1093,10 @@ def leave_refusal(state: MeshState, peer: Peer) -> str | None:
             f"{len(up)} are up: they could not form a majority; bring voters back first"
         )
     return None
+
+
+def _assignment_order(run: Run) -> tuple[int, str]:
+    return run.assigned_at_ms or 0, run.id
 
 
 def _spec_id(spec: Any) -> str | None:

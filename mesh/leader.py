@@ -115,14 +115,21 @@ class Leader:
         return peer.id, peer.incarnation, contact.confirmed_at
 
     def _policy(self, state: MeshState) -> dict[str, Any]:
-        """The configured policy, with the handoff held off until every peer
-        that applies the log (voters, executors, joiners; down ones too: they
-        catch up on it) applies it alike."""
-        if not self.policy.get("handoff"):
+        """The configured policy, with the handoff and the prefetch held off
+        until every peer that applies the log (voters, executors, joiners; down
+        ones too: they catch up on it) applies them alike."""
+        gated = {"handoff": False, "prefetch": 0}
+        wanted = {k: v for k, v in gated.items() if self.policy.get(k, v) != v}
+        if not wanted:
             return self.policy
         members = {p.id: p.incarnation for p in state.peers.values() if p.status != PEER_LEFT}
-        handoff = self.liveness.applied_everywhere("handoff", members, state.handoff)
-        return {**self.policy, "handoff": handoff}
+        policy = dict(self.policy)
+        for feature, off in gated.items():
+            if feature in wanted:
+                current = getattr(state, feature) != off
+                if not self.liveness.applied_everywhere(feature, members, current):
+                    policy[feature] = off
+        return policy
 
     @staticmethod
     def decided(state: MeshState) -> list[Decided]:
@@ -159,6 +166,7 @@ def _policy_of(state: MeshState) -> dict[str, Any]:
         "retry": dict(state.retry.__dict__),
         "aging_ms": state.aging_ms,
         "handoff": state.handoff,
+        "prefetch": state.prefetch,
     }
 
 

@@ -296,6 +296,7 @@ class Peer:
         await self.presence.beat()
         self.observer.tick(self.proposer.raft.leader_addr, self.store)
         self.reconciler.self_fence_if_cut_off()
+        self.reconciler.move_held_runs(time.monotonic())
 
     async def _reconcile(self) -> None:
         self.reconciler.reconcile()

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftmesh.consensus import commands
+from raftmesh.consensus.eligibility import slot_idle_elsewhere
 from raftmesh.consensus.model import DRAIN_RELEASE, PEER_UP
+from raftmesh.consensus.spec import CONSISTENT_HASH
 from raftmesh.mesh.liveness import LeaderContact
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
@@ -25,6 +27,11 @@ from raftmesh.runner.context import RunContext
 from raftmesh.runner.slots import Slots
 
 log = logging.getLogger("raftmesh.reconciler")
+
+# Seconds a run held ready beyond the slots may wait here while a slot it could
+# use is free on another peer, before it goes back to the queue: long enough
+# that a slot free for an instant between two short runs moves nothing.
+HOLD_S = 1.0
 
 Key = tuple[str, int]
 
@@ -44,14 +51,18 @@ def plan(
     owned: list[Assignment],
     running: dict[str, int],
     attempted: set[Key],
-    handing_back: set[Key],
+    reporting: set[Key],
     release_all: bool,
     may_start: bool,
 ) -> Actions:
     """An epoch claims storage once, so an attempt of this incarnation that
-    stopped is handed back (the next owner gets epoch + 1), never restarted.
-    A run an operator asked to pause is released at its next step boundary,
-    or handed back before it starts; either lands it PAUSED."""
+    stopped is handed back (the next owner gets epoch + 1), never restarted;
+    one whose outcome (or hand-back) is on its way to the log (``reporting``)
+    is left alone. A run an operator asked to pause is released at its next
+    step boundary, or handed back before it starts; either lands it PAUSED.
+    ``owned`` is in assignment order: runs held ready beyond the slots
+    (prefetch) start in the order the mesh gave them. One that has not started
+    goes back unstarted when it was cancelled or its peer drains."""
     wanted = {job.run_id: job for job in owned}
     out = Actions()
     for run_id, epoch in running.items():
@@ -67,9 +78,10 @@ def plan(
         if running.get(job.run_id) == job.epoch:
             if job.cancel_requested:
                 out.cancel.append(job)
-        elif key in attempted or job.pause_requested:
-            if key not in handing_back:
-                out.hand_back.append(job)
+        elif key in reporting:
+            continue
+        elif key in attempted or job.pause_requested or job.cancel_requested or release_all:
+            out.hand_back.append(job)
         else:
             out.start.append(job)
     return out
@@ -97,9 +109,11 @@ class Reconciler:
         self._metrics = metrics
         self._attempt = attempt
         self._holding_back = holding_back
-        self.slots = Slots(capacity, self._execute, self._on_outcome)
+        self.slots = Slots(capacity, self._execute, self._on_outcome, self._on_free)
         self._attempted: set[Key] = set()
         self._handing_back: set[Key] = set()
+        # Runs held ready beyond the slots (prefetch): since when, monotonic.
+        self._held_since: dict[Key, float] = {}
         self._contexts: dict[str, RunContext] = {}
         # asyncio keeps only weak references to tasks: hold detached ones here.
         self._detached: set[asyncio.Task[None]] = set()
@@ -113,7 +127,8 @@ class Reconciler:
         running = self.slots.running()
         self._attempted &= {(job.run_id, job.epoch) for job in owned}
         may_start = not self._holding_back() and not self._contact.cut_off(time.monotonic())
-        actions = plan(owned, running, self._attempted, self._handing_back, release_all, may_start)
+        reporting = self._handing_back | self.slots.reporting()
+        actions = plan(owned, running, self._attempted, reporting, release_all, may_start)
         for run_id in actions.stop:
             log.info(
                 "run no longer ours: stopping it",
@@ -131,6 +146,47 @@ class Reconciler:
             if self.slots.start(job):
                 self._attempted.add((job.run_id, job.epoch))
                 log.info("starting run", extra={"run_id": job.run_id, "epoch": job.epoch})
+
+    def _on_free(self) -> None:
+        """A slot freed before the log heard of it: start a run this peer holds
+        ready, if the state gives it more runs than it is running or reporting."""
+        with self._proposer.read() as state:
+            held = state.running_on(self.peer_id)
+        if held > len(self.slots.running()) + len(self.slots.reporting()):
+            self.reconcile()
+
+    def move_held_runs(self, now: float) -> None:
+        """Prefetch must not keep a run waiting behind this peer's long runs
+        while another peer's slot is free: one held ready past ``HOLD_S`` in
+        that case goes back to the queue (the next owner gets epoch + 1, and it
+        never started, so nothing is lost). Consistent-hash runs belong here."""
+        busy = set(self.slots.running().items()) | self.slots.reporting() | self._handing_back
+        moving: list[Assignment] = []
+        with self._proposer.read() as state:
+            if state.running_on(self.peer_id) <= len(busy):
+                self._held_since = {}
+                return  # nothing held: the usual case, one count
+            held = [
+                r
+                for r in state.owned_by(self.peer_id)
+                if (r.id, r.epoch) not in busy and (r.id, r.epoch) not in self._attempted
+            ]
+            since = {(r.id, r.epoch): self._held_since.get((r.id, r.epoch), now) for r in held}
+            for run in held:
+                if (
+                    now - since[(run.id, run.epoch)] >= HOLD_S
+                    and run.spec.placement != CONSISTENT_HASH
+                    and slot_idle_elsewhere(run, self.peer_id, state.peers.values(), state)
+                ):
+                    moving.append(Assignment.of(run))
+        self._held_since = since
+        for job in moving:
+            log.info(
+                "a slot is free elsewhere: handing back a run held here",
+                extra={"run_id": job.run_id, "epoch": job.epoch},
+            )
+            self._handing_back.add((job.run_id, job.epoch))
+            self._detach(self._hand_back(job))
 
     def self_fence_if_cut_off(self) -> None:
         """Correctness never depends on this (storage fences stale owners); it

@@ -62,6 +62,10 @@ class _Planned:
     def tenant_cap(self, tenant: str) -> int | None:
         return self._state.tenant_cap(tenant)
 
+    @property
+    def prefetch(self) -> int:
+        return self._state.prefetch
+
     def place(self, run: Run, peer_id: str) -> None:
         self._on_peer[peer_id] += 1
         self._for_tenant[run.spec.tenant] += 1

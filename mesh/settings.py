@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftmesh.consensus.spec import CONSISTENT_HASH, LEAST_LOADED, PLACEMENTS
+from raftmesh.consensus.state import MAX_PREFETCH
 from raftmesh.mesh.auth import TokensFileError, load_tokens
 from raftmesh.runner.models import (
     DEFAULT_MODEL,
@@ -45,6 +46,11 @@ class Settings:
     storage: str = "sqlite:///./raftmesh.db"
     data_dir: str = "./raftmesh-data"
     slots: int = 4
+    # Runs a peer holds ready beyond its slots, so a freed slot starts the next
+    # run at once instead of after a commit. Replicated: the leader's counts.
+    # Off by default: a prefetched run waits for a slot of that peer even when
+    # another peer's frees first, which costs long runs more than it saves.
+    prefetch: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     # Secrets: from MESH_SECRET / MESH_API_TOKEN or, better, from the files
     # MESH_SECRET_FILE / MESH_API_TOKEN_FILE name (read by ``load``). The
@@ -147,6 +153,8 @@ class Settings:
                 raise SettingsError(f"--{name} must be HOST:PORT, got {getattr(self, name)!r}")
         if self.slots < 0:
             raise SettingsError("--slots must be >= 0")
+        if not 0 <= self.prefetch <= MAX_PREFETCH:
+            raise SettingsError(f"prefetch must be between 0 and {MAX_PREFETCH}")
         if self.max_children < 0 or self.max_depth < 0:
             raise SettingsError("max_children and max_depth must be >= 0")
         if self.isolation_memory_mb <= 0:
@@ -236,6 +244,7 @@ class Settings:
             # A consistent-hash mesh places every run on its key's home peer,
             # which a finish on another peer cannot know is free.
             "handoff": self.placement != CONSISTENT_HASH,
+            "prefetch": self.prefetch,
         }
 
     def dial_addr(self, advertised: str) -> str:
