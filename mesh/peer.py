@@ -202,6 +202,9 @@ class Peer:
         self._background = [
             asyncio.create_task(self._every(s.heartbeat_interval_s, None, self._beat), name="beat"),
             asyncio.create_task(
+                self._every(s.heartbeat_interval_s / 2, None, self._fence), name="fence"
+            ),
+            asyncio.create_task(
                 self._every(s.scheduler_tick_s, self._leader_wake, self._lead),
                 name="leader",
             ),
@@ -295,6 +298,11 @@ class Peer:
     async def _beat(self) -> None:
         await self.presence.beat()
         self.observer.tick(self.proposer.raft.leader_addr, self.store)
+
+    async def _fence(self) -> None:
+        """Apart from the beat: a beat can wait a commit timeout on an announce
+        no leader answers, and a peer cut off meanwhile must still stop its
+        runs within the fraction of the TTL it promises."""
         self.reconciler.self_fence_if_cut_off()
         self.reconciler.move_held_runs(time.monotonic())
 

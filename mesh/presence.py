@@ -107,6 +107,12 @@ class Presence:
             await self._proposer.propose(cmd)
         except Unavailable as exc:
             log.info("could not announce yet: %s", exc.message)
+            return
+        # A leader committed it: its clock for this incarnation runs from about
+        # now (Liveness.suspects), so this peer's clock for self-fencing does
+        # too, before any heartbeat is answered. Without it a peer cut off
+        # before its first acknowledged heartbeat never fenced itself.
+        self._contact.confirmed(time.monotonic())
 
     async def _report(self) -> None:
         raft = self._proposer.raft
