@@ -69,14 +69,14 @@ class BenchMesh:
                 raise TimeoutError(f"{done} of {count} runs finished within {timeout_s:g} s")
             await asyncio.sleep(0.05)
 
-    async def marked_down(self) -> int:
-        """Peers the leaders proposed down (``raftmesh_peers_marked_down_total``,
-        summed over the peers): under a benchmark no fault is injected, so every
-        one is a false suspicion."""
+    async def counted(self, metric: str) -> int:
+        """A counter summed over the live peers, e.g.
+        ``raftmesh_peers_marked_down_total``: under a benchmark no fault is
+        injected, so every peer marked down is a false suspicion."""
         total = 0.0
         for client in self.live_clients():
             for line in (await client.metrics_text()).splitlines():
-                if line.startswith("raftmesh_peers_marked_down_total "):
+                if line.startswith(f"{metric} "):
                     total += float(line.split()[1])
         return int(total)
 

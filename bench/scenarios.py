@@ -378,7 +378,8 @@ async def many_agents(p: Params) -> Result:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
         count = (await m.sql(f'SELECT count(*) FROM "{m.schema}".steps'))[0][0]
-        suspected = await m.marked_down()
+        suspected = await m.counted("raftmesh_peers_marked_down_total")
+        fenced = await m.counted("raftmesh_self_fenced_attempts_total")
     makespan = last - sent.first_at
     result.add(
         Figure("makespan", makespan, "s", note=f"{n:,} runs on {PEERS} × {slots} slots"),
@@ -393,6 +394,13 @@ async def many_agents(p: Params) -> Result:
             "",
             at_most(0, "0"),
             note="no fault is injected: every one is false",
+        ),
+        Figure(
+            "attempts self-fenced (false)",
+            fenced,
+            "",
+            at_most(0, "0"),
+            note="stopped by a peer that thought it had lost the leader",
         ),
     )
     result.series["max peer RSS (MB)"] = ("seconds", "MB", rss_series)

@@ -79,8 +79,11 @@ class Settings:
     # runner/context.py), so a runaway loop cannot fill storage.
     max_events_per_run: int = 100_000
     max_body_bytes: int = 1024 * 1024
-    heartbeat_interval_s: float = 0.5
-    peer_ttl_s: float = 2.0
+    # Five heartbeats to a TTL: a follower owner's runs resume within 2 s of
+    # its death, and a loaded 2-core soak (mesh bench many-agents) marked no
+    # live peer down.
+    heartbeat_interval_s: float = 0.3
+    peer_ttl_s: float = 1.5
     scheduler_tick_s: float = 0.2
     commit_timeout_s: float = 5.0
     agent_modules: tuple[str, ...] = ()

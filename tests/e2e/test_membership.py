@@ -229,14 +229,14 @@ async def test_rolling_restart_under_load_fails_nothing_and_repeats_no_step(make
                     assert "handed everything back" in peer.log_path.read_text()
 
                     # It owns nothing once its last commits are applied here:
-                    # well before the leader could judge it silent (peer_ttl_s
-                    # 2 s, counted from its last heartbeat, i.e. its exit).
+                    # before the leader could judge it silent (peer_ttl_s 1.5 s,
+                    # counted from its last heartbeat, i.e. its exit).
                     async def owns_nothing(
                         peer_id: str = peer.id, client: MeshClient = peer_probe
                     ) -> bool:
                         return member(await client.cluster(), peer_id)["running"] == 0
 
-                    await eventually(owns_nothing, 1.5, f"{peer.id} to own nothing at exit")
+                    await eventually(owns_nothing, 1.0, f"{peer.id} to own nothing at exit")
                     stops.append((peer.id, stopped_s, 0))
                 finally:
                     await peer_probe.close()
