@@ -352,9 +352,11 @@ def _check_caps(history: History) -> InvariantResult:
     tenant_samples = 0
     for s in history.samples:
         for p in s.peers:
-            if p.running > p.slots:
+            held = p.slots if p.capacity is None else p.capacity
+            if p.running > held:
                 result.violations.append(
                     f"at {s.at_ms} ({s.source}'s view): {p.id} runs {p.running} > {p.slots} slots"
+                    + (f" + {held - p.slots} prefetch" if held != p.slots else "")
                 )
         for tenant, (running, cap) in s.tenants.items():
             tenant_samples += 1

@@ -62,6 +62,8 @@ class PeerLoad:
     slots: int
     running: int
     status: str
+    # Slots plus the mesh's prefetch; None in a history from before prefetch.
+    capacity: int | None = None
 
 
 @dataclass(frozen=True)

@@ -516,7 +516,13 @@ def _sample(
     source: str, cluster: dict[str, Any], parked: tuple[ParkedRun, ...] | None
 ) -> ClusterSample:
     peers = tuple(
-        PeerLoad(str(p["id"]), int(p["slots"]), int(p["running"]), str(p["status"]))
+        PeerLoad(
+            str(p["id"]),
+            int(p["slots"]),
+            int(p["running"]),
+            str(p["status"]),
+            int(p.get("capacity", p["slots"])),
+        )
         for p in cluster.get("peers", [])
     )
     per_tenant = (cluster.get("queue") or {}).get("tenants") or {}

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from prometheus_client import generate_latest
 
 from raftmesh.consensus import commands
+from raftmesh.consensus.eligibility import capacity
 from raftmesh.consensus.model import PEER_UP
 from raftmesh.consensus.results import (
     CancelRequested,
@@ -488,6 +489,8 @@ class MeshService:
                     "http": p.http,
                     "status": p.status,
                     "slots": p.slots,
+                    # slots plus the mesh's prefetch: the runs it may hold at once
+                    "capacity": capacity(p, state),
                     "running": state.running_on(p.id),
                     "labels": p.labels,
                     "role": p.role,
@@ -509,6 +512,7 @@ class MeshService:
             "queue": queue,
             "slots": slots,
             "placement": self.scheduler.placement,
+            "prefetch": state.prefetch,
             "throughput": {
                 "bucket_s": THROUGHPUT_BUCKET_MS / 1000,
                 "series": self.observer.throughput_series(now),

@@ -144,9 +144,10 @@ class Settings:
     # connect to instead: for peers reached through NAT or a proxy (the chaos
     # harness routes every link through its own proxy to cut it at will).
     dial: dict[str, str] = field(default_factory=dict)
-    # UNSAFE debug switch: storage accepts writes from stale epochs. Exists
-    # only so the chaos checker can be shown catching the stale writes that
-    # fencing prevents; refused unless MESH_UNSAFE_ACK acknowledges it.
+    # UNSAFE debug switch: storage accepts writes from stale epochs and a
+    # cut-off peer does not stop its runs. Exists only so the chaos checker can
+    # be shown catching the stale writes that fencing prevents; refused unless
+    # MESH_UNSAFE_ACK acknowledges it.
     unsafe_disable_fencing: bool = False
 
     def __post_init__(self) -> None:
