@@ -81,6 +81,12 @@ class Command:
         return _pack(self.to_wire())
 
 
+# How long apply remembers a command id and its answer, so that a proposal
+# retried with the same cid is applied once: the window of a log from before
+# Configure.command_ttl_ms, and the longest one it allows.
+COMMAND_TTL_MS = 10 * 60 * 1000
+
+
 @dataclass(frozen=True)
 class Submit(Command):
     """``runs``: each with id, agent, input, tenant, priority, labels, timeout_s,
@@ -158,6 +164,8 @@ class Configure(Command):
     handoff: bool = False
     # Runs each peer with slots may hold ready beyond them (eligibility.capacity).
     prefetch: int = 0
+    # How long apply remembers command ids; absent in a log from before.
+    command_ttl_ms: int = COMMAND_TTL_MS
 
 
 @dataclass(frozen=True)

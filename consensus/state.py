@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TypeVar
 
 from raftmesh.consensus import commands as c
 from raftmesh.consensus import results as res
+from raftmesh.consensus.commands import COMMAND_TTL_MS
 from raftmesh.consensus.eligibility import PEER_WIDE, why_not
 from raftmesh.consensus.model import (
     DRAIN_MODES,
@@ -56,7 +57,14 @@ log = logging.getLogger("raftmesh.state")
 FAILURE_KINDS = frozenset({"error", "timeout"})
 
 IDEMPOTENCY_TTL_MS = 24 * 3600 * 1000
-COMMAND_TTL_MS = 10 * 60 * 1000
+# Every command id of the last command_ttl_ms is in the state and its
+# snapshot (commands.COMMAND_TTL_MS at most): the leader replicates a shorter
+# window once every peer applies it. The least it may be: past any proposer's
+# retries of one command (a commit budget of seconds) and any election that
+# could commit a copy of it late.
+MIN_COMMAND_TTL_MS = 10_000
+# The window the leader replicates.
+SHORT_COMMAND_TTL_MS = 60_000
 # Schedules live in the state for good (until deleted): a bound keeps it small.
 MAX_SCHEDULES = 10_000
 
@@ -95,7 +103,7 @@ HANDOFF_SCAN = 64
 # What this release's apply does that an earlier release's does not. Peers
 # report it to the leader, which turns such a policy on only once every member
 # does: a peer that applied the same log without it would drift apart.
-APPLY_FEATURES = frozenset({"handoff", "prefetch"})
+APPLY_FEATURES = frozenset({"handoff", "prefetch", "command_ttl_ms"})
 # Runs a peer may hold ready beyond its slots (see eligibility.capacity).
 MAX_PREFETCH = 10_000
 # The bound RunSpec.from_wire (consensus/spec.py) allows: about 31 years.
@@ -191,6 +199,7 @@ class MeshState:
         self.aging_ms = 0
         self.handoff = False
         self.prefetch = 0
+        self.command_ttl_ms = COMMAND_TTL_MS
         self.schedules: dict[str, Schedule] = {}
         self.applied = 0
 
@@ -231,7 +240,7 @@ class MeshState:
             result = Rejected(Rejection.MALFORMED, str(exc))
         except Refused as exc:
             result = Rejected(exc.reason, str(exc))
-        self.seen[cid] = (result, at_ms + COMMAND_TTL_MS)
+        self.seen[cid] = (result, at_ms + self.command_ttl_ms)
         return result
 
     def _expire(self, now_ms: int) -> None:
@@ -735,6 +744,9 @@ class MeshState:
         if not isinstance(cmd.handoff, bool):
             raise Refused("handoff must be a boolean")
         prefetch = _int(cmd.prefetch, "prefetch", 0, MAX_PREFETCH)
+        command_ttl_ms = _int(
+            cmd.command_ttl_ms, "command_ttl_ms", MIN_COMMAND_TTL_MS, COMMAND_TTL_MS
+        )
         self.tenant_caps = caps
         self.default_tenant_cap = default
         self.tenant_max_queued = max_queued
@@ -743,6 +755,7 @@ class MeshState:
         self.aging_ms = aging_ms
         self.handoff = cmd.handoff
         self.prefetch = prefetch
+        self.command_ttl_ms = command_ttl_ms
         return res.Done()
 
     # -- schedules (consensus/schedules.py) -------------------------------
@@ -1027,8 +1040,8 @@ class MeshState:
             # v3: a run's spec is one map (Run.public);
             # v4: runs carry waiting_for, signals, pause_requested;
             # v5: the queue's aging and the finish handoff are replicated;
-            # v6: and the prefetch.
-            "v": 6,
+            # v6: and the prefetch; v7: and how long command ids are kept.
+            "v": 7,
             "runs": [r.public() for r in self.runs.values()],
             "peers": [p.public() for p in self.peers.values()],
             "idempotency": [[list(k), v[0], v[1]] for k, v in self.idempotency.items()],
@@ -1041,6 +1054,7 @@ class MeshState:
             "aging_ms": self.aging_ms,
             "handoff": self.handoff,
             "prefetch": self.prefetch,
+            "command_ttl_ms": self.command_ttl_ms,
             "schedules": [s.public() for s in self.schedules.values()],
             "applied": self.applied,
         }
@@ -1065,6 +1079,7 @@ class MeshState:
         state.aging_ms = data.get("aging_ms", 0)
         state.handoff = data.get("handoff", False)
         state.prefetch = data.get("prefetch", 0)
+        state.command_ttl_ms = data.get("command_ttl_ms", COMMAND_TTL_MS)
         # Snapshots from before schedules have none.
         state.schedules = {s["id"]: Schedule.from_public(s) for s in data.get("schedules") or []}
         state.applied = data["applied"]

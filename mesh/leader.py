@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raftmesh.consensus import commands
+from raftmesh.consensus.commands import COMMAND_TTL_MS
 from raftmesh.consensus.model import PEER_LEFT, PEER_UP
 from raftmesh.consensus.results import Assigned, Requeued, TickFired
 from raftmesh.consensus.state import APPLY_FEATURES, MeshState
@@ -115,10 +116,15 @@ class Leader:
         return peer.id, peer.incarnation, contact.confirmed_at
 
     def _policy(self, state: MeshState) -> dict[str, Any]:
-        """The configured policy, with the handoff and the prefetch held off
-        until every peer that applies the log (voters, executors, joiners; down
-        ones too: they catch up on it) applies them alike."""
-        gated = {"handoff": False, "prefetch": 0}
+        """The configured policy, with the handoff, the prefetch and the short
+        command window held off until every peer that applies the log (voters,
+        executors, joiners; down ones too: they catch up on it) applies them
+        alike."""
+        gated: dict[str, Any] = {
+            "handoff": False,
+            "prefetch": 0,
+            "command_ttl_ms": COMMAND_TTL_MS,
+        }
         wanted = {k: v for k, v in gated.items() if self.policy.get(k, v) != v}
         if not wanted:
             return self.policy
@@ -167,6 +173,7 @@ def _policy_of(state: MeshState) -> dict[str, Any]:
         "aging_ms": state.aging_ms,
         "handoff": state.handoff,
         "prefetch": state.prefetch,
+        "command_ttl_ms": state.command_ttl_ms,
     }
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftmesh.consensus.spec import CONSISTENT_HASH, LEAST_LOADED, PLACEMENTS
-from raftmesh.consensus.state import MAX_PREFETCH
+from raftmesh.consensus.state import MAX_PREFETCH, SHORT_COMMAND_TTL_MS
 from raftmesh.mesh.auth import TokensFileError, load_tokens
 from raftmesh.runner.models import (
     DEFAULT_MODEL,
@@ -249,6 +249,7 @@ class Settings:
             # which a finish on another peer cannot know is free.
             "handoff": self.placement != CONSISTENT_HASH,
             "prefetch": self.prefetch,
+            "command_ttl_ms": SHORT_COMMAND_TTL_MS,
         }
 
     def dial_addr(self, advertised: str) -> str:
