@@ -125,7 +125,7 @@ class Leader:
             "prefetch": 0,
             "command_ttl_ms": COMMAND_TTL_MS,
         }
-        wanted = {k: v for k, v in gated.items() if self.policy.get(k, v) != v}
+        wanted = {k for k, off in gated.items() if self.policy.get(k, off) != off}
         if not wanted:
             return self.policy
         members = {p.id: p.incarnation for p in state.peers.values() if p.status != PEER_LEFT}
