@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
   echo "[demo.sh] creating .venv" >&2
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
 exec .venv/bin/mesh demo "$@"

@@ -18,7 +18,7 @@ setup_venv() {
     log "creating .venv"
     python3 -m venv .venv
   fi
-  .venv/bin/python -m pip install --quiet -e '.[test]'
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
 }
 
 postgres_ready() { pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; }
