@@ -91,11 +91,7 @@ def slot_idle_elsewhere(run: Run, here: str, peers: Iterable[Peer], load: Load) 
     run ``run``? A run held ready on a busy peer then does better back in the
     queue, where the leader places it on that slot."""
     return any(
-        peer.id != here
-        and accepts_work(peer)
-        and peer.can_run(run.spec.agent)
-        and labels_fit(peer.labels, run.spec.labels)
-        and load.running_on(peer.id) < peer.slots
+        peer.id != here and unfit(run, peer) is None and load.running_on(peer.id) < peer.slots
         for peer in peers
     )
 
@@ -121,6 +117,16 @@ def not_ready(run: Run, load: Load, now_ms: int) -> Reason | None:
 
 def refused_by(run: Run, peer: Peer, load: Load) -> Reason | None:
     """The part of the rule that depends on the peer, for a run that is ready."""
+    unfit_here = unfit(run, peer)
+    if unfit_here is not None:
+        return unfit_here
+    if not has_room(peer, load):
+        return Reason(Why.SLOT, "peer has no free slot")
+    return None
+
+
+def unfit(run: Run, peer: Peer) -> Reason | None:
+    """What keeps ``run`` off ``peer`` however many runs the peer holds."""
     if not accepts_work(peer):
         if peer.status != PEER_UP:
             return Reason(Why.PEER_NOT_UP, "peer is not up")
@@ -129,6 +135,4 @@ def refused_by(run: Run, peer: Peer, load: Load) -> Reason | None:
         return Reason(Why.AGENT, f"peer does not run agent {run.spec.agent!r}")
     if not labels_fit(peer.labels, run.spec.labels):
         return Reason(Why.LABELS, f"peer does not offer labels {describe_labels(run.spec.labels)}")
-    if not has_room(peer, load):
-        return Reason(Why.SLOT, "peer has no free slot")
     return None

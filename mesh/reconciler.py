@@ -149,18 +149,23 @@ class Reconciler:
 
     def _on_free(self) -> None:
         """A slot freed before the log heard of it: start a run this peer holds
-        ready, if the state gives it more runs than it is running or reporting."""
+        ready, if the state gives it more runs than are busy here."""
         with self._proposer.read() as state:
-            held = state.running_on(self.peer_id)
-        if held > len(self.slots.running()) + len(self.slots.reporting()):
+            holds_ready = state.running_on(self.peer_id) > len(self._busy())
+        if holds_ready:
             self.reconcile()
+
+    def _busy(self) -> set[Key]:
+        """This peer's runs that cannot start now: running, reporting their
+        outcome, or on their way back to the queue."""
+        return set(self.slots.running().items()) | self.slots.reporting() | self._handing_back
 
     def move_held_runs(self, now: float) -> None:
         """Prefetch must not keep a run waiting behind this peer's long runs
         while another peer's slot is free: one held ready past ``HOLD_S`` in
         that case goes back to the queue (the next owner gets epoch + 1, and it
         never started, so nothing is lost). Consistent-hash runs belong here."""
-        busy = set(self.slots.running().items()) | self.slots.reporting() | self._handing_back
+        busy = self._busy()
         moving: list[Assignment] = []
         with self._proposer.read() as state:
             if state.running_on(self.peer_id) <= len(busy):
