@@ -46,6 +46,7 @@ from raftmesh.mesh.scheduler import Scheduler
 from raftmesh.mesh.schedules_api import ScheduleService, add_schedule_routes
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
+from raftmesh.mesh.stalls import Stalls
 from raftmesh.mesh.timed_store import TimedStore
 from raftmesh.mesh.tls import server_context
 from raftmesh.mesh.tracing import Tracing, traced_attempt
@@ -77,6 +78,7 @@ class Peer:
         ).hexdigest()
         self.metrics = Metrics()
         self.metrics.slots.set(settings.slots)
+        self.stalls = Stalls(self.metrics.gc_pause, self.metrics.loop_lag)
         self.registry = build_registry(settings.agent_modules, demo=settings.demo_agents)
         if settings.unsafe_disable_fencing:
             log.warning("UNSAFE: fencing is disabled; stale owners can overwrite runs")
@@ -199,6 +201,7 @@ class Peer:
         host, port = _host_port(s.http)
         tls = server_context(s)
         await web.TCPSite(self._http, host, port, reuse_address=True, ssl_context=tls).start()
+        self.stalls.start()
         self._background = [
             asyncio.create_task(self._every(s.heartbeat_interval_s, None, self._beat), name="beat"),
             asyncio.create_task(
@@ -238,6 +241,7 @@ class Peer:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.stalls.stop()
         if self.raft is not None:
             await self.service.close()
             await self.observer.close()

@@ -123,3 +123,5 @@ async def test_metrics_follow_a_workload_and_a_failover(make_mesh: MakeMesh) -> 
         assert commits > 0
         assert value(after[leader], "raftmesh_raft_commit_index") > 0
         assert value(after[leader], "raftmesh_storage_pool_connections") >= 1
+        # Probed ten times a second from the start, so a peer up this long has many.
+        assert value(after[leader], "raftmesh_event_loop_lag_seconds_count") > 20
