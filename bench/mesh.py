@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 from raftmesh.bench.env import rss_mb, schema
 from raftmesh.mesh.client import MeshClient, MeshHTTPError
@@ -79,6 +80,27 @@ class BenchMesh:
                 if line.startswith(f"{metric} "):
                     total += float(line.split()[1])
         return int(total)
+
+    async def over(self, histogram: str, seconds: float) -> tuple[int, int]:
+        """Of a histogram's observations on the live peers (all labels), how
+        many exceeded ``seconds``, which must be one of its bucket bounds, and
+        how many there were."""
+        above = total = 0.0
+        bounded = False
+        for client in self.live_clients():
+            for family in text_string_to_metric_families(await client.metrics_text()):
+                for sample in family.samples:
+                    if sample.name == f"{histogram}_count":
+                        total += sample.value
+                        above += sample.value
+                    elif sample.name == f"{histogram}_bucket" and (
+                        float(sample.labels["le"]) == seconds
+                    ):
+                        above -= sample.value
+                        bounded = True
+        if total and not bounded:
+            raise ValueError(f"{histogram} has no bucket bound at {seconds} s")
+        return int(above), int(total)
 
     async def leader(self) -> str | None:
         for client in self.live_clients():

@@ -76,6 +76,14 @@ def _ms(seconds: float) -> float:
 
 # --- acceptance ---------------------------------------------------------------
 
+# What can hold an acknowledgement up, as the peers measure it.
+STALLS = {
+    "raftmesh_gc_pause_seconds": "collector pauses",
+    "raftmesh_event_loop_lag_seconds": "event-loop lags",
+    "raftmesh_raft_commit_seconds": "Raft commits",
+}
+STALL_S = 0.025
+
 
 async def acceptance(p: Params) -> Result:
     """Acknowledged submissions: a closed loop of 64, then a fixed offered rate."""
@@ -94,7 +102,15 @@ async def acceptance(p: Params) -> Result:
         await submit_closed_loop(m.clients, min(100, n), 16, lambda i: ("echo", None))
         closed = await submit_closed_loop(m.clients, n, IN_FLIGHT, lambda i: ("echo", None))
         await asyncio.sleep(1.0)
+        before = {name: await m.over(name, STALL_S) for name in STALLS}
         latencies, errors = await submit_open_loop(m.clients, rate, duration, "echo", None)
+        for name, label in STALLS.items():
+            above, total = await m.over(name, STALL_S)
+            above, total = above - before[name][0], total - before[name][1]
+            result.notes.append(
+                f"while offered {rate:.0f}/s: {above:,} of {total:,} {label} over "
+                f"{_ms(STALL_S):.0f} ms, on all peers"
+            )
     result.add(
         Figure(
             "acks/s, closed loop",
