@@ -148,6 +148,7 @@ class Submitted:
     latencies_s: list[float]
     first_at: float  # wall clock, s
     seconds: float  # first submission to last acknowledgement
+    acked_s: list[float]  # each acknowledgement, s after the first submission
 
     @property
     def per_s(self) -> float:
@@ -163,6 +164,7 @@ async def submit_closed_loop(
     """``n`` submissions with ``in_flight`` outstanding at any time, round-robin over peers."""
     ids: list[str] = []
     latencies: list[float] = []
+    acked: list[float] = []
     counter = iter(range(n))
 
     async def worker(w: int) -> None:
@@ -171,12 +173,14 @@ async def submit_closed_loop(
             agent, payload = make(i)
             sent = time.monotonic()
             ids.append((await _submit(client, agent, payload))["id"])
-            latencies.append(time.monotonic() - sent)
+            now = time.monotonic()
+            latencies.append(now - sent)
+            acked.append(now - started)
 
     first_at = time.time()
     started = time.monotonic()
     await asyncio.gather(*(worker(w) for w in range(min(in_flight, n))))
-    return Submitted(ids, latencies, first_at, time.monotonic() - started)
+    return Submitted(ids, latencies, first_at, time.monotonic() - started, acked)
 
 
 async def submit_open_loop(

@@ -18,6 +18,7 @@ import pytest
 from rich.console import Console
 
 from raftmesh.bench.report import Figure, Result, at_least, at_most, emit
+from raftmesh.bench.scenarios import ideal_makespan
 
 PG_URL = os.environ.get("RAFTMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SCENARIOS = ("acceptance", "short-runs", "steps", "many-agents", "failover", "footprint")
@@ -103,3 +104,14 @@ def test_without_matplotlib_the_json_is_saved_and_the_hint_printed_whole(
     assert not (tmp_path / "x.png").exists()
     assert "pip install 'raftmesh[bench]'" in out.getvalue()
     assert "[odd] name" in out.getvalue()
+
+
+def test_the_ideal_makespan_starts_each_run_when_acknowledged_on_a_free_slot() -> None:
+    # One wave: the last acknowledgement plus one run (the "submission time plus 1 s").
+    assert ideal_makespan([0.0, 0.5, 3.0], slots=10, run_s=1.0) == 4.0
+    # All at once on fewer slots: the waves add up.
+    assert ideal_makespan([0.0] * 10, slots=3, run_s=1.0) == 4.0
+    # Late arrivals find slots freed by earlier runs.
+    assert ideal_makespan([0.0, 0.0, 1.5, 1.5], slots=2, run_s=1.0) == 2.5
+    assert ideal_makespan([0.0, 0.0, 0.2], slots=2, run_s=1.0) == 2.0
+    assert ideal_makespan([], slots=2, run_s=1.0) == 0.0
