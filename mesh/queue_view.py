@@ -13,7 +13,7 @@ from typing import Any
 from raftmesh.consensus.model import PEER_UP, Run
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
-from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.scheduler import Said, Scheduler
 from raftmesh.mesh.views import suspension_message
 
 SUSPENDED_LISTED = 50
@@ -28,6 +28,7 @@ def queue_summary(state: MeshState, scheduler: Scheduler, now_ms: int) -> dict[s
     suspended: list[Run] = []
     depth = 0
     oldest: int | None = None
+    said: Said = {}
     for run in state.runs.values():
         entry = tenants.setdefault(run.spec.tenant, {"queued": 0, "running": 0, "oldest_ms": None})
         if run.status == RunStatus.RUNNING:
@@ -42,7 +43,7 @@ def queue_summary(state: MeshState, scheduler: Scheduler, now_ms: int) -> dict[s
             entry["oldest_ms"] = run.submitted_at_ms
         if oldest is None or run.submitted_at_ms < oldest:
             oldest = run.submitted_at_ms
-        reason = scheduler.waiting_for(state, run, now_ms)
+        reason = scheduler.waiting_for(state, run, now_ms, said)
         if reason is not None:
             waiting[reason.message] += 1
     per_tenant = {

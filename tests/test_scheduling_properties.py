@@ -38,7 +38,7 @@ from raftmesh.consensus.model import PEER_UP
 from raftmesh.consensus.spec import PLACEMENTS
 from raftmesh.consensus.state import MeshState, backoff_ms
 from raftmesh.consensus.status import RunStatus
-from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.scheduler import Said, Scheduler
 
 PEERS = ["p0", "p1", "p2"]
 TENANTS = ["t0", "t1", "t2"]
@@ -372,6 +372,17 @@ class SchedulingMachine(RuleBasedStateMachine):
                 assert run.owner is None and run.outcome is not None
             if run.status == RunStatus.RUNNING:
                 assert state.peers[run.owner].status == PEER_UP
+
+    @invariant()
+    def one_answer_serves_every_run_of_a_kind(self) -> None:
+        # queue_summary asks waiting_for of every queued run with one memo:
+        # it must say of each run what a question of that run alone says.
+        for placement in PLACEMENTS:
+            scheduler = Scheduler(placement)
+            said: Said = {}
+            for run in self.state.runs.values():
+                alone = scheduler.waiting_for(self.state, run, self.clock)
+                assert scheduler.waiting_for(self.state, run, self.clock, said) == alone
 
     @invariant()
     def replica_and_snapshot_agree(self) -> None:
