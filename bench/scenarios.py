@@ -665,14 +665,13 @@ async def footprint(p: Params) -> Result:
     # window): it fills during the first minute whatever the runs do, so growth
     # is counted from the first size taken once the window is full.
     window_s = SHORT_COMMAND_TTL_MS / 1000
-    warm = next((entry for entry in sizes if entry[1] >= window_s), None)
-    first = warm[2] if warm is not None and warm is not sizes[-1] else None
+    warm = next((entry for entry in sizes[:-1] if entry[1] >= window_s), None)
     last = sizes[-1][2]
-    since = (
-        f"from {warm[0]:,} runs ({warm[1]:.0f} s, the command window full)"
-        if first is not None
-        else f"not measured: the run ended within the {window_s:.0f} s command window"
-    )
+    first = None
+    since = f"not measured: the run ended within the {window_s:.0f} s command window"
+    if warm is not None:
+        first = warm[2]
+        since = f"from {warm[0]:,} runs ({warm[1]:.0f} s, the command window full)"
     result.add(
         Figure("Raft journal after all finished", last["journal"], "KB", note=f"{finished:,} runs"),
         Figure(
