@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,8 +121,16 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 class _DurableJournal:
     """Wraps pysyncobj's FileJournal so nothing it reports is only in page cache."""
 
-    def __init__(self, inner: Any, journal_path: str, dump_path: str) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        journal_path: str,
+        dump_path: str,
+        on_sync: Callable[[float], None] | None = None,
+    ) -> None:
+        """``on_sync(seconds)`` hears how long each sync took (tick thread)."""
         self._inner = inner
+        self._on_sync = on_sync
         self._journal_path = journal_path
         self._dump_path = dump_path
         self._dir = os.path.dirname(journal_path)
@@ -143,9 +152,12 @@ class _DurableJournal:
     def sync(self) -> None:
         if not self._dirty:
             return
+        started = time.perf_counter()
         _datasync(self._fd)
         self._dirty = False
         self.syncs += 1
+        if self._on_sync is not None:
+            self._on_sync(time.perf_counter() - started)
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         self._inner.add(command, idx, term)
@@ -470,8 +482,11 @@ class RaftNode:
         timers: RaftTimers | None = None,
         commit_timeout_s: float = 5.0,
         dial: dict[str, str] | None = None,
+        on_journal_sync: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_journal_sync(seconds)`` hears each journal sync, on the tick thread."""
         self.state = MeshState()
+        self._on_journal_sync = on_journal_sync
         self.lock = threading.Lock()
         self.self_addr = self_addr
         self._loop = loop
@@ -543,7 +558,9 @@ class RaftNode:
                 consumers=[self._replica],
                 transportClass=GuardedTransport,
             )
-        self.journal = _DurableJournal(self._syncobj._SyncObj__raftLog, journal_path, dump_path)
+        self.journal = _DurableJournal(
+            self._syncobj._SyncObj__raftLog, journal_path, dump_path, self._on_journal_sync
+        )
         self._syncobj._SyncObj__raftLog = self.journal
         transport = self._syncobj._SyncObj__transport
         self._outbox = _Outbox(self.journal, transport.send)

@@ -156,6 +156,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.raft_journal_sync = Histogram(
+            "raftmesh_raft_journal_sync_seconds",
+            "Raft journal fdatasyncs: every commit waits for one on a majority",
+            buckets=_PAUSE_BUCKETS,
+            registry=r,
+        )
         self.raft_commit_index = Gauge(
             "raftmesh_raft_commit_index", "Highest Raft log index known committed", registry=r
         )

@@ -133,6 +133,7 @@ class Peer:
             self._on_raft_change,
             commit_timeout_s=s.commit_timeout_s,
             dial=dict(s.dial),
+            on_journal_sync=self.metrics.raft_journal_sync.observe,
         )
         self.proposer = Proposer(
             self.raft, s.commit_timeout_s, self._stopping, self.metrics.raft_commit_seconds.observe

@@ -371,7 +371,8 @@ def test_a_journal_sync_writes_the_file_without_holding_the_gil(
     syncs with an fdatasync of the journal file instead, which releases it."""
     path = str(tmp_path / "raft.journal")
     inner = createJournal(path)
-    journal = _DurableJournal(inner, path, str(tmp_path / "raft.dump"))
+    heard: list[float] = []
+    journal = _DurableJournal(inner, path, str(tmp_path / "raft.dump"), heard.append)
     synced_inodes: list[int] = []
     real = raft_module._datasync
 
@@ -389,6 +390,8 @@ def test_a_journal_sync_writes_the_file_without_holding_the_gil(
         journal.sync()
         assert synced_inodes == [os.stat(path).st_ino]
         assert not journal.dirty and journal.syncs == 1
+        journal.sync()  # nothing new: no sync, nothing to hear
+        assert len(heard) == 1 and heard[0] > 0, "the sync's duration reaches the metric"
     finally:
         monkeypatch.undo()
         journal._destroy()

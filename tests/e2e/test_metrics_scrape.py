@@ -125,3 +125,4 @@ async def test_metrics_follow_a_workload_and_a_failover(make_mesh: MakeMesh) -> 
         assert value(after[leader], "raftmesh_storage_pool_connections") >= 1
         # Probed ten times a second from the start, so a peer up this long has many.
         assert value(after[leader], "raftmesh_event_loop_lag_seconds_count") > 20
+        assert value(after[leader], "raftmesh_raft_journal_sync_seconds_count") > 0
