@@ -63,7 +63,7 @@ from raftmesh.mesh.observe import THROUGHPUT_BUCKET_MS, Observer
 from raftmesh.mesh.proposer import Proposer, new_id, now_ms
 from raftmesh.mesh.queue_view import queue_summary, slot_use
 from raftmesh.mesh.rate_limits import LeaseBook
-from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.scheduler import Said, Scheduler
 from raftmesh.mesh.schemas import SIGNAL_NAME_RULE, storable_text
 from raftmesh.mesh.settings import Settings
 from raftmesh.mesh.tracing import Tracing
@@ -255,7 +255,8 @@ class MeshService:
                 (r for r in mine if status is None or listed_status(r) == status),
                 key=lambda r: (r.submitted_at_ms, r.id),
             )
-            active = [active_view(state, r, self.scheduler, now) for r in picked]
+            said: Said = {}
+            active = [active_view(state, r, self.scheduler, now, said) for r in picked]
         stored: list[dict[str, Any]] = []
         if status is None or status in TERMINAL_STATUSES:
             # Storage also holds the active runs (as queued or running rows):

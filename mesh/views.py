@@ -11,7 +11,7 @@ from raftmesh.consensus import waits
 from raftmesh.consensus.model import Run
 from raftmesh.consensus.state import MeshState
 from raftmesh.consensus.status import RunStatus
-from raftmesh.mesh.scheduler import Scheduler
+from raftmesh.mesh.scheduler import Said, Scheduler
 from raftmesh.runner.payload import unpack
 from raftmesh.storage.base import RunRow
 
@@ -24,14 +24,17 @@ def _s(ms: int | None) -> float | None:
 VIEW_CHILDREN = 100
 
 
-def active_view(state: MeshState, run: Run, scheduler: Scheduler, now_ms: int) -> dict[str, Any]:
+def active_view(
+    state: MeshState, run: Run, scheduler: Scheduler, now_ms: int, said: Said | None = None
+) -> dict[str, Any]:
     """An active run, with what keeps it from starting (queued) or what ends
-    its suspension (waiting, paused)."""
+    its suspension (waiting, paused). A list of views shares one ``said``
+    (see ``Scheduler.waiting_for``)."""
     view = view_from_state(run)
     if run.status in (RunStatus.WAITING, RunStatus.PAUSED):
         view["waiting_for"] = suspension_message(run)
     else:
-        waiting = scheduler.waiting_for(state, run, now_ms)
+        waiting = scheduler.waiting_for(state, run, now_ms, said)
         view["waiting_for"] = None if waiting is None else waiting.message
     return view
 

@@ -19,7 +19,7 @@ from raftmesh.mesh.events import EventHub
 from raftmesh.mesh.liveness import Liveness
 from raftmesh.mesh.metrics import Metrics
 from raftmesh.mesh.proposer import Proposer
-from raftmesh.mesh.scheduler import Reason, Scheduler
+from raftmesh.mesh.scheduler import Reason, Said, Scheduler
 from raftmesh.mesh.service import MeshService
 from raftmesh.mesh.settings import Settings
 from raftmesh.runner.registry import Registry
@@ -34,9 +34,11 @@ class CountingScheduler(Scheduler):
 
     explained: int = 0
 
-    def waiting_for(self, state: MeshState, run: Run, now_ms: int) -> Reason | None:
+    def waiting_for(
+        self, state: MeshState, run: Run, now_ms: int, said: Said | None = None
+    ) -> Reason | None:
         self.explained += 1
-        return super().waiting_for(state, run, now_ms)
+        return super().waiting_for(state, run, now_ms, said)
 
 
 @dataclass
