@@ -13,7 +13,7 @@ import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,26 +81,30 @@ class BenchMesh:
                     total += float(line.split()[1])
         return int(total)
 
-    async def over(self, histogram: str, seconds: float) -> tuple[int, int]:
-        """Of a histogram's observations on the live peers (all labels), how
-        many exceeded ``seconds``, which must be one of its bucket bounds, and
-        how many there were."""
-        above = total = 0.0
-        bounded = False
+    async def over(self, histograms: Iterable[str], seconds: float) -> dict[str, tuple[int, int]]:
+        """For each histogram, of its observations on the live peers (all
+        labels): how many exceeded ``seconds``, which must be one of its bucket
+        bounds, and how many there were. One scrape of each peer answers all."""
+        above = dict.fromkeys(histograms, 0.0)
+        total = dict.fromkeys(above, 0.0)
+        bounded: set[str] = set()
         for client in self.live_clients():
             for family in text_string_to_metric_families(await client.metrics_text()):
+                if family.name not in above:
+                    continue
                 for sample in family.samples:
-                    if sample.name == f"{histogram}_count":
-                        total += sample.value
-                        above += sample.value
-                    elif sample.name == f"{histogram}_bucket" and (
+                    if sample.name == f"{family.name}_count":
+                        total[family.name] += sample.value
+                        above[family.name] += sample.value
+                    elif sample.name == f"{family.name}_bucket" and (
                         float(sample.labels["le"]) == seconds
                     ):
-                        above -= sample.value
-                        bounded = True
-        if total and not bounded:
-            raise ValueError(f"{histogram} has no bucket bound at {seconds} s")
-        return int(above), int(total)
+                        above[family.name] -= sample.value
+                        bounded.add(family.name)
+        for name in above:
+            if total[name] and name not in bounded:
+                raise ValueError(f"{name} has no bucket bound at {seconds} s")
+        return {name: (int(above[name]), int(total[name])) for name in above}
 
     async def leader(self) -> str | None:
         for client in self.live_clients():

@@ -119,11 +119,11 @@ async def _acceptance_on(
     await submit_closed_loop(m.clients, min(100, n), 16, lambda i: ("echo", None))
     closed = await submit_closed_loop(m.clients, n, IN_FLIGHT, lambda i: ("echo", None))
     await asyncio.sleep(1.0)
-    before = {name: await m.over(name, STALL_S) for name in STALLS}
+    before = await m.over(STALLS, STALL_S)
     latencies, errors = await submit_open_loop(m.clients, rate, duration, "echo", None)
+    after = await m.over(STALLS, STALL_S)
     for name, label in STALLS.items():
-        above, total = await m.over(name, STALL_S)
-        above, total = above - before[name][0], total - before[name][1]
+        above, total = after[name][0] - before[name][0], after[name][1] - before[name][1]
         result.notes.append(
             f"{where}, offered {rate:.0f}/s: {above:,} of {total:,} {label} over "
             f"{_ms(STALL_S):.0f} ms, on all peers"
