@@ -352,6 +352,25 @@ class _MeshSyncObj(SyncObj):
             sync()
         super()._onTick(timeToWait)
 
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:  # noqa: N802, N803
+        # pysyncobj drops the journal's head only once it has reaped the child
+        # that wrote the dump. A peer that died between the two (or whose child
+        # outlived it) starts with a dump and a journal that begins before it,
+        # and pysyncobj then clears the whole journal, the committed entries
+        # after the dump with it: a majority restarting so lost acknowledged
+        # runs. Dropping the head here is the compaction that peer missed.
+        if not clearJournal:
+            journal = self._SyncObj__raftLog
+            try:
+                _, last, before, _ = self._SyncObj__serializer.deserialize()
+            except Exception:
+                before = None  # pysyncobj's own load says why
+            if before is not None and len(journal) >= 2:
+                at = before[1] - journal[0][1]
+                if 0 < at < len(journal) - 1 and journal[at] == before and journal[at + 1] == last:
+                    journal.deleteEntriesTo(at)
+        SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+
     def _SyncObj__updateClusterConfiguration(self, new_nodes: Any) -> None:  # noqa: N802
         leader = self._SyncObj__raftLeader
         kept = [leader] if leader is not None else list(self._SyncObj__otherNodes)

@@ -16,7 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pysyncobj import SyncObj
 from pysyncobj.journal import createJournal
+from pysyncobj.serializer import Serializer
 
 from raftmesh.consensus import commands
 from raftmesh.consensus import raft as raft_module
@@ -105,6 +107,55 @@ async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path
             await asyncio.sleep(0.05)
         assert [len(n.state.runs) for n in nodes] == [61, 61, 61]
         assert all(n.state.runs["run-5"].spec.input == 5 for n in nodes)
+    finally:
+        for n in nodes:
+            n.close()
+
+
+async def test_a_dump_whose_journal_was_never_compacted_loses_no_later_entry(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """pysyncobj drops the journal's head only after it reaps the forked
+    child that wrote the dump. A peer killed between the two (or whose child
+    outlived it and renamed the dump after) restarts with a dump and a
+    journal that still starts before it; pysyncobj then cleared the whole
+    journal, entries after the dump too. A majority restarting so lost
+    committed runs (a full restart: 57 of 61)."""
+    monkeypatch.setattr(SyncObj, "_SyncObj__deleteEntriesTo", lambda self, to: None)
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
+    timers = RaftTimers(compaction_min_entries=20)
+    dumps = [tmp_path / f"n{i}" / "raft.dump" for i in range(3)]
+    nodes = start_nodes(addrs, tmp_path, timers)
+    try:
+        await wait_leader(nodes)
+        for i in range(60):
+            assert (await propose_retrying(nodes[i % 3], submit(i))).ok
+        for _ in range(200):
+            if all(d.exists() for d in dumps):
+                break
+            await asyncio.sleep(0.05)
+        assert all(d.exists() for d in dumps), "every node wrote a dump"
+        monkeypatch.setattr(Serializer, "serialize", lambda self, data, id: None)
+        await asyncio.sleep(0.5)  # a dump child still writing finishes
+        for i in range(60, 70):
+            assert (await propose_retrying(nodes[i % 3], submit(i))).ok
+        for _ in range(100):
+            if all(len(n.state.runs) == 70 for n in nodes):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for n in nodes:
+            n.close()
+    monkeypatch.undo()
+    nodes = start_nodes(addrs, tmp_path, timers)
+    try:
+        await wait_leader(nodes)
+        for _ in range(200):
+            if all(len(n.state.runs) == 70 for n in nodes):
+                break
+            await asyncio.sleep(0.05)
+        assert [len(n.state.runs) for n in nodes] == [70, 70, 70]
+        assert (await propose_retrying(nodes[0], submit(999))).ok
     finally:
         for n in nodes:
             n.close()
