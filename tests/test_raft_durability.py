@@ -25,6 +25,7 @@ from raftmesh.consensus import raft as raft_module
 from raftmesh.consensus.errors import NoQuorum, UnencodableCommand
 from raftmesh.consensus.raft import RaftNode, RaftTimers, _DurableJournal, _Outbox
 from raftmesh.consensus.results import Result
+from raftmesh.consensus.state import MeshState
 
 
 def free_ports(n: int) -> list[int]:
@@ -156,6 +157,54 @@ async def test_a_dump_whose_journal_was_never_compacted_loses_no_later_entry(
             await asyncio.sleep(0.05)
         assert [len(n.state.runs) for n in nodes] == [70, 70, 70]
         assert (await propose_retrying(nodes[0], submit(999))).ok
+    finally:
+        for n in nodes:
+            n.close()
+
+
+async def test_the_snapshot_is_packed_in_the_dump_child_not_on_the_tick_thread(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Packing the whole state on the tick thread held the GIL, so the node's
+    Raft and event loop, for 80-300 ms at every compaction with 10,000 runs
+    (the acknowledgement p99). pysyncobj pickles the dump in a forked child:
+    the state is packed there, from the child's copy of it."""
+    packed_in = tmp_path / "packed-in"
+    real = MeshState.to_dict
+
+    def to_dict(state: MeshState) -> dict[str, Any]:
+        with open(packed_in, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(state)
+
+    monkeypatch.setattr(MeshState, "to_dict", to_dict)
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
+    timers = RaftTimers(compaction_min_entries=20)
+    nodes = start_nodes(addrs, tmp_path, timers)
+    try:
+        await wait_leader(nodes)
+        for i in range(60):
+            assert (await propose_retrying(nodes[i % 3], submit(i))).ok
+        for _ in range(100):
+            if any((tmp_path / f"n{i}" / "raft.dump").exists() for i in range(3)):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for n in nodes:
+            n.close()
+    pids = packed_in.read_text().split() if packed_in.exists() else []
+    assert pids, "no snapshot was packed"
+    assert str(os.getpid()) not in pids, "the state was packed in the node's own process"
+    monkeypatch.undo()
+    nodes = start_nodes(addrs, tmp_path, timers)
+    try:
+        await wait_leader(nodes)
+        assert (await propose_retrying(nodes[0], submit(999))).ok
+        for _ in range(200):
+            if all(len(n.state.runs) == 61 for n in nodes):
+                break
+            await asyncio.sleep(0.05)
+        assert [len(n.state.runs) for n in nodes] == [61, 61, 61]
     finally:
         for n in nodes:
             n.close()
