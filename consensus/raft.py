@@ -100,9 +100,9 @@ class RaftTimers:
 def _staggered(entries: int, self_addr: str | None) -> int:
     """This node's compaction threshold: up to half as many entries again,
     fixed per address. Every node applies the same entries, so with one
-    threshold they all snapshot at once, and a snapshot (serialised on the
-    tick thread, then written by a forked child) stalled the whole mesh
-    together: the p99 of acknowledgements at 500/s was those stalls."""
+    threshold they all snapshot at once, and a snapshot (then serialised on
+    the tick thread) stalled the whole mesh together: the p99 of
+    acknowledgements at 500/s was those stalls."""
     return entries + zlib.crc32((self_addr or "").encode()) % (entries // 2 + 1)
 
 
@@ -252,12 +252,18 @@ class _PackedWhenPickled:
     80-300 ms at every compaction: the acknowledgement p99 under load. Unpickled,
     it is the plain ``{"state": bytes}`` that ``_deserialize`` reads."""
 
-    __slots__ = ("_state",)
+    __slots__ = ("_state", "_pid")
 
     def __init__(self, state: MeshState) -> None:
         self._state = state
+        self._pid = os.getpid()
 
     def __reduce__(self) -> tuple[type[dict[str, bytes]], tuple[dict[str, bytes]]]:
+        if os.getpid() != self._pid:
+            # The child's pack, pickle and gzip take a core for a few hundred
+            # milliseconds with 10,000 runs, a core the peers' ticks and loops
+            # then waited for. The dump can wait for them instead.
+            os.nice(19)
         return dict, ({"state": msgpack.packb(self._state.to_dict(), use_bin_type=True)},)
 
 
