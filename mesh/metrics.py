@@ -56,6 +56,12 @@ class Metrics:
         self.mesh_slots_used = Gauge(
             "raftmesh_mesh_slots_used", "Slots in use on each up peer", ["peer"], registry=r
         )
+        self.mesh_runs_held = Gauge(
+            "raftmesh_mesh_runs_held",
+            "Runs each up peer holds ready beyond its slots (prefetch)",
+            ["peer"],
+            registry=r,
+        )
         self.label_slots = Gauge(
             "raftmesh_label_slots", "Slots offered by up peers with a label", ["label"], registry=r
         )
@@ -212,6 +218,7 @@ class Metrics:
             self.tenant_running,
             self.mesh_slots,
             self.mesh_slots_used,
+            self.mesh_runs_held,
             self.label_slots,
             self.label_slots_used,
         ):
@@ -223,6 +230,7 @@ class Metrics:
         for peer, entry in slots["peers"].items():
             self.mesh_slots.labels(peer).set(entry["slots"])
             self.mesh_slots_used.labels(peer).set(entry["used"])
+            self.mesh_runs_held.labels(peer).set(entry["held"])
         for label, entry in slots["labels"].items():
             self.label_slots.labels(label).set(entry["slots"])
             self.label_slots_used.labels(label).set(entry["used"])

@@ -87,18 +87,22 @@ def _suspended(runs: list[Run]) -> dict[str, Any]:
 
 
 def slot_use(state: MeshState) -> dict[str, Any]:
-    """Slots offered and used, per up peer and per label (key=value)."""
+    """Slots offered and used, and runs held ready beyond them (prefetch), per
+    up peer and per label (key=value). A peer starts a held run as soon as a
+    slot frees, so while it holds any, all its slots are in use."""
     peers = {}
     labels: dict[str, dict[str, int]] = {}
     for peer in sorted(state.peers.values(), key=lambda p: p.id):
         if peer.status != PEER_UP:
             continue
-        used = state.running_on(peer.id)
-        peers[peer.id] = {"slots": peer.slots, "used": used}
+        owned = state.running_on(peer.id)
+        used = min(owned, peer.slots)
+        peers[peer.id] = {"slots": peer.slots, "used": used, "held": owned - used}
         for key, value in peer.labels.items():
-            entry = labels.setdefault(f"{key}={value}", {"slots": 0, "used": 0})
+            entry = labels.setdefault(f"{key}={value}", {"slots": 0, "used": 0, "held": 0})
             entry["slots"] += peer.slots
             entry["used"] += used
+            entry["held"] += owned - used
     return {"peers": peers, "labels": dict(sorted(labels.items()))}
 
 

@@ -352,7 +352,7 @@ async def test_labelled_runs_go_to_matching_peers_and_unmatched_ones_say_why(
     assert waiting["waiting_for"] == "no up peer offers labels gpu=h100"
     cluster = await labelled.client("peer-2").cluster()
     assert cluster["queue"]["waiting_for"] == {"no up peer offers labels gpu=h100": 1}
-    assert cluster["slots"]["labels"]["gpu=a100"] == {"slots": 2, "used": 0}
+    assert cluster["slots"]["labels"]["gpu=a100"] == {"slots": 2, "used": 0, "held": 0}
 
     labelled.mesh.restart("peer-3")
     done = await client.wait(h100["id"], timeout_s=60)
