@@ -198,10 +198,8 @@ async def submit_open_loop(
     errors = 0
     started = time.monotonic()
 
-    async def one(i: int) -> None:
+    async def one(i: int, due: float) -> None:
         nonlocal errors
-        due = started + i / rate_per_s
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
         try:
             await _submit(clients[i % len(clients)], agent, payload)
         except (MeshHTTPError, aiohttp.ClientError, TimeoutError):
@@ -209,7 +207,16 @@ async def submit_open_loop(
             return
         latencies.append(time.monotonic() - due)
 
-    await asyncio.gather(*(one(i) for i in range(count)))
+    # Each submission's task is made when it is due. Made all at once up
+    # front, 10,000 tasks held this loop for about 100 ms, and the first
+    # submissions left that late: 0.9% of them, counted as the mesh's p99.
+    sending: list[asyncio.Task[None]] = []
+    for i in range(count):
+        due = started + i / rate_per_s
+        if due > time.monotonic():
+            await asyncio.sleep(due - time.monotonic())
+        sending.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*sending)
     return latencies, errors
 
 
