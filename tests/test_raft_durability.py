@@ -73,6 +73,13 @@ async def propose_retrying(node: RaftNode, cmd: commands.Command) -> Result:
     raise AssertionError("never committed")
 
 
+async def submit_through_every_node(nodes: list[RaftNode], runs: range) -> None:
+    """Once there is a leader, run i submitted through node i % 3."""
+    await wait_leader(nodes)
+    for i in runs:
+        assert (await propose_retrying(nodes[i % 3], submit(i))).ok
+
+
 async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path: Path) -> None:
     addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     timers = RaftTimers(compaction_min_entries=20)
@@ -128,9 +135,7 @@ async def test_a_dump_whose_journal_was_never_compacted_loses_no_later_entry(
     dumps = [tmp_path / f"n{i}" / "raft.dump" for i in range(3)]
     nodes = start_nodes(addrs, tmp_path, timers)
     try:
-        await wait_leader(nodes)
-        for i in range(60):
-            assert (await propose_retrying(nodes[i % 3], submit(i))).ok
+        await submit_through_every_node(nodes, range(60))
         for _ in range(200):
             if all(d.exists() for d in dumps):
                 break
@@ -138,8 +143,7 @@ async def test_a_dump_whose_journal_was_never_compacted_loses_no_later_entry(
         assert all(d.exists() for d in dumps), "every node wrote a dump"
         monkeypatch.setattr(Serializer, "serialize", lambda self, data, id: None)
         await asyncio.sleep(0.5)  # a dump child still writing finishes
-        for i in range(60, 70):
-            assert (await propose_retrying(nodes[i % 3], submit(i))).ok
+        await submit_through_every_node(nodes, range(60, 70))
         for _ in range(100):
             if all(len(n.state.runs) == 70 for n in nodes):
                 break
@@ -183,9 +187,7 @@ async def test_the_snapshot_is_packed_in_the_dump_child_not_on_the_tick_thread(
     timers = RaftTimers(compaction_min_entries=20)
     nodes = start_nodes(addrs, tmp_path, timers)
     try:
-        await wait_leader(nodes)
-        for i in range(60):
-            assert (await propose_retrying(nodes[i % 3], submit(i))).ok
+        await submit_through_every_node(nodes, range(60))
         for _ in range(100):
             if any((tmp_path / f"n{i}" / "raft.dump").exists() for i in range(3)):
                 break
