@@ -97,12 +97,11 @@ def slot_use(state: MeshState) -> dict[str, Any]:
             continue
         owned = state.running_on(peer.id)
         used = min(owned, peer.slots)
-        peers[peer.id] = {"slots": peer.slots, "used": used, "held": owned - used}
+        mine = peers[peer.id] = {"slots": peer.slots, "used": used, "held": owned - used}
         for key, value in peer.labels.items():
-            entry = labels.setdefault(f"{key}={value}", {"slots": 0, "used": 0, "held": 0})
-            entry["slots"] += peer.slots
-            entry["used"] += used
-            entry["held"] += owned - used
+            entry = labels.setdefault(f"{key}={value}", dict.fromkeys(mine, 0))
+            for field, count in mine.items():
+                entry[field] += count
     return {"peers": peers, "labels": dict(sorted(labels.items()))}
 
 
