@@ -213,8 +213,9 @@ async def submit_open_loop(
     sending: list[asyncio.Task[None]] = []
     for i in range(count):
         due = started + i / rate_per_s
-        if due > time.monotonic():
-            await asyncio.sleep(due - time.monotonic())
+        wait_s = due - time.monotonic()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
         sending.append(asyncio.create_task(one(i, due)))
     await asyncio.gather(*sending)
     return latencies, errors
