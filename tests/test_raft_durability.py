@@ -80,6 +80,16 @@ async def submit_through_every_node(nodes: list[RaftNode], runs: range) -> None:
         assert (await propose_retrying(nodes[i % 3], submit(i))).ok
 
 
+async def runs_on_every_node(nodes: list[RaftNode], count: int) -> list[int]:
+    """How many runs each node holds, once every node holds ``count`` (or
+    after 10 s): replicas apply a commit each on its own tick."""
+    for _ in range(200):
+        if all(len(n.state.runs) == count for n in nodes):
+            break
+        await asyncio.sleep(0.05)
+    return [len(n.state.runs) for n in nodes]
+
+
 async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path: Path) -> None:
     addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
     timers = RaftTimers(compaction_min_entries=20)
@@ -109,11 +119,7 @@ async def test_commit_through_every_node_and_recover_after_full_restart(tmp_path
         await wait_leader(nodes)
         result = await propose_retrying(nodes[0], submit(999))
         assert result.ok
-        for _ in range(200):
-            if all(len(n.state.runs) == 61 for n in nodes):
-                break
-            await asyncio.sleep(0.05)
-        assert [len(n.state.runs) for n in nodes] == [61, 61, 61]
+        assert await runs_on_every_node(nodes, 61) == [61] * 3
         assert all(n.state.runs["run-5"].spec.input == 5 for n in nodes)
     finally:
         for n in nodes:
@@ -144,10 +150,7 @@ async def test_a_dump_whose_journal_was_never_compacted_loses_no_later_entry(
         monkeypatch.setattr(Serializer, "serialize", lambda self, data, id: None)
         await asyncio.sleep(0.5)  # a dump child still writing finishes
         await submit_through_every_node(nodes, range(60, 70))
-        for _ in range(100):
-            if all(len(n.state.runs) == 70 for n in nodes):
-                break
-            await asyncio.sleep(0.05)
+        await runs_on_every_node(nodes, 70)
     finally:
         for n in nodes:
             n.close()
@@ -155,11 +158,7 @@ async def test_a_dump_whose_journal_was_never_compacted_loses_no_later_entry(
     nodes = start_nodes(addrs, tmp_path, timers)
     try:
         await wait_leader(nodes)
-        for _ in range(200):
-            if all(len(n.state.runs) == 70 for n in nodes):
-                break
-            await asyncio.sleep(0.05)
-        assert [len(n.state.runs) for n in nodes] == [70, 70, 70]
+        assert await runs_on_every_node(nodes, 70) == [70] * 3
         assert (await propose_retrying(nodes[0], submit(999))).ok
     finally:
         for n in nodes:
@@ -206,11 +205,7 @@ async def test_the_snapshot_is_packed_in_the_dump_child_not_on_the_tick_thread(
     try:
         await wait_leader(nodes)
         assert (await propose_retrying(nodes[0], submit(999))).ok
-        for _ in range(200):
-            if all(len(n.state.runs) == 61 for n in nodes):
-                break
-            await asyncio.sleep(0.05)
-        assert [len(n.state.runs) for n in nodes] == [61, 61, 61]
+        assert await runs_on_every_node(nodes, 61) == [61] * 3
     finally:
         for n in nodes:
             n.close()
